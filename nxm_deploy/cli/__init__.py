@@ -1,0 +1,1 @@
+"""The ``nxm-deploy`` command line."""

@@ -1,0 +1,5 @@
+import sys
+
+from nxm_deploy.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,213 @@
+"""``nxm-deploy``: the pipeline and its stages as commands. Errors become one line and an exit code.
+
+Exit codes: 0 success; 1 a check failed (n:m verification, mask check, engine build); 2 bad input (recipe,
+data, paths, run directory); 3 a missing optional dependency; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from nxm_deploy import __version__
+from nxm_deploy.errors import (
+    ConfigError, DataError, MissingDependencyError, NxmError, RunDirError,
+)
+
+log = logging.getLogger("nxm_deploy.cli")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--glue-dir", default=None, help="GLUE TSV root (else recipe task.glue_dir, NXM_GLUE_DIR, HF datasets)")
+    p.add_argument("--runs-root", default="runs", help="where runs/<name> go when a recipe is given (default: runs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nxm-deploy", description="n:m sparse INT8 transformer deployment pipeline.")
+    parser.add_argument("--version", action="version", version=f"nxm-deploy {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the whole pipeline from a recipe")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/minilm_rte_2of4_int8.yaml")
+    p.add_argument("--run-dir", default=None, help="run directory (default: <runs-root>/<recipe name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run directory that holds a different run")
+    _add_common(p)
+
+    p = sub.add_parser("train", help="training stages (dense, admm, qat) on a run directory or recipe")
+    p.add_argument("target", help="run directory, or a recipe YAML")
+    p.add_argument("--stage", choices=["dense", "admm", "qat", "all"], default="all")
+    p.add_argument("--overwrite", action="store_true")
+    _add_common(p)
+
+    for name, text in (("export", "export ONNX (dense FP32 + sparse INT8 Q/DQ) and check n:m"),
+                       ("validate", "measure accuracy and latency of both ONNX models and write the report"),
+                       ("report", "rewrite report.md / report.json from the stage artifacts")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("target", help="run directory, or the recipe YAML of an existing run")
+        _add_common(p)
+
+    p = sub.add_parser("build-engine", help="build TensorRT engines (skipped with a reason without TensorRT/GPU)")
+    p.add_argument("target", help="run directory, or the recipe YAML of an existing run")
+    p.add_argument("--spec", action="append", default=None, help="engine spec YAML (repeatable); default: the recipe's")
+    _add_common(p)
+
+    p = sub.add_parser("inspect", help="inspect artifacts")
+    isub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    s = isub.add_parser("sparsity", help="per-layer n:m check of an ONNX model; exit 1 when a layer that should be n:m is not")
+    s.add_argument("model", help="ONNX file")
+    s.add_argument("--pattern", default=None, help="n:m pattern, e.g. 2:4 (default: the manifest's, else 2:4)")
+    s.add_argument("--manifest", default=None, help="export manifest (default: manifest.json next to the model)")
+    s.add_argument("--require-all", action="store_true", default=None,
+                   help="every checked layer must hold the pattern (for files without a manifest)")
+    s.add_argument("--json", action="store_true", default=None, help="print the report as JSON")
+    return parser
+
+
+def _resolve(target: str, runs_root: str, *, create: bool = False, overwrite: bool = False):
+    from nxm_deploy.config.recipe import load_recipe
+    from nxm_deploy.pipeline import open_run_dir, prepare_run_dir
+
+    path = Path(target)
+    if path.is_dir():
+        return open_run_dir(path), path
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        recipe = load_recipe(path)
+        run_dir = Path(runs_root) / recipe.name
+        if create:
+            return recipe, prepare_run_dir(recipe, run_dir, overwrite)
+        return recipe, run_dir if (run_dir / "recipe.yaml").is_file() else open_run_dir(run_dir) and run_dir
+    raise RunDirError(f"{target} is neither a run directory nor a recipe file.", hint="e.g. runs/tiny_smoke or recipes/tiny_smoke.yaml")
+
+
+def _inspect_sparsity(args) -> int:
+    from nxm_deploy._io import read_json
+    from nxm_deploy.export.verify import check_onnx_sparsity
+
+    model = Path(args.model)
+    if not model.is_file():
+        raise ConfigError(f"ONNX model {model} not found.")
+    manifest_path = Path(args.manifest) if args.manifest else model.parent / "manifest.json"
+    layer_map, expected, pattern = None, None, args.pattern
+    if manifest_path.is_file():
+        manifest = read_json(manifest_path)
+        if manifest.get("sparse_int8", {}).get("file") == model.name:
+            layer_map = manifest.get("layer_map")
+            expected = set(manifest.get("sparse_modules", []))
+            pattern = pattern or manifest.get("pattern")
+    report = check_onnx_sparsity(model, pattern or "2:4", layer_map=layer_map, expected=expected)
+    failures = report.failures
+    if args.require_all:
+        failures = [r for r in report.layers if r.status != "sparse"]
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.table())
+        print(f"{sum(r.status == 'sparse' for r in report.layers)} of {len(report.layers)} layers hold {report.pattern}; "
+              f"{len(failures)} failing.")
+    for row in failures:
+        print(f"error: {row.module or row.node} ({row.initializer}) is {row.status}, first bad group at {row.first_bad}",
+              file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _dispatch(args) -> int:
+    if args.command == "inspect":
+        return _inspect_sparsity(args)
+    if args.command == "run":
+        from nxm_deploy.config.recipe import load_recipe
+        from nxm_deploy.pipeline import run_pipeline
+
+        recipe = load_recipe(args.recipe)
+        run_dir = Path(args.run_dir) if args.run_dir else Path(args.runs_root) / recipe.name
+        report = run_pipeline(recipe, run_dir, args.glue_dir, repo_root=Path.cwd(), overwrite=args.overwrite)
+        print((run_dir / "report.md").read_text())
+        print(f"report: {run_dir / 'report.md'}  ({run_dir / 'report.json'})")
+        return 0 if (report.get("sparsity_check") or {}).get("ok") else 1
+    if args.command == "train":
+        from nxm_deploy.training.stage import STAGES, train_stage
+
+        recipe, run_dir = _resolve(args.target, args.runs_root, create=True, overwrite=args.overwrite)
+        stages = STAGES if args.stage == "all" else (args.stage,)
+        results = train_stage(recipe, run_dir, args.glue_dir, stages)
+        for stage, manifest in results.items():
+            print(f"{stage}: dev {manifest['metrics']}")
+        return 0
+    recipe, run_dir = _resolve(args.target, args.runs_root)
+    if args.command == "export":
+        from nxm_deploy.export.stage import export_stage
+
+        manifest = export_stage(recipe, run_dir, args.glue_dir)
+        check = manifest["sparsity_check"]
+        print(f"exported {run_dir / 'onnx'}: {check['sparse_layers']}/{check['expected_sparse']} layers verified {manifest['pattern']}")
+        return 0
+    if args.command == "build-engine":
+        from nxm_deploy.engine.spec import load_engine_spec
+        from nxm_deploy.engine.stage import build_engine, engine_stage
+
+        if args.spec:
+            records = [build_engine(load_engine_spec(s), run_dir) for s in args.spec]
+        else:
+            records = engine_stage(recipe, run_dir, Path.cwd())["engines"]
+        for record in records:
+            print(f"{record['name']}: {record['status']}")
+        return 0
+    if args.command in ("validate", "report"):
+        from nxm_deploy.validate.report import build_report
+
+        if args.command == "validate":
+            from nxm_deploy.validate.stage import validate_stage
+
+            validate_stage(recipe, run_dir, args.glue_dir)
+        build_report(recipe, run_dir)
+        print((run_dir / "report.md").read_text())
+        return 0
+    raise ConfigError(f"unknown command {args.command}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (tests call ``main([...])`` directly)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s | %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("nxm_deploy").setLevel(level)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.verbose:
+        warnings.filterwarnings("ignore")
+        try:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+        except ImportError:
+            pass
+    try:
+        return _dispatch(args)
+    except (ConfigError, DataError, RunDirError) as exc:
+        _print_error(exc)
+        return 2
+    except MissingDependencyError as exc:
+        _print_error(exc)
+        return 3
+    except NxmError as exc:
+        _print_error(exc)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; finished stages are kept, partial artifacts were not written.", file=sys.stderr)
+        return 130
+
+
+def _print_error(exc: NxmError) -> None:
+    print(f"error: {exc.message}".replace("\n", " "), file=sys.stderr)
+    if exc.hint:
+        print(f"hint: {exc.hint}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

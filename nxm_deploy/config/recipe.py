@@ -1,0 +1,200 @@
+"""Recipe schema: one YAML file describes a whole run (model, task, sparsity, training, export, engines, validation).
+
+Every section forbids unknown keys (``extra="forbid"``) and every field has a default, after ModelOpt's
+``ModeloptBaseConfig``. :func:`load_recipe` turns any problem into one :class:`ConfigError` line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from nxm_deploy.distillation.losses import DistillationConfig
+from nxm_deploy.errors import ConfigError
+from nxm_deploy.sparsity.pattern import NMPattern
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which checkpoint to start from."""
+
+    source: str = Field("minilm", description="'minilm' (embedded all-MiniLM-L6-v2), a local HF model dir, or a hub id")
+    random_init: dict[str, Any] | None = Field(
+        None, description="if set, build a randomly initialised model from the source's config with these overrides"
+    )
+
+
+class TaskConfig(_Strict):
+    """GLUE task and data limits."""
+
+    name: str = "rte"
+    glue_dir: str | None = Field(None, description="GLUE TSV root; else --glue-dir, NXM_GLUE_DIR, or HF datasets")
+    max_seq_length: int = Field(128, ge=8, le=512)
+    max_train_examples: int | None = Field(None, ge=1)
+    max_eval_examples: int | None = Field(None, ge=1)
+
+
+class SparsityConfig(_Strict):
+    """n:m pattern and which Linear layers get it (fnmatch globs over module names)."""
+
+    pattern: str = "2:4"
+    include: list[str] = Field(default_factory=lambda: ["*.layer.*"])
+    exclude: list[str] = Field(default_factory=list)
+
+    @field_validator("pattern")
+    @classmethod
+    def _valid_pattern(cls, value: str) -> str:
+        NMPattern.parse(value)  # raises ConfigError with a hint
+        return value
+
+
+class DenseStageConfig(_Strict):
+    """Dense fine-tune: the teacher and the dense baseline."""
+
+    epochs: float = Field(3.0, gt=0)
+    learning_rate: float = Field(5e-5, gt=0)
+
+
+class ADMMStageConfig(_Strict):
+    """ADMM n:m fine-tune with distillation from the dense model (NxMTransformer + GPUSQ-TLM workflow 1)."""
+
+    epochs: float = Field(3.0, gt=0)
+    learning_rate: float = Field(5e-5, gt=0)
+    rho: float = Field(4e-3, gt=0)
+    rho_factor: float = Field(1.0, ge=1.0, description="rho multiplied by this after each Z/U update")
+    rho_max: float | None = Field(None, gt=0)
+    update_interval: Literal["epoch"] | int = Field("epoch", description="Z/U update every epoch or every k steps")
+    u_init: Literal["zero", "residual"] = "zero"
+    masked_finetune_epochs: float = Field(1.0, ge=0, description="masked fine-tune after the hard projection")
+    distill: bool = True
+
+    @field_validator("update_interval")
+    @classmethod
+    def _positive_interval(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("update_interval must be 'epoch' or a step count >= 1")
+        return value
+
+
+class QATStageConfig(_Strict):
+    """INT8 QAT with distillation from the sparse FP model (GPUSQ-TLM workflow 2)."""
+
+    epochs: float = Field(1.0, ge=0)
+    learning_rate: float = Field(1e-5, gt=0)
+    calibration_batches: int = Field(8, ge=1)
+    calibration_method: Literal["max", "percentile"] = "percentile"
+    percentile: float = Field(99.99, gt=50, le=100)
+    learn_amax: bool = True
+    distill: bool = True
+
+
+class TrainConfig(_Strict):
+    """Shared training settings and the three stages."""
+
+    seed: int = 42
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores")
+    dense: DenseStageConfig = Field(default_factory=DenseStageConfig)
+    admm: ADMMStageConfig = Field(default_factory=ADMMStageConfig)
+    distillation: DistillationConfig = Field(default_factory=DistillationConfig)
+    qat: QATStageConfig = Field(default_factory=QATStageConfig)
+
+
+class ExportConfig(_Strict):
+    """ONNX export."""
+
+    opset: int = Field(17, ge=13)
+
+
+class EngineConfig(_Strict):
+    """TensorRT engine specs (paths relative to the repository root or absolute)."""
+
+    specs: list[str] = Field(default_factory=list)
+
+
+class ValidateConfig(_Strict):
+    """Validation on the task's dev set and latency grid."""
+
+    latency_shapes: list[tuple[int, int]] = Field(default_factory=lambda: [(1, 128), (32, 128)])
+    warmup_runs: int = Field(3, ge=0)
+    timed_runs: int = Field(20, ge=1)
+    intra_op_threads: int | None = Field(None, ge=1)
+
+
+class Recipe(_Strict):
+    """A whole run. ``name`` names the run directory ``runs/<name>``."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @property
+    def pattern(self) -> NMPattern:
+        return NMPattern.parse(self.sparsity.pattern)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def sha256(self) -> str:
+        """Hash of the normalised recipe (key order and YAML formatting do not matter)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _format_validation_error(path: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{loc}'")
+        else:
+            lines.append(f"'{loc}': {err['msg']} (got {err.get('input')!r})".replace("\n", " "))
+    return f"Recipe {path}: " + "; ".join(lines)
+
+
+def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
+    """Validate a recipe mapping. Raises :class:`ConfigError` naming every bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"Recipe {source}: top level must be a mapping, got {type(data).__name__}.")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(
+            _format_validation_error(source, exc),
+            hint="See recipes/minilm_rte_2of4_int8.yaml for every key and its default.",
+        ) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load and validate a YAML recipe.
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, unknown key, or bad value (one line naming each).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Recipe file {path} not found.", hint="Pass a path such as recipes/tiny_smoke.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Recipe {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    return recipe_from_dict(data, str(path))

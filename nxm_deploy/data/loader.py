@@ -1,0 +1,153 @@
+"""Tokenize :class:`~nxm_deploy.data.glue.TaskExamples` into PyTorch data loaders and fixed-shape batches.
+
+:func:`make_dataloader` tokenizes once and pads per batch (dynamic padding) or to ``max_seq_length``;
+:func:`encode_fixed` builds one ``[batch_size, max_seq_length]`` batch of numpy arrays for latency runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from nxm_deploy.data.glue import TaskExamples
+from nxm_deploy.errors import ConfigError, DataError
+
+
+class _EncodedDataset(Dataset):
+    """Pre-tokenized examples: item ``i`` is a dict of token id lists plus a scalar ``labels``."""
+
+    def __init__(self, features: list[dict[str, Any]]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.features[index]
+
+
+class _Collator:
+    """Pads with ``transformers.DataCollatorWithPadding`` and fixes the ``labels`` dtype."""
+
+    def __init__(self, tokenizer: Any, *, max_length: int | None, label_dtype: torch.dtype):
+        from transformers import DataCollatorWithPadding  # noqa: PLC0415 - heavy import
+
+        if max_length is None:
+            self.inner = DataCollatorWithPadding(tokenizer, padding="longest", return_tensors="pt")
+        else:
+            self.inner = DataCollatorWithPadding(
+                tokenizer, padding="max_length", max_length=max_length, return_tensors="pt"
+            )
+        self.label_dtype = label_dtype
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        labels = [f["labels"] for f in features]
+        batch = dict(self.inner([{k: v for k, v in f.items() if k != "labels"} for f in features]))
+        batch["labels"] = torch.tensor(labels, dtype=self.label_dtype)
+        return batch
+
+
+def _check_positive(name: str, value: int, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}.", hint=f"Pass a positive {name}.")
+
+
+def make_dataloader(
+    tokenizer: Any,
+    examples: TaskExamples,
+    *,
+    batch_size: int,
+    max_seq_length: int,
+    shuffle: bool,
+    seed: int = 0,
+    pad_to_max_length: bool = False,
+) -> DataLoader:
+    """Tokenize ``examples`` once and wrap them in a padded, optionally shuffled ``DataLoader``.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (e.g. ``BertTokenizerFast``).
+        examples (TaskExamples): texts (pairs when ``texts_b`` is not None) and labels.
+        batch_size (int): examples per batch (>= 1); the last batch may be smaller.
+        max_seq_length (int): truncation length in tokens (>= 2); pairs are truncated longest-first.
+        shuffle (bool): shuffle each epoch; the order is reproducible from ``seed``.
+        seed (int): seed of the ``torch.Generator`` that drives shuffling.
+        pad_to_max_length (bool): pad every batch to ``max_seq_length`` instead of its longest row.
+
+    Returns:
+        DataLoader: yields dicts of tensors: ``input_ids``, ``attention_mask`` and (if the tokenizer
+        returns them) ``token_type_ids``, each int64 ``[b, L]``; ``labels`` int64 ``[b]`` (class ids) or
+        float32 ``[b]`` (regression scores, when ``examples.labels`` is floating point).
+
+    Raises:
+        ConfigError: ``batch_size`` < 1 or ``max_seq_length`` < 2.
+        DataError: ``examples`` is empty.
+    """
+    _check_positive("batch_size", batch_size)
+    _check_positive("max_seq_length", max_seq_length, minimum=2)
+    if len(examples) == 0:
+        raise DataError("Cannot build a data loader from 0 examples.", hint="Check the task split and max_examples.")
+
+    enc = tokenizer(
+        list(examples.texts_a),
+        list(examples.texts_b) if examples.texts_b is not None else None,
+        truncation=True,
+        max_length=max_seq_length,
+        padding=False,
+    )
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    is_float = np.issubdtype(examples.labels.dtype, np.floating)
+    label_values = examples.labels.astype(np.float32 if is_float else np.int64).tolist()
+    features = [{**{k: enc[k][i] for k in keys}, "labels": label_values[i]} for i in range(len(examples))]
+
+    collator = _Collator(
+        tokenizer,
+        max_length=max_seq_length if pad_to_max_length else None,
+        label_dtype=torch.float32 if is_float else torch.int64,
+    )
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    return DataLoader(
+        _EncodedDataset(features),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collator,
+        generator=generator,
+    )
+
+
+def encode_fixed(
+    tokenizer: Any, examples: TaskExamples, max_seq_length: int, batch_size: int
+) -> dict[str, np.ndarray]:
+    """Build one fixed-shape input batch for latency measurements.
+
+    Takes the first ``batch_size`` examples (cycling through them when there are fewer), truncates and pads
+    every row to exactly ``max_seq_length`` tokens.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        examples (TaskExamples): source texts (labels are ignored).
+        max_seq_length (int): sequence length ``L`` (>= 2).
+        batch_size (int): batch size ``B`` (>= 1).
+
+    Returns:
+        dict[str, np.ndarray]: ``input_ids``, ``attention_mask`` and (if the tokenizer returns them)
+        ``token_type_ids``, each int64 of shape ``[B, L]``.
+
+    Raises:
+        ConfigError: ``batch_size`` < 1 or ``max_seq_length`` < 2.
+        DataError: ``examples`` is empty.
+    """
+    _check_positive("batch_size", batch_size)
+    _check_positive("max_seq_length", max_seq_length, minimum=2)
+    n = len(examples)
+    if n == 0:
+        raise DataError("Cannot build a fixed batch from 0 examples.", hint="Check the task split and max_examples.")
+    idx = [i % n for i in range(batch_size)]
+    texts_a = [examples.texts_a[i] for i in idx]
+    texts_b = [examples.texts_b[i] for i in idx] if examples.texts_b is not None else None
+    enc = tokenizer(texts_a, texts_b, truncation=True, max_length=max_seq_length, padding="max_length")
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    return {k: np.asarray(enc[k], dtype=np.int64).reshape(batch_size, max_seq_length) for k in keys}

@@ -1,0 +1,87 @@
+"""Distillation loss of GPUSQ-TLM (Chen et al., ACL Findings 2023, Sec. 3, Eq. 1-3; method-notes 3.2 item 4).
+
+``L = alpha * L_hard + beta * L_soft + gamma * L_feature`` with
+
+* ``L_hard``: cross entropy with the labels (MSE for regression);
+* ``L_soft``: ``T^2 * KL(softmax(t/T) || softmax(s/T))`` (Hinton et al. 2015 scaling); for regression the MSE
+  between student and teacher predictions;
+* ``L_feature``: sum over transformer blocks of ``MSE(h_s^l, h_t^l)`` plus ``MSE(logits_s, logits_t)`` for the
+  final projection.
+
+Defaults alpha, beta, gamma = 1, 10, 1 as in the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DistillationConfig(BaseModel):
+    """Weights of the three KD terms and the softmax temperature."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    alpha: float = Field(1.0, ge=0, description="weight of the hard (label) loss")
+    beta: float = Field(10.0, ge=0, description="weight of the soft (teacher logits) loss")
+    gamma: float = Field(1.0, ge=0, description="weight of the feature (hidden-state MSE) loss")
+    temperature: float = Field(2.0, gt=0, description="softmax temperature T of the soft loss")
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    config: DistillationConfig,
+    student_hidden: tuple[torch.Tensor, ...] | None = None,
+    teacher_hidden: tuple[torch.Tensor, ...] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Combined KD loss (mean over the batch).
+
+    Args:
+        student_logits, teacher_logits: ``[B, C]`` float; ``C == 1`` means regression.
+        labels: ``[B]`` int64 class ids (float32 scores for regression), or None for unlabeled data, in which
+            case the hard loss uses the teacher's argmax (classification) or prediction (regression).
+        config: weights and temperature.
+        student_hidden, teacher_hidden: per-block hidden states, each ``[B, L, H]`` (HF ``hidden_states``
+            without the embedding output); both None to skip the block terms.
+
+    Returns:
+        (loss, parts): scalar loss tensor, and the float value of each weighted term
+        (``hard``, ``soft``, ``feature``).
+
+    Raises:
+        ValueError: when student and teacher shapes differ.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher logits {tuple(teacher_logits.shape)}")
+    teacher_logits = teacher_logits.detach()
+    regression = student_logits.shape[-1] == 1
+    if regression:
+        target = labels.float() if labels is not None else teacher_logits.squeeze(-1)
+        hard = F.mse_loss(student_logits.squeeze(-1), target)
+        soft = F.mse_loss(student_logits, teacher_logits)
+    else:
+        target = labels if labels is not None else teacher_logits.argmax(-1)
+        hard = F.cross_entropy(student_logits, target)
+        temp = config.temperature
+        soft = F.kl_div(
+            F.log_softmax(student_logits / temp, dim=-1),
+            F.log_softmax(teacher_logits / temp, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        ) * (temp * temp)
+    feature = F.mse_loss(student_logits, teacher_logits)  # final projection
+    if student_hidden is not None and teacher_hidden is not None:
+        if len(student_hidden) != len(teacher_hidden):
+            raise ValueError(f"student has {len(student_hidden)} blocks, teacher {len(teacher_hidden)}")
+        for hs, ht in zip(student_hidden, teacher_hidden):
+            feature = feature + F.mse_loss(hs, ht.detach())
+    loss = config.alpha * hard + config.beta * soft + config.gamma * feature
+    parts = {
+        "hard": float(config.alpha * hard.detach()),
+        "soft": float(config.beta * soft.detach()),
+        "feature": float(config.gamma * feature.detach()),
+    }
+    return loss, parts

@@ -1,0 +1,178 @@
+"""ONNX export of a run: dense FP32 and sparse INT8 with QuantizeLinear/DequantizeLinear, guarded and checked.
+
+Uses the TorchScript exporter (``dynamo=False``), which keeps torch fake-quant ops as single
+QuantizeLinear/DequantizeLinear pairs (environment-notes 5: the dynamo exporter fails on fake-quant with grad
+enabled). Inputs ``input_ids``, ``attention_mask`` (+ ``token_type_ids`` when the model has them), output
+``logits``; dynamic axes ``batch_size`` and ``sequence_length``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from nxm_deploy._io import atomic_write_json, sha256_file
+from nxm_deploy.errors import ExportError
+
+log = logging.getLogger("nxm_deploy.export")
+
+DENSE_ONNX = "dense_fp32.onnx"
+SPARSE_ONNX = "sparse_int8_qdq.onnx"
+_EXTERNAL_DATA_BYTES = 2 * 1024**3
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, model: nn.Module, input_names: list[str]):
+        super().__init__()
+        self.model = model
+        self.input_names = input_names
+
+    def forward(self, *args):
+        return self.model(**dict(zip(self.input_names, args))).logits
+
+
+def model_input_names(tokenizer) -> list[str]:
+    """``input_ids``, ``attention_mask`` and, when the tokenizer makes them, ``token_type_ids``."""
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in getattr(tokenizer, "model_input_names", []):
+        names.append("token_type_ids")
+    return names
+
+
+def _weight_digest(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+def layer_map_for(onnx_model, model: nn.Module, module_names: list[str]) -> dict[str, str]:
+    """Map ONNX initializer name -> torch module fqn, by matching weight contents (as stored or transposed).
+
+    Content matching works whatever names the exporter gives (``onnx::MatMul_123`` for a folded transpose,
+    the parameter name in front of a QuantizeLinear).
+    """
+    from onnx import numpy_helper
+
+    wanted = {}
+    for name in module_names:
+        w = model.get_submodule(name).weight.detach().float().numpy()
+        wanted[_weight_digest(w)] = name
+        wanted[_weight_digest(w.T)] = name
+    mapping = {}
+    for init in onnx_model.graph.initializer:
+        if init.data_type != 1 or len(init.dims) != 2:  # float32 matrices only
+            continue
+        name = wanted.get(_weight_digest(numpy_helper.to_array(init)))
+        if name is not None:
+            mapping[init.name] = name
+    return mapping
+
+
+def export_model(
+    model: nn.Module, sample: dict[str, torch.Tensor], path: str | Path, *, opset: int = 17
+) -> Path:
+    """Export ``model`` (HF sequence classifier, eval mode) to ``path`` atomically.
+
+    Args:
+        model: returns ``.logits`` ``[B, C]`` float32.
+        sample: example inputs, int64 ``[B, L]`` each, in :func:`model_input_names` order.
+        path: target ``.onnx`` file (weights external when over 2 GB).
+        opset: ONNX opset, >= 13 for per-channel QuantizeLinear.
+
+    Raises:
+        ExportError: when the exporter fails.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(sample)
+    wrapper = _LogitsOnly(model, names).eval()
+    dynamic_axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
+    dynamic_axes["logits"] = {0: "batch_size"}
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper, tuple(sample[n] for n in names), str(tmp), input_names=names, output_names=["logits"],
+                dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+            )
+        proto = onnx.load(str(tmp))
+        if proto.ByteSize() > _EXTERNAL_DATA_BYTES:
+            onnx.save(proto, str(tmp), save_as_external_data=True, location=path.name + ".data")
+        onnx.checker.check_model(str(tmp))
+        os.replace(tmp, path)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"ONNX export to {path} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    return path
+
+
+def guard_qdq(onnx_model, expected_quantized: int) -> dict:
+    """Check a Q/DQ export: fake quant not decomposed, zero points int8 0, scales positive finite.
+
+    Args:
+        expected_quantized: number of quantized Linear layers; each must have one per-channel weight
+            QuantizeLinear. Activation Q/DQ may be fewer than one per layer: the exporter merges identical
+            input quantizers of layers that read the same tensor (e.g. Q, K, V).
+
+    Returns:
+        dict: counts of QuantizeLinear / DequantizeLinear and per-channel weight quantizers.
+
+    Raises:
+        ExportError: naming every node that breaks a rule.
+    """
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in onnx_model.graph.initializer}
+    for node in onnx_model.graph.node:
+        if node.op_type == "Constant":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    problems = []
+    ops = [n.op_type for n in onnx_model.graph.node]
+    quant = [n for n in onnx_model.graph.node if n.op_type == "QuantizeLinear"]
+    dequant = [n for n in onnx_model.graph.node if n.op_type == "DequantizeLinear"]
+    if "Round" in ops:
+        problems.append("graph contains Round: fake quantization was decomposed instead of exported as Q/DQ")
+    per_channel = 0
+    for node in quant + dequant:
+        scale = consts.get(node.input[1])
+        zero = consts.get(node.input[2]) if len(node.input) > 2 else None
+        if scale is None:
+            problems.append(f"{node.name}: scale is not a constant")
+        elif not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+            problems.append(f"{node.name}: scale not positive finite")
+        if zero is None or zero.dtype != np.int8 or np.any(zero != 0):
+            problems.append(f"{node.name}: zero point must be int8 0, got {None if zero is None else (zero.dtype, zero.ravel()[:3])}")
+        if scale is not None and scale.ndim == 1 and scale.size > 1 and node.op_type == "QuantizeLinear":
+            per_channel += 1
+    if per_channel != expected_quantized:
+        problems.append(f"{per_channel} per-channel weight QuantizeLinear nodes, expected {expected_quantized} (one per quantized Linear)")
+    if len(quant) <= per_channel:
+        problems.append("no activation QuantizeLinear: inputs of the quantized Linear layers are not quantized")
+    if problems:
+        raise ExportError("Q/DQ guard failed: " + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
+    return {"quantize_linear": len(quant), "dequantize_linear": len(dequant), "per_channel_weight_quantizers": per_channel}
+
+
+def onnx_parity(path: str | Path, model: nn.Module, feeds: dict[str, np.ndarray]) -> float:
+    """Max |ORT logits - torch logits| on ``feeds`` (int64 arrays ``[B, L]``)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (ort_logits,) = session.run(["logits"], feeds)
+    with torch.no_grad():
+        torch_logits = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    return float(np.abs(ort_logits - torch_logits).max())
+
+
+def file_record(path: Path) -> dict:
+    """Name, size and sha256 of an artifact."""
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}

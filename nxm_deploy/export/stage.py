@@ -1,0 +1,103 @@
+"""Export stage: ``dense/`` -> ``onnx/dense_fp32.onnx``, ``qat/`` -> ``onnx/sparse_int8_qdq.onnx``, checked."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnx
+import torch
+
+from nxm_deploy import __version__
+from nxm_deploy._io import atomic_write_json
+from nxm_deploy.config.recipe import Recipe
+from nxm_deploy.data import get_task, load_task_split, resolve_glue_dir
+from nxm_deploy.data.loader import encode_fixed
+from nxm_deploy.export.onnx import (
+    DENSE_ONNX, SPARSE_ONNX, export_model, file_record, guard_qdq, layer_map_for, model_input_names, onnx_parity,
+)
+from nxm_deploy.export.verify import verify_onnx_sparsity
+from nxm_deploy.models import load_saved_model
+from nxm_deploy.quantization import export_mode
+from nxm_deploy.training.stage import load_qat_model, read_stage_manifest
+
+log = logging.getLogger("nxm_deploy.export")
+
+#: parity limits (max |logit difference|, ORT vs torch on real dev inputs). The INT8 bound allows an
+#: occasional one-code rounding flip between torch and ORT kernels.
+DENSE_PARITY_ATOL = 1e-3
+INT8_PARITY_ATOL = 5e-2
+
+
+def _use_eager_attention(model) -> None:
+    """Plain MatMul/Softmax attention in the graph (the form TensorRT's BERT fusions expect)."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:  # older transformers
+        model.config._attn_implementation = "eager"
+
+
+def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = None) -> dict:
+    """Export both models of a run, guard the Q/DQ graph, verify n:m per layer, check ORT parity.
+
+    Writes ``onnx/{dense_fp32,sparse_int8_qdq}.onnx``, ``onnx/sparsity_report.json`` and ``onnx/manifest.json``.
+
+    Raises:
+        RunDirError: training stages missing. ExportError: export or Q/DQ guard failed.
+        SparsityVerificationError: a layer trained n:m is not n:m in the exported graph.
+    """
+    run_dir = Path(run_dir)
+    out = run_dir / "onnx"
+    sparse_manifest = read_stage_manifest(run_dir, "admm")
+    read_stage_manifest(run_dir, "qat")
+    targets = sparse_manifest["targets"]
+    pattern = recipe.pattern
+
+    dense, tokenizer = load_saved_model(run_dir / "dense")
+    qat, _, quant_info = load_qat_model(run_dir)
+    for model in (dense, qat):
+        _use_eager_attention(model)
+        model.eval()
+    names = model_input_names(tokenizer)
+
+    task = get_task(recipe.task.name)
+    dev = load_task_split(task, "dev", resolve_glue_dir(glue_dir or recipe.task.glue_dir), 8)
+    sample = {k: v for k, v in encode_fixed(tokenizer, dev, recipe.task.max_seq_length, 8).items() if k in names}
+    sample_t = {k: torch.from_numpy(sample[k][:2, :32]) for k in names}
+
+    dense_path = export_model(dense, sample_t, out / DENSE_ONNX, opset=recipe.export.opset)
+    with export_mode(qat):
+        sparse_path = export_model(qat, sample_t, out / SPARSE_ONNX, opset=recipe.export.opset)
+        int8_parity = onnx_parity(sparse_path, qat, sample)
+    dense_parity = onnx_parity(dense_path, dense, sample)
+
+    sparse_proto = onnx.load(str(sparse_path))
+    qdq = guard_qdq(sparse_proto, expected_quantized=len(quant_info["quantized_modules"]))
+    layer_map = layer_map_for(sparse_proto, qat, targets)
+    report = verify_onnx_sparsity(sparse_proto, pattern, layer_map=layer_map, expected=set(targets))
+    report_dict = report.to_dict()
+    atomic_write_json(out / "sparsity_report.json", report_dict)
+
+    parity = {
+        "inputs": f"{len(dev)} real dev examples padded to {recipe.task.max_seq_length}",
+        "dense_max_abs_diff": dense_parity, "dense_atol": DENSE_PARITY_ATOL,
+        "int8_max_abs_diff": int8_parity, "int8_atol": INT8_PARITY_ATOL,
+        "ok": dense_parity <= DENSE_PARITY_ATOL and int8_parity <= INT8_PARITY_ATOL,
+    }
+    if not parity["ok"]:
+        log.warning("ORT parity outside tolerance: %s", parity)
+    manifest = {
+        "stage": "export", "recipe_sha256": recipe.sha256(), "nxm_deploy": __version__,
+        "torch": torch.__version__, "onnx": onnx.__version__, "opset": recipe.export.opset,
+        "exporter": "torch.onnx.export(dynamo=False)", "inputs": names, "outputs": ["logits"],
+        "pattern": str(pattern), "dense": file_record(dense_path), "sparse_int8": file_record(sparse_path),
+        "qdq": qdq, "layer_map": layer_map, "sparse_modules": targets, "parity": parity,
+        "sparsity_check": {
+            "ok": report.ok, "layers": len(report.layers),
+            "sparse_layers": sum(1 for r in report.layers if r.status == "sparse"),
+            "expected_sparse": len(targets),
+        },
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    log.info("exported %s and %s", dense_path, sparse_path)
+    return manifest

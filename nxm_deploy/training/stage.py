@@ -1,0 +1,332 @@
+"""Training stages: dense fine-tune -> ADMM n:m + KD -> INT8 QAT + KD. Each reads/writes a directory of the run.
+
+Run directory layout (each stage directory holds a ``manifest.json`` written last, atomically):
+
+* ``dense/``  dense fine-tuned model (teacher of the ADMM stage and the dense baseline);
+* ``sparse/`` ADMM n:m model after the hard projection (+ masked fine-tune), ``masks.safetensors``;
+* ``qat/``    sparse INT8 QAT model: ``model.safetensors`` state dict incl. quantizer ``amax``, ``quant.json``.
+
+Choices (method-notes 1.3, 3.1 item 11; 3.2 items 4-5): ADMM starts from the dense *task-fine-tuned* model with
+all parameters trainable, KD teacher = the dense model (GPUSQ-TLM workflow 1); QAT is initialised by PTQ
+calibration of the sparse FP model and trained with that sparse FP model as teacher (workflow 2).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from nxm_deploy._io import atomic_dir, atomic_write_json, read_json
+from nxm_deploy.config.recipe import Recipe
+from nxm_deploy.data import get_task, load_task_split, make_dataloader, resolve_glue_dir
+from nxm_deploy.distillation import distillation_loss
+from nxm_deploy.errors import RunDirError, SparsityVerificationError
+from nxm_deploy.models import load_base_model, load_saved_model
+from nxm_deploy.quantization import calibrate, quantize_model_, quantized_modules
+from nxm_deploy.sparsity import count_nm_violations, nm_mask
+from nxm_deploy.sparsity.admm import ADMMSparsifier, apply_masks_
+from nxm_deploy.sparsity.targets import select_targets, target_names
+from nxm_deploy.training.loop import evaluate, train_loop
+
+log = logging.getLogger("nxm_deploy.training")
+
+STAGES = ("dense", "admm", "qat")
+
+
+class _TaskData:
+    """Tokenised train/dev loaders of the recipe's task, built once per stage."""
+
+    def __init__(self, recipe: Recipe, tokenizer, glue_dir: str | None):
+        self.task = get_task(recipe.task.name)
+        root = resolve_glue_dir(glue_dir or recipe.task.glue_dir)
+        cfg, tcfg = recipe.task, recipe.train
+        self.train_examples = load_task_split(self.task, "train", root, cfg.max_train_examples)
+        self.dev_examples = load_task_split(self.task, "dev", root, cfg.max_eval_examples)
+        self.train = make_dataloader(
+            tokenizer, self.train_examples, batch_size=tcfg.batch_size, max_seq_length=cfg.max_seq_length,
+            shuffle=True, seed=tcfg.seed,
+        )
+        self.dev = make_dataloader(
+            tokenizer, self.dev_examples, batch_size=tcfg.eval_batch_size, max_seq_length=cfg.max_seq_length,
+            shuffle=False,
+        )
+
+
+def _setup(recipe: Recipe) -> None:
+    torch.manual_seed(recipe.train.seed)
+    if recipe.train.num_threads:
+        torch.set_num_threads(recipe.train.num_threads)
+
+
+def _split_labels(batch: dict) -> tuple[dict, torch.Tensor]:
+    batch = dict(batch)
+    return batch, batch.pop("labels")
+
+
+def _kd_loss_fn(teacher, recipe: Recipe, extra_loss=None):
+    """``compute_loss`` for a student distilled from a frozen ``teacher`` (eval mode, no_grad, same batch)."""
+    kd_cfg = recipe.train.distillation
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def compute_loss(model, batch):
+        inputs, labels = _split_labels(batch)
+        with torch.no_grad():
+            t_out = teacher(**inputs, output_hidden_states=True)
+        s_out = model(**inputs, output_hidden_states=True)
+        loss, parts = distillation_loss(
+            s_out.logits, t_out.logits, labels, kd_cfg, s_out.hidden_states[1:], t_out.hidden_states[1:]
+        )
+        if extra_loss is not None:
+            penalty = extra_loss()
+            loss = loss + penalty
+            parts["admm"] = float(penalty.detach())
+        return loss, parts
+
+    return compute_loss
+
+
+def _task_loss_fn(extra_loss=None):
+    def compute_loss(model, batch):
+        loss = model(**batch).loss
+        parts = {}
+        if extra_loss is not None:
+            penalty = extra_loss()
+            loss = loss + penalty
+            parts["admm"] = float(penalty.detach())
+        return loss, parts
+
+    return compute_loss
+
+
+def _stage_dir(run_dir: Path, stage: str) -> Path:
+    return run_dir / {"dense": "dense", "admm": "sparse", "qat": "qat"}[stage]
+
+
+def read_stage_manifest(run_dir: str | Path, stage: str) -> dict:
+    """Manifest of a finished stage.
+
+    Raises:
+        RunDirError: the stage has not finished in this run directory.
+    """
+    path = _stage_dir(Path(run_dir), stage) / "manifest.json"
+    if not path.is_file():
+        raise RunDirError(
+            f"Stage '{stage}' has no finished artifact in {path.parent}.",
+            hint=f"Run `nxm-deploy train {run_dir} --stage {stage}` (or `nxm-deploy run`) first.",
+        )
+    return read_json(path)
+
+
+def check_masks(model, masks: dict[str, torch.Tensor], pattern) -> dict:
+    """Every masked weight exactly 0 and every group within the pattern; INT8 codes of pruned weights 0.
+
+    Raises:
+        SparsityVerificationError: naming each layer that breaks a rule.
+    """
+    problems, layers = [], 0
+    qmods = quantized_modules(model)
+    for fqn, mask in masks.items():
+        module_fqn = fqn.rpartition(".")[0]
+        weight = model.get_submodule(module_fqn).weight.detach()
+        layers += 1
+        nonzero_pruned = int((weight[~mask] != 0).sum())
+        _, bad, first = count_nm_violations(weight.numpy(), pattern, axis=1)
+        if nonzero_pruned or bad:
+            problems.append(f"{module_fqn}: {nonzero_pruned} pruned weights nonzero, {bad} groups over {pattern} (first {first})")
+        if module_fqn in qmods:
+            codes = qmods[module_fqn].weight_quantizer.int8_codes(weight)
+            if int((codes[~mask] != 0).sum()):
+                problems.append(f"{module_fqn}: INT8 codes of pruned weights are not 0")
+    if problems:
+        raise SparsityVerificationError("Mask check failed: " + "; ".join(problems))
+    return {"layers_checked": layers, "pattern": str(pattern), "ok": True}
+
+
+# ---------------------------------------------------------------------------------------------------------
+def train_dense(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dict:
+    """Dense fine-tune of the base model on the task; writes ``dense/``."""
+    _setup(recipe)
+    task = get_task(recipe.task.name)
+    model, tokenizer = load_base_model(recipe.model.source, task.num_labels, recipe.model.random_init, recipe.train.seed)
+    data = _TaskData(recipe, tokenizer, glue_dir)
+    cfg = recipe.train
+    stats = train_loop(
+        model, data.train, epochs=cfg.dense.epochs, learning_rate=cfg.dense.learning_rate,
+        weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
+        compute_loss=_task_loss_fn(), desc="dense fine-tune",
+    )
+    metrics = evaluate(model, data.dev, task)
+    log.info("dense dev %s", metrics)
+    manifest = {
+        "stage": "dense", "recipe_sha256": recipe.sha256(), "task": task.name, "metrics": metrics,
+        "train_examples": len(data.train_examples), "dev_examples": len(data.dev_examples), **stats,
+    }
+    with atomic_dir(_stage_dir(run_dir, "dense")) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dict:
+    """ADMM n:m fine-tune (+ KD from the dense model), hard projection, masked fine-tune; writes ``sparse/``."""
+    _setup(recipe)
+    read_stage_manifest(run_dir, "dense")
+    task = get_task(recipe.task.name)
+    cfg, acfg = recipe.train, recipe.train.admm
+    pattern = recipe.pattern
+    teacher, tokenizer = load_saved_model(_stage_dir(run_dir, "dense"))
+    student = copy.deepcopy(teacher)
+    data = _TaskData(recipe, tokenizer, glue_dir)
+
+    decisions = select_targets(student, pattern, recipe.sparsity.include, recipe.sparsity.exclude)
+    targets = target_names(decisions)
+    if not targets:
+        raise SparsityVerificationError(
+            f"No Linear layer matches the sparsity rules {recipe.sparsity.include} (exclude {recipe.sparsity.exclude}).",
+            hint="Fix sparsity.include in the recipe; `*.layer.*` selects every encoder layer.",
+        )
+    sparsifier = ADMMSparsifier(pattern, rho=acfg.rho, rho_factor=acfg.rho_factor, rho_max=acfg.rho_max, u_init=acfg.u_init)
+    sparsifier.prepare(student, [{"tensor_fqn": f"{name}.weight"} for name in targets])
+
+    epoch_metrics = []
+
+    def evaluate_projected(tag):
+        with sparsifier.hard_projected():
+            metrics = evaluate(student, data.dev, task)
+        epoch_metrics.append({"after": tag, **metrics})
+        log.info("ADMM %s hard-projected dev %s", tag, metrics)
+
+    def on_epoch_end(epoch):
+        if acfg.update_interval == "epoch":
+            record = sparsifier.step()
+            log.info("ADMM Z/U update %s", record)
+        evaluate_projected(f"epoch {epoch + 1}")
+
+    def after_step(step):
+        if isinstance(acfg.update_interval, int) and step % acfg.update_interval == 0:
+            sparsifier.step()
+
+    loss_fn = _kd_loss_fn(teacher, recipe, sparsifier.penalty) if acfg.distill else _task_loss_fn(sparsifier.penalty)
+    stats = train_loop(
+        student, data.train, epochs=acfg.epochs, learning_rate=acfg.learning_rate, weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm, compute_loss=loss_fn,
+        after_step=after_step, on_epoch_end=on_epoch_end, desc="ADMM 2:4 + KD" if str(pattern) == "2:4" else f"ADMM {pattern} + KD",
+    )
+    masks = sparsifier.squash_mask()
+    projected_metrics = evaluate(student, data.dev, task)
+    ft_stats = None
+    if acfg.masked_finetune_epochs > 0:
+        kd = _kd_loss_fn(teacher, recipe) if acfg.distill else _task_loss_fn()
+        ft_stats = train_loop(
+            student, data.train, epochs=acfg.masked_finetune_epochs, learning_rate=acfg.learning_rate,
+            weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
+            compute_loss=kd, after_step=lambda _s: apply_masks_(student, masks), desc="masked fine-tune",
+        )
+    mask_check = check_masks(student, masks, pattern)
+    metrics = evaluate(student, data.dev, task)
+    log.info("sparse dev %s", metrics)
+    manifest = {
+        "stage": "admm", "recipe_sha256": recipe.sha256(), "task": task.name, "pattern": str(pattern),
+        "metrics": metrics, "metrics_after_projection": projected_metrics, "epoch_metrics": epoch_metrics,
+        "admm_history": sparsifier.history, "admm": acfg.model_dump(mode="json"), "train": stats,
+        "masked_finetune": ft_stats, "mask_check": mask_check,
+        "targets": targets, "layers": [d.to_dict() for d in decisions],
+    }
+    with atomic_dir(_stage_dir(run_dir, "admm")) as tmp:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp / "masks.safetensors"))
+        atomic_write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def load_masks(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Bool masks (True = keep) by tensor fqn, from ``sparse/masks.safetensors``."""
+    return load_file(str(_stage_dir(Path(run_dir), "admm") / "masks.safetensors"))
+
+
+def load_qat_model(run_dir: str | Path):
+    """Rebuild the QAT model (sparse model + QuantLinear targets + trained state): ``(model, tokenizer, quant_info)``.
+
+    Raises:
+        RunDirError: the QAT stage has not finished.
+    """
+    run_dir = Path(run_dir)
+    read_stage_manifest(run_dir, "qat")
+    qdir = _stage_dir(run_dir, "qat")
+    info = read_json(qdir / "quant.json")
+    model, tokenizer = load_saved_model(_stage_dir(run_dir, "admm"))
+    quantize_model_(model, info["quantized_modules"], learn_amax=False)
+    model.load_state_dict(load_file(str(qdir / "model.safetensors")))
+    model.eval()
+    return model, tokenizer, info
+
+
+def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dict:
+    """PTQ calibration + INT8 QAT with KD from the sparse FP model, masks enforced; writes ``qat/``."""
+    _setup(recipe)
+    sparse_manifest = read_stage_manifest(run_dir, "admm")
+    task = get_task(recipe.task.name)
+    cfg, qcfg = recipe.train, recipe.train.qat
+    pattern = recipe.pattern
+    teacher, tokenizer = load_saved_model(_stage_dir(run_dir, "admm"))
+    student = copy.deepcopy(teacher)
+    masks = load_masks(run_dir)
+    data = _TaskData(recipe, tokenizer, glue_dir)
+    targets = sparse_manifest["targets"]
+    quantize_model_(student, targets, learn_amax=qcfg.learn_amax)
+
+    def forward_loop(model):
+        for i, batch in enumerate(data.train):
+            if i >= qcfg.calibration_batches:
+                break
+            inputs, _ = _split_labels(batch)
+            model(**inputs)
+
+    t0 = time.perf_counter()
+    calibrate(student, forward_loop, method=qcfg.calibration_method, percentile=qcfg.percentile)
+    ptq_metrics = evaluate(student, data.dev, task)
+    log.info("PTQ INT8 dev %s (%.1fs calibration)", ptq_metrics, time.perf_counter() - t0)
+    stats = None
+    if qcfg.epochs > 0:
+        loss_fn = _kd_loss_fn(teacher, recipe) if qcfg.distill else _task_loss_fn()
+        stats = train_loop(
+            student, data.train, epochs=qcfg.epochs, learning_rate=qcfg.learning_rate, weight_decay=cfg.weight_decay,
+            warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm, compute_loss=loss_fn,
+            after_step=lambda _s: apply_masks_(student, masks), desc="INT8 QAT + KD",
+        )
+    mask_check = check_masks(student, masks, pattern)
+    metrics = evaluate(student, data.dev, task)
+    log.info("QAT INT8 dev %s", metrics)
+    quant_info = {
+        "quantized_modules": targets, "num_bits": 8, "symmetric": True, "zero_point": 0,
+        "range": [-128, 127], "scale": "amax / 127", "weights": "per output channel (axis 0)",
+        "activations": "per tensor, input of each quantized Linear",
+        "calibration": {"method": qcfg.calibration_method, "percentile": qcfg.percentile, "batches": qcfg.calibration_batches},
+        "learn_amax": qcfg.learn_amax,
+    }
+    manifest = {
+        "stage": "qat", "recipe_sha256": recipe.sha256(), "task": task.name, "pattern": str(pattern),
+        "metrics": metrics, "ptq_metrics": ptq_metrics, "train": stats, "mask_check": mask_check,
+    }
+    with atomic_dir(_stage_dir(run_dir, "qat")) as tmp:
+        save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / "quant.json", quant_info)
+        atomic_write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def train_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = None, stages=STAGES) -> dict:
+    """Run the named training stages in order; returns ``{stage: manifest}``."""
+    run_dir = Path(run_dir)
+    funcs = {"dense": train_dense, "admm": train_admm, "qat": train_qat}
+    return {stage: funcs[stage](recipe, run_dir, glue_dir) for stage in stages}
