@@ -64,6 +64,7 @@ def make_dataloader(
     shuffle: bool,
     seed: int = 0,
     pad_to_max_length: bool = False,
+    group_by_length: bool = False,
 ) -> DataLoader:
     """Tokenize ``examples`` once and wrap them in a padded, optionally shuffled ``DataLoader``.
 
@@ -75,6 +76,10 @@ def make_dataloader(
         shuffle (bool): shuffle each epoch; the order is reproducible from ``seed``.
         seed (int): seed of the ``torch.Generator`` that drives shuffling.
         pad_to_max_length (bool): pad every batch to ``max_seq_length`` instead of its longest row.
+        group_by_length (bool): put examples of similar length in the same batch to cut padding: with
+            ``shuffle``, ``transformers``' ``LengthGroupedSampler`` (random mega-batches sorted by length);
+            without, a fixed longest-first order. Metrics do not depend on the order (labels travel with
+            the batch).
 
     Returns:
         DataLoader: yields dicts of tensors: ``input_ids``, ``attention_mask`` and (if the tokenizer
@@ -109,10 +114,20 @@ def make_dataloader(
     )
     generator = torch.Generator()
     generator.manual_seed(int(seed))
+    sampler = None
+    if group_by_length:
+        lengths = [len(f["input_ids"]) for f in features]
+        if shuffle:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
+        else:
+            sampler = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return DataLoader(
         _EncodedDataset(features),
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         collate_fn=collator,
         generator=generator,
     )

@@ -49,11 +49,11 @@ class _TaskData:
         self.dev_examples = load_task_split(self.task, "dev", root, cfg.max_eval_examples)
         self.train = make_dataloader(
             tokenizer, self.train_examples, batch_size=tcfg.batch_size, max_seq_length=cfg.max_seq_length,
-            shuffle=True, seed=tcfg.seed,
+            shuffle=True, seed=tcfg.seed, group_by_length=True,
         )
         self.dev = make_dataloader(
             tokenizer, self.dev_examples, batch_size=tcfg.eval_batch_size, max_seq_length=cfg.max_seq_length,
-            shuffle=False,
+            shuffle=False, group_by_length=True,
         )
 
 

@@ -57,7 +57,8 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
     task = get_task(recipe.task.name)
     _, tokenizer = load_saved_model(run_dir / "dense")
     dev = load_task_split(task, "dev", resolve_glue_dir(glue_dir or recipe.task.glue_dir), recipe.task.max_eval_examples)
-    loader = make_dataloader(tokenizer, dev, batch_size=32, max_seq_length=recipe.task.max_seq_length, shuffle=False)
+    loader = make_dataloader(tokenizer, dev, batch_size=32, max_seq_length=recipe.task.max_seq_length, shuffle=False,
+                             group_by_length=True)
     vcfg = recipe.validate_
     runners = {
         DENSE: OrtRunner(onnx_dir / DENSE_ONNX, intra_op_threads=vcfg.intra_op_threads, name=DENSE),

@@ -1,0 +1,39 @@
+"""Shared fixtures: the real GLUE data dir (skip when absent) and the tiny smoke recipe."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Tokenizers fork-safety warnings (and their thread pools) are noise in tests.
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_RECIPE = REPO_ROOT / "recipes" / "tiny_smoke.yaml"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root (holds ``recipes/`` and ``engines/``)."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    """Real GLUE TSV root: ``$NXM_GLUE_DIR`` when it names a directory, else ``../shared/data/glue``; skip otherwise."""
+    env = os.environ.get("NXM_GLUE_DIR", "").strip()
+    if env and Path(env).expanduser().is_dir():
+        return Path(env).expanduser().resolve()
+    shared = REPO_ROOT.parent / "shared" / "data" / "glue"
+    if shared.is_dir():
+        return shared.resolve()
+    pytest.skip("GLUE data not found: set NXM_GLUE_DIR or place it at ../shared/data/glue")
+
+
+@pytest.fixture
+def tiny_recipe_dict() -> dict:
+    """The parsed YAML of ``recipes/tiny_smoke.yaml`` (a fresh dict per test, free to modify)."""
+    return yaml.safe_load(TINY_RECIPE.read_text())
