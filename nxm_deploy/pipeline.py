@@ -12,7 +12,7 @@ import yaml
 
 from nxm_deploy._io import atomic_write_json, atomic_write_text, read_json
 from nxm_deploy.config.recipe import Recipe, load_recipe
-from nxm_deploy.errors import RunDirError
+from nxm_deploy.errors import ConfigError, RunDirError
 
 log = logging.getLogger("nxm_deploy.pipeline")
 
@@ -20,8 +20,62 @@ RUN_FILE = "run.json"
 RECIPE_FILE = "recipe.yaml"
 
 
-def prepare_run_dir(recipe: Recipe, run_dir: str | Path, overwrite: bool = False) -> Path:
+def resolve_spec_path(spec: str, recipe_path: str | Path | None = None) -> Path:
+    """Find an engine spec named in a recipe: absolute, else relative to the cwd, the recipe's project root
+    (the parent of ``recipes/``), or the recipe's directory.
+
+    Raises:
+        ConfigError: no candidate exists (all tried paths are named).
+    """
+    path = Path(spec)
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path]
+    if not path.is_absolute() and recipe_path is not None:
+        recipe_dir = Path(recipe_path).resolve().parent
+        candidates += [recipe_dir.parent / path, recipe_dir / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(
+        f"Engine spec {candidates[0]} not found (tried {', '.join(str(c) for c in candidates)}).",
+        hint="Fix engine.specs in the recipe; paths are relative to the repository root.",
+    )
+
+
+def preflight(recipe: Recipe, glue_dir: str | None = None, recipe_path: str | Path | None = None) -> dict:
+    """Check everything a run needs before any training starts: data files, model source, engine specs.
+
+    Returns:
+        dict: ``glue_dir`` (resolved, or None for the Hugging Face route) and ``engine_specs`` (absolute paths).
+
+    Raises:
+        DataError: GLUE files missing. ConfigError: bad model source or engine spec.
+    """
+    from nxm_deploy.data import get_task, load_task_split, resolve_glue_dir
+    from nxm_deploy.engine.spec import load_engine_spec
+    from nxm_deploy.models import resolve_source
+
+    task = get_task(recipe.task.name)
+    root = resolve_glue_dir(glue_dir or recipe.task.glue_dir)
+    if root is not None:
+        for split in ("train", "dev"):
+            load_task_split(task, split, root, max_examples=1)
+    resolve_source(recipe.model.source)
+    specs = [resolve_spec_path(spec, recipe_path) for spec in recipe.engine.specs]
+    for spec in specs:
+        load_engine_spec(spec)
+    return {"glue_dir": str(Path(root).resolve()) if root is not None else None, "engine_specs": [str(s) for s in specs]}
+
+
+def read_run_info(run_dir: str | Path) -> dict:
+    """``run.json`` of a run directory (recipe hash, glue dir, engine spec paths); {} when absent."""
+    marker = Path(run_dir) / RUN_FILE
+    return read_json(marker) if marker.is_file() else {}
+
+
+def prepare_run_dir(recipe: Recipe, run_dir: str | Path, overwrite: bool = False, info: dict | None = None) -> Path:
     """Create ``run_dir`` for ``recipe``, or reuse it when it holds the same recipe.
+
+    ``info`` (from :func:`preflight`) is stored in ``run.json`` so stage commands find the same data and specs.
 
     Raises:
         RunDirError: the directory holds a different run (another recipe hash) or unrelated files, and
@@ -41,7 +95,7 @@ def prepare_run_dir(recipe: Recipe, run_dir: str | Path, overwrite: bool = False
             shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / RECIPE_FILE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    atomic_write_json(marker, {"name": recipe.name, "recipe_sha256": recipe.sha256()})
+    atomic_write_json(marker, {"name": recipe.name, "recipe_sha256": recipe.sha256(), **(info or {})})
     return run_dir
 
 
@@ -60,21 +114,23 @@ def open_run_dir(run_dir: str | Path) -> Recipe:
     return load_recipe(run_dir / RECIPE_FILE)
 
 
-def run_pipeline(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = None, repo_root: str | Path = ".",
-                 overwrite: bool = False) -> dict:
-    """Run every stage in order and write ``report.md`` / ``report.json``; returns the report dict."""
+def run_pipeline(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = None,
+                 recipe_path: str | Path | None = None, overwrite: bool = False) -> dict:
+    """Check inputs (:func:`preflight`), run every stage in order, write ``report.md`` / ``report.json``."""
     from nxm_deploy.engine.stage import engine_stage
     from nxm_deploy.export.stage import export_stage
     from nxm_deploy.training.stage import train_stage
     from nxm_deploy.validate.report import build_report
     from nxm_deploy.validate.stage import validate_stage
 
-    run_dir = prepare_run_dir(recipe, run_dir, overwrite)
+    info = preflight(recipe, glue_dir, recipe_path)
+    glue_dir = info["glue_dir"]
+    run_dir = prepare_run_dir(recipe, run_dir, overwrite, info)
     timings = {}
     steps = [
         ("train", lambda: train_stage(recipe, run_dir, glue_dir)),
         ("export", lambda: export_stage(recipe, run_dir, glue_dir)),
-        ("engines", lambda: engine_stage(recipe, run_dir, repo_root)),
+        ("engines", lambda: engine_stage(run_dir, info["engine_specs"])),
         ("validate", lambda: validate_stage(recipe, run_dir, glue_dir)),
     ]
     for name, func in steps:

@@ -70,24 +70,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(target: str, runs_root: str, *, create: bool = False, overwrite: bool = False):
-    from nxm_deploy.config.recipe import load_recipe
-    from nxm_deploy.pipeline import open_run_dir, prepare_run_dir
+def _resolve(args, *, create: bool = False):
+    """``(recipe, run_dir, glue_dir, info)`` for a stage command's target (a run directory or a recipe file).
 
-    path = Path(target)
+    A recipe file maps to ``<runs-root>/<name>``; an existing run there must hold the same recipe. The glue
+    dir defaults to the one the run was started with (``run.json``).
+    """
+    from nxm_deploy.config.recipe import load_recipe
+    from nxm_deploy.pipeline import open_run_dir, preflight, prepare_run_dir, read_run_info
+
+    path = Path(args.target)
     if path.is_dir():
-        return open_run_dir(path), path
-    if path.suffix in (".yaml", ".yml") or path.is_file():
+        recipe, run_dir = open_run_dir(path), path
+    elif path.suffix in (".yaml", ".yml") or path.is_file():
         recipe = load_recipe(path)
-        run_dir = Path(runs_root) / recipe.name
+        run_dir = Path(args.runs_root) / recipe.name
+        stored = read_run_info(run_dir).get("recipe_sha256")
         if create:
-            return recipe, prepare_run_dir(recipe, run_dir, overwrite)
-        return recipe, run_dir if (run_dir / "recipe.yaml").is_file() else open_run_dir(run_dir) and run_dir
-    raise RunDirError(f"{target} is neither a run directory nor a recipe file.", hint="e.g. runs/tiny_smoke or recipes/tiny_smoke.yaml")
+            info = preflight(recipe, args.glue_dir, path)
+            prepare_run_dir(recipe, run_dir, getattr(args, "overwrite", False), info)
+        elif stored is None:
+            open_run_dir(run_dir)  # raises: no run yet
+        elif stored != recipe.sha256():
+            raise RunDirError(
+                f"{path} differs from the recipe that {run_dir} was run with.",
+                hint=f"Use the run directory ({run_dir}) as the target, or start a new run with `nxm-deploy run {path}`.",
+            )
+    else:
+        raise RunDirError(f"{args.target} is neither a run directory nor a recipe file.",
+                          hint="e.g. runs/tiny_smoke or recipes/tiny_smoke.yaml")
+    info = read_run_info(run_dir)
+    return recipe, run_dir, args.glue_dir or info.get("glue_dir"), info
 
 
 def _inspect_sparsity(args) -> int:
-    from nxm_deploy._io import read_json
+    from nxm_deploy._io import read_json, sha256_file
+    from nxm_deploy.errors import ExportError
     from nxm_deploy.export.verify import check_onnx_sparsity
 
     model = Path(args.model)
@@ -97,11 +115,15 @@ def _inspect_sparsity(args) -> int:
     layer_map, expected, pattern = None, None, args.pattern
     if manifest_path.is_file():
         manifest = read_json(manifest_path)
-        if manifest.get("sparse_int8", {}).get("file") == model.name:
+        record = manifest.get("sparse_int8", {})
+        if record.get("file") == model.name or record.get("sha256") == sha256_file(model):
             layer_map = manifest.get("layer_map")
             expected = set(manifest.get("sparse_modules", []))
             pattern = pattern or manifest.get("pattern")
-    report = check_onnx_sparsity(model, pattern or "2:4", layer_map=layer_map, expected=expected)
+    try:
+        report = check_onnx_sparsity(model, pattern or "2:4", layer_map=layer_map, expected=expected)
+    except ExportError as exc:  # unreadable file: bad input, not a failed check
+        raise ConfigError(exc.message, hint=exc.hint) from exc
     failures = report.failures
     if args.require_all:
         failures = [r for r in report.layers if r.status != "sparse"]
@@ -126,24 +148,24 @@ def _dispatch(args) -> int:
 
         recipe = load_recipe(args.recipe)
         run_dir = Path(args.run_dir) if args.run_dir else Path(args.runs_root) / recipe.name
-        report = run_pipeline(recipe, run_dir, args.glue_dir, repo_root=Path.cwd(), overwrite=args.overwrite)
+        report = run_pipeline(recipe, run_dir, args.glue_dir, recipe_path=args.recipe, overwrite=args.overwrite)
         print((run_dir / "report.md").read_text())
         print(f"report: {run_dir / 'report.md'}  ({run_dir / 'report.json'})")
         return 0 if (report.get("sparsity_check") or {}).get("ok") else 1
     if args.command == "train":
         from nxm_deploy.training.stage import STAGES, train_stage
 
-        recipe, run_dir = _resolve(args.target, args.runs_root, create=True, overwrite=args.overwrite)
+        recipe, run_dir, glue_dir, _ = _resolve(args, create=not Path(args.target).is_dir())
         stages = STAGES if args.stage == "all" else (args.stage,)
-        results = train_stage(recipe, run_dir, args.glue_dir, stages)
+        results = train_stage(recipe, run_dir, glue_dir, stages)
         for stage, manifest in results.items():
             print(f"{stage}: dev {manifest['metrics']}")
         return 0
-    recipe, run_dir = _resolve(args.target, args.runs_root)
+    recipe, run_dir, glue_dir, info = _resolve(args)
     if args.command == "export":
         from nxm_deploy.export.stage import export_stage
 
-        manifest = export_stage(recipe, run_dir, args.glue_dir)
+        manifest = export_stage(recipe, run_dir, glue_dir)
         check = manifest["sparsity_check"]
         print(f"exported {run_dir / 'onnx'}: {check['sparse_layers']}/{check['expected_sparse']} layers verified {manifest['pattern']}")
         return 0
@@ -154,7 +176,10 @@ def _dispatch(args) -> int:
         if args.spec:
             records = [build_engine(load_engine_spec(s), run_dir) for s in args.spec]
         else:
-            records = engine_stage(recipe, run_dir, Path.cwd())["engines"]
+            from nxm_deploy.pipeline import resolve_spec_path
+
+            specs = info.get("engine_specs") or [resolve_spec_path(s) for s in recipe.engine.specs]
+            records = engine_stage(run_dir, specs)["engines"]
         for record in records:
             print(f"{record['name']}: {record['status']}")
         return 0
@@ -164,7 +189,7 @@ def _dispatch(args) -> int:
         if args.command == "validate":
             from nxm_deploy.validate.stage import validate_stage
 
-            validate_stage(recipe, run_dir, args.glue_dir)
+            validate_stage(recipe, run_dir, glue_dir)
         build_report(recipe, run_dir)
         print((run_dir / "report.md").read_text())
         return 0
@@ -179,14 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s | %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("nxm_deploy").setLevel(level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.quiet:  # progress bars off (tqdm reads TQDM_* defaults; HF hub and transformers their own switches)
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         warnings.filterwarnings("ignore")
-        try:
-            import transformers
-
-            transformers.logging.set_verbosity_error()
-        except ImportError:
-            pass
     try:
         return _dispatch(args)
     except (ConfigError, DataError, RunDirError) as exc:

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from nxm_deploy.distillation.losses import DistillationConfig
-from nxm_deploy.errors import ConfigError
+from nxm_deploy.errors import ConfigError, NxmError
 from nxm_deploy.sparsity.pattern import NMPattern
 
 
@@ -40,6 +40,13 @@ class TaskConfig(_Strict):
     max_seq_length: int = Field(128, ge=8, le=512)
     max_train_examples: int | None = Field(None, ge=1)
     max_eval_examples: int | None = Field(None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from nxm_deploy.data.tasks import get_task
+
+        return get_task(value).name  # raises ConfigError listing the known tasks
 
 
 class SparsityConfig(_Strict):
@@ -160,15 +167,20 @@ class Recipe(_Strict):
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def _format_validation_error(path: str, exc: ValidationError) -> str:
-    lines = []
+def _format_validation_error(path: str, exc: ValidationError) -> tuple[str, str | None]:
+    lines, hints = [], []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        cause = (err.get("ctx") or {}).get("error")
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown key '{loc}'")
+        elif isinstance(cause, NxmError):
+            lines.append(f"'{loc}': {cause.message}")
+            if cause.hint:
+                hints.append(cause.hint)
         else:
             lines.append(f"'{loc}': {err['msg']} (got {err.get('input')!r})".replace("\n", " "))
-    return f"Recipe {path}: " + "; ".join(lines)
+    return f"Recipe {path}: " + "; ".join(lines), "; ".join(hints) or None
 
 
 def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
@@ -178,9 +190,9 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
+        message, hint = _format_validation_error(source, exc)
         raise ConfigError(
-            _format_validation_error(source, exc),
-            hint="See recipes/minilm_rte_2of4_int8.yaml for every key and its default.",
+            message, hint=hint or "See recipes/minilm_rte_2of4_int8.yaml for every key and its default."
         ) from None
 
 

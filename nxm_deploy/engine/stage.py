@@ -6,9 +6,8 @@ import logging
 from pathlib import Path
 
 from nxm_deploy._io import atomic_write_json, read_json, sha256_file
-from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.engine.spec import EngineSpec, load_engine_spec
-from nxm_deploy.errors import ConfigError, RunDirError
+from nxm_deploy.errors import RunDirError
 
 log = logging.getLogger("nxm_deploy.engine")
 
@@ -54,15 +53,10 @@ def build_engine(spec: EngineSpec, run_dir: str | Path) -> dict:
     return record
 
 
-def engine_stage(recipe: Recipe, run_dir: str | Path, repo_root: str | Path = ".") -> dict:
-    """Build (or skip) every engine spec named in ``recipe.engine.specs``; writes ``engines/status.json``."""
+def engine_stage(run_dir: str | Path, spec_paths: list[str | Path]) -> dict:
+    """Build (or skip) every engine spec in ``spec_paths``; writes ``engines/status.json``."""
     run_dir = Path(run_dir)
-    records = []
-    for spec_path in recipe.engine.specs:
-        path = Path(spec_path)
-        if not path.is_absolute():
-            path = Path(repo_root) / path
-        records.append(build_engine(load_engine_spec(path), run_dir))
+    records = [build_engine(load_engine_spec(path), run_dir) for path in spec_paths]
     if not records:
         records.append({"name": "-", "status": "skipped: the recipe names no engine spec"})
     status = {"engines": records}

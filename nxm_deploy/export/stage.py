@@ -75,6 +75,7 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     qdq = guard_qdq(sparse_proto, expected_quantized=len(quant_info["quantized_modules"]))
     layer_map = layer_map_for(sparse_proto, qat, targets)
     report = verify_onnx_sparsity(sparse_proto, pattern, layer_map=layer_map, expected=set(targets))
+    report.path = str(sparse_path)
     report_dict = report.to_dict()
     atomic_write_json(out / "sparsity_report.json", report_dict)
 

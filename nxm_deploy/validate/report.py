@@ -89,7 +89,7 @@ def _markdown(report: dict, sparsity: dict | None, dense: dict | None) -> str:
         lines.append(f"- Latency b{row['batch_size']}×s{row['sequence_length']}: dense {row['dense_fp32']['p50_ms']:.1f} ms, "
                      f"sparse INT8 {s['p50_ms']:.1f} ms (speedup {s['speedup_vs_dense_fp32']:.2f}×, ORT CPU).")
     for eng in report.get("engines") or []:
-        lines.append(f"- TensorRT engine `{eng['name']}`: {eng['status']}.")
+        lines.append(f"- TensorRT engine `{eng['name']}`: {eng['status'].rstrip('.')}.")
     lines += ["", "## Accuracy (dev set)", "", f"| model | runtime | metrics | Δ {primary} vs dense |", "|---|---|---|---|"]
     for i, row in enumerate(report["accuracy"]):
         ref = ort_base if i >= 4 else base
@@ -114,10 +114,12 @@ def _markdown(report: dict, sparsity: dict | None, dense: dict | None) -> str:
                   f"INT8 {p['int8_max_abs_diff']:.2e} (atol {p['int8_atol']}) — {'OK' if p['ok'] else 'OUTSIDE TOLERANCE'}."]
     if sparsity:
         lines += ["", f"## Per-layer {report['pattern']} check of the exported INT8 graph", "",
-                  "| module | initializer | shape | axis | groups | violating | density | status |", "|---|---|---|---|---|---|---|---|"]
+                  "| module | trained n:m | initializer | shape | axis | groups | violating | density | status |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in sparsity["layers"]:
-            lines.append(f"| {row.get('module') or row['node']} | {row['initializer']} | {'×'.join(map(str, row['shape']))} | "
-                         f"{row['axis']} | {row['groups_checked']} | {row['groups_violating']} | {row['density']:.3f} | {row['status']} |")
+            lines.append(f"| {row.get('module') or row['node']} | {'yes' if row['expected_sparse'] else 'no'} | {row['initializer']} | "
+                         f"{'×'.join(map(str, row['shape']))} | {row['axis']} | {row['groups_checked']} | {row['groups_violating']} | "
+                         f"{row['density']:.3f} | {row['status']} |")
     if report.get("engines"):
         lines += ["", "## TensorRT", ""] + [f"- `{e['name']}`: {e['status']}" for e in report["engines"]]
     return "\n".join(lines) + "\n"

@@ -206,11 +206,6 @@ def test_build_engine_before_export(capsys, tmp_path, tiny_recipe_dict, monkeypa
     assert_one_error(err, "sparse_int8_qdq.onnx", "nxm-deploy export")
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="library bug: engine spec paths are loaded only in the engine stage, after all training "
-           "(pipeline.run_pipeline / engine.stage.engine_stage); a bad spec should fail before training",
-)
 def test_missing_engine_spec_fails_before_training(capsys, tmp_path, tiny_recipe_dict, fake_glue) -> None:
     missing = tmp_path / "engines" / "missing.yaml"
     tiny_recipe_dict["engine"]["specs"] = [str(missing)]
@@ -229,11 +224,6 @@ def test_inspect_sparsity_missing_file(capsys, tmp_path) -> None:
     assert out == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: an unreadable ONNX file raises ExportError, which the CLI maps to exit 1 "
-           "('a check failed') instead of 2 ('bad input')",
-)
 def test_inspect_sparsity_not_an_onnx_file(capsys, tmp_path) -> None:
     bogus = tmp_path / "model.onnx"
     bogus.write_bytes(b"this is not a protobuf \xff\xfe")

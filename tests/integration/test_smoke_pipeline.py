@@ -1,0 +1,225 @@
+"""End to end: ``nxm-deploy run recipes/tiny_smoke.yaml`` once per module on real GLUE RTE, then every artifact.
+
+The run (2-layer random BERT, 256 RTE examples) takes about half a minute to a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nxm_deploy.cli.main import main
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RECIPE = REPO_ROOT / "recipes" / "tiny_smoke.yaml"
+SPARSE_ONNX = "sparse_int8_qdq.onnx"
+DENSE_ONNX = "dense_fp32.onnx"
+N_TARGETS = 12  # 2 layers x (query, key, value, attention.output.dense, intermediate.dense, output.dense)
+TAMPERED_MODULE = "bert.encoder.layer.1.intermediate.dense"
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.fixture(scope="module")
+def smoke(glue_dir, tmp_path_factory) -> tuple[int, Path]:
+    """``(exit code, run dir)`` of one full run. cwd = repository root: engine spec paths are relative to it."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "tiny_smoke"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO_ROOT)
+        rc = main(["-q", "run", str(RECIPE), "--glue-dir", str(glue_dir), "--run-dir", str(run_dir)])
+    return rc, run_dir
+
+
+@pytest.fixture
+def run_dir(smoke) -> Path:
+    rc, path = smoke
+    assert rc == 0, f"`nxm-deploy run {RECIPE.name}` exited {rc}"
+    return path
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def test_run_writes_reports_and_verifies_every_target(run_dir) -> None:
+    assert (run_dir / "report.md").is_file()
+    report = read_json(run_dir / "report.json")
+    check = report["sparsity_check"]
+    assert check["ok"] is True
+    assert check["sparse_layers"] == check["expected_sparse"] == N_TARGETS
+    assert all(report["stages_done"].values()), report["stages_done"]
+    assert "OK" in (run_dir / "report.md").read_text()
+
+
+def test_onnx_files_and_qdq_counts(run_dir) -> None:
+    onnx_dir = run_dir / "onnx"
+    for name in (DENSE_ONNX, SPARSE_ONNX, "manifest.json", "sparsity_report.json"):
+        assert (onnx_dir / name).is_file(), name
+    manifest = read_json(onnx_dir / "manifest.json")
+    qdq = manifest["qdq"]
+    assert qdq["per_channel_weight_quantizers"] == N_TARGETS
+    assert qdq["quantize_linear"] > N_TARGETS  # activation quantizers too
+    assert qdq["dequantize_linear"] == qdq["quantize_linear"]
+    assert len(manifest["sparse_modules"]) == N_TARGETS
+    assert sorted(manifest["layer_map"].values()) == sorted(manifest["sparse_modules"])
+    assert manifest["sparse_int8"]["file"] == SPARSE_ONNX
+
+
+def test_engine_status_is_recorded(run_dir) -> None:
+    records = read_json(run_dir / "engines" / "status.json")["engines"]
+    assert [r["name"] for r in records] == ["tiny_smoke_2of4_int8"]
+    if not HAS_TENSORRT:
+        for record in records:
+            assert record["status"].startswith("skipped: "), record
+            assert "tensorrt" in record["status"].lower(), record
+    else:  # TensorRT installed: built, or skipped with a reason (no GPU)
+        for record in records:
+            assert record["status"] == "built" or record["status"].startswith("skipped: "), record
+    assert read_json(run_dir / "report.json")["engines"] == records
+
+
+def test_validation_latency_covers_every_shape(run_dir, tiny_recipe_dict) -> None:
+    validation = read_json(run_dir / "validation.json")
+    shapes = [(row["batch_size"], row["sequence_length"]) for row in validation["latency"]]
+    assert shapes == [tuple(s) for s in tiny_recipe_dict["validate"]["latency_shapes"]]
+    for row in validation["latency"]:
+        for model in ("dense_fp32", "sparse_int8"):
+            assert row[model]["p50_ms"] > 0, (row, model)
+    assert set(validation["metrics"]) == {"dense_fp32", "sparse_int8"}
+
+
+def test_qat_model_keeps_exact_zeros(run_dir) -> None:
+    import torch
+
+    from nxm_deploy.training.stage import load_masks, load_qat_model
+
+    model, _, info = load_qat_model(run_dir)
+    masks = load_masks(run_dir)
+    assert len(masks) == N_TARGETS
+    assert sorted(name.rpartition(".")[0] for name in masks) == sorted(info["quantized_modules"])
+    for fqn, mask in masks.items():
+        assert fqn.endswith(".weight"), fqn
+        module = model.get_submodule(fqn.rpartition(".")[0])
+        weight = module.weight.detach()
+        assert mask.dtype == torch.bool and mask.shape == weight.shape, fqn
+        assert torch.count_nonzero(weight[~mask]) == 0, f"{fqn}: pruned weights are not exactly 0"
+        codes = module.weight_quantizer.int8_codes(weight)
+        assert torch.count_nonzero(codes[~mask]) == 0, f"{fqn}: INT8 codes of pruned weights are not 0"
+        # 2:4 along the input (reduction) axis: weight [out, in] -> groups of 4 consecutive inputs
+        out_features, in_features = weight.shape
+        per_group = (weight != 0).reshape(out_features, in_features // 4, 4).sum(-1)
+        assert int(per_group.max()) <= 2, f"{fqn}: a group of 4 holds {int(per_group.max())} nonzeros"
+        assert int((mask.reshape(out_features, in_features // 4, 4).sum(-1)).max()) <= 2, fqn
+
+
+def test_same_recipe_reuses_the_run_dir(run_dir) -> None:
+    from nxm_deploy.config.recipe import load_recipe
+    from nxm_deploy.pipeline import prepare_run_dir
+
+    manifest_before = (run_dir / "onnx" / "manifest.json").read_bytes()
+    assert prepare_run_dir(load_recipe(RECIPE), run_dir, overwrite=False) == run_dir
+    assert (run_dir / "onnx" / "manifest.json").read_bytes() == manifest_before  # nothing removed
+
+
+# ----------------------------------------------------------------------------------------------- inspect
+def test_inspect_sparsity_table_names_every_target(run_dir, capsys) -> None:
+    manifest = read_json(run_dir / "onnx" / "manifest.json")
+    rc = main(["-q", "inspect", "sparsity", str(run_dir / "onnx" / SPARSE_ONNX)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for module in manifest["sparse_modules"]:
+        assert module in out, module
+    assert f"{N_TARGETS} of " in out and "0 failing" in out
+
+
+def test_inspect_sparsity_json(run_dir, capsys) -> None:
+    rc = main(["-q", "inspect", "sparsity", str(run_dir / "onnx" / SPARSE_ONNX), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert report["ok"] is True and report["pattern"] == "2:4"
+    sparse_expected = [row for row in report["layers"] if row["status"] == "sparse" and row["expected_sparse"]]
+    assert len(sparse_expected) == N_TARGETS
+    assert {row["module"] for row in sparse_expected} == set(read_json(run_dir / "onnx" / "manifest.json")["sparse_modules"])
+
+
+def _tamper(run_dir: Path, out_dir: Path) -> tuple[int, int]:
+    """Copy the sparse ONNX + manifest to ``out_dir`` with one 2:4 group of TAMPERED_MODULE given a 3rd nonzero.
+
+    Returns the (row, column) of the first element of that group in the initializer's coordinates.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    manifest = read_json(run_dir / "onnx" / "manifest.json")
+    (init_name,) = [name for name, module in manifest["layer_map"].items() if module == TAMPERED_MODULE]
+    (row,) = [r for r in read_json(run_dir / "onnx" / "sparsity_report.json")["layers"] if r["initializer"] == init_name]
+    axis = row["axis"]
+    assert axis in (0, 1) and len(row["shape"]) == 2, row
+
+    proto = onnx.load(str(run_dir / "onnx" / SPARSE_ONNX))
+    (init,) = [t for t in proto.graph.initializer if t.name == init_name]
+    array = numpy_helper.to_array(init).copy()
+    moved = np.moveaxis(array, axis, -1)  # a view: [other, reduction]
+    groups = moved.reshape(moved.shape[0], -1, 4)
+    candidates = np.argwhere((groups != 0).sum(-1) == 2)
+    assert len(candidates), "no 2:4 group with exactly 2 nonzeros to tamper with"
+    other, group = (int(v) for v in candidates[len(candidates) // 2])
+    slot = int(np.flatnonzero(groups[other, group] == 0)[0])
+    moved[other, group * 4 + slot] = 0.5
+    assert np.count_nonzero(array) == np.count_nonzero(numpy_helper.to_array(init)) + 1
+    init.CopyFrom(numpy_helper.from_array(array, init_name))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(out_dir / SPARSE_ONNX))
+    shutil.copy(run_dir / "onnx" / "manifest.json", out_dir / "manifest.json")
+    return (other, group * 4) if axis == 1 else (group * 4, other)
+
+
+def test_inspect_sparsity_names_a_tampered_layer(run_dir, tmp_path, capsys) -> None:
+    bad = _tamper(run_dir, tmp_path / "tampered")
+    model = tmp_path / "tampered" / SPARSE_ONNX
+
+    rc = main(["-q", "inspect", "sparsity", str(model)])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "Traceback" not in captured.err
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, captured.err
+    assert TAMPERED_MODULE in errors[0] and str(bad) in errors[0], errors[0]
+
+    rc = main(["-q", "inspect", "sparsity", str(model), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 1
+    assert report["ok"] is False and report["failures"] == [TAMPERED_MODULE]
+    (row,) = [r for r in report["layers"] if r["module"] == TAMPERED_MODULE]
+    assert row["status"] == "dense" and row["groups_violating"] == 1
+    assert tuple(row["first_bad"]) == bad
+    others = [r for r in report["layers"] if r["expected_sparse"] and r["module"] != TAMPERED_MODULE]
+    assert len(others) == N_TARGETS - 1 and all(r["status"] == "sparse" for r in others)
+
+
+# ----------------------------------------------------------------------------------------------- stages alone
+def test_validate_stage_reruns_alone(run_dir, glue_dir, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("NXM_GLUE_DIR", str(glue_dir))  # the stored recipe has no glue_dir
+    before = (run_dir / "validation.json").stat().st_mtime_ns
+    assert main(["-q", "validate", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "nxm-deploy report: tiny_smoke" in out
+    assert (run_dir / "validation.json").stat().st_mtime_ns >= before
+    assert read_json(run_dir / "report.json")["sparsity_check"]["ok"] is True
+
+
+def test_build_engine_reruns_alone(run_dir, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(REPO_ROOT)  # the recipe's engine spec path is relative to the repository root
+    assert main(["-q", "build-engine", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny_smoke_2of4_int8: " in out
+    if not HAS_TENSORRT:
+        assert "tiny_smoke_2of4_int8: skipped: " in out
