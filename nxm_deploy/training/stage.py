@@ -68,7 +68,7 @@ def _split_labels(batch: dict) -> tuple[dict, torch.Tensor]:
     return batch, batch.pop("labels")
 
 
-def _kd_loss_fn(teacher, recipe: Recipe, extra_loss=None):
+def _kd_loss_fn(teacher, recipe: Recipe):
     """``compute_loss`` for a student distilled from a frozen ``teacher`` (eval mode, no_grad, same batch)."""
     kd_cfg = recipe.train.distillation
     teacher.eval()
@@ -80,29 +80,27 @@ def _kd_loss_fn(teacher, recipe: Recipe, extra_loss=None):
         with torch.no_grad():
             t_out = teacher(**inputs, output_hidden_states=True)
         s_out = model(**inputs, output_hidden_states=True)
-        loss, parts = distillation_loss(
+        return distillation_loss(
             s_out.logits, t_out.logits, labels, kd_cfg, s_out.hidden_states[1:], t_out.hidden_states[1:]
         )
-        if extra_loss is not None:
-            penalty = extra_loss()
-            loss = loss + penalty
-            parts["admm"] = float(penalty.detach())
-        return loss, parts
 
     return compute_loss
 
 
-def _task_loss_fn(extra_loss=None):
-    def compute_loss(model, batch):
-        loss = model(**batch).loss
-        parts = {}
-        if extra_loss is not None:
-            penalty = extra_loss()
-            loss = loss + penalty
-            parts["admm"] = float(penalty.detach())
-        return loss, parts
+def _task_loss_fn():
+    """``compute_loss`` with the model's own task loss (CE, or MSE for regression)."""
+    return lambda model, batch: (model(**batch).loss, {})
 
-    return compute_loss
+
+def _with_penalty(compute_loss, penalty):
+    """Add ``penalty()`` (e.g. the ADMM term rho/2 ||W - Z + U||^2) to a ``compute_loss``."""
+
+    def wrapped(model, batch):
+        loss, parts = compute_loss(model, batch)
+        value = penalty()
+        return loss + value, {**parts, "admm": float(value.detach())}
+
+    return wrapped
 
 
 def _stage_dir(run_dir: Path, stage: str) -> Path:
@@ -214,7 +212,7 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
         if isinstance(acfg.update_interval, int) and step % acfg.update_interval == 0:
             sparsifier.step()
 
-    loss_fn = _kd_loss_fn(teacher, recipe, sparsifier.penalty) if acfg.distill else _task_loss_fn(sparsifier.penalty)
+    loss_fn = _with_penalty(_kd_loss_fn(teacher, recipe) if acfg.distill else _task_loss_fn(), sparsifier.penalty)
     stats = train_loop(
         student, data.train, epochs=acfg.epochs, learning_rate=acfg.learning_rate, weight_decay=cfg.weight_decay,
         warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm, compute_loss=loss_fn,

@@ -1,0 +1,244 @@
+"""Read what a run directory deploys: task, labels, sequence limit, ONNX files and hashes, TensorRT engines.
+
+Sources (all written by the pipeline): ``recipe.yaml`` (``task.name``, ``task.max_seq_length``),
+``onnx/manifest.json`` (``inputs``, ``dense`` / ``sparse_int8`` file records with ``sha256``),
+``dense/config.json`` (``id2label``, ``max_position_embeddings``), ``{qat,dense}/tokenizer.json`` +
+``tokenizer_config.json`` and ``engines/status.json`` (built TensorRT engines).
+
+The YAML is parsed here directly: :mod:`nxm_deploy.config` imports torch, the client must not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from nxm_deploy.errors import ConfigError, RunDirError
+
+#: model name -> (manifest key, tokenizer directories in order of preference)
+MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sparse_int8": ("sparse_int8", ("qat", "dense")),
+    "dense": ("dense", ("dense", "qat")),
+}
+#: ``model_max_length`` values at or above this are the "no limit" sentinel of transformers.
+_NO_LIMIT = 1_000_000
+
+
+@dataclass(frozen=True)
+class RunArtifacts:
+    """Everything the client needs from one run directory, for one model.
+
+    Attributes:
+        run_dir: the run directory.
+        model: ``"sparse_int8"`` or ``"dense"``.
+        task: task name from the recipe (``None`` when the recipe names none).
+        labels: class names in class-id order; ``None`` for a regression task.
+        max_length: longest token sequence (special tokens included) the model accepts: the recipe's
+            ``task.max_seq_length`` capped by ``max_position_embeddings`` / ``model_max_length``.
+        input_names: model inputs in feed order, e.g. ``("input_ids", "attention_mask", "token_type_ids")``.
+        onnx_path: the ONNX file of ``model``.
+        onnx_sha256: its sha256 recorded by the export stage.
+        tokenizer_json: the ``tokenizer.json`` to load with the ``tokenizers`` library.
+        tokenizer_config: ``tokenizer_config.json`` next to it (``{}`` when absent).
+        engine_path: a built TensorRT plan made from ``onnx_path`` (same ONNX hash), or ``None``.
+        engine_record: the ``engines/status.json`` record of that plan, or ``None``.
+    """
+
+    run_dir: Path
+    model: str
+    task: str | None
+    labels: tuple[str, ...] | None
+    max_length: int
+    input_names: tuple[str, ...]
+    onnx_path: Path
+    onnx_sha256: str
+    tokenizer_json: Path
+    tokenizer_config: dict = field(default_factory=dict)
+    engine_path: Path | None = None
+    engine_record: dict | None = None
+
+    @property
+    def is_regression(self) -> bool:
+        """True when the model outputs one score (``labels is None``)."""
+        return self.labels is None
+
+    @property
+    def is_pair_task(self) -> bool | None:
+        """True/False for a registered GLUE task (pairs / single texts); ``None`` when unknown."""
+        if self.task is None:
+            return None
+        spec = _task_spec(self.task)
+        return None if spec is None else spec.is_pair
+
+
+def _task_spec(name):
+    """The registered GLUE task spec called ``name``, or None (unknown or no name)."""
+    from nxm_deploy.data.tasks import get_task
+
+    if not isinstance(name, str):
+        return None
+    try:
+        return get_task(name)
+    except ConfigError:
+        return None
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise RunDirError(f"{what} {path} is not valid JSON ({exc}).", hint="Re-run the stage that writes it.") from exc
+    if not isinstance(data, dict):
+        raise RunDirError(f"{what} {path} must hold a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def _read_recipe(run_dir: Path) -> dict:
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        raise RunDirError(
+            f"{run_dir} is not a run directory (no recipe.yaml).",
+            hint="Pass the directory of a finished run, e.g. runs/minilm_rte_2of4_int8.",
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RunDirError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path} must hold a mapping, got {type(data).__name__}.")
+    return data
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_verified(path: Path, expected_sha256: str | None) -> bytes:
+    """Read ``path`` and check its sha256 against the recorded one.
+
+    Returns:
+        bytes: the file content (so the bytes that were checked are the bytes that get loaded).
+
+    Raises:
+        RunDirError: the file is missing, or its hash differs (the message names the file and both hashes).
+    """
+    if not path.is_file():
+        raise RunDirError(f"Artifact {path} not found.", hint="Re-run `nxm-deploy export RUN_DIR`.")
+    data = path.read_bytes()
+    if expected_sha256 is not None:
+        actual = sha256_bytes(data)
+        if actual != expected_sha256:
+            raise RunDirError(
+                f"Artifact {path} does not match its manifest: sha256 {actual}, manifest records {expected_sha256}.",
+                hint="The file was modified or replaced after export; re-run `nxm-deploy export RUN_DIR`.",
+            )
+    return data
+
+
+def _labels(task_name: str | None, run_dir: Path, config: dict) -> tuple[str, ...] | None:
+    spec = _task_spec(task_name)
+    if spec is not None:
+        return spec.label_list
+    id2label = config.get("id2label")
+    if config.get("problem_type") == "regression" or config.get("num_labels") == 1 or (id2label and len(id2label) == 1):
+        return None
+    if id2label:
+        return tuple(str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k)))
+    raise RunDirError(
+        f"Cannot tell the labels of {run_dir}: task {task_name!r} is not a known task and dense/config.json has no id2label.",
+        hint="Use a run directory written by nxm-deploy.",
+    )
+
+
+def find_engine(run_dir: Path, onnx_sha256: str, prefer_sparse: bool) -> tuple[Path, dict] | None:
+    """A built TensorRT plan made from the ONNX file with ``onnx_sha256`` (``engines/status.json``), or None.
+
+    Records whose plan file is missing are ignored. With several matches, ``prefer_sparse`` picks one built
+    with ``sparse_weights`` first.
+    """
+    status_path = run_dir / "engines" / "status.json"
+    if not status_path.is_file():
+        return None
+    try:
+        records = _read_json(status_path, "Engine status").get("engines", [])
+    except RunDirError:
+        return None
+    built = []
+    for record in records:
+        if not isinstance(record, dict) or record.get("status") != "built" or not record.get("engine"):
+            continue
+        if record.get("onnx_sha256") != onnx_sha256:
+            continue
+        plan = run_dir / "engines" / str(record["engine"])
+        if plan.is_file():
+            built.append((plan, record))
+    if not built:
+        return None
+    built.sort(key=lambda item: bool(item[1].get("sparse_weights")) != prefer_sparse)
+    return built[0]
+
+
+def load_artifacts(run_dir: str | Path, model: str = "sparse_int8") -> RunArtifacts:
+    """Read the run manifest of ``run_dir`` for ``model`` (no hash check yet; see :func:`read_verified`).
+
+    Args:
+        run_dir: a run directory written by ``nxm-deploy run`` (at least through the export stage).
+        model: ``"sparse_int8"`` (the deployed 2:4 INT8 model) or ``"dense"`` (the FP32 baseline).
+
+    Raises:
+        ConfigError: unknown ``model``.
+        RunDirError: not a run directory, the export stage has not run, or an artifact is missing.
+    """
+    if model not in MODELS:
+        raise ConfigError(f"model={model!r} is not one of {sorted(MODELS)}.", hint="Use model='sparse_int8' or 'dense'.")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"Run directory {run_dir} does not exist.", hint="e.g. runs/minilm_rte_2of4_int8")
+    recipe = _read_recipe(run_dir)
+    task_cfg = recipe.get("task") or {}
+    task_name = task_cfg.get("name")
+    max_seq = task_cfg.get("max_seq_length")
+    manifest_path = run_dir / "onnx" / "manifest.json"
+    if not manifest_path.is_file():
+        raise RunDirError(f"No export manifest {manifest_path}.", hint=f"Run `nxm-deploy export {run_dir}` first.")
+    manifest = _read_json(manifest_path, "Export manifest")
+    key, tokenizer_dirs = MODELS[model]
+    record = manifest.get(key)
+    if not isinstance(record, dict) or "file" not in record or "sha256" not in record:
+        raise RunDirError(f"{manifest_path} has no '{key}' file record (file, sha256).", hint=f"Re-run `nxm-deploy export {run_dir}`.")
+    inputs = manifest.get("inputs")
+    if not isinstance(inputs, list) or "input_ids" not in inputs:
+        raise RunDirError(f"{manifest_path}: 'inputs' must list the model inputs, got {inputs!r}.")
+    onnx_path = run_dir / "onnx" / str(record["file"])
+    if not onnx_path.is_file():
+        raise RunDirError(f"ONNX model {onnx_path} named in {manifest_path} not found.", hint=f"Re-run `nxm-deploy export {run_dir}`.")
+
+    tokenizer_json = next((run_dir / d / "tokenizer.json" for d in tokenizer_dirs if (run_dir / d / "tokenizer.json").is_file()), None)
+    if tokenizer_json is None:
+        raise RunDirError(
+            f"No tokenizer.json in {' or '.join(str(run_dir / d) for d in tokenizer_dirs)}.",
+            hint="The client needs a fast-tokenizer file (saved by the training stages with transformers).",
+        )
+    tok_cfg_path = tokenizer_json.with_name("tokenizer_config.json")
+    tokenizer_config = _read_json(tok_cfg_path, "Tokenizer config") if tok_cfg_path.is_file() else {}
+    config_path = next((run_dir / d / "config.json" for d in ("dense", "qat") if (run_dir / d / "config.json").is_file()), None)
+    config = _read_json(config_path, "Model config") if config_path else {}
+
+    limits = [v for v in (max_seq, config.get("max_position_embeddings"), tokenizer_config.get("model_max_length"))
+              if isinstance(v, int) and not isinstance(v, bool) and 0 < v < _NO_LIMIT]
+    if not limits:
+        raise RunDirError(f"{run_dir / 'recipe.yaml'} has no task.max_seq_length and the model records no limit.")
+    engine = find_engine(run_dir, str(record["sha256"]), prefer_sparse=model == "sparse_int8")
+    return RunArtifacts(
+        run_dir=run_dir, model=model, task=None if task_name is None else str(task_name),
+        labels=_labels(task_name, run_dir, config), max_length=min(limits), input_names=tuple(inputs),
+        onnx_path=onnx_path, onnx_sha256=str(record["sha256"]), tokenizer_json=tokenizer_json,
+        tokenizer_config=tokenizer_config, engine_path=None if engine is None else engine[0],
+        engine_record=None if engine is None else engine[1],
+    )
