@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", action="append", default=None, help="engine spec YAML (repeatable); default: the recipe's")
     _add_common(p)
 
+    p = sub.add_parser("predict", help="classify text with a run's deployed model; prints JSON lines")
+    from nxm_deploy.client.cli import add_predict_arguments
+
+    add_predict_arguments(p)
+
     p = sub.add_parser("inspect", help="inspect artifacts")
     isub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     s = isub.add_parser("sparsity", help="per-layer n:m check of an ONNX model; exit 1 when a layer that should be n:m is not")
@@ -140,6 +145,10 @@ def _inspect_sparsity(args) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.command == "predict":
+        from nxm_deploy.client.cli import predict_cli
+
+        return predict_cli(args)
     if args.command == "inspect":
         return _inspect_sparsity(args)
     if args.command == "run":

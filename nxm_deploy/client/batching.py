@@ -8,6 +8,10 @@ most ``max_wait_ms`` for more, up to ``max_batch_size``, and runs them as one ba
 Batching trades a little latency (at most ``max_wait_ms``) for throughput when many callers send one input
 each. Results equal those of ``client.predict`` up to float rounding: a row's logits can differ in the last
 bits when it is padded to a different length inside a different batch.
+
+On a small CPU with ONNX Runtime, padding mixed-length inputs to the longest of the batch usually costs more
+than batching saves (``tools/bench_client.py`` shows it); prefer calling the shared client from each thread
+there, and use the batcher for GPUs (TensorRT) or inputs of similar length.
 """
 
 from __future__ import annotations

@@ -1,64 +1,533 @@
-"""Engine stage: build every spec of the recipe, or record ``skipped: <reason>`` where TensorRT cannot run."""
+"""Engine builds from specs: inputs, FP16 graph, build, post-build check, manifest, idempotence, exit codes.
+
+Two entry points:
+
+* :func:`engine_stage` - the pipeline's stage. Where TensorRT or a GPU is missing each spec is recorded as
+  ``skipped: <reason>`` and the run goes on; the CPU-side work (profile, FP16 graph + its ONNX Runtime
+  parity check) is still done, so ``onnx/dense_fp16.onnx`` exists after any run.
+* :func:`build_engine_command` - ``nxm-deploy build-engine`` and ``tools/build_engines.sh`` (also
+  ``python -m nxm_deploy.engine.stage``): a CI build with documented exit codes.
+
+Exit codes of the command (:data:`EXIT_CODES`): 0 every engine built or up to date; 2 bad spec or input
+(spec file, run directory, ONNX file, profile); 3 this machine lacks TensorRT or a GPU (one line says what is
+missing and how to install ``nxm-deploy[trt]``); 4 a build failed (parser/builder errors listed); 5 a
+post-build check failed (a layer at another precision than requested, or a ``require_sparse`` layer that
+does not run sparse).
+
+Engines are written to ``<run_dir>/engines/<name>__trt<ver>__sm<cc>__{sparse|dense}.plan`` with a manifest
+``.json`` (TensorRT version, GPU, driver/CUDA, ONNX and spec sha256, flags, profile, build seconds, engine
+sha256, the check) and the inspector's layer JSON ``.layers.json``. A build is skipped as "up to date" when
+the manifest's build key (spec, ONNX, TensorRT version, SM, profile) matches and the plan still has its
+recorded hash. Files are written to a temporary name and renamed; one lock file per engine and one for
+``status.json`` make concurrent builds of the same run safe (the timing cache is locked by Polygraphy).
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import hashlib
+import json
 import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, TextIO
 
-from nxm_deploy._io import atomic_write_json, read_json, sha256_file
-from nxm_deploy.engine.spec import EngineSpec, load_engine_spec
-from nxm_deploy.errors import RunDirError
+import yaml
+
+from nxm_deploy._io import atomic_write_json, atomic_write_text, read_json, sha256_file
+from nxm_deploy.engine.spec import EngineSpec, derive_profile, load_engine_spec, resolve_run_dir
+from nxm_deploy.errors import (
+    ConfigError, DataError, EngineBuildError, ExportError, MissingDependencyError, NxmError, RunDirError,
+)
 
 log = logging.getLogger("nxm_deploy.engine")
 
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NO_ENVIRONMENT, EXIT_BUILD_FAILED, EXIT_CHECK_FAILED = 0, 2, 3, 4, 5
+EXIT_CODES = {
+    EXIT_OK: "built or up to date",
+    EXIT_BAD_INPUT: "bad spec or input",
+    EXIT_NO_ENVIRONMENT: "TensorRT or a GPU is missing",
+    EXIT_BUILD_FAILED: "build failed",
+    EXIT_CHECK_FAILED: "post-build check failed",
+}
 
-def _onnx_for(spec: EngineSpec, run_dir: Path) -> Path:
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``path`` (created) for the duration of the block (POSIX ``flock``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no cross-process lock
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def onnx_path_for(spec: EngineSpec, run_dir: Path) -> Path:
+    """The spec's source ONNX: absolute as given, else ``<run_dir>/onnx/<onnx>``."""
     path = Path(spec.onnx)
-    return path if path.is_absolute() else run_dir / "onnx" / path
+    return path if path.is_absolute() else Path(run_dir) / "onnx" / path
 
 
-def build_engine(spec: EngineSpec, run_dir: str | Path) -> dict:
-    """Build one engine into ``<run_dir>/engines/`` with a JSON manifest; or return a skipped record.
+def update_status(run_dir: Path, records: list[dict]) -> dict:
+    """Merge ``records`` (by name) into ``<run_dir>/engines/status.json`` under a lock; returns the file's content."""
+    path = Path(run_dir) / "engines" / "status.json"
+    with file_lock(path.with_name(".status.lock")):
+        old = []
+        if path.is_file():
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                old = list(read_json(path).get("engines", []))
+        names = {r["name"] for r in records}
+        merged = [r for r in old if isinstance(r, dict) and r.get("name") not in names and r.get("name") != "-"]
+        merged += records
+        if not merged:
+            merged = [{"name": "-", "status": "skipped: the recipe names no engine spec"}]
+        status = {"engines": merged}
+        atomic_write_json(path, status)
+    return status
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class EngineInputs:
+    """Everything a build needs that can be worked out on a CPU."""
+
+    spec: EngineSpec
+    spec_path: Path | None
+    run_dir: Path
+    source_onnx: Path
+    source_sha256: str
+    graph_onnx: Path  # what TensorRT parses: the source, or its FP16 conversion
+    graph_sha256: str
+    input_names: list[str]
+    profile: dict
+    layer_map: dict | None
+    sparse_modules: list[str]
+    pattern: str
+    fp16: dict | None  # Fp16Conversion.to_dict()
+
+
+def _recipe_limits(run_dir: Path) -> tuple[int | None, int | None]:
+    """(recipe ``task.max_seq_length``, model ``max_position_embeddings``) of a run, None where unknown."""
+    max_seq = max_pos = None
+    recipe = run_dir / "recipe.yaml"
+    if recipe.is_file():
+        with contextlib.suppress(OSError, yaml.YAMLError, AttributeError, TypeError):
+            value = ((yaml.safe_load(recipe.read_text()) or {}).get("task") or {}).get("max_seq_length")
+            max_seq = value if isinstance(value, int) and not isinstance(value, bool) else None
+    for stage in ("dense", "qat", "sparse"):
+        config = run_dir / stage / "config.json"
+        if config.is_file():
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                value = read_json(config).get("max_position_embeddings")
+                max_pos = value if isinstance(value, int) and not isinstance(value, bool) else None
+            break
+    return max_seq, max_pos
+
+
+def _onnx_inputs(path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def prepare_inputs(spec: EngineSpec, run_dir: str | Path, spec_path: str | Path | None = None) -> EngineInputs:
+    """Resolve the ONNX file, read the export manifest, derive the profile, make the FP16 graph (``fp16``).
 
     Raises:
-        RunDirError: the ONNX file is missing. EngineBuildError: TensorRT is present and the build fails.
+        RunDirError: the ONNX file is missing. ConfigError: a bad profile. ExportError: FP16 conversion failed.
     """
-    from nxm_deploy.engine import trt as trt_builder
-
     run_dir = Path(run_dir)
-    onnx_path = _onnx_for(spec, run_dir)
-    if not onnx_path.is_file():
-        raise RunDirError(f"Engine {spec.name}: ONNX file {onnx_path} not found.", hint="Run `nxm-deploy export` first.")
+    source = onnx_path_for(spec, run_dir)
+    if not source.is_file():
+        raise RunDirError(f"Engine {spec.name}: ONNX file {source} not found.",
+                          hint=f"Run `nxm-deploy export {run_dir}` first, or fix run_dir/onnx in the spec.")
+    manifest_path = source.parent / "manifest.json"
+    manifest = {}
+    if manifest_path.is_file():
+        try:
+            manifest = read_json(manifest_path)
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"Export manifest {manifest_path} is unreadable: {exc}") from None
+    input_names = list(manifest.get("inputs") or _onnx_inputs(source))
+    max_seq, max_pos = _recipe_limits(run_dir)
+    profile = derive_profile(spec, input_names, max_seq, max_pos)
+    source_sha = sha256_file(source)
+    sparse_record = manifest.get("sparse_int8") or {}
+    from_sparse_export = sparse_record.get("sha256") == source_sha or sparse_record.get("file") == source.name
+    layer_map = manifest.get("layer_map") if from_sparse_export else None
+    sparse_modules = list(manifest.get("sparse_modules") or []) if from_sparse_export else []
+    graph, graph_sha, fp16 = source, source_sha, None
     if spec.precision == "fp16":
-        reason = trt_builder.tensorrt_unavailable_reason() or "fp16 graph conversion is not implemented yet (issue 6)"
-        return {"name": spec.name, "status": f"skipped: {reason}"}
-    reason = trt_builder.tensorrt_unavailable_reason()
-    if reason is not None:
-        log.warning("engine %s skipped: %s", spec.name, reason)
-        return {"name": spec.name, "status": f"skipped: {reason}"}
-    manifest = read_json(run_dir / "onnx" / "manifest.json")
-    out_dir = run_dir / "engines"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    engine_bytes, facts = trt_builder.build_engine_bytes(
-        spec, onnx_path, manifest["inputs"], run_dir / spec.timing_cache
+        from nxm_deploy.engine.fp16 import convert_to_fp16
+
+        conversion = convert_to_fp16(source, keep_fp32_ops=spec.keep_fp32_ops)
+        fp16 = conversion.to_dict()
+        graph = source.with_name(conversion.file)
+        graph_sha = conversion.sha256
+        if conversion.parity.get("ok") is False:
+            raise ExportError(f"Engine {spec.name}: the FP16 graph {graph.name} differs from {source.name} in ONNX "
+                              f"Runtime beyond FP16 tolerance: {conversion.parity}")
+    return EngineInputs(
+        spec=spec, spec_path=Path(spec_path) if spec_path else None, run_dir=run_dir, source_onnx=source,
+        source_sha256=source_sha, graph_onnx=graph, graph_sha256=graph_sha, input_names=input_names,
+        profile=profile, layer_map=layer_map, sparse_modules=sparse_modules,
+        pattern=str(manifest.get("pattern") or "2:4"), fp16=fp16,
     )
-    kind = "sparse" if spec.sparse_weights else "dense"
-    plan = out_dir / f"{spec.name}__trt{facts['tensorrt']}__{kind}.plan"
-    tmp = plan.with_name(f".{plan.name}.tmp")
-    tmp.write_bytes(engine_bytes)
-    tmp.replace(plan)
-    record = {"name": spec.name, "status": "built", "engine": plan.name, "onnx_sha256": sha256_file(onnx_path),
-              "engine_sha256": sha256_file(plan), **facts}
-    atomic_write_json(plan.with_suffix(".json"), record)
+
+
+# --------------------------------------------------------------------------------------------- build
+
+
+def build_key(inputs: EngineInputs, tensorrt_version: str, sm: str) -> str:
+    """What decides whether an existing engine is up to date."""
+    return _sha256_json({
+        "spec_sha256": inputs.spec.sha256(), "onnx_sha256": inputs.source_sha256,
+        "graph_onnx_sha256": inputs.graph_sha256, "tensorrt": tensorrt_version, "sm": sm,
+        "profile": inputs.profile,
+    })
+
+
+def status_record(manifest: dict, action: str) -> dict:
+    """The ``engines/status.json`` record of an engine manifest."""
+    check = manifest.get("check") or {}
+    record = {
+        "name": manifest["name"], "status": manifest["status"], "action": action,
+        "engine": manifest["engine"], "manifest": Path(manifest["engine"]).with_suffix(".json").name,
+        "precision": manifest["precision"], "sparse_weights": manifest["sparse_weights"],
+        "onnx_sha256": manifest["onnx_sha256"], "engine_sha256": manifest["engine_sha256"],
+        "tensorrt": manifest["tensorrt"], "sm": manifest["gpu"]["sm"], "gpu": manifest["gpu"]["name"],
+        "build_s": manifest["build_s"], "check": check.get("summary"),
+    }
+    if manifest.get("fp16_conversion"):
+        record["fp16_onnx"] = manifest["fp16_conversion"]["file"]
     return record
 
 
+def _check_built(inputs: EngineInputs, layer_json: str, sparsity_log: list[str]):
+    """Post-build check of a fresh engine (:func:`nxm_deploy.engine.inspect.check_engine`)."""
+    from nxm_deploy.engine.inspect import EngineCheckError, check_engine, gemm_nodes, parse_layer_json
+
+    spec = inputs.spec
+    gemms = gemm_nodes(inputs.graph_onnx, inputs.layer_map, inputs.pattern)
+    try:
+        info = parse_layer_json(layer_json)
+    except ConfigError as exc:
+        raise EngineCheckError(f"Engine {spec.name}: cannot read the engine's layer information: {exc.message}") from exc
+    return check_engine(
+        info, precision=spec.precision, sparse_weights=spec.sparse_weights, gemms=gemms,
+        sparse_modules=inputs.sparse_modules, require_sparse=spec.requires_sparse if spec.require_sparse else None,
+        fp32_nodes=(inputs.fp16 or {}).get("fp32_nodes"), sparsity_log=sparsity_log, pattern=inputs.pattern,
+    )
+
+
+def engine_paths(spec: EngineSpec, run_dir: Path, tensorrt_version: str, sm: str) -> tuple[Path, Path, Path]:
+    """``(plan, manifest, layers)`` paths of ``spec``'s engine in ``<run_dir>/engines/``."""
+    plan = Path(run_dir) / "engines" / spec.engine_filename(tensorrt_version, sm)
+    return plan, plan.with_suffix(".json"), plan.with_name(plan.stem + ".layers.json")
+
+
+def up_to_date(manifest_path: Path, plan: Path, key: str) -> dict | None:
+    """The stored manifest when the engine is up to date (same build key, plan file with the recorded hash)."""
+    if not (manifest_path.is_file() and plan.is_file()):
+        return None
+    try:
+        manifest = read_json(manifest_path)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("build_key") != key:
+        return None
+    if manifest.get("engine_sha256") != sha256_file(plan):
+        return None
+    return manifest
+
+
+def make_manifest(inputs: EngineInputs, *, plan: Path, layers_path: Path, key: str, tensorrt_version: str,
+                  gpu: dict, flags: dict, build_s: float, sparsity_log: list[str], check: dict,
+                  timing_cache: Path) -> dict:
+    """The JSON written next to an engine (``<plan>.json``); ``status`` is ``built`` or ``check failed: ...``."""
+    import polygraphy
+
+    from nxm_deploy import __version__
+
+    spec = inputs.spec
+    spec_path = inputs.spec_path
+    return {
+        "name": spec.name,
+        "status": "built" if check.get("ok") else f"check failed: {(check.get('errors') or ['?'])[0]}",
+        "engine": plan.name, "engine_sha256": sha256_file(plan), "engine_bytes": plan.stat().st_size,
+        "layers_file": layers_path.name, "build_key": key,
+        "tensorrt": tensorrt_version, "gpu": gpu,
+        "onnx": {"file": inputs.source_onnx.name, "path": str(inputs.source_onnx), "sha256": inputs.source_sha256},
+        "onnx_sha256": inputs.source_sha256,
+        "graph_onnx": {"file": inputs.graph_onnx.name, "sha256": inputs.graph_sha256},
+        "fp16_conversion": inputs.fp16,
+        "spec": {"path": str(spec_path) if spec_path else None,
+                 "file_sha256": sha256_file(spec_path) if spec_path and spec_path.is_file() else None,
+                 "content": spec.model_dump(mode="json")},
+        "spec_sha256": spec.sha256(), "precision": spec.precision, "sparse_weights": spec.sparse_weights,
+        "flags": flags, "profiles": [inputs.profile], "timing_cache": str(timing_cache), "build_s": build_s,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "nxm_deploy": __version__, "polygraphy": polygraphy.__version__,
+        "sparsity_log": sparsity_log, "check": check,
+    }
+
+
+def build_prepared(inputs: EngineInputs, env, *, force: bool = False) -> dict:
+    """Build (or find up to date) the engine of ``inputs`` with this machine's TensorRT and GPU (``env`` from
+    :func:`nxm_deploy.engine.trt.probe_environment`); returns its status record.
+
+    Raises:
+        EngineBuildError: the build failed. EngineCheckError: the post-build check failed (the engine and
+        its manifest are written, with status ``check failed: ...``; the record is ``exc.record``).
+    """
+    from nxm_deploy.engine import trt as trt_builder
+    from nxm_deploy.engine.inspect import EngineCheckError
+
+    spec, run_dir = inputs.spec, inputs.run_dir
+    version, gpu = env.tensorrt_version, env.gpu
+    plan, manifest_path, layers_path = engine_paths(spec, run_dir, version, gpu.sm)
+    key = build_key(inputs, version, gpu.sm)
+    with file_lock(plan.with_name(f".{plan.name}.lock")):
+        old = None if force else up_to_date(manifest_path, plan, key)
+        if old is not None:
+            record = status_record(old, "up to date")
+            log.info("engine %s: up to date (%s)", spec.name, plan.name)
+            if old.get("status") != "built":
+                raise EngineCheckError(f"Engine {spec.name} ({plan.name}) is up to date but failed its check: "
+                                       f"{old.get('status')}", record=record)
+            return record
+        if spec.sparse_weights and not gpu.sparse_tensor_cores:
+            log.warning("engine %s: SM %s has no sparse tensor cores; SPARSE_WEIGHTS will not pick sparse tactics",
+                        spec.name, gpu.sm)
+        timing_cache = spec.timing_cache_path(run_dir, version, gpu.sm)
+        log.info("engine %s: building %s from %s", spec.name, plan.name, inputs.graph_onnx.name)
+        result = trt_builder.build_serialized_engine(
+            inputs.graph_onnx, profile=inputs.profile, sparse_weights=spec.sparse_weights,
+            workspace_bytes=spec.workspace_bytes, builder_optimization_level=spec.builder_optimization_level,
+            timing_cache=timing_cache,
+        )
+        atomic_write_text(layers_path, result.layer_json)
+        check = _check_built(inputs, result.layer_json, result.sparsity_log)
+        atomic_write_bytes(plan, result.engine)
+        manifest = make_manifest(
+            inputs, plan=plan, layers_path=layers_path, key=key, tensorrt_version=version,
+            gpu=env.to_dict()["gpu"], flags=result.flags, build_s=result.build_s,
+            sparsity_log=result.sparsity_log, check=check.to_dict(), timing_cache=timing_cache,
+        )
+        atomic_write_json(manifest_path, manifest)  # last: the manifest marks a complete engine
+    record = status_record(manifest, "built")
+    if not check.ok:
+        raise EngineCheckError(f"Engine {spec.name} ({plan.name}) failed its post-build check: "
+                               + "; ".join(check.errors[:5]), check=check, record=record)
+    for warning in check.warnings:
+        log.warning("engine %s: %s", spec.name, warning)
+    return record
+
+
+def build_engine(spec: EngineSpec, run_dir: str | Path, *, spec_path: str | Path | None = None, env=None,
+                 force: bool = False) -> dict:
+    """Prepare and build one engine; where TensorRT or a GPU is missing return ``status: skipped: <reason>``
+    (after the CPU-side preparation, e.g. the FP16 graph).
+
+    Raises:
+        RunDirError / ConfigError: bad input. ExportError: FP16 conversion failed.
+        EngineBuildError: the build failed. EngineCheckError: the post-build check failed.
+    """
+    from nxm_deploy.engine.trt import probe_environment
+
+    inputs = prepare_inputs(spec, run_dir, spec_path)
+    env = env if env is not None else probe_environment()
+    if env.reason is not None:
+        log.warning("engine %s skipped: %s", spec.name, env.reason)
+        record = {"name": spec.name, "status": f"skipped: {env.reason}", "precision": spec.precision,
+                  "sparse_weights": spec.sparse_weights, "onnx_sha256": inputs.source_sha256}
+        if inputs.fp16:
+            record["fp16_onnx"] = inputs.fp16["file"]
+            record["fp16_parity"] = inputs.fp16["parity"]
+        return record
+    return build_prepared(inputs, env, force=force)
+
+
 def engine_stage(run_dir: str | Path, spec_paths: list[str | Path]) -> dict:
-    """Build (or skip) every engine spec in ``spec_paths``; writes ``engines/status.json``."""
+    """Pipeline stage: build (or skip, with the reason) every engine spec; merges ``engines/status.json``.
+
+    A failed build or check is recorded (``failed: ...`` / ``check failed: ...``) and the run goes on.
+    """
+    from nxm_deploy.engine.inspect import EngineCheckError
+    from nxm_deploy.engine.trt import probe_environment
+
     run_dir = Path(run_dir)
-    records = [build_engine(load_engine_spec(path), run_dir) for path in spec_paths]
-    if not records:
-        records.append({"name": "-", "status": "skipped: the recipe names no engine spec"})
-    status = {"engines": records}
-    atomic_write_json(run_dir / "engines" / "status.json", status)
-    return status
+    env = probe_environment()
+    records = []
+    for path in spec_paths:
+        spec = load_engine_spec(path)
+        try:
+            records.append(build_engine(spec, run_dir, spec_path=path, env=env))
+        except EngineCheckError as exc:
+            log.error("engine %s: %s", spec.name, exc.message)
+            records.append(exc.record or {"name": spec.name, "status": f"check failed: {exc.message}"})
+        except (EngineBuildError, ExportError) as exc:
+            log.error("engine %s: %s", spec.name, exc.message)
+            records.append({"name": spec.name, "status": f"failed: {exc.message}"})
+    return update_status(run_dir, records)
+
+
+# --------------------------------------------------------------------------------------------- command
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _table(rows: list[tuple]) -> str:
+    header = ("engine", "precision", "kind", "result", "file", "build_s", "check")
+    rows = [tuple(str(c) for c in row) for row in rows]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def build_engine_command(spec_paths: list[str | Path], run_dir: str | Path | None = None, *, force: bool = False,
+                         show_layers: bool = False, stdout: TextIO | None = None,
+                         stderr: TextIO | None = None) -> int:
+    """Build every spec (a CI build) and print a summary table; returns the exit code (:data:`EXIT_CODES`).
+
+    Specs are validated first (2), then the machine (3: one line on stderr, nothing built); then each spec
+    is prepared and built in turn, all of them even after a failure. The exit code is the first of 2, 3, 4,
+    5 that occurred, else 0.
+    """
+    from nxm_deploy.engine.inspect import EngineCheckError
+    from nxm_deploy.engine.trt import probe_environment
+
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    if not spec_paths:
+        print("error: no engine spec given (e.g. --spec engines/minilm_rte_sparse_int8.yaml)", file=err)
+        return EXIT_BAD_INPUT
+    specs = []
+    for path in spec_paths:
+        try:
+            specs.append((load_engine_spec(path), Path(path)))
+        except ConfigError as exc:
+            print(f"error: {_one_line(exc.message)}", file=err)
+            return EXIT_BAD_INPUT
+    names = [s.name for s, _ in specs]
+    if len(set(names)) != len(names):
+        print(f"error: engine names repeat across the specs: {sorted(n for n in set(names) if names.count(n) > 1)}", file=err)
+        return EXIT_BAD_INPUT
+    env = probe_environment()
+    if env.reason is not None:
+        print(f"error: {env.reason}", file=err)
+        return EXIT_NO_ENVIRONMENT
+
+    codes, rows, notes, per_run = [], [], [], {}
+    for spec, path in specs:
+        code, message, record, check, target = EXIT_OK, None, None, None, None
+        try:
+            target = resolve_run_dir(spec, path, run_dir)
+            if not target.is_dir():
+                raise RunDirError(f"Engine {spec.name}: run directory {target} not found.",
+                                  hint="Run the pipeline first, or pass the run directory.")
+            inputs = prepare_inputs(spec, target, path)
+            record = build_prepared(inputs, env, force=force)
+        except (ConfigError, DataError, RunDirError) as exc:
+            code, message = EXIT_BAD_INPUT, exc.message
+        except MissingDependencyError as exc:
+            code, message = EXIT_NO_ENVIRONMENT, exc.message
+        except EngineCheckError as exc:
+            code, message, record, check = EXIT_CHECK_FAILED, exc.message, exc.record, exc.check
+        except NxmError as exc:  # EngineBuildError, ExportError (FP16 graph)
+            code, message = EXIT_BUILD_FAILED, exc.message
+        codes.append(code)
+        if message:
+            print(f"error: {spec.name}: {_one_line(message)}", file=err)
+        if record is None:
+            label = {EXIT_BAD_INPUT: "BAD INPUT", EXIT_NO_ENVIRONMENT: "NO TENSORRT", EXIT_BUILD_FAILED: "FAILED"}[code]
+            rows.append((spec.name, spec.precision, spec.kind, label, "-", "-", "-"))
+            if code == EXIT_BUILD_FAILED and target is not None:
+                per_run.setdefault(target, []).append({"name": spec.name, "status": f"failed: {_one_line(message)}"})
+            continue
+        per_run.setdefault(target, []).append(record)
+        result = record["action"] if code == EXIT_OK else "CHECK FAILED"
+        rows.append((spec.name, spec.precision, spec.kind, result, record["engine"], record["build_s"],
+                     record.get("check") or "-"))
+        if check is not None:
+            notes.append(f"{spec.name}: {check.summary()}\n{check.table()}\n" + "\n".join(
+                [f"  error: {e}" for e in check.errors] + [f"  warning: {w}" for w in check.warnings]))
+        else:
+            manifest_path = target / "engines" / record["manifest"]
+            stored = read_json(manifest_path).get("check") or {} if manifest_path.is_file() else {}
+            if stored and (show_layers or stored.get("errors") or stored.get("warnings")):
+                notes.append(f"{spec.name}: {stored.get('summary')}\n" + "\n".join(
+                    [f"  error: {e}" for e in stored.get("errors", [])] + [f"  warning: {w}" for w in stored.get("warnings", [])]))
+    for target_dir, records in per_run.items():
+        update_status(target_dir, records)
+    print(_table(rows), file=out)
+    for note in notes:
+        print(note, file=out)
+    for code in (EXIT_BAD_INPUT, EXIT_NO_ENVIRONMENT, EXIT_BUILD_FAILED, EXIT_CHECK_FAILED):
+        if code in codes:
+            return code
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nxm_deploy.engine.stage [--run-dir DIR] [--force] [--layers] SPEC...`` (what
+    ``tools/build_engines.sh`` runs; ``nxm-deploy build-engine --spec`` calls the same function)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m nxm_deploy.engine.stage", description="Build TensorRT engines from engine specs.",
+        epilog="exit codes: " + ", ".join(f"{k} {v}" for k, v in EXIT_CODES.items()),
+    )
+    parser.add_argument("specs", nargs="*", help="engine spec YAML files")
+    parser.add_argument("--spec", action="append", default=[], help="engine spec YAML (repeatable)")
+    parser.add_argument("--run-dir", default=None, help="run directory (default: each spec's run_dir)")
+    parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    parser.add_argument("--layers", action="store_true", help="print the per-layer check of every engine")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)-7s %(name)s | %(message)s", datefmt="%H:%M:%S")
+    return build_engine_command([*args.specs, *args.spec], args.run_dir, force=args.force, show_layers=args.layers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -86,9 +86,17 @@ class _Converter:
         self.graph_outputs = {o.name for o in proto.graph.output}
 
     def const(self, name: str) -> np.ndarray | None:
-        if not name or not self.graph.is_const(name):
-            return None
-        return self.graph.array(name)
+        """Value of an initializer / ``Constant`` output, also behind ``Identity`` (exporter de-duplication)."""
+        for _ in range(16):
+            if not name:
+                return None
+            if self.graph.is_const(name):
+                return self.graph.array(name)
+            node = self.graph.producer.get(name)
+            if node is None or node.op_type != "Identity":
+                return None
+            name = node.input[0]
+        return None
 
     def producer(self, name: str, op_type: str) -> onnx.NodeProto | None:
         node = self.graph.producer.get(name)
@@ -348,15 +356,21 @@ def make_cpu_int8(
     graph = proto.graph
 
     new_inits: list[onnx.TensorProto] = []
-    init_names = {t.name for t in graph.initializer}
+    taken = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    taken |= {o for n in graph.node for o in n.output} | {n.name for n in graph.node if n.name}
 
-    def add_init(name: str, array: np.ndarray) -> str:
+    def fresh(name: str) -> str:
+        """A tensor or node name not used in the graph yet, prefixed ``cpu_int8/``."""
         base, i = _PREFIX + name, 0
         unique = base
-        while unique in init_names:
+        while unique in taken:
             i += 1
             unique = f"{base}_{i}"
-        init_names.add(unique)
+        taken.add(unique)
+        return unique
+
+    def add_init(name: str, array: np.ndarray) -> str:
+        unique = fresh(name)
         new_inits.append(numpy_helper.from_array(np.asarray(array), unique))
         return unique
 
@@ -383,9 +397,9 @@ def make_cpu_int8(
         act_key = (plan.x, plan.x_scale.tobytes())
         if act_key not in act_cache:
             scale_init = add_init(f"{plan.x}.scale", np.array(plan.x_scale, dtype=np.float32))
-            x_u8 = f"{_PREFIX}{plan.x}.u8"
+            x_u8 = fresh(f"{plan.x}.u8")
             new_nodes.append(helper.make_node("QuantizeLinear", [plan.x, scale_init, a_zero], [x_u8],
-                                              name=f"{_PREFIX}quantize/{plan.x}"))
+                                              name=fresh(f"quantize/{plan.x}")))
             act_cache[act_key] = (x_u8, scale_init)
         x_u8, x_scale_init = act_cache[act_key]
         w = plan.weight
@@ -413,20 +427,20 @@ def make_cpu_int8(
                 bias_fused = True
             new_nodes.append(helper.make_node(
                 "MatMulIntegerToFloat", [x_u8, codes_init, x_scale_init, col_init, a_zero, b_zero, *extra],
-                [fused_out], name=f"{_PREFIX}{name}", domain="com.microsoft",
+                [fused_out], name=fresh(name), domain="com.microsoft",
             ))
         else:
             multiplier = add_init(f"{name}.multiplier", (np.float32(plan.x_scale) * w.col_scale * np.float32(plan.alpha)).astype(np.float32))
-            acc, acc_f = f"{_PREFIX}{name}.int32", f"{_PREFIX}{name}.float"
-            mul_out = out if bias is None else f"{_PREFIX}{name}.scaled"
+            acc, acc_f = fresh(f"{name}.int32"), fresh(f"{name}.float")
+            mul_out = out if bias is None else fresh(f"{name}.scaled")
             new_nodes += [
-                helper.make_node("MatMulInteger", [x_u8, codes_init, a_zero, b_zero], [acc], name=f"{_PREFIX}{name}"),
-                helper.make_node("Cast", [acc], [acc_f], name=f"{_PREFIX}{name}/cast", to=TensorProto.FLOAT),
-                helper.make_node("Mul", [acc_f, multiplier], [mul_out], name=f"{_PREFIX}{name}/scale"),
+                helper.make_node("MatMulInteger", [x_u8, codes_init, a_zero, b_zero], [acc], name=fresh(name)),
+                helper.make_node("Cast", [acc], [acc_f], name=fresh(f"{name}/cast"), to=TensorProto.FLOAT),
+                helper.make_node("Mul", [acc_f, multiplier], [mul_out], name=fresh(f"{name}/scale")),
             ]
             if bias is not None:  # Gemm C
                 new_nodes.append(helper.make_node("Add", [mul_out, add_init(f"{name}.bias", bias)], [out],
-                                                  name=f"{_PREFIX}{name}/bias"))
+                                                  name=fresh(f"{name}/bias")))
         replacements[index] = new_nodes
         converted.append({
             "node": name, "op_type": node.op_type, "weight": w.source, "codes": codes_init, "shape": list(w.codes.shape),

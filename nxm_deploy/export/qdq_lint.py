@@ -200,12 +200,20 @@ class _Linter:
         self.findings.append((order, QdqFinding(where, rule, message, severity)))
 
     def value(self, tensor: str) -> np.ndarray | None:
-        if not tensor or not self.graph.is_const(tensor):
-            return None
-        try:
-            return self.graph.array(tensor)
-        except Exception:  # noqa: BLE001 - unreadable external data: treated as non-constant
-            return None
+        """Value of an initializer / ``Constant`` output, also behind ``Identity`` (exporter de-duplication)."""
+        for _ in range(16):
+            if not tensor:
+                return None
+            if self.graph.is_const(tensor):
+                try:
+                    return self.graph.array(tensor)
+                except Exception:  # noqa: BLE001 - unreadable external data: treated as non-constant
+                    return None
+            node = self.graph.producer.get(tensor)
+            if node is None or node.op_type != "Identity":
+                return None
+            tensor = node.input[0]
+        return None
 
     @staticmethod
     def _axis(node: onnx.NodeProto) -> int:

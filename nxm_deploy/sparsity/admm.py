@@ -128,10 +128,11 @@ class ADMMSparsifier:
         """One ADMM Z/U update: ``Z <- Proj(W + U)``, ``U <- U + W - Z``, then the rho schedule.
 
         Returns:
-            dict: ``primal_residual`` (sqrt of sum ||W - Z||_F^2), ``mask_change`` (fraction of weights whose
+            dict: ``primal_residual`` (sqrt of sum ||W - Z||_F^2), ``relative_residual`` (that over ||W||_F),
+            ``mask_change`` (fraction of weights whose
             kept/pruned state changed since the previous update), ``rho`` (the value used by this update).
         """
-        residual_sq, changed, total = 0.0, 0, 0
+        residual_sq, weight_sq, changed, total = 0.0, 0.0, 0, 0
         for fqn, weight in self._weights():
             w = weight.detach().float()
             target = w + self.admm_u[fqn]
@@ -140,6 +141,7 @@ class ADMMSparsifier:
             self.admm_u[fqn] = self.admm_u[fqn] + w - z
             self.admm_z[fqn] = z
             residual_sq += float((w - z).pow(2).sum())
+            weight_sq += float(w.pow(2).sum())
             changed += int((mask != self.masks[fqn]).sum())
             total += mask.numel()
             self.masks[fqn] = mask
@@ -147,6 +149,7 @@ class ADMMSparsifier:
             "update": self.num_updates + 1,
             "rho": self.rho,
             "primal_residual": residual_sq**0.5,
+            "relative_residual": (residual_sq / max(weight_sq, 1e-30)) ** 0.5,
             "mask_change": changed / max(total, 1),
         }
         self.num_updates += 1

@@ -136,30 +136,6 @@ def _fake_engine(run: Path, model_key: str = "sparse_int8") -> Path:
     return plan
 
 
-class _FakeTrt:
-    """Stands in for TrtBackend: ONNX Runtime underneath, with a TensorRT-like profile (batch <= 2, L in 8..16)."""
-
-    name = "tensorrt"
-    max_batch_size, max_sequence_length, min_sequence_length = 2, 16, 8
-    shapes: list = []
-
-    def __init__(self, engine, *, contexts=1, label="engine"):
-        from nxm_deploy.client.backends import OrtBackend
-
-        assert engine == b"not really an engine"
-        self._ort = OrtBackend(_FakeTrt.onnx_path)
-        self.input_names = self._ort.input_names
-        self.description = "fake"
-
-    def run(self, feeds):
-        shape = feeds["input_ids"].shape
-        _FakeTrt.shapes.append(shape)
-        assert shape[0] <= 2 and 8 <= shape[1] <= 16, shape
-        return self._ort.run(feeds)
-
-    def close(self):
-        self._ort.close()
-
 
 def _too_long(hf_tokenizer, pairs, limit: int) -> list[bool]:
     """Per pair: more than `limit` tokens untruncated (transformers' count)."""
@@ -264,31 +240,6 @@ def test_auto_is_onnxruntime_when_tensorrt_is_missing(run_copy, monkeypatch):
     with pytest.raises(MissingDependencyError) as info:
         TextClassifier.from_artifacts(run_copy, backend="tensorrt")
     assert info.value.hint and "trt" in info.value.hint
-
-
-def test_auto_picks_tensorrt_with_engine_and_tensorrt(run_copy, monkeypatch, hf_tokenizer):
-    import nxm_deploy.client.backends as backends
-
-    _fake_engine(run_copy)
-    _FakeTrt.onnx_path = run_copy / "onnx" / "sparse_int8_qdq.onnx"
-    _FakeTrt.shapes = []
-    monkeypatch.setattr(trt_runtime, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(backends, "TrtBackend", _FakeTrt)
-    with TextClassifier.from_artifacts(run_copy) as c:
-        assert c.backend == "tensorrt" and c.info["engine"] == "fake__trt10__sparse.plan"
-        assert c.max_length == 16  # engine profile max < model limit 32
-        results = c.predict(PAIRS, batch_size=32)
-    assert len(results) == len(PAIRS)
-    assert [r["truncated"] for r in results] == _too_long(hf_tokenizer, PAIRS, 16)
-    assert max(s[0] for s in _FakeTrt.shapes) == 2  # batches split to the profile
-    # the dense model has no engine: auto stays on onnxruntime
-    with TextClassifier.from_artifacts(run_copy, model="dense") as c:
-        assert c.backend == "onnxruntime"
-    # a modified engine file is refused
-    plan = run_copy / "engines" / "fake__trt10__sparse.plan"
-    plan.write_bytes(b"tampered engine bytes")
-    with pytest.raises(RunDirError, match="fake__trt10__sparse.plan"):
-        TextClassifier.from_artifacts(run_copy)
 
 
 def test_tensorrt_requested_without_engine(run_dir, monkeypatch):
@@ -541,7 +492,8 @@ assert predict_cli(args, stdout=io.StringIO()) == 0
 loaded = sorted(m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in ("torch", "transformers"))
 print("LOADED", loaded)
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr
     assert "LOADED []" in proc.stdout, proc.stdout
 
@@ -569,3 +521,14 @@ def test_tensorrt_backend_matches_onnxruntime(run_copy):
         np.testing.assert_allclose(trt_client.predict_logits(PAIRS), expected, atol=1e-3)
         short = [("Hi.", "Yo.")]  # 7 tokens: padded to the profile minimum 8
         np.testing.assert_allclose(trt_client.predict_logits(short), ort_short, atol=1e-3)
+
+
+def test_readme_example_runs_as_written(run_dir, capsys):
+    """The README's client example, with only the run directory swapped for the test run."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("## Python client", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert len(block.strip().splitlines()) <= 10
+    exec(compile(block.replace('"runs/minilm_rte_2of4_int8"', repr(str(run_dir))), "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[0] in ("entailment", "not_entailment") and out[0].split()[-1] == "onnxruntime"
+    assert out[1] == "(8, 2)"

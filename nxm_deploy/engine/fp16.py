@@ -1,0 +1,252 @@
+"""Graph-level FP16 conversion of an FP32 ONNX model for the dense FP16 TensorRT baseline (CPU only).
+
+TensorRT 11 removed ``BuilderFlag.FP16`` and every network is strongly typed, so an FP16 engine needs an FP16
+graph (the rf-detr#1453 failure: ``fp16=True`` silently built an FP32 engine). Converting the graph works on
+TensorRT 10 and 11 alike.
+
+The conversion is ONNX Runtime's ``onnxruntime.transformers.float16.convert_float_to_float16`` (a maintained
+copy of onnxconverter-common's converter, shipped in the ``onnxruntime`` wheel we already depend on):
+float initializers and tensors become FP16, graph inputs/outputs keep their types (``logits`` stays FP32),
+and the ops in ``keep_fp32_ops`` (LayerNorm, Softmax by default) plus the converter's own block list run in
+FP32 behind Cast nodes. Constants below/above the FP16 range are clamped (the attention-mask fill value
+``finfo(float32).min`` becomes -65504, still a zero after Softmax). The converter appends its Cast nodes at
+the end of the node list, so the graph is re-sorted topologically before the ONNX checker runs.
+
+:func:`fp16_parity` runs both graphs in ONNX Runtime (CPU) on seeded inputs with padding and compares logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nxm_deploy._io import atomic_write_json, read_json, sha256_file
+from nxm_deploy.errors import ExportError
+
+log = logging.getLogger("nxm_deploy.engine")
+
+#: max |logit(FP16 graph) - logit(FP32 graph)| allowed (absolute part; plus FP16_PARITY_RTOL * |logit|).
+FP16_PARITY_ATOL = 1e-2
+FP16_PARITY_RTOL = 1e-2
+_EXTERNAL_DATA_BYTES = 2 * 1024**3
+#: bump when the conversion changes, so existing FP16 files are rebuilt
+CONVERTER_VERSION = 1
+
+
+@dataclass
+class Fp16Conversion:
+    """Result of :func:`convert_to_fp16` (also stored as ``<fp16 file>.json`` next to the model).
+
+    Attributes:
+        file: FP16 model file name (in the source's directory).
+        sha256: its hash.
+        source: source file name; ``source_sha256`` its hash.
+        keep_fp32_ops: op types kept in FP32 (requested plus the converter's block list that occur).
+        fp32_nodes: names of the nodes left in FP32 (the engine's precision check allows FP32 there).
+        cast_nodes: number of Cast nodes in the converted graph.
+        parity: :func:`fp16_parity` result (``max_abs_diff``, ``atol``, ``rtol``, ``ok``, ...).
+        converter: ``onnxruntime.transformers.float16`` and its onnxruntime version.
+        seconds: conversion + parity time.
+        reused: True when an up-to-date conversion was found and nothing was written.
+    """
+
+    file: str
+    sha256: str
+    source: str
+    source_sha256: str
+    keep_fp32_ops: list[str]
+    fp32_nodes: list[str]
+    cast_nodes: int
+    parity: dict
+    converter: str
+    converter_version: int = CONVERTER_VERSION
+    seconds: float = 0.0
+    reused: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fp16_path_for(source: Path) -> Path:
+    """``dense_fp32.onnx`` -> ``dense_fp16.onnx``; ``model.onnx`` -> ``model_fp16.onnx`` (same directory)."""
+    stem = source.stem
+    name = stem.replace("fp32", "fp16") if "fp32" in stem else f"{stem}_fp16"
+    return source.with_name(name + source.suffix)
+
+
+def _toposort(graph) -> None:
+    """Sort ``graph.node`` topologically in place (stable: keeps the original order where it is valid)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            missing = sorted({n for node in rest for n in node.input if n not in available})[:5]
+            raise ExportError(f"FP16 graph cannot be sorted: inputs {missing} are never produced.")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def convert_model_to_fp16(model, keep_fp32_ops: list[str] | tuple[str, ...]):
+    """Convert a loaded FP32 ``onnx.ModelProto`` (modified in place) and return ``(model, fp32_nodes, ops)``."""
+    import onnx
+    from onnxruntime.transformers import float16
+
+    block = list(dict.fromkeys([*float16.DEFAULT_OP_BLOCK_LIST, *keep_fp32_ops]))
+    model = onnx.shape_inference.infer_shapes(model)
+    fp32_nodes = [n.name for n in model.graph.node if n.op_type in block]
+    ops = sorted({n.op_type for n in model.graph.node if n.op_type in block})
+    model = float16.convert_float_to_float16(
+        model, keep_io_types=True, disable_shape_infer=True, op_block_list=block,
+    )
+    _toposort(model.graph)
+    return model, fp32_nodes, ops
+
+
+def _vocab_sizes(model) -> dict[str, int]:
+    """Exclusive upper bound of each integer input that indexes an embedding table (Gather on an initializer)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    sizes = {}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in inits:
+            sizes.setdefault(node.input[1], int(inits[node.input[0]].dims[0]))
+    return sizes
+
+
+def parity_feeds(model_path: str | Path, batch: int = 3, seq: int = 24, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded int64 inputs for a BERT-style graph: ids inside the embedding tables, padding in the mask."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    sizes = _vocab_sizes(model)
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in model.graph.input:
+        name = inp.name
+        if name == "attention_mask" or "mask" in name:
+            mask = np.ones((batch, seq), np.int64)
+            for row in range(1, batch):
+                mask[row, seq - row * (seq // (batch + 1)):] = 0
+            feeds[name] = mask
+        else:
+            feeds[name] = rng.integers(0, max(1, min(sizes.get(name, 2), 30000)), (batch, seq), dtype=np.int64)
+    return feeds
+
+
+def fp16_parity(fp32_path: str | Path, fp16_path: str | Path, feeds: dict[str, np.ndarray] | None = None,
+                atol: float = FP16_PARITY_ATOL, rtol: float = FP16_PARITY_RTOL) -> dict:
+    """Run both graphs in ONNX Runtime (CPU) and compare every output.
+
+    Returns:
+        dict: ``max_abs_diff``, ``max_rel_excess`` (max of ``|d| - atol - rtol*|ref|``, <= 0 passes),
+        ``argmax_agreement`` (for 2-D outputs), ``atol``, ``rtol``, ``inputs`` and ``ok``.
+    """
+    import onnxruntime as ort
+
+    feeds = feeds if feeds is not None else parity_feeds(fp32_path)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    ref_sess = ort.InferenceSession(str(fp32_path), options, providers=["CPUExecutionProvider"])
+    new_sess = ort.InferenceSession(str(fp16_path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in ref_sess.get_outputs()]
+    ref = ref_sess.run(names, feeds)
+    new = new_sess.run(names, feeds)
+    max_abs, excess, agree = 0.0, -np.inf, None
+    for a, b in zip(ref, new):
+        a = np.asarray(a, np.float64)
+        b = np.asarray(b, np.float64)
+        if not np.all(np.isfinite(b)):
+            return {"max_abs_diff": float("inf"), "ok": False, "atol": atol, "rtol": rtol,
+                    "inputs": _describe(feeds), "error": "non-finite FP16 output"}
+        diff = np.abs(a - b)
+        max_abs = max(max_abs, float(diff.max(initial=0.0)))
+        excess = max(excess, float((diff - atol - rtol * np.abs(a)).max(initial=-np.inf)))
+        if a.ndim == 2 and a.shape[1] > 1:
+            agree = float(np.mean(a.argmax(1) == b.argmax(1)))
+    return {"max_abs_diff": max_abs, "max_rel_excess": excess, "argmax_agreement": agree, "atol": atol,
+            "rtol": rtol, "inputs": _describe(feeds), "ok": bool(excess <= 0.0)}
+
+
+def _describe(feeds: dict[str, np.ndarray]) -> str:
+    shapes = {k: list(v.shape) for k, v in feeds.items()}
+    return f"seeded random ids with padding, shapes {shapes}"
+
+
+def convert_to_fp16(source: str | Path, target: str | Path | None = None,
+                    keep_fp32_ops: list[str] | tuple[str, ...] = ("LayerNormalization", "Softmax"),
+                    *, check_parity: bool = True, force: bool = False) -> Fp16Conversion:
+    """Write the FP16 version of ``source`` (idempotent, atomic) and check it against the FP32 graph in ORT.
+
+    Skips the work when ``<target>.json`` records the same source hash, op list and converter version and
+    the target file still has the recorded hash.
+
+    Raises:
+        ExportError: the source cannot be read, or the converted graph fails the ONNX checker.
+    """
+    from nxm_deploy.engine.stage import file_lock
+
+    source = Path(source)
+    target = Path(target) if target is not None else fp16_path_for(source)
+    with file_lock(target.with_name(f".{target.name}.lock")):  # concurrent builds of one run convert once
+        return _convert_locked(source, target, list(keep_fp32_ops), check_parity, force)
+
+
+def _convert_locked(source: Path, target: Path, keep: list[str], check_parity: bool, force: bool) -> Fp16Conversion:
+    import onnx
+    import onnxruntime
+
+    record_path = target.with_suffix(".json")
+    source_sha = sha256_file(source)
+    if not force and record_path.is_file() and target.is_file():
+        try:
+            old = read_json(record_path)
+            if (old.get("source_sha256") == source_sha and old.get("keep_fp32_ops_requested") == keep
+                    and old.get("converter_version") == CONVERTER_VERSION and old.get("sha256") == sha256_file(target)
+                    and (not check_parity or (old.get("parity") or {}).get("ok") is not None)):
+                old.pop("keep_fp32_ops_requested", None)
+                return Fp16Conversion(**{**old, "reused": True})
+        except (OSError, ValueError, TypeError):
+            pass
+    start = time.perf_counter()
+    try:
+        model = onnx.load(str(source))
+    except Exception as exc:
+        raise ExportError(f"Cannot read {source} for FP16 conversion: {type(exc).__name__}: {exc}") from exc
+    model, fp32_nodes, ops = convert_model_to_fp16(model, keep)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        if model.ByteSize() > _EXTERNAL_DATA_BYTES:
+            onnx.save(model, str(tmp), save_as_external_data=True, location=target.name + ".data")
+        else:
+            onnx.save(model, str(tmp))
+        onnx.checker.check_model(str(tmp))
+        os.replace(tmp, target)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"FP16 conversion of {source} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    del model
+    parity = fp16_parity(source, target) if check_parity else {"ok": None, "skipped": True}
+    casts = sum(1 for n in onnx.load(str(target), load_external_data=False).graph.node if n.op_type == "Cast")
+    result = Fp16Conversion(
+        file=target.name, sha256=sha256_file(target), source=source.name, source_sha256=source_sha,
+        keep_fp32_ops=ops, fp32_nodes=fp32_nodes, cast_nodes=casts, parity=parity,
+        converter=f"onnxruntime.transformers.float16 (onnxruntime {onnxruntime.__version__})",
+        seconds=round(time.perf_counter() - start, 3),
+    )
+    atomic_write_json(record_path, {**result.to_dict(), "keep_fp32_ops_requested": keep})
+    if parity.get("ok") is False:
+        log.warning("FP16 graph %s differs from %s beyond tolerance: %s", target.name, source.name, parity)
+    return result

@@ -1,0 +1,281 @@
+"""Engine stage and the build-engine command on a CPU machine: FP16 graph + ONNX Runtime parity, profile
+from the run's recipe, skipped records in a pipeline run, exit codes (3 here: no TensorRT / GPU), engine
+naming, manifest and the up-to-date decision. Nothing here imports or imitates TensorRT."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nxm_deploy._io import read_json, sha256_file
+from nxm_deploy.engine.spec import EngineSpec
+from nxm_deploy.engine.stage import (
+    EXIT_BAD_INPUT, EXIT_NO_ENVIRONMENT, build_engine, build_engine_command, build_key, engine_paths,
+    engine_stage, make_manifest, prepare_inputs, status_record, up_to_date, update_status,
+)
+from nxm_deploy.engine.trt import GpuInfo, probe_environment, tensorrt_unavailable_reason
+from nxm_deploy.errors import ConfigError, RunDirError
+
+ROOT = Path(__file__).resolve().parents[2]
+REASON = tensorrt_unavailable_reason()
+no_trt = pytest.mark.skipif(REASON is None, reason="this machine has TensorRT and a GPU (exit 3 is for machines without)")
+
+
+def _demo_run_module():
+    spec = importlib.util.spec_from_file_location("demo_run", ROOT / "tests" / "trt" / "demo_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "demo"
+    manifest = _demo_run_module().make_run(run_dir, max_seq=48)
+    return run_dir, manifest
+
+
+def _write_spec(tmp_path, name, **fields) -> Path:
+    import yaml
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, **fields}))
+    return path
+
+
+SPARSE = dict(onnx="sparse_int8_qdq.onnx", precision="int8-qdq", sparse_weights=True,
+              batch_size={"min": 1, "opt": 4, "max": 8})
+DENSE16 = dict(onnx="dense_fp32.onnx", precision="fp16", batch_size={"min": 1, "opt": 4, "max": 8})
+
+
+# ------------------------------------------------------------------------------------------- FP16 graph
+
+
+def test_fp16_graph_matches_fp32_in_onnxruntime(run):
+    import onnx
+    import onnxruntime as ort
+
+    from nxm_deploy.engine.fp16 import FP16_PARITY_ATOL, FP16_PARITY_RTOL, convert_to_fp16, parity_feeds
+
+    run_dir, _ = run
+    src = run_dir / "onnx" / "dense_fp32.onnx"
+    result = convert_to_fp16(src)
+    target = run_dir / "onnx" / "dense_fp16.onnx"
+    assert result.file == "dense_fp16.onnx" and target.is_file() and result.parity["ok"]
+    model = onnx.load(str(target))
+    onnx.checker.check_model(model)
+    floats = {onnx.TensorProto.FLOAT: 0, onnx.TensorProto.FLOAT16: 0}
+    for init in model.graph.initializer:
+        if init.data_type in floats and len(init.dims) == 2:
+            floats[init.data_type] += 1
+    assert floats[onnx.TensorProto.FLOAT16] >= 6 and floats[onnx.TensorProto.FLOAT] == 0  # all GEMM weights FP16
+    producers = {out: n for n in model.graph.node for out in n.output}
+    for node in model.graph.node:  # LayerNorm and Softmax read FP32 (a Cast to FLOAT in front)
+        if node.op_type in ("LayerNormalization", "Softmax"):
+            cast = producers[node.input[0]]
+            assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT
+            assert node.name in result.fp32_nodes
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # logits stay FP32
+
+    # our own comparison, on other inputs than the converter's check (more padding, longer rows)
+    feeds = parity_feeds(src, batch=4, seq=40, seed=7)
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    new = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    assert new.dtype == np.float32 and np.all(np.isfinite(new))
+    np.testing.assert_allclose(new, ref, atol=FP16_PARITY_ATOL, rtol=FP16_PARITY_RTOL)
+    assert np.abs(new - ref).max() > 0  # it really is another graph
+
+    again = convert_to_fp16(src)  # idempotent: nothing rewritten
+    assert again.reused and again.sha256 == result.sha256 == sha256_file(target)
+
+
+def test_fp16_conversion_redone_when_source_changes(tmp_path, run):
+    import shutil
+
+    from nxm_deploy.engine.fp16 import convert_to_fp16
+
+    src = tmp_path / "dense_fp32.onnx"
+    shutil.copy(run[0] / "onnx" / "dense_fp32.onnx", src)
+    first = convert_to_fp16(src, check_parity=False)
+    shutil.copy(run[0] / "onnx" / "sparse_int8_qdq.onnx", src)  # another model under the same name
+    second = convert_to_fp16(src, check_parity=False)
+    assert not second.reused and second.source_sha256 != first.source_sha256
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def test_prepare_inputs_derives_profile_from_the_runs_recipe(tmp_path, run):
+    run_dir, manifest = run
+    spec = EngineSpec(**SPARSE, name="s")
+    inputs = prepare_inputs(spec, run_dir)
+    assert inputs.input_names == manifest["inputs"]
+    assert inputs.profile["input_ids"] == {"min": [1, 8], "opt": [4, 48], "max": [8, 48]}  # recipe max_seq 48
+    assert inputs.graph_onnx == inputs.source_onnx and inputs.sparse_modules == manifest["sparse_modules"]
+    assert inputs.layer_map == manifest["layer_map"]
+    dense = prepare_inputs(EngineSpec(**DENSE16, name="d"), run_dir)
+    assert dense.graph_onnx.name == "dense_fp16.onnx" and dense.fp16["parity"]["ok"]
+    assert dense.layer_map is None and dense.sparse_modules == []  # the dense export was not trained sparse
+
+    with pytest.raises(RunDirError, match="not found"):
+        prepare_inputs(EngineSpec(name="x", onnx="missing.onnx", precision="fp32"), run_dir)
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        prepare_inputs(EngineSpec(**{**SPARSE, "sequence_length": {"min": 8, "opt": 64, "max": 4096}}, name="s"), run_dir)
+    bare = tmp_path / "bare"  # an ONNX file without recipe/manifest: inputs from the graph, no 'auto'
+    (bare / "onnx").mkdir(parents=True)
+    (bare / "onnx" / "m.onnx").write_bytes((run_dir / "onnx" / "dense_fp32.onnx").read_bytes())
+    with pytest.raises(ConfigError, match="auto"):
+        prepare_inputs(EngineSpec(name="m", onnx="m.onnx", precision="fp32"), bare)
+    fixed = prepare_inputs(EngineSpec(name="m", onnx="m.onnx", precision="fp32",
+                                      sequence_length={"min": 8, "opt": 16, "max": 32}), bare)
+    assert fixed.input_names == ["input_ids", "attention_mask", "token_type_ids"]
+
+
+# ------------------------------------------------------------------------------------------- naming, manifest, idempotence
+
+
+def test_manifest_and_up_to_date_decision(tmp_path, run):
+    run_dir, _ = run
+    spec_path = _write_spec(tmp_path, "demo_sparse", **SPARSE)
+    from nxm_deploy.engine.spec import load_engine_spec
+
+    spec = load_engine_spec(spec_path)
+    inputs = prepare_inputs(spec, run_dir, spec_path)
+    gpu = GpuInfo(name="NVIDIA H100 80GB HBM3", compute_capability="9.0", driver="550.54.15",
+                  cuda_driver_api="12.4", cuda_runtime="12.4")
+    plan, manifest_path, layers = engine_paths(spec, tmp_path / "out", "10.13.0.35", gpu.sm)
+    assert plan.name == "demo_sparse__trt10.13.0.35__sm90__sparse.plan"
+    assert manifest_path.name == "demo_sparse__trt10.13.0.35__sm90__sparse.json"
+    key = build_key(inputs, "10.13.0.35", gpu.sm)
+    assert key == build_key(prepare_inputs(spec, run_dir, spec_path), "10.13.0.35", "90")  # deterministic
+    assert key != build_key(inputs, "10.14.1.48", "90") != build_key(inputs, "10.13.0.35", "89")
+
+    # The up-to-date decision only looks at files: a plan file with its recorded hash and the same key.
+    plan.parent.mkdir(parents=True)
+    plan.write_bytes(b"plan bytes as written by a build")
+    layers.write_text("{}")
+    assert up_to_date(manifest_path, plan, key) is None  # no manifest yet
+    check = {"ok": True, "summary": "6/6 GEMMs at requested precision", "errors": [], "warnings": []}
+    manifest = make_manifest(inputs, plan=plan, layers_path=layers, key=key, tensorrt_version="10.13.0.35",
+                             gpu={"name": gpu.name, "compute_capability": "9.0", "sm": gpu.sm, "driver": gpu.driver,
+                                  "cuda_driver_api": "12.4", "cuda_runtime": "12.4"},
+                             flags={"strongly_typed": True, "sparse_weights": True}, build_s=12.5,
+                             sparsity_log=[], check=check, timing_cache=tmp_path / "t.cache")
+    manifest_path.write_text(json.dumps(manifest))
+    for field in ("tensorrt", "gpu", "onnx_sha256", "spec_sha256", "flags", "profiles", "build_s", "engine_sha256"):
+        assert manifest[field] not in (None, "", [], {}), field
+    assert manifest["status"] == "built" and manifest["engine_sha256"] == sha256_file(plan)
+    assert manifest["onnx_sha256"] == sha256_file(run_dir / "onnx" / "sparse_int8_qdq.onnx")
+    assert manifest["spec_sha256"] == spec.sha256() and manifest["spec"]["file_sha256"] == sha256_file(spec_path)
+    assert manifest["profiles"] == [inputs.profile]
+    assert up_to_date(manifest_path, plan, key) == manifest
+    assert up_to_date(manifest_path, plan, build_key(inputs, "10.13.0.35", "80")) is None  # other GPU
+    plan.write_bytes(b"a different plan")  # replaced / corrupted plan
+    assert up_to_date(manifest_path, plan, key) is None
+
+    record = status_record(manifest, "built")
+    assert record["status"] == "built" and record["engine"] == plan.name and record["sm"] == "90"
+    failed = make_manifest(inputs, plan=plan, layers_path=layers, key=key, tensorrt_version="10.13.0.35",
+                           gpu=manifest["gpu"], flags={}, build_s=1.0, sparsity_log=[], timing_cache=tmp_path / "t",
+                           check={"ok": False, "errors": ["x runs FP32, the spec requests INT8"]})
+    assert failed["status"] == "check failed: x runs FP32, the spec requests INT8"
+
+
+def test_status_records_are_merged_and_read_by_the_client(tmp_path):
+    from nxm_deploy.client.artifacts import find_engine
+
+    run_dir = tmp_path / "run"
+    (run_dir / "engines").mkdir(parents=True)
+    plan = run_dir / "engines" / "a__trt10.13.0.35__sm90__sparse.plan"
+    plan.write_bytes(b"x")
+    update_status(run_dir, [{"name": "a", "status": "skipped: no GPU"}, {"name": "b", "status": "skipped: no GPU"}])
+    update_status(run_dir, [{"name": "a", "status": "built", "engine": plan.name, "onnx_sha256": "abc",
+                             "sparse_weights": True, "engine_sha256": sha256_file(plan)}])
+    records = read_json(run_dir / "engines" / "status.json")["engines"]
+    assert [(r["name"], r["status"]) for r in records] == [("b", "skipped: no GPU"), ("a", "built")]
+    found = find_engine(run_dir, "abc", prefer_sparse=True)
+    assert found is not None and found[0] == plan
+
+
+# ------------------------------------------------------------------------------------------- without TensorRT
+
+
+def test_environment_probe_is_one_line_with_install_hint():
+    env = probe_environment()
+    if env.reason is None:
+        pytest.skip("this machine has TensorRT and a GPU")
+    assert "\n" not in env.reason and "nxm-deploy[trt]" in env.reason
+    assert (env.tensorrt_error or env.gpu_error) in env.reason
+
+
+@no_trt
+def test_pipeline_stage_records_skipped_and_still_makes_the_fp16_graph(tmp_path, run):
+    run_dir, _ = run
+    specs = [_write_spec(tmp_path, "s", **SPARSE), _write_spec(tmp_path, "d", **DENSE16)]
+    status = engine_stage(run_dir, specs)
+    records = {r["name"]: r for r in status["engines"]}
+    assert set(records) >= {"s", "d"}
+    for record in records.values():
+        assert record["status"] == f"skipped: {REASON}"
+    assert records["d"]["fp16_onnx"] == "dense_fp16.onnx" and records["d"]["fp16_parity"]["ok"]
+    assert (run_dir / "onnx" / "dense_fp16.onnx").is_file()
+    assert not list((run_dir / "engines").glob("*.plan"))
+    assert build_engine(EngineSpec(**SPARSE, name="s"), run_dir)["status"].startswith("skipped: ")
+
+
+@no_trt
+def test_build_command_exits_3_with_one_line(tmp_path, run, capsys):
+    spec = _write_spec(tmp_path, "s", **SPARSE, run_dir=str(run[0]))
+    assert build_engine_command([spec]) == EXIT_NO_ENVIRONMENT
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("error: cannot build TensorRT engines here: ") and "pip install 'nxm-deploy[trt]'" in err
+    assert not list(run[0].glob("engines/*.plan"))  # nothing built, nothing half-written
+
+
+def test_build_command_bad_spec_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: e\nonnx: x.onnx\nprecision: int4\n")
+    assert build_engine_command([bad]) == EXIT_BAD_INPUT
+    assert build_engine_command([tmp_path / "missing.yaml"]) == EXIT_BAD_INPUT
+    assert build_engine_command([]) == EXIT_BAD_INPUT
+    twice = _write_spec(tmp_path, "same", **SPARSE)
+    assert build_engine_command([twice, twice]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "precision" in err and "not found" in err and "repeat" in err
+
+
+def _script_env():
+    env = dict(os.environ)
+    env["PYTHON"] = sys.executable
+    return env
+
+
+@no_trt
+def test_build_engines_script_exits_3_on_this_machine():
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "build_engines.sh")], capture_output=True, text=True,
+                          env=_script_env(), timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot build TensorRT engines here" in lines[0] and "nxm-deploy[trt]" in lines[0]
+
+
+def test_build_engines_script_rejects_a_bad_spec(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: e\nprecision: fp16\n")
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "build_engines.sh"), str(bad)], capture_output=True,
+                          text=True, env=_script_env(), timeout=120)
+    assert proc.returncode == 2 and "onnx" in proc.stderr
+
+
+def test_module_entry_point_help():
+    proc = subprocess.run([sys.executable, "-m", "nxm_deploy.engine.stage", "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    text = " ".join(proc.stdout.split())  # argparse wraps to the terminal width
+    assert proc.returncode == 0 and "exit codes: 0 built or up to date, 2 bad spec or input" in text
