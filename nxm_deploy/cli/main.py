@@ -1,7 +1,9 @@
 """``nxm-deploy``: the pipeline and its stages as commands. Errors become one line and an exit code.
 
-Exit codes: 0 success; 1 a check failed (n:m verification, mask check, engine build); 2 bad input (recipe,
-data, paths, run directory); 3 a missing optional dependency; 130 interrupted.
+Exit codes: 0 success; 1 a check failed (n:m verification, mask check); 2 bad input (recipe, data, paths,
+run directory); 3 a missing optional dependency; 130 interrupted. ``build-engine`` (a CI build, see
+:mod:`nxm_deploy.engine.stage`): 0 built or up to date; 2 bad spec or input; 3 no TensorRT or no GPU (one
+line: what is missing, how to install ``nxm-deploy[trt]``); 4 build failed; 5 post-build check failed.
 """
 
 from __future__ import annotations
@@ -53,9 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("target", help="run directory, or the recipe YAML of an existing run")
         _add_common(p)
 
-    p = sub.add_parser("build-engine", help="build TensorRT engines (skipped with a reason without TensorRT/GPU)")
-    p.add_argument("target", help="run directory, or the recipe YAML of an existing run")
+    p = sub.add_parser("build-engine", help="build TensorRT engines from engine specs (exit 3 without TensorRT/GPU)")
+    p.add_argument("target", nargs="?", default=None,
+                   help="run directory, or the recipe YAML of an existing run (default: each spec's run_dir)")
     p.add_argument("--spec", action="append", default=None, help="engine spec YAML (repeatable); default: the recipe's")
+    p.add_argument("--force", action="store_true", help="rebuild even when the engine is up to date")
+    p.add_argument("--layers", action="store_true", help="print each engine's post-build check")
     _add_common(p)
 
     p = sub.add_parser("predict", help="classify text with a run's deployed model; prints JSON lines")
@@ -170,6 +175,20 @@ def _dispatch(args) -> int:
         for stage, manifest in results.items():
             print(f"{stage}: dev {manifest['metrics']}")
         return 0
+    if args.command == "build-engine":
+        from nxm_deploy.engine.stage import build_engine_command
+
+        run_dir, specs = None, args.spec
+        if args.target is not None:
+            recipe, run_dir, _, info = _resolve(args)
+            if not specs:
+                from nxm_deploy.pipeline import resolve_spec_path
+
+                specs = info.get("engine_specs") or [resolve_spec_path(s) for s in recipe.engine.specs]
+        elif not specs:
+            raise ConfigError("build-engine needs --spec SPEC.yaml, or a run directory / recipe.",
+                              hint="e.g. nxm-deploy build-engine --spec engines/minilm_rte_sparse_int8.yaml")
+        return build_engine_command(specs, run_dir, force=args.force, show_layers=args.layers)
     recipe, run_dir, glue_dir, info = _resolve(args)
     if args.command == "export":
         from nxm_deploy.export.stage import export_stage
@@ -177,20 +196,6 @@ def _dispatch(args) -> int:
         manifest = export_stage(recipe, run_dir, glue_dir)
         check = manifest["sparsity_check"]
         print(f"exported {run_dir / 'onnx'}: {check['sparse_layers']}/{check['expected_sparse']} layers verified {manifest['pattern']}")
-        return 0
-    if args.command == "build-engine":
-        from nxm_deploy.engine.spec import load_engine_spec
-        from nxm_deploy.engine.stage import build_engine, engine_stage
-
-        if args.spec:
-            records = [build_engine(load_engine_spec(s), run_dir) for s in args.spec]
-        else:
-            from nxm_deploy.pipeline import resolve_spec_path
-
-            specs = info.get("engine_specs") or [resolve_spec_path(s) for s in recipe.engine.specs]
-            records = engine_stage(run_dir, specs)["engines"]
-        for record in records:
-            print(f"{record['name']}: {record['status']}")
         return 0
     if args.command in ("validate", "report"):
         from nxm_deploy.validate.report import build_report

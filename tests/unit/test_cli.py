@@ -199,11 +199,17 @@ def test_validate_before_export(capsys, tmp_path, tiny_recipe_dict) -> None:
 
 
 def test_build_engine_before_export(capsys, tmp_path, tiny_recipe_dict, monkeypatch) -> None:
+    from nxm_deploy.engine.trt import tensorrt_unavailable_reason
+
     monkeypatch.chdir(REPO_ROOT)  # the recipe's engine specs are relative to the repository root
     run_dir = prepare_run_dir(recipe_from_dict(tiny_recipe_dict), tmp_path / "run")
     rc, _, err = run_cli(capsys, "build-engine", str(run_dir))
-    assert rc == 2
-    assert_one_error(err, "sparse_int8_qdq.onnx", "nxm-deploy export")
+    if tensorrt_unavailable_reason() is not None:  # the machine is checked first: exit 3, one line
+        assert rc == 3
+        assert_one_error(err, "cannot build TensorRT engines here", "nxm-deploy[trt]")
+    else:
+        assert rc == 2
+        assert_one_error(err, "sparse_int8_qdq.onnx", "nxm-deploy export")
 
 
 def test_missing_engine_spec_fails_before_training(capsys, tmp_path, tiny_recipe_dict, fake_glue) -> None:
