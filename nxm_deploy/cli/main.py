@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--require-all", action="store_true", default=None,
                    help="every checked layer must hold the pattern (for files without a manifest)")
     s.add_argument("--json", action="store_true", default=None, help="print the report as JSON")
+    s = isub.add_parser("qdq", help="lint the Q/DQ nodes of an ONNX model for TensorRT (INT8 zero points, per-tensor "
+                                    "activations, per-output-channel weights); exit 1 on an error")
+    s.add_argument("model", help="ONNX file")
+    s.add_argument("--json", action="store_true", default=None, help="print the report as JSON")
     return parser
 
 
@@ -125,11 +129,15 @@ def _inspect_sparsity(args) -> int:
     layer_map, expected, pattern = None, None, args.pattern
     if manifest_path.is_file():
         manifest = read_json(manifest_path)
-        record = manifest.get("sparse_int8", {})
-        if record.get("file") == model.name or record.get("sha256") == sha256_file(model):
-            layer_map = manifest.get("layer_map")
-            expected = set(manifest.get("sparse_modules", []))
-            pattern = pattern or manifest.get("pattern")
+        digest = sha256_file(model)
+        for key, map_of in (("sparse_int8", manifest.get("layer_map")),
+                            ("cpu_int8", manifest.get("cpu_int8", {}).get("layer_map"))):
+            record = manifest.get(key, {})
+            if record.get("file") == model.name or record.get("sha256") == digest:
+                layer_map = map_of
+                expected = set(manifest.get("sparse_modules", []))
+                pattern = pattern or manifest.get("pattern")
+                break
     try:
         report = check_onnx_sparsity(model, pattern or "2:4", layer_map=layer_map, expected=expected)
     except ExportError as exc:  # unreadable file: bad input, not a failed check
@@ -149,13 +157,34 @@ def _inspect_sparsity(args) -> int:
     return 1 if failures else 0
 
 
+def _inspect_qdq(args) -> int:
+    from nxm_deploy.errors import ExportError
+    from nxm_deploy.export.qdq_lint import lint_qdq
+
+    model = Path(args.model)
+    if not model.is_file():
+        raise ConfigError(f"ONNX model {model} not found.")
+    try:
+        report = lint_qdq(model)
+    except ExportError as exc:  # unreadable file: bad input, not a failed check
+        raise ConfigError(exc.message, hint=exc.hint) from exc
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.table())
+        print(report.summary())
+    for finding in report.errors:
+        print(f"error: {finding.node}: [{finding.rule}] {finding.message}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
 def _dispatch(args) -> int:
     if args.command == "predict":
         from nxm_deploy.client.cli import predict_cli
 
         return predict_cli(args)
     if args.command == "inspect":
-        return _inspect_sparsity(args)
+        return _inspect_qdq(args) if args.what == "qdq" else _inspect_sparsity(args)
     if args.command == "run":
         from nxm_deploy.config.recipe import load_recipe
         from nxm_deploy.pipeline import run_pipeline

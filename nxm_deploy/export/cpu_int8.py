@@ -1,10 +1,13 @@
 """Turn the TensorRT-style S8S8 Q/DQ ONNX into a graph that runs fast on ONNX Runtime's CPU provider.
 
-Why: ORT CPU runs the symmetric signed-INT8 Q/DQ graph (the layout TensorRT wants) at 0.44-0.78x FP32 on
-this project's CPUs, while ``quantize_dynamic`` (``MatMulInteger``, UINT8 activations x INT8 weights) runs
-at about 1.9x (environment-notes, section 4). This module keeps the *learned* QAT scales and rewrites every
-quantized ``MatMul`` into the U8S8 integer kernel ``quantize_dynamic`` uses, minus the dynamic range
-computation.
+Why: environment-notes section 4 measured ORT CPU running symmetric signed-INT8 Q/DQ graphs (the layout
+TensorRT wants) at 0.44-0.78x FP32, while ``quantize_dynamic`` (``MatMulInteger``, UINT8 activations x INT8
+weights) ran at about 1.9x. This module keeps the *learned* QAT scales and rewrites every quantized
+``MatMul`` into the U8S8 integer kernel ``quantize_dynamic`` uses, minus the dynamic range computation, so
+the CPU artifact does not depend on which Q/DQ patterns a given ORT version fuses. (Measured with ORT
+1.31.1 on this project's MiniLM export: ORT's own QDQ transformer already turns that graph's quantized
+MatMuls into ``QuantizeLinear`` + ``MatMulIntegerToFloat`` at session creation, with logits identical to
+this module's output; the rewrite then adds the folded bias: see ``benchmarks/ort_cpu.md``.)
 
 Rewrite of one quantized layer, ``y = DQ(Q(x)) @ T(DQ(Q(W)))`` (``T``: the ``Transpose`` the TorchScript
 exporter puts after the weight DequantizeLinear of an ``nn.Linear`` on a 3-D input)::

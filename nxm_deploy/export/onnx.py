@@ -162,15 +162,38 @@ def guard_qdq(onnx_model, expected_quantized: int) -> dict:
     return {"quantize_linear": len(quant), "dequantize_linear": len(dequant), "per_channel_weight_quantizers": per_channel}
 
 
-def onnx_parity(path: str | Path, model: nn.Module, feeds: dict[str, np.ndarray]) -> float:
-    """Max |ORT logits - torch logits| on ``feeds`` (int64 arrays ``[B, L]``)."""
+def onnx_parity(path: str | Path, model: nn.Module, loader, input_names: list[str], task) -> dict:
+    """ONNX Runtime vs PyTorch on every batch of ``loader`` (real dev examples).
+
+    Args:
+        path: exported ``.onnx``; model: its PyTorch twin (fake-quant in :func:`export_mode` for INT8).
+        loader: yields dicts of int64 ``[B, L]`` tensors plus ``labels``.
+        input_names: model inputs to feed. task: registry task (for the metric).
+
+    Returns:
+        dict: ``max_abs_diff`` (logits), ``argmax_agreement`` (fraction, classification; None for regression),
+        ``metric_torch`` and ``metric_ort`` (task metrics both ways), ``examples``.
+    """
     import onnxruntime as ort
 
+    from nxm_deploy.data.metrics import compute_metrics
+
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (ort_logits,) = session.run(["logits"], feeds)
+    ort_logits, torch_logits, labels = [], [], []
     with torch.no_grad():
-        torch_logits = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
-    return float(np.abs(ort_logits - torch_logits).max())
+        for batch in loader:
+            feeds = {k: batch[k].numpy() for k in input_names}
+            ort_logits.append(session.run(["logits"], feeds)[0])
+            torch_logits.append(model(**{k: batch[k] for k in input_names}).logits.numpy())
+            labels.append(batch["labels"].numpy())
+    a, b, y = np.concatenate(ort_logits), np.concatenate(torch_logits), np.concatenate(labels)
+    return {
+        "examples": int(len(y)),
+        "max_abs_diff": float(np.abs(a - b).max()),
+        "argmax_agreement": None if a.shape[-1] == 1 else float(np.mean(a.argmax(-1) == b.argmax(-1))),
+        "metric_torch": compute_metrics(task, b, y),
+        "metric_ort": compute_metrics(task, a, y),
+    }
 
 
 def file_record(path: Path) -> dict:

@@ -44,7 +44,7 @@ logger = logging.getLogger("nxm_deploy.export")
 
 __all__ = ["LayerSparsity", "SparsityReport", "check_onnx_sparsity", "verify_onnx_sparsity"]
 
-_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1}
+_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "MatMulInteger": 1, "MatMulIntegerToFloat": 1}
 _SAME_LAYOUT_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "Identity"}
 _LAYOUT_OPS = {"Transpose", "Reshape"}
 _UNKNOWN_AXIS = -1
@@ -294,7 +294,7 @@ def _node_name(node: onnx.NodeProto, index: int) -> str:
 
 def _consumer_axis(node: onnx.NodeProto, rank: int) -> int | str:
     """Reduction axis of the weight as the consumer sees it, or a skip reason."""
-    if node.op_type == "MatMul":
+    if node.op_type in ("MatMul", "MatMulInteger", "MatMulIntegerToFloat"):
         if rank < 1:
             return "scalar weight"
         return 0 if rank == 1 else rank - 2

@@ -1,4 +1,5 @@
-"""The run report: ``report.json`` for CI and ``report.md`` for people, built from the stage manifests on disk."""
+"""The run report: ``report.json`` for CI, ``report.md`` for people and ``plots/*.png``, built from the stage
+manifests on disk (so ``nxm-deploy report`` rebuilds it without measuring anything)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,14 @@ from pathlib import Path
 
 from nxm_deploy._io import atomic_write_json, atomic_write_text, read_json
 from nxm_deploy.config.recipe import Recipe
+from nxm_deploy.validate.gates import delta_pt
+
+RUNTIMES = {
+    "onnxruntime-cpu": "ONNX Runtime CPU", "onnxruntime-cuda": "ONNX Runtime CUDA EP",
+    "onnxruntime-tensorrt": "ONNX Runtime TensorRT EP", "tensorrt": "TensorRT",
+    "pytorch-cpu": "PyTorch CPU", "pytorch-cuda": "PyTorch CUDA",
+}
+_RESERVED = {"batch_size", "sequence_length"}
 
 
 def _maybe(path: Path):
@@ -18,14 +27,41 @@ def _fmt_metrics(metrics: dict | None) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
+def _fmt_delta(value: float | None) -> str:
+    return "–" if value is None else f"{value:+.2f} pt"
+
+
 def _delta(metrics: dict | None, base: dict | None, key: str) -> str:
-    if not metrics or not base or key not in metrics or key not in base:
-        return "–"
-    return f"{100 * (metrics[key] - base[key]):+.2f} pt"
+    return _fmt_delta(delta_pt(metrics, base, key))
+
+
+def runner_label(name: str, pattern: str) -> str:
+    """Human name of a validation runner."""
+    if name.startswith("trt_"):
+        return f"TensorRT engine {name[4:]}"
+    if name.startswith("torch_"):
+        return {"torch_dense_fp32": "dense FP32 (PyTorch)", "torch_int8_fakequant": f"sparse {pattern} INT8 fake-quant (PyTorch)",
+                "torch_qat_fp32": f"sparse {pattern} QAT weights, quantizers off (PyTorch)"}.get(name, name)
+    base, _, suffix = name.partition("_cuda") if "_cuda" in name else name.partition("_trtep")
+    label = {"dense_fp32": "dense FP32 ONNX", "sparse_int8": f"sparse {pattern} INT8 Q/DQ ONNX",
+             "cpu_int8": f"sparse {pattern} INT8 CPU ONNX (U8S8 MatMulInteger)"}.get(base or name, name)
+    return label
+
+
+def _runners(validation: dict) -> dict[str, dict]:
+    """``validation["runners"]``, or labels guessed for a validation.json written before runners were recorded."""
+    runners = dict(validation.get("runners") or {})
+    for name in validation.get("metrics") or {}:
+        runners.setdefault(name, {"name": name, "backend": "onnxruntime-cpu", "sparse": name != "dense_fp32",
+                                  "precision": "fp32" if name == "dense_fp32" else "int8"})
+    return runners
 
 
 def build_report(recipe: Recipe, run_dir: str | Path) -> dict:
-    """Collect every stage's results; write ``report.json`` and ``report.md``; return the JSON dict."""
+    """Collect every stage's results; write ``report.json``, ``report.md`` and ``plots/*.png``; return the JSON."""
+    from nxm_deploy.data import get_task
+    from nxm_deploy.validate.plots import write_plots
+
     run_dir = Path(run_dir)
     dense = _maybe(run_dir / "dense" / "manifest.json")
     sparse = _maybe(run_dir / "sparse" / "manifest.json")
@@ -33,88 +69,215 @@ def build_report(recipe: Recipe, run_dir: str | Path) -> dict:
     export = _maybe(run_dir / "onnx" / "manifest.json")
     sparsity = _maybe(run_dir / "onnx" / "sparsity_report.json")
     engines = _maybe(run_dir / "engines" / "status.json")
-    validation = _maybe(run_dir / "validation.json")
-    primary = None
-    from nxm_deploy.data import get_task
-
+    validation = _maybe(run_dir / "validation.json") or {}
     task = get_task(recipe.task.name)
     primary = task.primary_metric
-    ort = (validation or {}).get("metrics", {})
+    pattern = recipe.sparsity.pattern
+    runners = _runners(validation)
+    base_torch = (dense or {}).get("metrics")
     accuracy = [
-        {"model": "dense FP32", "runtime": "PyTorch", "metrics": (dense or {}).get("metrics")},
-        {"model": f"sparse {recipe.sparsity.pattern} FP32 (ADMM + KD)", "runtime": "PyTorch", "metrics": (sparse or {}).get("metrics")},
-        {"model": f"sparse {recipe.sparsity.pattern} INT8 PTQ only", "runtime": "PyTorch fake-quant", "metrics": (qat or {}).get("ptq_metrics")},
-        {"model": f"sparse {recipe.sparsity.pattern} INT8 QAT + KD", "runtime": "PyTorch fake-quant", "metrics": (qat or {}).get("metrics")},
-        {"model": "dense FP32 ONNX", "runtime": "ONNX Runtime CPU", "metrics": ort.get("dense_fp32")},
-        {"model": f"sparse {recipe.sparsity.pattern} INT8 Q/DQ ONNX", "runtime": "ONNX Runtime CPU", "metrics": ort.get("sparse_int8")},
+        {"name": "torch_dense", "model": "dense FP32", "runtime": "PyTorch", "metrics": base_torch, "stage": "dense"},
+        {"name": "torch_admm", "model": f"sparse {pattern} FP32 (ADMM + KD)", "runtime": "PyTorch",
+         "metrics": (sparse or {}).get("metrics"), "stage": "admm"},
+        {"name": "torch_ptq", "model": f"sparse {pattern} INT8 PTQ only", "runtime": "PyTorch fake-quant",
+         "metrics": (qat or {}).get("ptq_metrics"), "stage": "qat"},
+        {"name": "torch_qat", "model": f"sparse {pattern} INT8 QAT + KD", "runtime": "PyTorch fake-quant",
+         "metrics": (qat or {}).get("metrics"), "stage": "qat"},
     ]
+    for row in accuracy:
+        row["delta_pt"] = None if row["name"] == "torch_dense" else delta_pt(row["metrics"], base_torch, primary)
+    metrics = validation.get("metrics") or {}
+    baseline = validation.get("baseline", "dense_fp32")
+    for name, values in metrics.items():
+        info = runners.get(name, {})
+        accuracy.append({"name": name, "model": runner_label(name, pattern),
+                         "runtime": RUNTIMES.get(info.get("backend"), info.get("backend", "?")), "metrics": values,
+                         "stage": "validate",
+                         "delta_pt": None if name == baseline else delta_pt(values, metrics.get(baseline), primary)})
+    labels = {name: runner_label(name, pattern) for name in runners}
+    plot_rows = [{"label": f"{r['model']} [{r['runtime']}]", "delta_pt": r["delta_pt"]} for r in accuracy]
+    plots = write_plots(run_dir, latency=validation.get("latency"), accuracy_rows=plot_rows, metric=primary,
+                        sparsity=sparsity, pattern=pattern, labels=labels, gates=validation.get("gates"))
     report = {
         "name": recipe.name, "recipe_sha256": recipe.sha256(), "model": recipe.model.source, "task": task.name,
-        "primary_metric": primary, "pattern": recipe.sparsity.pattern, "accuracy": accuracy,
+        "primary_metric": primary, "pattern": pattern, "accuracy": accuracy, "baseline": baseline,
+        "runners": runners, "skipped": validation.get("skipped"),
         "sparsity_check": (export or {}).get("sparsity_check"), "parity": (export or {}).get("parity"),
-        "latency": (validation or {}).get("latency"), "machine": (validation or {}).get("machine"),
-        "runtime": (validation or {}).get("runtime"), "engines": (engines or {}).get("engines"),
+        "latency": validation.get("latency"), "latency_method": validation.get("latency_method"),
+        "machine": validation.get("machine"), "runtime": validation.get("runtime"),
+        "diff": validation.get("diff"), "gates": validation.get("gates"), "plots": plots,
+        "engines": (engines or {}).get("engines"),
         "admm_history": (sparse or {}).get("admm_history"), "admm_epoch_metrics": (sparse or {}).get("epoch_metrics"),
         "stages_done": {k: v is not None for k, v in
-                        {"dense": dense, "admm": sparse, "qat": qat, "export": export, "engines": engines, "validate": validation}.items()},
+                        {"dense": dense, "admm": sparse, "qat": qat, "export": export, "engines": engines,
+                         "validate": validation or None}.items()},
     }
     atomic_write_json(run_dir / "report.json", report)
-    atomic_write_text(run_dir / "report.md", _markdown(report, sparsity, dense))
+    atomic_write_text(run_dir / "report.md", _markdown(report, sparsity))
     return report
 
 
-def _markdown(report: dict, sparsity: dict | None, dense: dict | None) -> str:
-    primary = report["primary_metric"]
-    base = report["accuracy"][0]["metrics"]
-    ort_base = report["accuracy"][4]["metrics"]
+def _gate_word(gate: dict | None) -> str:
+    if not gate or not gate.get("enabled"):
+        return "not set"
+    return "PASSED" if gate.get("passed") else "FAILED"
+
+
+def _summary(report: dict) -> list[str]:
+    primary, pattern = report["primary_metric"], report["pattern"]
+    lines = []
+    val_rows = [r for r in report["accuracy"] if r["stage"] == "validate" and r["metrics"]]
+    base = next((r for r in val_rows if r["name"] == report["baseline"]), None)
+    if base:
+        others = [f"{r['model']} {r['metrics'][primary]:.4f} ({_fmt_delta(r['delta_pt'])}, {r['runtime']})"
+                  for r in val_rows if r is not base]
+        lines.append(f"- Dev {primary} (full dev set): {base['model']} {base['metrics'][primary]:.4f}"
+                     + (f"; {'; '.join(others)}" if others else "") + ".")
+    check = report.get("sparsity_check")
+    if check:
+        lines.append(f"- Exported graph: {check['sparse_layers']} of {check['expected_sparse']} trained layers verified "
+                     f"{pattern} ({'OK' if check['ok'] else 'FAILED'}).")
+    runners = report.get("runners") or {}
+    for row in report.get("latency") or []:
+        parts = []
+        for name, s in row.items():
+            if name in _RESERVED or not isinstance(s, dict):
+                continue
+            text = f"{runner_label(name, pattern)} {s['p50_ms']:.1f} ms"
+            if s.get("speedup") is not None and s.get("baseline") not in (None, name):
+                text += f" ({s['speedup']:.2f}×, p10–p90 {s['speedup_p10']:.2f}–{s['speedup_p90']:.2f})"
+            parts.append(text)
+        backends = sorted({RUNTIMES.get(runners.get(n, {}).get("backend"), "?") for n in row if n not in _RESERVED})
+        lines.append(f"- Latency p50 b{row['batch_size']}×s{row['sequence_length']} ({', '.join(backends)}): "
+                     + "; ".join(parts) + ".")
+    diff = report.get("diff")
+    if diff:
+        gated = [c for c in diff["comparisons"] if c["gated"]]
+        ok = sum(c["passed"] for c in gated)
+        int8 = diff["tolerances"].get("int8", {})
+        info = next((c for c in diff["comparisons"] if c["reference"] == "dense_fp32" and c["candidate"] == "sparse_int8"), None)
+        lines.append(f"- Output diff (Polygraphy, {diff['inputs']}): {ok} of {len(gated)} checked pairs within tolerance "
+                     f"(INT8 atol {int8.get('atol', float('nan')):.3g}, derived from the fake-quant reference)"
+                     + (f"; dense vs sparse INT8 argmax agreement {100 * info['argmax_agreement']:.1f}%"
+                        if info and info.get("argmax_agreement") is not None else "") + ".")
+    gates = report.get("gates")
+    if gates:
+        acc, lat = gates.get("accuracy", {}), gates.get("latency", {})
+        lines.append(f"- Gates: accuracy drop ≤ {acc.get('threshold')} pt: {_gate_word(acc)}; "
+                     f"speedup ≥ {lat.get('threshold')}×: {_gate_word(lat)}; "
+                     f"output diff: {_gate_word(gates.get('diff'))}.")
+    for eng in report.get("engines") or []:
+        lines.append(f"- TensorRT engine `{eng['name']}`: {eng['status'].rstrip('.')}.")
+    for skip in report.get("skipped") or []:
+        lines.append(f"- Not validated: `{skip['name']}`: {skip['reason'].rstrip('.')}.")
+    if report.get("plots"):
+        lines.append("- Plots: " + ", ".join(f"[{k}]({v})" for k, v in report["plots"].items()) + ".")
+    return lines
+
+
+def _markdown(report: dict, sparsity: dict | None) -> str:
+    primary, pattern = report["primary_metric"], report["pattern"]
+    plots = report.get("plots") or {}
+    runners = report.get("runners") or {}
     lines = [
         f"# nxm-deploy report: {report['name']}", "",
-        f"Model `{report['model']}`, task **{report['task']}**, pattern **{report['pattern']}** "
+        f"Model `{report['model']}`, task **{report['task']}**, pattern **{pattern}** "
         f"(n nonzeros kept in every m consecutive weights along the input axis).", "",
     ]
     if report.get("machine"):
         lines += [f"Machine: {report['machine']}; runtime: {report['runtime']}.", ""]
-    lines += ["## Summary", ""]
-    acc = {row["model"]: row["metrics"] for row in report["accuracy"]}
-    ort_sparse = report["accuracy"][5]["metrics"]
-    if ort_base and ort_sparse:
-        lines.append(f"- Dev {primary}: dense FP32 {ort_base[primary]:.4f}, sparse INT8 {ort_sparse[primary]:.4f} "
-                     f"({_delta(ort_sparse, ort_base, primary)}) on ONNX Runtime.")
-    check = report.get("sparsity_check")
-    if check:
-        lines.append(f"- Exported graph: {check['sparse_layers']} of {check['expected_sparse']} trained layers verified "
-                     f"{report['pattern']} ({'OK' if check['ok'] else 'FAILED'}).")
-    for row in report.get("latency") or []:
-        s = row["sparse_int8"]
-        lines.append(f"- Latency b{row['batch_size']}×s{row['sequence_length']}: dense {row['dense_fp32']['p50_ms']:.1f} ms, "
-                     f"sparse INT8 {s['p50_ms']:.1f} ms (speedup {s['speedup_vs_dense_fp32']:.2f}×, ORT CPU).")
-    for eng in report.get("engines") or []:
-        lines.append(f"- TensorRT engine `{eng['name']}`: {eng['status'].rstrip('.')}.")
-    lines += ["", "## Accuracy (dev set)", "", f"| model | runtime | metrics | Δ {primary} vs dense |", "|---|---|---|---|"]
-    for i, row in enumerate(report["accuracy"]):
-        ref = ort_base if i >= 4 else base
-        lines.append(f"| {row['model']} | {row['runtime']} | {_fmt_metrics(row['metrics'])} | {_delta(row['metrics'], ref, primary) if i not in (0, 4) else '–'} |")
+    lines += ["## Summary", "", *_summary(report)]
+
+    lines += ["", "## Accuracy (dev set)", "",
+              "Training-stage rows are PyTorch evaluations (Δ vs the PyTorch dense model); validation rows are every "
+              "deployable model on the full dev set in this process (Δ vs the dense FP32 ONNX model).", "",
+              f"| model | runtime | metrics | Δ {primary} vs dense |", "|---|---|---|---|"]
+    for row in report["accuracy"]:
+        lines.append(f"| {row['model']} | {row['runtime']} | {_fmt_metrics(row['metrics'])} | {_fmt_delta(row['delta_pt'])} |")
     if report.get("admm_epoch_metrics"):
         lines += ["", "ADMM hard-projected dev score per epoch: " +
                   "; ".join(f"{m['after']}: {m.get(primary, float('nan')):.4f}" for m in report["admm_epoch_metrics"])]
+    if "accuracy" in plots:
+        lines += ["", f"![Δ dev {primary} vs dense]({plots['accuracy']})"]
+
     if report.get("latency"):
-        lines += ["", "## Latency (ONNX Runtime CPU, A/B interleaved in one process)", "",
-                  "| batch × seq | model | p50 ms | p90 ms | p99 ms | seq/s | speedup vs dense (p10–p90) |", "|---|---|---|---|---|---|---|"]
+        method = report.get("latency_method") or {}
+        lines += ["", "## Latency (A/B interleaved in one process)", "",
+                  f"{method.get('warmup_runs', '?')} warm-up rounds, {method.get('timed_runs', '?')} timed rounds; in "
+                  "round i every model runs once, in an order rotated by i, so machine drift hits all models alike. "
+                  "Speedup = ratio of p50s against the dense model of the same backend; p10–p90 = spread of the "
+                  "per-round ratios.", "",
+                  "| batch × seq | model | runtime | p50 ms | p90 ms | p99 ms | seq/s | speedup vs dense (p10–p90) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in report["latency"]:
-            for name in ("dense_fp32", "sparse_int8"):
-                s = row[name]
-                lines.append(f"| {row['batch_size']}×{row['sequence_length']} | {name} | {s['p50_ms']:.2f} | {s['p90_ms']:.2f} | "
-                             f"{s['p99_ms']:.2f} | {s['throughput_seq_per_s']:.1f} | {s['speedup_vs_dense_fp32']:.2f}× "
-                             f"({s['speedup_p10']:.2f}–{s['speedup_p90']:.2f}) |")
-        lines += ["", "ONNX Runtime's CPU kernels do not exploit 2:4 sparsity: any CPU speedup here comes from its INT8 "
-                  "kernels alone. The 2:4 speedup belongs to the TensorRT engines (sparse tensor cores)."]
+            for name, s in row.items():
+                if name in _RESERVED or not isinstance(s, dict):
+                    continue
+                speed = "–" if s.get("speedup") is None else \
+                    f"{s['speedup']:.2f}× ({s['speedup_p10']:.2f}–{s['speedup_p90']:.2f})"
+                lines.append(f"| {row['batch_size']}×{row['sequence_length']} | {runner_label(name, pattern)} | "
+                             f"{RUNTIMES.get(runners.get(name, {}).get('backend'), '?')} | {s['p50_ms']:.2f} | "
+                             f"{s['p90_ms']:.2f} | {s['p99_ms']:.2f} | {s['throughput_seq_per_s']:.1f} | {speed} |")
+        if any(r.get("backend") == "onnxruntime-cpu" for r in runners.values()):
+            lines += ["", "ONNX Runtime's CPU kernels do not use 2:4 sparsity: a CPU speedup comes from INT8 kernels "
+                      "alone. The 2:4 speedup belongs to the TensorRT engines (sparse tensor cores)."]
+        for key in ("latency", "speedup"):
+            if key in plots:
+                lines += ["", f"![{key}]({plots[key]})"]
+
+    diff = report.get("diff")
+    if diff:
+        lines += ["", "## Output diff (Polygraphy Comparator)", "", f"Inputs: {diff['inputs']}.", ""]
+        for key, tol in diff["tolerances"].items():
+            extra = ""
+            if key == "int8" and tol.get("observed_impl_max_abs_diff") is not None:
+                q = tol.get("quantization_max_abs_diff")
+                extra = (f" Observed max |ORT INT8 − fake-quant| {tol['observed_impl_max_abs_diff']:.3g}"
+                         + (f", INT8 perturbation max |fake-quant − FP32| {q:.3g}" if q is not None else "")
+                         + f"; limited by the {tol.get('limited_by')}.")
+            lines.append(f"- `{key}`: atol {tol['atol']:.3g}, rtol {tol['rtol']:g} — {tol['rule']}.{extra}")
+        lines += ["", "| reference | candidate | tolerance | atol | max \\|Δ\\| | mean \\|Δ\\| | argmax agree | batches passed | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for c in diff["comparisons"]:
+            verdict = ("PASS" if c["passed"] else "FAIL") if c["gated"] else "info"
+            agree = "–" if c.get("argmax_agreement") is None else f"{100 * c['argmax_agreement']:.1f}%"
+            lines.append(f"| {c['reference']} | {c['candidate']} | {c['tolerance']} | {c['atol']:.3g} | "
+                         f"{c['max_abs_diff']:.3g} | {c['mean_abs_diff']:.3g} | {agree} | "
+                         f"{c['iterations_passed']}/{c['iterations']} | {verdict} |")
+        commands = [c for c in diff["comparisons"] if c.get("command")]
+        if commands:
+            lines += ["", "Re-run a comparison by hand (saved Polygraphy inputs/outputs; exit 0 = within tolerance):", "", "```"]
+            for c in commands:
+                lines.append(c["command"])
+            lines.append("```")
+            verified = [c for c in commands if "cli_exit_code" in c]
+            for c in verified:
+                lines.append(f"\n`polygraphy run` for {c['candidate']} was re-run here: exit {c['cli_exit_code']} "
+                             f"({'agrees' if c.get('cli_agrees') else 'DISAGREES'} with the in-process comparison).")
     if report.get("parity"):
         p = report["parity"]
-        lines += ["", f"ORT vs PyTorch parity: dense max |Δlogit| {p['dense_max_abs_diff']:.2e} (atol {p['dense_atol']}), "
+        lines += ["", f"Export-time ORT vs PyTorch parity: dense max |Δlogit| {p['dense_max_abs_diff']:.2e} (atol {p['dense_atol']}), "
                   f"INT8 {p['int8_max_abs_diff']:.2e} (atol {p['int8_atol']}) — {'OK' if p['ok'] else 'OUTSIDE TOLERANCE'}."]
+
+    gates = report.get("gates")
+    if gates:
+        lines += ["", "## Gates", "", "| gate | threshold | check | value | result |", "|---|---|---|---|---|"]
+        for c in gates["accuracy"]["checks"]:
+            lines.append(f"| accuracy | max drop {gates['accuracy']['threshold']} pt | {c['model']} | "
+                         f"{_fmt_delta(c['delta_pt'])} | {('PASS' if c['passed'] else 'FAIL') if gates['accuracy']['enabled'] else 'not set'} |")
+        for c in gates["latency"]["checks"]:
+            lines.append(f"| speedup | min {gates['latency']['threshold']}× | b{c['batch_size']}×s{c['sequence_length']} "
+                         f"{c['backend']}: best {c['model']} | {c['speedup']:.2f}× | "
+                         f"{('PASS' if c['passed'] else 'FAIL') if gates['latency']['enabled'] else 'not set'} |")
+        for c in gates["diff"]["checks"]:
+            lines.append(f"| output diff | atol {c['atol']:.3g} | {c['candidate']} vs {c['reference']} | "
+                         f"{c['max_abs_diff']:.3g} | {('PASS' if c['passed'] else 'FAIL') if gates['diff']['enabled'] else 'not set'} |")
+
     if sparsity:
-        lines += ["", f"## Per-layer {report['pattern']} check of the exported INT8 graph", "",
-                  "| module | trained n:m | initializer | shape | axis | groups | violating | density | status |",
+        lines += ["", f"## Per-layer {pattern} check of the exported INT8 graph", ""]
+        if "sparsity" in plots:
+            lines += [f"![per-layer density]({plots['sparsity']})", ""]
+        lines += ["| module | trained n:m | initializer | shape | axis | groups | violating | density | status |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for row in sparsity["layers"]:
             lines.append(f"| {row.get('module') or row['node']} | {'yes' if row['expected_sparse'] else 'no'} | {row['initializer']} | "

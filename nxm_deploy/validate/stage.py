@@ -1,7 +1,24 @@
-"""Validation stage: dev-set metric and A/B latency of the dense FP32 and sparse INT8 ONNX models with ONNX Runtime."""
+"""Validation stage: every model of a run on the same dev set, latency grid and diff inputs, in one process.
+
+Runners (:mod:`nxm_deploy.validate.runners`, all Polygraphy runners):
+
+* ONNX Runtime CPU: ``dense_fp32``, ``sparse_int8`` (Q/DQ) and, when the export wrote it, ``cpu_int8``
+  (``onnx/manifest.json`` key ``cpu_int8``);
+* ONNX Runtime CUDA / TensorRT execution providers when ``onnxruntime-gpu`` is installed and a GPU is visible
+  (``<model>_cuda``, ``<model>_trtep``);
+* TensorRT engines recorded as built in ``engines/status.json`` (``trt_<engine name>``), checked against this
+  machine from their manifests before loading;
+* PyTorch (``torch_dense_fp32``, ``torch_int8_fakequant`` and ``torch_qat_fp32``): output diff only.
+
+Steps: task metric on the full dev set per runner (deltas against ``dense_fp32``); output diff with Polygraphy
+(:mod:`nxm_deploy.validate.diff`); interleaved latency on the recipe's (batch, seq) grid
+(:mod:`nxm_deploy.validate.latency`); CI gates (:mod:`nxm_deploy.validate.gates`). Writes ``validation.json`` and
+``diff/``; on a failed gate it also writes the report, then raises.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -11,19 +28,26 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from nxm_deploy._io import atomic_write_json, read_json
-from nxm_deploy.client.onnxruntime import OrtRunner
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.data import get_task, load_task_split, make_dataloader, resolve_glue_dir
 from nxm_deploy.data.loader import encode_fixed
 from nxm_deploy.data.metrics import compute_metrics
 from nxm_deploy.errors import RunDirError
 from nxm_deploy.export.onnx import DENSE_ONNX, SPARSE_ONNX
-from nxm_deploy.models import load_saved_model
+from nxm_deploy.validate.diff import DEFAULT_TOLERANCE_FACTOR, DIFF_DIR, make_feeds, run_diff
+from nxm_deploy.validate.errors import ValidationError
+from nxm_deploy.validate.gates import delta_pt, evaluate_gates, gate_settings, raise_for_gates
 from nxm_deploy.validate.latency import measure_ab
+from nxm_deploy.validate.runners import OnnxRuntimeRunner, TorchRunner, check_io, ort_gpu_backends, quantizers_disabled
 
 log = logging.getLogger("nxm_deploy.validate")
 
-DENSE, SPARSE = "dense_fp32", "sparse_int8"
+DENSE, SPARSE, CPU_INT8 = "dense_fp32", "sparse_int8", "cpu_int8"
+#: files the CPU INT8 model may have when the export manifest does not name it
+CPU_INT8_CANDIDATES = ("sparse_int8_cpu.onnx", "model.cpu_int8.onnx")
+#: validate-section settings read with getattr (recipes that predate them get these defaults)
+SETTING_DEFAULTS = {"diff_examples": 32, "diff_batch_size": 8, "diff_tolerance_factor": DEFAULT_TOLERANCE_FACTOR}
+MIN_TIMED_RUNS = 20
 
 
 def machine_line() -> str:
@@ -31,60 +55,244 @@ def machine_line() -> str:
     return f"{platform.system()} {platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def _dev_metric(runner: OrtRunner, loader, task, names) -> tuple[dict, np.ndarray]:
-    logits, labels = [], []
-    for batch in tqdm(loader, desc=f"dev set {runner.name}", unit="batch", leave=False):
-        labels.append(batch["labels"].numpy())
-        logits.append(runner.infer({k: batch[k].numpy() for k in names})["logits"])
-    logits = np.concatenate(logits)
-    return compute_metrics(task, logits, np.concatenate(labels)), logits
+def settings_of(recipe: Recipe) -> dict:
+    vcfg = recipe.validate_
+    return {k: getattr(vcfg, k, default) for k, default in SETTING_DEFAULTS.items()}
+
+
+def onnx_models(run_dir: Path, manifest: dict) -> dict[str, dict]:
+    """name -> ``{"path", "precision", "sparse"}`` of the run's ONNX models (``cpu_int8`` only when present).
+
+    Raises:
+        RunDirError: a model the manifest names is missing.
+    """
+    onnx_dir = run_dir / "onnx"
+    models = {
+        DENSE: {"path": onnx_dir / (manifest.get("dense") or {}).get("file", DENSE_ONNX), "precision": "fp32", "sparse": False},
+        SPARSE: {"path": onnx_dir / (manifest.get("sparse_int8") or {}).get("file", SPARSE_ONNX), "precision": "int8", "sparse": True},
+    }
+    cpu_file = (manifest.get(CPU_INT8) or {}).get("file")
+    if cpu_file:
+        models[CPU_INT8] = {"path": onnx_dir / cpu_file, "precision": "int8", "sparse": True}
+    else:
+        for candidate in CPU_INT8_CANDIDATES:
+            if (onnx_dir / candidate).is_file():
+                models[CPU_INT8] = {"path": onnx_dir / candidate, "precision": "int8", "sparse": True}
+                break
+    for name, info in models.items():
+        if not info["path"].is_file():
+            raise RunDirError(f"ONNX model {name} ({info['path']}) named by {onnx_dir / 'manifest.json'} is missing.",
+                              hint=f"Re-run `nxm-deploy export {run_dir}`.")
+    return models
+
+
+def _gpu_visible() -> bool:
+    try:
+        from nxm_deploy.engine.trt import probe_gpu
+
+        return probe_gpu()[0] is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def make_runners(run_dir: Path, manifest: dict, grid: list[tuple[int, int]], threads: int | None) -> tuple[dict, list[dict]]:
+    """All non-PyTorch runners (inactive) and the ``skipped`` list (name, reason)."""
+    from nxm_deploy.validate.engines import engine_runners
+
+    models = onnx_models(run_dir, manifest)
+    runners = {name: OnnxRuntimeRunner(m["path"], name, intra_op_threads=threads, precision=m["precision"],
+                                       sparse=m["sparse"]) for name, m in models.items()}
+    skipped = []
+    backends = ort_gpu_backends()
+    if backends and _gpu_visible():
+        suffix = {"onnxruntime-cuda": "cuda", "onnxruntime-tensorrt": "trtep"}
+        for backend in backends:
+            for name, m in models.items():
+                if name == CPU_INT8:  # the CPU-specific integer graph
+                    continue
+                runners[f"{name}_{suffix[backend]}"] = OnnxRuntimeRunner(
+                    m["path"], f"{name}_{suffix[backend]}", backend=backend, precision=m["precision"], sparse=m["sparse"])
+    elif backends:
+        skipped.append({"name": "onnxruntime GPU providers", "reason": "onnxruntime-gpu is installed but no GPU is visible"})
+    engines, engine_skips = engine_runners(run_dir, grid)
+    runners.update(engines)
+    skipped += engine_skips
+    return runners, skipped
+
+
+def fit_to_profile(feed: dict[str, np.ndarray], lo: tuple[int, int] | None, hi: tuple[int, int] | None) -> list[tuple[dict, int]]:
+    """Split/pad a ``[B, L]`` feed into pieces an engine profile ``lo..hi`` accepts: ``[(feed, rows to keep)]``.
+
+    Sequences shorter than ``lo[1]`` are right-padded with 0 (pad token, attention mask 0); batches larger than
+    ``hi[0]`` are split; a piece smaller than ``lo[0]`` is padded by repeating its last row (dropped afterwards).
+
+    Raises:
+        ValidationError: sequences longer than the profile allows.
+    """
+    if lo is None or hi is None:
+        return [(feed, int(next(iter(feed.values())).shape[0]))]
+    B, L = next(iter(feed.values())).shape
+    if L > hi[1]:
+        raise ValidationError(f"Inputs of {L} tokens exceed the engine profile's sequence maximum {hi[1]}.",
+                              hint="Build the engine with sequence_length max >= the recipe's task.max_seq_length.")
+    if L < lo[1]:
+        feed = {k: np.pad(v, ((0, 0), (0, lo[1] - L))) for k, v in feed.items()}
+    pieces = []
+    for start in range(0, B, hi[0]):
+        part = {k: v[start:start + hi[0]] for k, v in feed.items()}
+        keep = next(iter(part.values())).shape[0]
+        if keep < lo[0]:
+            part = {k: np.concatenate([v, np.repeat(v[-1:], lo[0] - keep, axis=0)]) for k, v in part.items()}
+        pieces.append((part, keep))
+    return pieces
+
+
+def predict(runner, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """Logits of ``runner`` over ``batches`` (fitted to an engine's profile where the runner has one)."""
+    lo, hi = getattr(runner, "min_shape", None), getattr(runner, "max_shape", None)
+    out = []
+    for feed in tqdm(batches, desc=f"dev set {runner.name}", unit="batch", leave=False):
+        for part, keep in fit_to_profile(feed, lo, hi):
+            out.append(np.asarray(runner.infer(part)["logits"])[:keep])
+    return np.concatenate(out)
+
+
+def _torch_runners(run_dir: Path, names: list[str]) -> dict:
+    from nxm_deploy.models import load_saved_model
+    from nxm_deploy.training.stage import load_qat_model
+
+    dense, _ = load_saved_model(run_dir / "dense")
+    qat, _, _ = load_qat_model(run_dir)
+    return {
+        "torch_dense_fp32": TorchRunner(dense, "torch_dense_fp32", names, source=run_dir / "dense"),
+        "torch_int8_fakequant": TorchRunner(qat, "torch_int8_fakequant", names, precision="int8", sparse=True,
+                                            source=run_dir / "qat"),
+        "torch_qat_fp32": TorchRunner(qat, "torch_qat_fp32", names, context=quantizers_disabled, sparse=True,
+                                      source=run_dir / "qat"),
+    }
+
+
+def latency_baselines(runners: dict) -> dict[str, str | None]:
+    """Each runner's baseline: the first dense runner of its backend (None when the backend has none)."""
+    dense_of: dict[str, str] = {}
+    for name, r in runners.items():
+        if not r.sparse and r.backend not in dense_of:
+            dense_of[r.backend] = name
+    return {name: dense_of.get(r.backend) for name, r in runners.items()}
 
 
 def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = None) -> dict:
-    """Measure both ONNX models in one process; writes ``validation.json``.
+    """Validate every model of a run; writes ``validation.json`` (and ``diff/``) and returns its content.
 
     Raises:
-        RunDirError: the export stage has not run.
+        RunDirError: the export stage has not run. DataError: the task's dev data is missing.
+        ValidationError: models with different input names / label counts, an engine for another GPU or
+            TensorRT version, a latency grid point outside an engine's profile.
+        AccuracyRegressionError / LatencyRegressionError / OutputMismatchError: a gate of the recipe failed
+            (``validation.json`` and the report are written first).
     """
     import onnxruntime as ort
+    from transformers import AutoTokenizer
 
     run_dir = Path(run_dir)
     onnx_dir = run_dir / "onnx"
     if not (onnx_dir / "manifest.json").is_file():
         raise RunDirError(f"No exported models in {onnx_dir}.", hint=f"Run `nxm-deploy export {run_dir}` first.")
-    export_manifest = read_json(onnx_dir / "manifest.json")
-    names = export_manifest["inputs"]
+    manifest = read_json(onnx_dir / "manifest.json")
+    names = list(manifest["inputs"])
     task = get_task(recipe.task.name)
-    _, tokenizer = load_saved_model(run_dir / "dense")
-    dev = load_task_split(task, "dev", resolve_glue_dir(glue_dir or recipe.task.glue_dir), recipe.task.max_eval_examples)
-    loader = make_dataloader(tokenizer, dev, batch_size=32, max_seq_length=recipe.task.max_seq_length, shuffle=False,
-                             group_by_length=True)
     vcfg = recipe.validate_
-    runners = {
-        DENSE: OrtRunner(onnx_dir / DENSE_ONNX, intra_op_threads=vcfg.intra_op_threads, name=DENSE),
-        SPARSE: OrtRunner(onnx_dir / SPARSE_ONNX, intra_op_threads=vcfg.intra_op_threads, name=SPARSE),
-    }
-    for runner in runners.values():
-        runner.activate()
-    try:
-        accuracy, logits = {}, {}
+    settings = settings_of(recipe)
+    grid = [(int(b), int(s)) for b, s in vcfg.latency_shapes]
+    if vcfg.timed_runs < MIN_TIMED_RUNS:
+        log.warning("validate.timed_runs=%d: fewer than %d timed runs give unstable p90/p99", vcfg.timed_runs, MIN_TIMED_RUNS)
+    dev = load_task_split(task, "dev", resolve_glue_dir(glue_dir or recipe.task.glue_dir), recipe.task.max_eval_examples)
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "dense"))
+    max_len = recipe.task.max_seq_length
+    loader = make_dataloader(tokenizer, dev, batch_size=32, max_seq_length=max_len, shuffle=False, group_by_length=True)
+    batches, labels = [], []
+    for batch in loader:
+        labels.append(batch["labels"].numpy())
+        batches.append({k: batch[k].numpy() for k in names if k in batch})
+    labels = np.concatenate(labels)
+
+    runners, skipped = make_runners(run_dir, manifest, grid, vcfg.intra_op_threads)
+    probe = {k: v for k, v in encode_fixed(tokenizer, dev, max_len, 1).items() if k in names}
+    with contextlib.ExitStack() as stack:
+        active = {}
         for name, runner in runners.items():
-            accuracy[name], logits[name] = _dev_metric(runner, loader, task, names)
-            log.info("%-12s dev %s", name, accuracy[name])
-        agreement = float(np.mean(logits[DENSE].argmax(-1) == logits[SPARSE].argmax(-1))) if not task.is_regression else None
+            try:
+                runner.activate()
+            except ValidationError as exc:
+                if runner.backend.startswith("onnxruntime-") and runner.backend != "onnxruntime-cpu":
+                    skipped.append({"name": name, "reason": exc.message})
+                    continue
+                raise
+            stack.callback(runner.deactivate)
+            check_io(runner, names, task.num_labels, probe)
+            active[name] = runner
+        for name, runner in active.items():
+            if getattr(runner, "max_shape", None) is not None:  # engine: the profile as deserialized
+                from nxm_deploy.validate.engines import check_grid_in_profile
+
+                check_grid_in_profile(grid, runner.min_shape, runner.max_shape, name)
+
+        # 1. task metric on the full dev set
+        accuracy, logits = {}, {}
+        for name, runner in active.items():
+            logits[name] = predict(runner, batches)
+            accuracy[name] = compute_metrics(task, logits[name], labels)
+            log.info("%-24s dev %s", name, accuracy[name])
+        agreement = None if task.is_regression else {
+            name: float(np.mean(logits[DENSE].argmax(-1) == value.argmax(-1))) for name, value in logits.items()}
+
+        # 2. output diff (PyTorch joins here only)
+        diff_len, diff_batch = max_len, int(settings["diff_batch_size"])
+        for runner in active.values():
+            if getattr(runner, "max_shape", None) is not None:
+                diff_batch = max(min(diff_batch, runner.max_shape[0]), runner.min_shape[0])
+                diff_len = min(max(diff_len, runner.min_shape[1]), runner.max_shape[1])
+        feeds = make_feeds(tokenizer, dev, names, int(settings["diff_examples"]), diff_batch, diff_len)
+        torch_runners = _torch_runners(run_dir, names)
+        with contextlib.ExitStack() as torch_stack:
+            for runner in torch_runners.values():
+                runner.activate()
+                torch_stack.callback(runner.deactivate)
+            diff = run_diff({**torch_runners, **active}, feeds, run_dir / DIFF_DIR, run_dir,
+                            factor=float(settings["diff_tolerance_factor"]))
+        del torch_runners
+
+        # 3. latency: every runner interleaved, per grid point
+        baselines = latency_baselines(active)
         latency = []
-        for batch, seq in tqdm(vcfg.latency_shapes, desc="latency A/B", unit="shape"):
-            feeds = {k: v for k, v in encode_fixed(tokenizer, dev, seq, batch).items() if k in names}
-            stats = measure_ab(runners, feeds, vcfg.warmup_runs, vcfg.timed_runs, baseline=DENSE)
+        for batch, seq in tqdm(grid, desc="latency A/B", unit="shape"):
+            feed = {k: v for k, v in encode_fixed(tokenizer, dev, seq, batch).items() if k in names}
+            stats = measure_ab(active, feed, vcfg.warmup_runs, vcfg.timed_runs, baseline=DENSE, baselines=baselines)
             latency.append({"batch_size": batch, "sequence_length": seq, **stats})
-    finally:
-        for runner in runners.values():
-            runner.deactivate()
+
+    primary = task.primary_metric
+    described = {name: {**r.describe(), **({"source": str(Path(r.source).relative_to(run_dir))}
+                                           if r.source and Path(r.source).is_relative_to(run_dir) else {})}
+                 for name, r in {**active}.items()}
     result = {
-        "stage": "validate", "recipe_sha256": recipe.sha256(), "task": task.name, "dev_examples": len(dev),
-        "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider", "machine": machine_line(),
-        "intra_op_threads": runners[DENSE].intra_op_threads, "metrics": accuracy,
-        "prediction_agreement": agreement, "latency": latency,
+        "stage": "validate", "recipe_sha256": recipe.sha256(), "task": task.name, "primary_metric": primary,
+        "dev_examples": len(dev), "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+        "machine": machine_line(), "intra_op_threads": active[DENSE].intra_op_threads, "baseline": DENSE,
+        "runners": described, "skipped": skipped, "metrics": accuracy,
+        "metric_deltas_pt": {name: delta_pt(m, accuracy[DENSE], primary) for name, m in accuracy.items()},
+        "prediction_agreement": None if agreement is None else agreement.get(SPARSE),
+        "agreement_with_dense": agreement,
+        "latency_method": {"warmup_runs": vcfg.warmup_runs, "timed_runs": vcfg.timed_runs, "interleaved": True,
+                           "percentiles": "numpy linear", "baselines": baselines,
+                           "timer": "host wall clock per infer(); GPU runners include their device synchronization"},
+        "latency": latency, "diff": diff,
     }
+    result["gates"] = evaluate_gates(gate_settings(vcfg), metrics=accuracy, baseline=DENSE, primary=primary,
+                                     latency=latency, runners=described, diff=diff)
     atomic_write_json(run_dir / "validation.json", result)
+    if not result["gates"]["passed"]:
+        from nxm_deploy.validate.report import build_report
+
+        build_report(recipe, run_dir)
+        raise_for_gates(result["gates"], report=str(run_dir / "report.md"))
     return result

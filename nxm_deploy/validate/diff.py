@@ -1,0 +1,313 @@
+"""Output diffing with Polygraphy on the same real inputs, with INT8-aware tolerances.
+
+Every runner (PyTorch, ONNX Runtime, TensorRT) is run on the same fixed-shape batches of real dev examples;
+the outputs become one Polygraphy ``RunResults`` and :meth:`polygraphy.comparator.Comparator.compare_accuracy`
+checks each pair with ``SimpleCompareFunc(atol, rtol, check_error_stat="elemwise")`` (an element fails when
+``|a - b| > atol`` and ``|a - b| > rtol * |b|``; with ``rtol = 0`` only ``atol`` counts).
+
+Inputs and every runner's outputs are saved in Polygraphy's JSON format under ``<run>/diff/`` (``inputs.json``,
+``outputs_<runner>.json``), so each comparison can be re-run by hand, e.g. ::
+
+    cd runs/NAME && polygraphy run onnx/sparse_int8_qdq.onnx --onnxrt --load-inputs diff/inputs.json \\
+        --load-outputs diff/outputs_torch_int8_fakequant.json --atol 0.0123 --rtol 0 --check-error-stat elemwise
+
+Tolerances (not Polygraphy's 1e-5 defaults):
+
+* FP32 vs FP32 on CPU (PyTorch vs ONNX Runtime dense): ``atol`` :data:`FP32_ATOL`.
+* reduced-precision float on a GPU (TF32 / FP16: ORT CUDA, TensorRT dense): ``atol`` :data:`GPU_FLOAT_ATOL`.
+* INT8 (:func:`int8_tolerance`), derived from the fake-quant reference on a *calibration* subset (the first
+  half of the diff batches)::
+
+      d = max |ORT_int8 - torch_fakequant|      observed implementation noise (rounding-tie flips, sum order)
+      q = max |torch_fakequant - torch_qat_fp32| the INT8 perturbation itself (same weights, quantizers off)
+      atol_int8 = clamp(k * d, lo=INT8_ATOL_FLOOR, hi=max(INT8_ATOL_FLOOR, q / 2)),  rtol = 0
+
+  ``k`` is ``validate.diff_tolerance_factor`` (default 4): the held-out batches may see a few more rounding
+  flips than the calibration half. The upper bound keeps a broken INT8 graph from calibrating its own
+  tolerance: an implementation that differs from its reference by half of the whole quantization effect is
+  not the same INT8 model. The floor keeps bit-identical implementations from getting a zero tolerance.
+
+The dense-vs-sparse comparison is reported (max |Δlogit|, argmax agreement) but never gated: they are
+different models.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("nxm_deploy.validate")
+
+FP32_ATOL = 1e-3
+GPU_FLOAT_ATOL = 5e-2
+INT8_ATOL_FLOOR = 1e-3
+DEFAULT_TOLERANCE_FACTOR = 4.0
+DIFF_DIR = "diff"
+INPUTS_FILE = "inputs.json"
+
+
+def outputs_file(runner_name: str) -> str:
+    return f"outputs_{runner_name}.json"
+
+
+@dataclass
+class Comparison:
+    """One pair to compare: ``candidate`` against ``reference`` with a named tolerance."""
+
+    reference: str
+    candidate: str
+    tolerance: str  # key into the tolerances dict: "fp32", "gpu_float", "int8"
+    gated: bool = True
+    why: str = ""
+
+
+def int8_tolerance(fakequant: list[np.ndarray], ort_int8: list[np.ndarray], qat_fp32: list[np.ndarray] | None,
+                   factor: float = DEFAULT_TOLERANCE_FACTOR, floor: float = INT8_ATOL_FLOOR) -> dict:
+    """The INT8 tolerance rule of this module's docstring, on calibration batches (lists of ``[B, C]`` logits).
+
+    Returns:
+        dict: ``atol``, ``rtol`` (0), ``observed_impl_max_abs_diff`` (d), ``quantization_max_abs_diff`` (q, None
+        without ``qat_fp32``), ``factor``, ``floor``, ``cap``, ``limited_by`` (``factor``/``floor``/``cap``) and
+        ``rule`` (one line).
+    """
+    d = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) for a, b in zip(ort_int8, fakequant))
+    q = None
+    if qat_fp32 is not None:
+        q = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) for a, b in zip(fakequant, qat_fp32))
+    cap = max(floor, q / 2) if q is not None else float("inf")
+    raw = factor * d
+    atol = min(max(raw, floor), cap)
+    limited_by = "cap" if raw > cap else "floor" if raw < floor else "factor"
+    return {
+        "atol": float(atol), "rtol": 0.0, "observed_impl_max_abs_diff": d, "quantization_max_abs_diff": q,
+        "factor": factor, "floor": floor, "cap": None if cap == float("inf") else float(cap), "limited_by": limited_by,
+        "rule": f"atol = clamp({factor:g} x max|ORT INT8 - torch fake-quant|, {floor:g}, max({floor:g}, "
+                "max|torch fake-quant - torch QAT FP32| / 2)) on the calibration batches, rtol = 0",
+    }
+
+
+def make_feeds(tokenizer, examples, input_names: list[str], n_examples: int, batch_size: int,
+               seq_len: int) -> list[dict[str, np.ndarray]]:
+    """Fixed-shape ``[batch_size, seq_len]`` int64 batches of the first ``n_examples`` real examples (padded to
+    ``seq_len``; the last batch is filled by cycling from the start so every batch has the same shape)."""
+    n = min(int(n_examples), len(examples))
+    if n < 1:
+        return []
+    batches = max(1, -(-n // batch_size))
+    feeds = []
+    for b in range(batches):
+        idx = [(b * batch_size + i) % n for i in range(batch_size)]
+        texts_a = [examples.texts_a[i] for i in idx]
+        texts_b = [examples.texts_b[i] for i in idx] if examples.texts_b is not None else None
+        enc = tokenizer(texts_a, texts_b, truncation=True, max_length=seq_len, padding="max_length")
+        feeds.append({k: np.asarray(enc[k], dtype=np.int64).reshape(batch_size, seq_len)
+                      for k in input_names if k in enc})
+    return feeds
+
+
+def collect_outputs(runners: dict, feeds: list[dict[str, np.ndarray]]):
+    """Run every active runner on every feed; Polygraphy ``RunResults`` (one entry per runner, in order)."""
+    from polygraphy.comparator import IterationResult, RunResults
+
+    results = RunResults()
+    for name, runner in runners.items():
+        iterations = []
+        for feed in feeds:
+            out = runner.infer(feed)
+            iterations.append(IterationResult(outputs={"logits": np.array(out["logits"], dtype=np.float32, copy=True)},
+                                              runtime=runner.last_inference_s, runner_name=name))
+        results.append((name, iterations))
+    return results
+
+
+def logits_of(results, name: str) -> list[np.ndarray]:
+    return [np.asarray(it["logits"]) for it in results[name]]
+
+
+def compare(results, reference: str, candidate: str, atol: float, rtol: float) -> dict:
+    """Polygraphy comparison of ``candidate`` against ``reference`` (elementwise, ``atol``/``rtol``).
+
+    Returns:
+        dict: ``passed``, ``iterations``, ``iterations_passed``, ``max_abs_diff``, ``mean_abs_diff``,
+        ``max_rel_diff``, ``argmax_agreement``.
+    """
+    from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    pair = RunResults()
+    pair.append((reference, results[reference]))
+    pair.append((candidate, results[candidate]))
+    func = SimpleCompareFunc(atol=float(atol), rtol=float(rtol), check_error_stat="elemwise")
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        accuracy = Comparator.compare_accuracy(pair, comparisons=[(0, 1)], compare_func=func)
+    per_iteration = list(accuracy[0].values())[0]
+    passed_iterations = [all(bool(r) for r in it.values()) for it in per_iteration]
+    stats = [it["logits"] for it in per_iteration]
+    ref, cand = logits_of(results, reference), logits_of(results, candidate)
+    agree = float(np.mean(np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(ref, cand)]))) \
+        if ref and ref[0].ndim == 2 and ref[0].shape[1] > 1 else None
+    return {
+        "passed": bool(accuracy) and all(passed_iterations),
+        "iterations": len(per_iteration), "iterations_passed": int(sum(passed_iterations)),
+        "max_abs_diff": float(max(s.max_absdiff for s in stats)),
+        "mean_abs_diff": float(np.mean([s.mean_absdiff for s in stats])),
+        "max_rel_diff": float(max(s.max_reldiff for s in stats)),
+        "argmax_agreement": agree,
+    }
+
+
+def save_polygraphy_files(out_dir: Path, feeds: list[dict[str, np.ndarray]], results) -> dict[str, str]:
+    """``inputs.json`` (Polygraphy's ``--save-inputs`` format: a JSON list of feed dicts) and one
+    ``outputs_<runner>.json`` ``RunResults`` per runner. Returns runner name -> file name (plus ``inputs``)."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import save_json
+    from polygraphy.logger import G_LOGGER
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"inputs": INPUTS_FILE}
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        save_json(feeds, str(out_dir / INPUTS_FILE), description="diff inputs")
+        for name, iterations in results.items():
+            one = RunResults()
+            one.append((name, iterations))
+            one.save(str(out_dir / outputs_file(name)))
+            files[name] = outputs_file(name)
+    return files
+
+
+def polygraphy_argv(model: str, backend: str, reference_outputs: str, atol: float, rtol: float,
+                    inputs: str = f"{DIFF_DIR}/{INPUTS_FILE}") -> list[str] | None:
+    """``polygraphy run`` arguments that re-run a comparison by hand (paths relative to the run directory),
+    or None for a backend Polygraphy's CLI cannot run on its own (PyTorch)."""
+    if backend == "onnxruntime-cpu":
+        runner = ["--onnxrt"]
+    elif backend == "onnxruntime-cuda":
+        runner = ["--onnxrt", "--providers", "cuda"]
+    elif backend == "onnxruntime-tensorrt":
+        runner = ["--onnxrt", "--providers", "tensorrt", "cuda"]
+    elif backend == "tensorrt":
+        runner = ["--trt", "--model-type", "engine"]
+    else:
+        return None
+    return ["polygraphy", "run", model, *runner, "--load-inputs", inputs, "--load-outputs", reference_outputs,
+            "--atol", f"{atol:.6g}", "--rtol", f"{rtol:.6g}", "--check-error-stat", "elemwise"]
+
+
+def format_command(argv: list[str], cwd: str | Path | None = None) -> str:
+    text = " ".join(shlex.quote(a) for a in argv)
+    return f"cd {shlex.quote(str(cwd))} && {text}" if cwd else text
+
+
+def polygraphy_executable() -> str:
+    """The ``polygraphy`` script of this Python environment (next to ``sys.executable``), else ``polygraphy``."""
+    candidate = Path(sys.executable).with_name("polygraphy")
+    return str(candidate) if candidate.is_file() else "polygraphy"
+
+
+def run_polygraphy(argv: list[str], cwd: str | Path, timeout: float = 300) -> tuple[int, str]:
+    """Run a ``polygraphy run`` argv (its first word replaced by this environment's script); ``(rc, output tail)``."""
+    argv = [polygraphy_executable(), *argv[1:]]
+    proc = subprocess.run(argv, cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+    return proc.returncode, tail
+
+
+def default_comparisons(runners: dict) -> list[Comparison]:
+    """Which pairs to compare, from the runners' labels (see the module docstring)."""
+    names = set(runners)
+    comps: list[Comparison] = []
+
+    def add(ref, cand, tol, gated=True, why=""):
+        if ref in names and cand in names and ref != cand:
+            comps.append(Comparison(ref, cand, tol, gated, why))
+
+    add("torch_dense_fp32", "dense_fp32", "fp32", why="PyTorch FP32 vs its ONNX export")
+    add("torch_int8_fakequant", "sparse_int8", "int8", why="fake-quant reference vs the Q/DQ export")
+    add("torch_int8_fakequant", "torch_qat_fp32", "int8", gated=False,
+        why="INT8 perturbation itself (same QAT weights, quantizers off): bounds the INT8 tolerance")
+    for name, runner in runners.items():
+        if name in ("dense_fp32", "sparse_int8") or name.startswith("torch_"):
+            continue
+        if runner.precision == "int8":
+            add("sparse_int8", name, "int8", why=f"INT8 on {runner.backend} vs the ORT CPU Q/DQ reference")
+        else:
+            tol = "fp32" if runner.backend == "onnxruntime-cpu" else "gpu_float"
+            add("dense_fp32", name, tol, why=f"dense on {runner.backend} vs ORT CPU FP32")
+    add("dense_fp32", "sparse_int8", "int8", gated=False, why="dense FP32 vs sparse INT8: different models, reported only")
+    return comps
+
+
+def run_diff(runners: dict, feeds: list[dict[str, np.ndarray]], out_dir: str | Path, run_dir: str | Path,
+             *, factor: float = DEFAULT_TOLERANCE_FACTOR, comparisons: list[Comparison] | None = None,
+             verify_cli: int = 1) -> dict:
+    """Run, compare and save. ``runners``: name -> active runner (labels: ``backend``, ``precision``, ``source``).
+
+    Args:
+        out_dir: where ``inputs.json`` / ``outputs_*.json`` go (normally ``<run_dir>/diff``).
+        run_dir: commands are written relative to it.
+        factor: ``k`` of the INT8 rule.
+        verify_cli: re-run this many of the printed ONNX Runtime CPU commands with the ``polygraphy`` CLI and
+            record the exit code (0 = the hand-run command reproduces the in-process verdict).
+
+    Returns:
+        dict: ``inputs`` (description), ``tolerances``, ``comparisons`` (one dict per pair: reference, candidate,
+        tolerance, atol, rtol, gated, why, the stats of :func:`compare`, ``command``), ``files``, ``ok`` (every
+        gated comparison passed).
+    """
+    out_dir, run_dir = Path(out_dir).resolve(), Path(run_dir).resolve()
+    results = collect_outputs(runners, feeds)
+    n_cal = max(1, (len(feeds) + 1) // 2)
+    tolerances = {
+        "fp32": {"atol": FP32_ATOL, "rtol": 0.0, "rule": "FP32 vs FP32 on CPU: summation order only"},
+        "gpu_float": {"atol": GPU_FLOAT_ATOL, "rtol": 0.0, "rule": "TF32/FP16 GPU kernels vs FP32"},
+    }
+    if "torch_int8_fakequant" in runners and "sparse_int8" in runners:
+        cal = slice(0, n_cal)
+        int8 = int8_tolerance(
+            logits_of(results, "torch_int8_fakequant")[cal], logits_of(results, "sparse_int8")[cal],
+            logits_of(results, "torch_qat_fp32")[cal] if "torch_qat_fp32" in runners else None, factor=factor,
+        )
+        int8["calibration_batches"] = n_cal
+    else:
+        from nxm_deploy.export.stage import INT8_PARITY_ATOL
+
+        int8 = {"atol": INT8_PARITY_ATOL, "rtol": 0.0, "rule": "no fake-quant reference: the export parity bound"}
+    tolerances["int8"] = int8
+    files = save_polygraphy_files(out_dir, feeds, results)
+    rel_dir = out_dir.relative_to(run_dir) if out_dir.is_relative_to(run_dir) else out_dir
+    rows, verified = [], 0
+    for comp in comparisons if comparisons is not None else default_comparisons(runners):
+        tol = tolerances[comp.tolerance]
+        row = {"reference": comp.reference, "candidate": comp.candidate, "tolerance": comp.tolerance,
+               "atol": tol["atol"], "rtol": tol["rtol"], "gated": comp.gated, "why": comp.why,
+               **compare(results, comp.reference, comp.candidate, tol["atol"], tol["rtol"])}
+        cand = runners[comp.candidate]
+        argv = None
+        if comp.gated and cand.source:
+            src = Path(cand.source).resolve()
+            model = src.relative_to(run_dir) if src.is_relative_to(run_dir) else src
+            argv = polygraphy_argv(str(model), cand.backend, f"{rel_dir}/{outputs_file(comp.reference)}",
+                                   tol["atol"], tol["rtol"], inputs=f"{rel_dir}/{INPUTS_FILE}")
+        row["command"] = format_command(argv, run_dir) if argv else None
+        if argv and cand.backend == "onnxruntime-cpu" and verified < verify_cli:
+            rc, tail = run_polygraphy(argv, run_dir)
+            row["cli_exit_code"] = rc
+            row["cli_agrees"] = (rc == 0) == row["passed"]
+            if not row["cli_agrees"]:
+                log.warning("polygraphy CLI verdict (exit %s) differs from the in-process comparison: %s", rc, tail)
+            verified += 1
+        rows.append(row)
+    n, b = len(feeds), (int(next(iter(feeds[0].values())).shape[0]) if feeds else 0)
+    L = int(next(iter(feeds[0].values())).shape[1]) if feeds else 0
+    return {
+        "inputs": f"{n} batches of {b} real dev examples padded to {L} tokens (first {n_cal} calibrate the INT8 tolerance)",
+        "batches": n, "batch_size": b, "sequence_length": L, "runners": list(runners), "tolerances": tolerances,
+        "comparisons": rows, "files": {k: f"{rel_dir}/{v}" for k, v in files.items()},
+        "ok": all(r["passed"] for r in rows if r["gated"]),
+    }

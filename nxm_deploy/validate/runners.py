@@ -1,0 +1,330 @@
+"""Runners behind one interface: Polygraphy's :class:`~polygraphy.backend.base.BaseRunner`.
+
+Every runner is a context manager (``activate``/``deactivate``), takes ``infer(feed_dict)`` with integer token
+arrays ``[B, L]`` keyed by input name and returns ``{"logits": float32 [B, C]}``; ``last_inference_s`` is the
+time of the last call in seconds. Because they are Polygraphy runners, :class:`polygraphy.comparator.Comparator`
+runs and compares them directly.
+
+* :class:`OnnxRuntimeRunner` - Polygraphy's own ``OnnxrtRunner`` (session built here with the thread settings
+  and execution providers: CPU, or CUDA / TensorRT when ``onnxruntime-gpu`` is installed). ORT copies outputs
+  to the host inside ``run``, so the measured time includes the device synchronization.
+* :class:`TensorRTRunner` - wraps :class:`nxm_deploy.engine.trt_runtime.TrtEngineRunner` (whose ``infer``
+  ends with ``cudaStreamSynchronize``: the wall time covers H2D copy, execution and D2H copy).
+* :class:`TorchRunner` - a Hugging Face sequence classifier (Polygraphy's ``PytRunner`` hard-codes ``.cuda()``
+  and returns a tuple from ``infer_impl``, so it cannot run on CPU); on CUDA it times with CUDA events.
+
+Every runner carries what the report needs to label it: ``backend`` (``onnxruntime-cpu``,
+``onnxruntime-cuda``, ``onnxruntime-tensorrt``, ``tensorrt``, ``pytorch-cpu``/``pytorch-cuda``), ``precision``
+(``fp32``, ``fp16``, ``int8``), ``sparse`` and ``source`` (the file it runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner
+from polygraphy.common import TensorMetadata
+
+from nxm_deploy.errors import ConfigError
+from nxm_deploy.validate.errors import ValidationError
+
+log = logging.getLogger("nxm_deploy.validate")
+
+#: ONNX Runtime execution providers per backend label (the CPU provider is always appended as fallback).
+ORT_BACKENDS = {
+    "onnxruntime-cpu": ["CPUExecutionProvider"],
+    "onnxruntime-cuda": ["CUDAExecutionProvider"],
+    "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+}
+
+
+class _Labelled:
+    """What every runner of this module adds to Polygraphy's ``BaseRunner``: labels and a checked ``infer``."""
+
+    backend: str = "?"
+    precision: str = "fp32"
+    sparse: bool = False
+    source: str | None = None
+
+    def _set_labels(self, backend: str, precision: str, sparse: bool, source) -> None:
+        self.backend, self.precision, self.sparse = backend, precision, bool(sparse)
+        self.source = None if source is None else str(source)
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.backend in ("onnxruntime-cpu", "pytorch-cpu") else "cuda"
+
+    @property
+    def input_names(self) -> list[str]:
+        """Input names of the active model."""
+        return list(self.get_input_metadata(use_numpy_dtypes=False).keys())
+
+    @property
+    def last_inference_s(self) -> float:
+        """Seconds taken by the last ``infer`` call."""
+        return float(self.last_inference_time())
+
+    def describe(self) -> dict:
+        return {"name": self.name, "backend": self.backend, "precision": self.precision, "sparse": self.sparse,
+                "source": self.source}
+
+    def infer(self, feed_dict, check_inputs: bool = True, *args, **kwargs):
+        """Run one batch; extra entries of ``feed_dict`` are ignored.
+
+        Raises:
+            ValidationError: an input of the model is missing, or not an integer ``[B, L]`` array.
+        """
+        if not self.is_active:
+            raise ConfigError(f"Runner {self.name} is not active: use it as a context manager.")
+        feeds = OrderedDict()
+        for name in self.input_names:
+            if name not in feed_dict:
+                raise ValidationError(
+                    f"Runner {self.name}: model input '{name}' missing from the feed (got {sorted(feed_dict)}).",
+                    hint="All models of a run must take the same inputs (the export manifest's `inputs`).",
+                )
+            array = np.asarray(feed_dict[name])
+            if array.dtype.kind not in "iu" or array.ndim != 2:
+                raise ValidationError(f"Runner {self.name}: input '{name}' must be integer [B, L] token ids, "
+                                      f"got {array.dtype} {array.shape}.")
+            feeds[name] = array.astype(np.int64, copy=False)
+        return super().infer(feeds, False, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- ONNX Runtime
+
+
+def _ort_session(path: Path, providers: list[str], intra_op_threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+class OnnxRuntimeRunner(_Labelled, OnnxrtRunner):
+    """Polygraphy's ``OnnxrtRunner`` on a session made with our thread settings and providers.
+
+    Args:
+        path: ``.onnx`` file.
+        name: label used in reports (a key of ``validation.json``).
+        backend: a key of :data:`ORT_BACKENDS`.
+        intra_op_threads: ORT intra-op threads (default: all cores).
+        precision / sparse: labels.
+
+    Raises:
+        ConfigError: the file is missing or the backend unknown.
+        ValidationError (on activate): a GPU backend whose provider ONNX Runtime did not load.
+    """
+
+    def __init__(self, path: str | Path, name: str, *, backend: str = "onnxruntime-cpu",
+                 intra_op_threads: int | None = None, precision: str = "fp32", sparse: bool = False):
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"ONNX model {path} not found.")
+        if backend not in ORT_BACKENDS:
+            raise ConfigError(f"Unknown ONNX Runtime backend {backend!r}; known: {sorted(ORT_BACKENDS)}.")
+        self.path = path
+        self.providers = [*ORT_BACKENDS[backend], "CPUExecutionProvider"] if backend != "onnxruntime-cpu" \
+            else list(ORT_BACKENDS[backend])
+        self.intra_op_threads = intra_op_threads or os.cpu_count() or 1
+        OnnxrtRunner.__init__(self, functools.partial(_ort_session, path, self.providers, self.intra_op_threads),
+                              name=name)
+        self._set_labels(backend, precision, sparse, path)
+
+    def activate_impl(self):
+        self.sess = self._sess()  # what OnnxrtRunner.activate_impl does, plus the provider check
+        wanted = self.providers[0]
+        if wanted not in self.sess.get_providers():
+            used = self.sess.get_providers()
+            del self.sess
+            raise ValidationError(f"Runner {self.name}: ONNX Runtime did not load {wanted} (session uses {used}).",
+                                  hint="Install onnxruntime-gpu matching this machine's CUDA, or drop the backend.")
+
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.sess.get_outputs()]
+
+    def static_num_labels(self) -> int | None:
+        """The logits' class dimension when the graph fixes it, else None."""
+        for out in self.sess.get_outputs():
+            if out.name == "logits" and len(out.shape) == 2 and isinstance(out.shape[1], int):
+                return int(out.shape[1])
+        return None
+
+
+def ort_gpu_backends() -> list[str]:
+    """The GPU backends of :data:`ORT_BACKENDS` whose provider this ONNX Runtime build offers (``onnxruntime-gpu``)."""
+    try:
+        import onnxruntime as ort
+
+        available = set(ort.get_available_providers())
+    except Exception:  # noqa: BLE001 - no ORT: no GPU backend
+        return []
+    return [b for b, providers in ORT_BACKENDS.items() if b != "onnxruntime-cpu" and providers[0] in available]
+
+
+# --------------------------------------------------------------------------------------------- TensorRT
+
+
+class TensorRTRunner(_Labelled, BaseRunner):
+    """A TensorRT plan run by :class:`nxm_deploy.engine.trt_runtime.TrtEngineRunner`.
+
+    ``min_shape`` / ``max_shape`` (``(B, L)`` of profile 0) are known after activation; feeding a shape outside
+    them raises ConfigError in the inner runner (check the latency grid first: :func:`check_grid_in_profile`).
+    """
+
+    def __init__(self, plan: str | Path, name: str, *, precision: str = "int8", sparse: bool = True):
+        BaseRunner.__init__(self, name=name, prefix="tensorrt-runner")
+        self.plan = Path(plan)
+        self._inner = None
+        self.min_shape: tuple[int, int] | None = None
+        self.max_shape: tuple[int, int] | None = None
+        self._set_labels("tensorrt", precision, sparse, self.plan)
+
+    def activate_impl(self):
+        from nxm_deploy.engine.trt_runtime import TrtEngineRunner
+
+        inner = TrtEngineRunner(self.plan, name=self.name)
+        inner.activate()
+        self._inner = inner
+        self.min_shape, self.max_shape = inner.min_shape, inner.max_shape
+
+    def get_input_metadata_impl(self):
+        meta = TensorMetadata()
+        for name in self._inner.input_names:
+            meta.add(name, dtype=np.int64, shape=(None, None))
+        return meta
+
+    def infer_impl(self, feed_dict):
+        start = time.perf_counter()
+        out = self._inner.infer(feed_dict)  # ends with cudaStreamSynchronize
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict(logits=out["logits"])
+
+    def deactivate_impl(self):
+        inner, self._inner = self._inner, None
+        self.min_shape = self.max_shape = None
+        if inner is not None:
+            inner.deactivate()
+
+
+# --------------------------------------------------------------------------------------------- PyTorch
+
+
+def _use_eager_attention(model) -> None:
+    """Plain MatMul/Softmax attention, as in the exported graphs."""
+    if hasattr(model, "set_attn_implementation"):
+        with contextlib.suppress(Exception):
+            model.set_attn_implementation("eager")
+            return
+    model.config._attn_implementation = "eager"
+
+
+class TorchRunner(_Labelled, BaseRunner):
+    """A Hugging Face sequence classifier (``model(**inputs).logits``) as a Polygraphy runner.
+
+    Args:
+        model: the ``nn.Module``, or a callable returning it (loaded on activation).
+        name: label.
+        input_names: the inputs to pass (the export manifest's ``inputs``).
+        device: ``"cpu"`` or ``"cuda"``; CUDA timings use CUDA events.
+        context: optional callable ``model -> context manager`` entered around each forward (e.g.
+            :func:`quantizers_disabled`), so two runners may share one model in different modes.
+    """
+
+    def __init__(self, model, name: str, input_names: list[str], *, device: str = "cpu",
+                 context: Callable | None = None, precision: str = "fp32", sparse: bool = False, source=None):
+        BaseRunner.__init__(self, name=name, prefix="pytorch-runner")
+        self._model = model
+        self._input_names = list(input_names)
+        self._device = device
+        self._context = context
+        self.model = None
+        self._set_labels(f"pytorch-{'cuda' if device.startswith('cuda') else 'cpu'}", precision, sparse, source)
+
+    def activate_impl(self):
+        model = self._model() if callable(self._model) and not hasattr(self._model, "parameters") else self._model
+        _use_eager_attention(model)
+        model.eval().to(self._device)
+        self.model = model
+
+    def get_input_metadata_impl(self):
+        meta = TensorMetadata()
+        for name in self._input_names:
+            meta.add(name, dtype=np.int64, shape=(None, None))
+        return meta
+
+    def infer_impl(self, feed_dict):
+        import torch
+
+        context = self._context(self.model) if self._context is not None else contextlib.nullcontext()
+        with torch.no_grad(), context:
+            inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self._device) for k, v in feed_dict.items()}
+            if self._device.startswith("cuda"):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                logits = self.model(**inputs).logits
+                end.record()
+                end.synchronize()
+                self.inference_time = start.elapsed_time(end) / 1e3
+            else:
+                begin = time.perf_counter()
+                logits = self.model(**inputs).logits
+                self.inference_time = time.perf_counter() - begin
+        return OrderedDict(logits=logits.detach().float().cpu().numpy())
+
+    def deactivate_impl(self):
+        self.model = None
+
+
+@contextlib.contextmanager
+def quantizers_disabled(model):
+    """Turn every fake-quant ``TensorQuantizer`` off (the QAT weights in FP32) for the duration of the block."""
+    from nxm_deploy.quantization.fake_quant import TensorQuantizer
+
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+    states = [q.enabled for q in quantizers]
+    for q in quantizers:
+        q.enabled = False
+    try:
+        yield model
+    finally:
+        for q, state in zip(quantizers, states):
+            q.enabled = state
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def check_io(runner, expected_inputs: list[str], num_labels: int, probe: dict[str, np.ndarray]) -> None:
+    """Check an active runner takes ``expected_inputs`` and returns ``[B, num_labels]`` logits on ``probe``.
+
+    Raises:
+        ValidationError: different input names, no ``logits`` output, or another label count.
+    """
+    names = runner.input_names
+    if sorted(names) != sorted(expected_inputs):
+        raise ValidationError(
+            f"Runner {runner.name} ({runner.source}) takes inputs {names}, but the run's models take {list(expected_inputs)}.",
+            hint="Validate models exported from the same run (same tokenizer and export manifest).",
+        )
+    out = runner.infer(probe)
+    if "logits" not in out:
+        raise ValidationError(f"Runner {runner.name} ({runner.source}) has outputs {list(out)}, expected 'logits'.")
+    logits = np.asarray(out["logits"])
+    if logits.ndim != 2 or logits.shape[1] != num_labels:
+        raise ValidationError(
+            f"Runner {runner.name} ({runner.source}) returns logits of shape {logits.shape}, but the task has "
+            f"{num_labels} label(s): expected [B, {num_labels}].",
+            hint="The model was trained for another task or label count; re-export it from this run.",
+        )
