@@ -37,3 +37,9 @@ def glue_dir() -> Path:
 def tiny_recipe_dict() -> dict:
     """The parsed YAML of ``recipes/tiny_smoke.yaml`` (a fresh dict per test, free to modify)."""
     return yaml.safe_load(TINY_RECIPE.read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe_dict_module() -> dict:
+    """Module-scoped twin of :func:`tiny_recipe_dict`, for module-scoped run fixtures."""
+    return yaml.safe_load(TINY_RECIPE.read_text())

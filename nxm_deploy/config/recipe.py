@@ -71,8 +71,13 @@ class DenseStageConfig(_Strict):
 
 
 class ADMMStageConfig(_Strict):
-    """ADMM n:m fine-tune with distillation from the dense model (NxMTransformer + GPUSQ-TLM workflow 1)."""
+    """n:m sparse fine-tune with distillation from the dense model (NxMTransformer + GPUSQ-TLM workflow 1).
 
+    ``method: magnitude`` is the ASP baseline in the same framework (one-shot magnitude mask + masked
+    fine-tune for ``epochs + masked_finetune_epochs``); the ADMM-only fields are then unused.
+    """
+
+    method: Literal["admm", "magnitude"] = "admm"
     epochs: float = Field(3.0, gt=0)
     learning_rate: float = Field(5e-5, gt=0)
     rho: float = Field(4e-3, gt=0)

@@ -173,8 +173,45 @@ def train_dense(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> d
     return manifest
 
 
+def _admm_phase(student, targets, data, task, recipe: Recipe, base_loss, epoch_metrics: list):
+    """ADMM W-steps (task/KD loss + rho/2 ||W - Z + U||^2), Z/U updates on schedule, hard projection.
+
+    Returns ``(masks, admm_history, train_stats)``; appends the hard-projected dev score of each epoch to
+    ``epoch_metrics`` (NxMTransformer's evaluation: the projected model, dense W restored afterwards).
+    """
+    cfg, acfg = recipe.train, recipe.train.admm
+    sparsifier = ADMMSparsifier(recipe.pattern, rho=acfg.rho, rho_factor=acfg.rho_factor, rho_max=acfg.rho_max,
+                                u_init=acfg.u_init)
+    sparsifier.prepare(student, [{"tensor_fqn": f"{name}.weight"} for name in targets])
+
+    def on_epoch_end(epoch):
+        if acfg.update_interval == "epoch":
+            log.info("ADMM Z/U update %s", sparsifier.step())
+        with sparsifier.hard_projected():
+            metrics = evaluate(student, data.dev, task)
+        epoch_metrics.append({"after": f"epoch {epoch + 1}", **metrics})
+        log.info("ADMM epoch %d hard-projected dev %s", epoch + 1, metrics)
+
+    def after_step(step):
+        if isinstance(acfg.update_interval, int) and step % acfg.update_interval == 0:
+            sparsifier.step()
+
+    stats = train_loop(
+        student, data.train, epochs=acfg.epochs, learning_rate=acfg.learning_rate, weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
+        compute_loss=_with_penalty(base_loss, sparsifier.penalty), after_step=after_step, on_epoch_end=on_epoch_end,
+        desc=f"ADMM {recipe.pattern}" + (" + KD" if acfg.distill else ""),
+    )
+    return sparsifier.squash_mask(), sparsifier.history, stats
+
+
 def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dict:
-    """ADMM n:m fine-tune (+ KD from the dense model), hard projection, masked fine-tune; writes ``sparse/``."""
+    """n:m sparse fine-tune from the dense model; writes ``sparse/``.
+
+    ``train.admm.method``: ``admm`` (NxMTransformer: ADMM + KD from the dense model, hard projection, masked
+    fine-tune) or ``magnitude`` (ASP baseline: one-shot magnitude mask, masked fine-tune for the same number of
+    epochs). Masks are enforced after every optimizer step of the masked fine-tune.
+    """
     _setup(recipe)
     read_stage_manifest(run_dir, "dense")
     task = get_task(recipe.task.name)
@@ -191,42 +228,22 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
             f"No Linear layer matches the sparsity rules {recipe.sparsity.include} (exclude {recipe.sparsity.exclude}).",
             hint="Fix sparsity.include in the recipe; `*.layer.*` selects every encoder layer.",
         )
-    sparsifier = ADMMSparsifier(pattern, rho=acfg.rho, rho_factor=acfg.rho_factor, rho_max=acfg.rho_max, u_init=acfg.u_init)
-    sparsifier.prepare(student, [{"tensor_fqn": f"{name}.weight"} for name in targets])
-
-    epoch_metrics = []
-
-    def evaluate_projected(tag):
-        with sparsifier.hard_projected():
-            metrics = evaluate(student, data.dev, task)
-        epoch_metrics.append({"after": tag, **metrics})
-        log.info("ADMM %s hard-projected dev %s", tag, metrics)
-
-    def on_epoch_end(epoch):
-        if acfg.update_interval == "epoch":
-            record = sparsifier.step()
-            log.info("ADMM Z/U update %s", record)
-        evaluate_projected(f"epoch {epoch + 1}")
-
-    def after_step(step):
-        if isinstance(acfg.update_interval, int) and step % acfg.update_interval == 0:
-            sparsifier.step()
-
-    loss_fn = _with_penalty(_kd_loss_fn(teacher, recipe) if acfg.distill else _task_loss_fn(), sparsifier.penalty)
-    stats = train_loop(
-        student, data.train, epochs=acfg.epochs, learning_rate=acfg.learning_rate, weight_decay=cfg.weight_decay,
-        warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm, compute_loss=loss_fn,
-        after_step=after_step, on_epoch_end=on_epoch_end, desc="ADMM 2:4 + KD" if str(pattern) == "2:4" else f"ADMM {pattern} + KD",
-    )
-    masks = sparsifier.squash_mask()
+    kd_or_task = _kd_loss_fn(teacher, recipe) if acfg.distill else _task_loss_fn()
+    epoch_metrics, history, stats = [], [], None
+    if acfg.method == "admm":
+        masks, history, stats = _admm_phase(student, targets, data, task, recipe, kd_or_task, epoch_metrics)
+        finetune_epochs = acfg.masked_finetune_epochs
+    else:  # "magnitude": ASP baseline -- one-shot n:m magnitude mask of the dense model, then masked fine-tune
+        masks = {f"{name}.weight": nm_mask(student.get_submodule(name).weight, pattern) for name in targets}
+        apply_masks_(student, masks)
+        finetune_epochs = acfg.epochs + acfg.masked_finetune_epochs  # the same training budget as ADMM
     projected_metrics = evaluate(student, data.dev, task)
     ft_stats = None
-    if acfg.masked_finetune_epochs > 0:
-        kd = _kd_loss_fn(teacher, recipe) if acfg.distill else _task_loss_fn()
+    if finetune_epochs > 0:
         ft_stats = train_loop(
-            student, data.train, epochs=acfg.masked_finetune_epochs, learning_rate=acfg.learning_rate,
+            student, data.train, epochs=finetune_epochs, learning_rate=acfg.learning_rate,
             weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
-            compute_loss=kd, after_step=lambda _s: apply_masks_(student, masks), desc="masked fine-tune",
+            compute_loss=kd_or_task, after_step=lambda _s: apply_masks_(student, masks), desc="masked fine-tune",
         )
     mask_check = check_masks(student, masks, pattern)
     metrics = evaluate(student, data.dev, task)
@@ -234,7 +251,7 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
     manifest = {
         "stage": "admm", "recipe_sha256": recipe.sha256(), "task": task.name, "pattern": str(pattern),
         "metrics": metrics, "metrics_after_projection": projected_metrics, "epoch_metrics": epoch_metrics,
-        "admm_history": sparsifier.history, "admm": acfg.model_dump(mode="json"), "train": stats,
+        "method": acfg.method, "admm_history": history, "admm": acfg.model_dump(mode="json"), "train": stats,
         "masked_finetune": ft_stats, "mask_check": mask_check,
         "targets": targets, "layers": [d.to_dict() for d in decisions],
     }

@@ -70,6 +70,11 @@ def plot_latency(latency: list[dict], path: Path, labels: dict[str, str] | None 
         ax.set_xlabel("batch size" + (f" (sequence length {seqs[0]})" if len(seqs) == 1 else ""))
         ax.grid(True, which="both", alpha=0.3)
     ax_lat.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    ax_lat.yaxis.set_major_formatter(ScalarFormatter())
+    ax_lat.yaxis.set_minor_formatter(ScalarFormatter())
+    ax_lat.tick_params(axis="y", which="minor", labelsize=7)
     ax_lat.set_ylabel("latency per batch, ms (p50, bar to p90)")
     ax_lat.set_title("Latency by batch size")
     ax_thr.set_ylabel("throughput, sequences/s (batch / p50)")
@@ -85,9 +90,10 @@ def plot_speedup(latency: list[dict], path: Path, min_speedup: float | None = No
     labels = labels or {}
     names = [n for n in _models(latency)
              if any(n in r and r[n].get("speedup") is not None and r[n].get("baseline") != n for r in latency)]
-    fig = _figure(max(6.0, 1.8 + 1.6 * len(latency)), 4.0)
+    fig = _figure(max(7.5, 2.0 + 1.8 * len(latency)), 4.2)
     ax = fig.subplots()
     width = 0.8 / max(1, len(names))
+    tops = [1.0, float(min_speedup or 0)]
     for m, name in enumerate(names):
         xs, ys, lo, hi = [], [], [], []
         for i, row in enumerate(latency):
@@ -100,13 +106,15 @@ def plot_speedup(latency: list[dict], path: Path, min_speedup: float | None = No
             hi.append(max(0.0, s.get("speedup_p90", s["speedup"]) - s["speedup"]))
         bars = ax.bar(xs, ys, width=width * 0.95, yerr=[lo, hi], capsize=3, color=f"C{(m + 1) % 10}",
                       label=f"{labels.get(name, name)} vs {latency[0].get(name, {}).get('baseline', 'dense')}")
-        ax.bar_label(bars, labels=[f"{y:.2f}x" for y in ys], fontsize=7, padding=2)
+        ax.bar_label(bars, labels=[f"{y:.2f}×" for y in ys], fontsize=7, padding=2)
+        tops += [y + h for y, h in zip(ys, hi)]
     ax.axhline(1.0, color="black", linewidth=1, linestyle=":")
     if min_speedup is not None:
         ax.axhline(float(min_speedup), color="red", linewidth=1.2, linestyle="--", label=f"gate: min {min_speedup}x")
     ax.set_xticks(range(len(latency)), [f"b{r['batch_size']}×s{r['sequence_length']}" for r in latency])
-    ax.set_ylabel("speedup (ratio of p50), bars p10–p90 of per-round ratios")
-    ax.set_title("Speedup over the dense baseline, measured interleaved in the same run")
+    ax.set_ylabel("speedup over dense (× , p50 ratio)")
+    ax.set_title("Speedup vs dense, same run, interleaved (error bars: p10–p90 of per-round ratios)", fontsize=10)
+    ax.set_ylim(0, max(tops) * 1.15 + 0.1)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -135,13 +143,19 @@ def plot_accuracy(rows: list[dict], metric: str, path: Path, max_drop_pt: float 
     return _save(fig, path)
 
 
+_SHORT = {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
+          "attention.output.dense": "attn_out", "intermediate.dense": "ffn1", "output.dense": "ffn2"}
+
+
 def _short(module: str) -> str:
+    """``bert.encoder.layer.3.attention.self.query`` -> ``L3.q``; ``/model/bert/pooler/dense/Gemm`` -> ``pooler``."""
     parts = module.split(".")
-    if "layer" in parts:
+    if "layer" in parts and parts.index("layer") + 1 < len(parts):
         i = parts.index("layer")
-        rest = [p for p in parts[i + 2:] if p not in ("attention", "self")]
-        return f"L{parts[i + 1]}.{'.'.join(rest)}".replace(".dense", "").replace("output", "out") or module
-    return parts[-2] if parts[-1] in ("Gemm", "MatMul") and len(parts) > 1 else parts[-1]
+        rest = ".".join(parts[i + 2:])
+        return f"L{parts[i + 1]}.{_SHORT.get(rest, rest)}"
+    words = [w for w in module.replace("/", ".").split(".") if w and w not in ("model", "bert", "dense", "Gemm", "MatMul", "weight")]
+    return words[-1] if words else module
 
 
 def plot_sparsity(sparsity: dict, path: Path, pattern: str = "2:4") -> Path:
@@ -156,15 +170,19 @@ def plot_sparsity(sparsity: dict, path: Path, pattern: str = "2:4") -> Path:
     ax.axhline(n / m, color="black", linestyle="--", linewidth=1, label=f"{pattern} density {n / m:.2f}")
     ax.set_xticks(range(len(layers)), [_short(r.get("module") or r.get("node") or "?") for r in layers],
                   rotation=90, fontsize=7)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("density (nonzero fraction of weights)")
-    ok = sum(r["status"] == "sparse" for r in layers)
-    ax.set_title(f"Per-layer density of the exported INT8 graph: {ok} of {len(layers)} layers verified {pattern}")
+    ax.set_ylim(0, 1.3)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.set_ylabel("density (nonzero fraction)")
+    expected = [r for r in layers if r.get("expected_sparse")]
+    ok = sum(r["status"] == "sparse" for r in expected)
+    ax.set_title(f"Weight density per layer of the exported INT8 graph: {ok}/{len(expected)} trained layers "
+                 f"verified {pattern}", fontsize=10)
     from matplotlib.patches import Patch
 
     handles = [Patch(color="C2", label=f"verified {pattern}"), Patch(color="C3", label=f"expected {pattern}, failed"),
                Patch(color="0.6", label="not trained sparse")]
-    ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize=8, loc="upper right")
+    line = ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles + line, fontsize=8, loc="upper center", ncol=4, frameon=False)
     return _save(fig, path)
 
 

@@ -162,10 +162,15 @@ def _summary(report: dict) -> list[str]:
                         if info and info.get("argmax_agreement") is not None else "") + ".")
     gates = report.get("gates")
     if gates:
-        acc, lat = gates.get("accuracy", {}), gates.get("latency", {})
-        lines.append(f"- Gates: accuracy drop ≤ {acc.get('threshold')} pt: {_gate_word(acc)}; "
-                     f"speedup ≥ {lat.get('threshold')}×: {_gate_word(lat)}; "
-                     f"output diff: {_gate_word(gates.get('diff'))}.")
+        words = []
+        if gates.get("accuracy", {}).get("enabled"):
+            words.append(f"accuracy drop ≤ {gates['accuracy']['threshold']} pt: {_gate_word(gates['accuracy'])}")
+        if gates.get("latency", {}).get("enabled"):
+            words.append(f"speedup ≥ {gates['latency']['threshold']}×: {_gate_word(gates['latency'])}")
+        if gates.get("diff", {}).get("enabled"):
+            words.append(f"output diff: {_gate_word(gates['diff'])}")
+        lines.append("- Gates: " + ("; ".join(words) if words else
+                                    "none set (validate.max_accuracy_drop_pt, validate.min_speedup, validate.diff_gate)") + ".")
     for eng in report.get("engines") or []:
         lines.append(f"- TensorRT engine `{eng['name']}`: {eng['status'].rstrip('.')}.")
     for skip in report.get("skipped") or []:
@@ -260,18 +265,21 @@ def _markdown(report: dict, sparsity: dict | None) -> str:
                   f"INT8 {p['int8_max_abs_diff']:.2e} (atol {p['int8_atol']}) — {'OK' if p['ok'] else 'OUTSIDE TOLERANCE'}."]
 
     gates = report.get("gates")
-    if gates:
+    if gates and any(gates.get(k, {}).get("enabled") for k in ("accuracy", "latency", "diff")):
         lines += ["", "## Gates", "", "| gate | threshold | check | value | result |", "|---|---|---|---|---|"]
-        for c in gates["accuracy"]["checks"]:
-            lines.append(f"| accuracy | max drop {gates['accuracy']['threshold']} pt | {c['model']} | "
-                         f"{_fmt_delta(c['delta_pt'])} | {('PASS' if c['passed'] else 'FAIL') if gates['accuracy']['enabled'] else 'not set'} |")
-        for c in gates["latency"]["checks"]:
-            lines.append(f"| speedup | min {gates['latency']['threshold']}× | b{c['batch_size']}×s{c['sequence_length']} "
-                         f"{c['backend']}: best {c['model']} | {c['speedup']:.2f}× | "
-                         f"{('PASS' if c['passed'] else 'FAIL') if gates['latency']['enabled'] else 'not set'} |")
-        for c in gates["diff"]["checks"]:
-            lines.append(f"| output diff | atol {c['atol']:.3g} | {c['candidate']} vs {c['reference']} | "
-                         f"{c['max_abs_diff']:.3g} | {('PASS' if c['passed'] else 'FAIL') if gates['diff']['enabled'] else 'not set'} |")
+        word = {True: "PASS", False: "FAIL"}
+        if gates["accuracy"]["enabled"]:
+            for c in gates["accuracy"]["checks"]:
+                lines.append(f"| accuracy | max drop {gates['accuracy']['threshold']} pt | {c['model']} vs "
+                             f"{gates['accuracy']['baseline']} | {_fmt_delta(c['delta_pt'])} | {word[c['passed']]} |")
+        if gates["latency"]["enabled"]:
+            for c in gates["latency"]["checks"]:
+                lines.append(f"| speedup | min {gates['latency']['threshold']}× | b{c['batch_size']}×s{c['sequence_length']} "
+                             f"{c['backend']}: best {c['model']} | {c['speedup']:.2f}× | {word[c['passed']]} |")
+        if gates["diff"]["enabled"]:
+            for c in gates["diff"]["checks"]:
+                lines.append(f"| output diff | atol {c['atol']:.3g} | {c['candidate']} vs {c['reference']} | "
+                             f"{c['max_abs_diff']:.3g} | {word[c['passed']]} |")
 
     if sparsity:
         lines += ["", f"## Per-layer {pattern} check of the exported INT8 graph", ""]
