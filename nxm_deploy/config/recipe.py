@@ -118,6 +118,7 @@ class TrainConfig(_Strict):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores")
+    bf16: bool = Field(False, description="bf16 autocast for the dense and sparse stages (QAT always runs float32)")
     dense: DenseStageConfig = Field(default_factory=DenseStageConfig)
     admm: ADMMStageConfig = Field(default_factory=ADMMStageConfig)
     distillation: DistillationConfig = Field(default_factory=DistillationConfig)

@@ -46,6 +46,7 @@ def train_loop(
     after_step: Callable[[int], None] | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
     desc: str = "train",
+    bf16: bool = False,
 ) -> dict:
     """Train ``model`` for ``epochs`` (fractional allowed) over ``loader``.
 
@@ -53,6 +54,8 @@ def train_loop(
         compute_loss: ``(model, batch) -> (loss, logs)``; ``logs`` are floats shown in the progress bar.
         after_step: called with the global step after every ``optimizer.step()`` (e.g. re-apply masks).
         on_epoch_end: called with the epoch index after every full pass (e.g. ADMM Z/U update).
+        bf16: run forward/backward under ``torch.autocast(device_type="cpu", dtype=torch.bfloat16)``
+            (mixed precision: weights, optimizer state and the ADMM penalty stay float32).
 
     Returns:
         dict: ``steps``, ``seconds``, ``final_loss`` (mean over the last 20 steps).
@@ -70,7 +73,8 @@ def train_loop(
         while step < total_steps:
             in_epoch = 0
             for batch in loader:
-                loss, logs = compute_loss(model, batch)
+                with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss, logs = compute_loss(model, batch)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
                 optimizer.step()

@@ -158,7 +158,7 @@ def train_dense(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> d
     stats = train_loop(
         model, data.train, epochs=cfg.dense.epochs, learning_rate=cfg.dense.learning_rate,
         weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
-        compute_loss=_task_loss_fn(), desc="dense fine-tune",
+        compute_loss=_task_loss_fn(), desc="dense fine-tune", bf16=cfg.bf16,
     )
     metrics = evaluate(model, data.dev, task)
     log.info("dense dev %s", metrics)
@@ -200,7 +200,7 @@ def _admm_phase(student, targets, data, task, recipe: Recipe, base_loss, epoch_m
         student, data.train, epochs=acfg.epochs, learning_rate=acfg.learning_rate, weight_decay=cfg.weight_decay,
         warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
         compute_loss=_with_penalty(base_loss, sparsifier.penalty), after_step=after_step, on_epoch_end=on_epoch_end,
-        desc=f"ADMM {recipe.pattern}" + (" + KD" if acfg.distill else ""),
+        desc=f"ADMM {recipe.pattern}" + (" + KD" if acfg.distill else ""), bf16=cfg.bf16,
     )
     return sparsifier.squash_mask(), sparsifier.history, stats
 
@@ -243,7 +243,7 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
         ft_stats = train_loop(
             student, data.train, epochs=finetune_epochs, learning_rate=acfg.learning_rate,
             weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
-            compute_loss=kd_or_task, after_step=lambda _s: apply_masks_(student, masks), desc="masked fine-tune",
+            compute_loss=kd_or_task, after_step=lambda _s: apply_masks_(student, masks), desc="masked fine-tune", bf16=cfg.bf16,
         )
     mask_check = check_masks(student, masks, pattern)
     metrics = evaluate(student, data.dev, task)
