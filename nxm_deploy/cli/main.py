@@ -142,6 +142,9 @@ def _inspect_sparsity(args) -> int:
         report = check_onnx_sparsity(model, pattern or "2:4", layer_map=layer_map, expected=expected)
     except ExportError as exc:  # unreadable file: bad input, not a failed check
         raise ConfigError(exc.message, hint=exc.hint) from exc
+    if not report.layers:
+        raise ConfigError(f"{model} has no MatMul, Gemm or Conv node with a constant weight: nothing to check.",
+                          hint="Pass the exported model (onnx/sparse_int8_qdq.onnx of a run).")
     failures = report.failures
     if args.require_all:
         failures = [r for r in report.layers if r.status != "sparse"]

@@ -268,3 +268,27 @@ def test_errors_as_a_process_have_no_traceback(tmp_path, tiny_recipe_dict, case)
     assert "Traceback" not in proc.stderr
     assert_one_error(proc.stderr, needle)
     assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr  # error + hint, nothing else
+
+
+def _relu_onnx(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_inspect_sparsity_model_without_weights(capsys, tmp_path) -> None:
+    rc, _, err = run_cli(capsys, "inspect", "sparsity", str(_relu_onnx(tmp_path)))
+    assert rc == 2
+    assert_one_error(err, "no MatMul, Gemm or Conv")
+
+
+def test_inspect_sparsity_bad_pattern(capsys, tmp_path) -> None:
+    rc, _, err = run_cli(capsys, "inspect", "sparsity", str(_relu_onnx(tmp_path)), "--pattern", "4:2")
+    assert rc == 2
+    assert_one_error(err, "4:2", "did you mean '2:4'")
