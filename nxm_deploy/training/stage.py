@@ -184,9 +184,21 @@ def _admm_phase(student, targets, data, task, recipe: Recipe, base_loss, epoch_m
                                 u_init=acfg.u_init)
     sparsifier.prepare(student, [{"tensor_fqn": f"{name}.weight"} for name in targets])
 
+    warned = []
+
+    def update():
+        record = sparsifier.step()
+        log.info("ADMM Z/U update %s", record)
+        # Z flipping many kept/pruned choices again and again means the W-step cannot follow: U piles up the
+        # residual faster than W moves (too many updates for the learning rate, or rho too small).
+        if record["update"] >= 2 and record["mask_change"] > 0.25 and not warned:
+            warned.append(record)
+            log.warning("ADMM oscillates: update %d changed %.0f%% of the mask. Use update_interval: epoch (the "
+                        "authors' schedule), a larger rho or learning rate.", record["update"], 100 * record["mask_change"])
+
     def on_epoch_end(epoch):
         if acfg.update_interval == "epoch":
-            log.info("ADMM Z/U update %s", sparsifier.step())
+            update()
         with sparsifier.hard_projected():
             metrics = evaluate(student, data.dev, task)
         epoch_metrics.append({"after": f"epoch {epoch + 1}", **metrics})
@@ -194,7 +206,7 @@ def _admm_phase(student, targets, data, task, recipe: Recipe, base_loss, epoch_m
 
     def after_step(step):
         if isinstance(acfg.update_interval, int) and step % acfg.update_interval == 0:
-            sparsifier.step()
+            update()
 
     stats = train_loop(
         student, data.train, epochs=acfg.epochs, learning_rate=acfg.learning_rate, weight_decay=cfg.weight_decay,
