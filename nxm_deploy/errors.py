@@ -50,3 +50,33 @@ class EngineBuildError(NxmError):
 
 class RunDirError(NxmError):
     """A run directory is missing an artifact, or holds a different run."""
+
+
+class ValidationError(ConfigError):
+    """Validation cannot run on these inputs: models with different input names or label counts, an engine built
+    for another GPU / TensorRT version, a latency grid point outside an engine's profile."""
+
+
+class RegressionError(NxmError):
+    """A CI gate of the validator failed. ``failures`` lists every failed check (dicts from the ``gates`` section
+    of ``validation.json``); ``report`` is the path of the report written before raising."""
+
+    def __init__(self, message: str, *, failures: list[dict] | None = None, report: str | None = None,
+                 hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.failures = list(failures or [])
+        self.report = report
+
+
+class AccuracyRegressionError(RegressionError):
+    """A model's dev-set primary metric dropped more than ``validate.max_accuracy_drop_pt`` points below the
+    dense baseline (also raised when the latency gate failed too: accuracy comes first). CLI exit 4."""
+
+
+class LatencyRegressionError(RegressionError):
+    """At some grid point the sparse models' best speedup over the dense baseline is below
+    ``validate.min_speedup``. CLI exit 5."""
+
+
+class OutputMismatchError(RegressionError):
+    """A gated output comparison (``validate.diff_gate``) exceeded its tolerance. CLI exit 1."""

@@ -1,7 +1,8 @@
 """``nxm-deploy``: the pipeline and its stages as commands. Errors become one line and an exit code.
 
 Exit codes: 0 success; 1 a check failed (n:m verification, mask check); 2 bad input (recipe, data, paths,
-run directory); 3 a missing optional dependency; 130 interrupted. ``build-engine`` (a CI build, see
+run directory); 3 a missing optional dependency; 4 accuracy gate failed (validate.max_accuracy_drop_pt);
+5 latency gate failed (validate.min_speedup); 130 interrupted. ``build-engine`` (a CI build, see
 :mod:`nxm_deploy.engine.stage`): 0 built or up to date; 2 bad spec or input; 3 no TensorRT or no GPU (one
 line: what is missing, how to install ``nxm-deploy[trt]``); 4 build failed; 5 post-build check failed.
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from nxm_deploy import __version__
 from nxm_deploy.errors import (
-    ConfigError, DataError, MissingDependencyError, NxmError, RunDirError,
+    AccuracyRegressionError, ConfigError, DataError, LatencyRegressionError, MissingDependencyError, NxmError,
+    RunDirError,
 )
 
 log = logging.getLogger("nxm_deploy.cli")
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     for name, text in (("export", "export ONNX (dense FP32 + sparse INT8 Q/DQ) and check n:m"),
-                       ("validate", "measure accuracy and latency of both ONNX models and write the report"),
+                       ("validate", "accuracy, latency and Polygraphy output diff of every model (ORT, TensorRT, PyTorch); gates; report"),
                        ("report", "rewrite report.md / report.json from the stage artifacts")):
         p = sub.add_parser(name, help=text)
         p.add_argument("target", help="run directory, or the recipe YAML of an existing run")
@@ -264,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     except MissingDependencyError as exc:
         _print_error(exc)
         return 3
+    except AccuracyRegressionError as exc:
+        _print_error(exc)
+        return 4
+    except LatencyRegressionError as exc:
+        _print_error(exc)
+        return 5
     except NxmError as exc:
         _print_error(exc)
         return 1

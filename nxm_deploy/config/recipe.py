@@ -144,6 +144,12 @@ class ValidateConfig(_Strict):
     warmup_runs: int = Field(3, ge=0)
     timed_runs: int = Field(20, ge=1)
     intra_op_threads: int | None = Field(None, ge=1)
+    max_accuracy_drop_pt: float | None = Field(None, description="CI gate: max dev primary-metric drop vs dense FP32, points; exit 4")
+    min_speedup: float | None = Field(None, gt=0, description="CI gate: best sparse p50 speedup over dense at every grid point; exit 5")
+    diff_gate: bool = Field(False, description="exit 1 when a checked Polygraphy output comparison exceeds its tolerance")
+    diff_examples: int = Field(32, ge=1)
+    diff_batch_size: int = Field(8, ge=1)
+    diff_tolerance_factor: float = Field(4.0, gt=0, description="k of the INT8 tolerance rule")
 
 
 class Recipe(_Strict):

@@ -70,11 +70,11 @@ def plot_latency(latency: list[dict], path: Path, labels: dict[str, str] | None 
         ax.set_xlabel("batch size" + (f" (sequence length {seqs[0]})" if len(seqs) == 1 else ""))
         ax.grid(True, which="both", alpha=0.3)
     ax_lat.set_yscale("log")
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
+    ax_lat.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax_lat.yaxis.set_major_formatter(ScalarFormatter())
-    ax_lat.yaxis.set_minor_formatter(ScalarFormatter())
-    ax_lat.tick_params(axis="y", which="minor", labelsize=7)
+    ax_lat.yaxis.set_minor_formatter(NullFormatter())
     ax_lat.set_ylabel("latency per batch, ms (p50, bar to p90)")
     ax_lat.set_title("Latency by batch size")
     ax_thr.set_ylabel("throughput, sequences/s (batch / p50)")
@@ -106,7 +106,8 @@ def plot_speedup(latency: list[dict], path: Path, min_speedup: float | None = No
             hi.append(max(0.0, s.get("speedup_p90", s["speedup"]) - s["speedup"]))
         bars = ax.bar(xs, ys, width=width * 0.95, yerr=[lo, hi], capsize=3, color=f"C{(m + 1) % 10}",
                       label=f"{labels.get(name, name)} vs {latency[0].get(name, {}).get('baseline', 'dense')}")
-        ax.bar_label(bars, labels=[f"{y:.2f}×" for y in ys], fontsize=7, padding=2)
+        ax.bar_label(bars, labels=[f"{y:.2f}×" for y in ys], fontsize=8, label_type="center", color="white",
+                     fontweight="bold")
         tops += [y + h for y, h in zip(ys, hi)]
     ax.axhline(1.0, color="black", linewidth=1, linestyle=":")
     if min_speedup is not None:
@@ -124,7 +125,7 @@ def plot_accuracy(rows: list[dict], metric: str, path: Path, max_drop_pt: float 
     """Horizontal bars: delta of the dev primary metric vs dense, in points, per model (``rows``: label, delta_pt,
     group)."""
     rows = [r for r in rows if r.get("delta_pt") is not None]
-    fig = _figure(8, 0.9 + 0.42 * max(1, len(rows)))
+    fig = _figure(8.5, 1.6 + 0.42 * max(1, len(rows)))
     ax = fig.subplots()
     ys = list(range(len(rows)))[::-1]
     colors = ["C2" if r["delta_pt"] >= 0 else "C3" for r in rows]
@@ -134,7 +135,7 @@ def plot_accuracy(rows: list[dict], metric: str, path: Path, max_drop_pt: float 
     ax.axvline(0, color="black", linewidth=1)
     if max_drop_pt is not None:
         ax.axvline(-float(max_drop_pt), color="red", linestyle="--", linewidth=1.2, label=f"gate: max drop {max_drop_pt} pt")
-        ax.legend(fontsize=8, loc="lower right")
+        fig.legend(fontsize=8, loc="outside lower right", frameon=False)
     lim = max([abs(r["delta_pt"]) for r in rows] + [float(max_drop_pt or 0), 0.5]) * 1.35
     ax.set_xlim(-lim, lim)
     ax.set_xlabel(f"Δ dev {metric} vs dense baseline (points)")

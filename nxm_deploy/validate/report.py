@@ -75,9 +75,11 @@ def build_report(recipe: Recipe, run_dir: str | Path) -> dict:
     pattern = recipe.sparsity.pattern
     runners = _runners(validation)
     base_torch = (dense or {}).get("metrics")
+    method = "ADMM" if (sparse or {}).get("method", "admm") == "admm" else "one-shot magnitude + masked fine-tune"
+    kd = " + KD" if recipe.train.admm.distill else ""
     accuracy = [
         {"name": "torch_dense", "model": "dense FP32", "runtime": "PyTorch", "metrics": base_torch, "stage": "dense"},
-        {"name": "torch_admm", "model": f"sparse {pattern} FP32 (ADMM + KD)", "runtime": "PyTorch",
+        {"name": "torch_admm", "model": f"sparse {pattern} FP32 ({method}{kd})", "runtime": "PyTorch",
          "metrics": (sparse or {}).get("metrics"), "stage": "admm"},
         {"name": "torch_ptq", "model": f"sparse {pattern} INT8 PTQ only", "runtime": "PyTorch fake-quant",
          "metrics": (qat or {}).get("ptq_metrics"), "stage": "qat"},
@@ -180,6 +182,20 @@ def _summary(report: dict) -> list[str]:
     return lines
 
 
+def _parity_line(p: dict) -> str:
+    """The export stage's ORT vs PyTorch parity (both manifest layouts: flat ``*_max_abs_diff`` or nested)."""
+    verdict = "OK" if p.get("ok") else "OUTSIDE TOLERANCE"
+    if isinstance(p.get("dense"), dict):
+        d, q = p["dense"], p.get("int8") or {}
+        agree = q.get("argmax_agreement")
+        return (f"Export-time ORT vs PyTorch parity ({p.get('inputs', 'dev examples')}): dense max |Δlogit| "
+                f"{d['max_abs_diff']:.2e} (atol {p.get('dense_atol')}), INT8 max |Δlogit| {q.get('max_abs_diff', float('nan')):.2e}"
+                + (f", argmax agreement {100 * agree:.1f}% (min {100 * p.get('int8_min_agreement', 0):.1f}%)" if agree is not None else "")
+                + f" — {verdict}.")
+    return (f"Export-time ORT vs PyTorch parity: dense max |Δlogit| {p['dense_max_abs_diff']:.2e} (atol {p['dense_atol']}), "
+            f"INT8 {p['int8_max_abs_diff']:.2e} (atol {p['int8_atol']}) — {verdict}.")
+
+
 def _markdown(report: dict, sparsity: dict | None) -> str:
     primary, pattern = report["primary_metric"], report["pattern"]
     plots = report.get("plots") or {}
@@ -202,6 +218,12 @@ def _markdown(report: dict, sparsity: dict | None) -> str:
     if report.get("admm_epoch_metrics"):
         lines += ["", "ADMM hard-projected dev score per epoch: " +
                   "; ".join(f"{m['after']}: {m.get(primary, float('nan')):.4f}" for m in report["admm_epoch_metrics"])]
+    if report.get("admm_history"):
+        lines += ["", "ADMM Z/U updates (relative residual = ||W - Z|| / ||W||; mask change = fraction of weights whose "
+                  "kept/pruned state changed since the previous update):", "",
+                  "| update | rho | relative residual | mask change |", "|---|---|---|---|"]
+        lines += [f"| {h['update']} | {h['rho']:.4g} | {h.get('relative_residual', float('nan')):.3f} | {h['mask_change']:.3f} |"
+                  for h in report["admm_history"]]
     if "accuracy" in plots:
         lines += ["", f"![Δ dev {primary} vs dense]({plots['accuracy']})"]
 
@@ -260,9 +282,7 @@ def _markdown(report: dict, sparsity: dict | None) -> str:
                 lines.append(f"\n`polygraphy run` for {c['candidate']} was re-run here: exit {c['cli_exit_code']} "
                              f"({'agrees' if c.get('cli_agrees') else 'DISAGREES'} with the in-process comparison).")
     if report.get("parity"):
-        p = report["parity"]
-        lines += ["", f"Export-time ORT vs PyTorch parity: dense max |Δlogit| {p['dense_max_abs_diff']:.2e} (atol {p['dense_atol']}), "
-                  f"INT8 {p['int8_max_abs_diff']:.2e} (atol {p['int8_atol']}) — {'OK' if p['ok'] else 'OUTSIDE TOLERANCE'}."]
+        lines += ["", _parity_line(report["parity"])]
 
     gates = report.get("gates")
     if gates and any(gates.get(k, {}).get("enabled") for k in ("accuracy", "latency", "diff")):

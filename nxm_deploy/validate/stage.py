@@ -261,6 +261,9 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
             diff = run_diff({**torch_runners, **active}, feeds, run_dir / DIFF_DIR, run_dir,
                             factor=float(settings["diff_tolerance_factor"]))
         del torch_runners
+        for row in diff["comparisons"]:
+            if row.get("command"):
+                log.info("re-check %s vs %s by hand: %s", row["candidate"], row["reference"], row["command"])
 
         # 3. latency: every runner interleaved, per grid point
         baselines = latency_baselines(active)

@@ -92,7 +92,7 @@ def test_validation_latency_covers_every_shape(run_dir, tiny_recipe_dict) -> Non
     for row in validation["latency"]:
         for model in ("dense_fp32", "sparse_int8"):
             assert row[model]["p50_ms"] > 0, (row, model)
-    assert set(validation["metrics"]) == {"dense_fp32", "sparse_int8"}
+    assert {"dense_fp32", "sparse_int8"} <= set(validation["metrics"])
 
 
 def test_qat_model_keeps_exact_zeros(run_dir) -> None:

@@ -136,15 +136,18 @@ def test_delta_in_points() -> None:
 # ----------------------------------------------------------------------------------------------- INT8 tolerance
 def test_int8_tolerance_rule() -> None:
     fq = [np.array([[1.0, -1.0]]), np.array([[2.0, 0.0]])]
-    fp = [np.array([[1.2, -1.0]]), np.array([[2.0, 0.0]])]  # q = 0.2 -> cap 0.1
+    fp = [np.array([[1.2, -1.0]]), np.array([[2.0, 0.0]])]  # q = 0.2 -> lower 0.01, cap 0.1
     tol = int8_tolerance(fq, [fq[0] + 0.01, fq[1]], fp, factor=4)
     assert tol["atol"] == pytest.approx(0.04) and tol["limited_by"] == "factor" and tol["rtol"] == 0.0
     assert tol["observed_impl_max_abs_diff"] == pytest.approx(0.01)
-    assert tol["quantization_max_abs_diff"] == pytest.approx(0.2) and tol["cap"] == pytest.approx(0.1)
+    assert tol["quantization_max_abs_diff"] == pytest.approx(0.2)
+    assert tol["lower"] == pytest.approx(0.01) and tol["cap"] == pytest.approx(0.1)
     broken = int8_tolerance(fq, [fq[0] + 0.5, fq[1]], fp, factor=4)  # a broken INT8 graph cannot widen its own tolerance
     assert broken["atol"] == pytest.approx(0.1) and broken["limited_by"] == "cap"
-    identical = int8_tolerance(fq, fq, fp, factor=4)
-    assert identical["atol"] == INT8_ATOL_FLOOR and identical["limited_by"] == "floor"
+    identical = int8_tolerance(fq, fq, fp, factor=4)  # no flip seen in calibration: 5% of the INT8 perturbation
+    assert identical["atol"] == pytest.approx(0.01) and identical["limited_by"] == "floor"
+    tiny_q = int8_tolerance(fq, fq, [a + 1e-5 for a in fq], factor=4)
+    assert tiny_q["atol"] == INT8_ATOL_FLOOR and tiny_q["cap"] == INT8_ATOL_FLOOR
     uncapped = int8_tolerance(fq, [fq[0] + 0.5, fq[1]], None, factor=2)
     assert uncapped["atol"] == pytest.approx(1.0) and uncapped["cap"] is None
 
