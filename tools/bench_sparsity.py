@@ -797,7 +797,7 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {variant} | " + " | ".join(scores) + f" | {fmt_mean_std(row)} | "
                          f"{_f(row['minutes_mean'], 1)} | {res_txt} |")
         lines.append("")
-    lines += ["## Cells", "", "| cell | score | metrics | after projection | minutes | steps | Z/U updates | last rel. residual | note |",
+    lines += ["## Cells", "", "| cell | score | metrics | before masked fine-tune (after projection / one-shot mask) | minutes | steps | Z/U updates | last rel. residual | note |",
               "|---|---|---|---|---|---|---|---|---|"]
     for key, c in report["cells"].items():
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in (c.get("metrics") or {}).items())
@@ -1009,7 +1009,7 @@ def main(argv=None) -> int:
 
         runner = Runner(args, base, settings, recipes, fps, results_dir)
         todo_keys = {c.key for c in todo}
-        bar = tqdm(total=len(todo), desc="cells", unit="cell", position=0, dynamic_ncols=True)
+        bar = tqdm(total=len(todo), desc="cells", unit="cell", position=0, dynamic_ncols=True, disable=not todo)
         done_n = 0
         try:
             for cell in todo:

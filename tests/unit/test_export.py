@@ -7,6 +7,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from tiny_models import tiny_classifier
+
 from nxm_deploy.data import get_task
 from nxm_deploy.errors import ExportError, SparsityVerificationError
 from nxm_deploy.export.onnx import export_model, guard_qdq, layer_map_for, onnx_parity
@@ -19,18 +21,10 @@ from nxm_deploy.sparsity.pattern import NMPattern
 
 
 def _tiny(model_type):
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    kwargs = dict(vocab_size=120, num_labels=2)
-    if model_type == "distilbert":
-        kwargs.update(n_layers=2, dim=32, n_heads=2, hidden_dim=64)
-    else:
-        kwargs.update(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(model_type, **kwargs)).eval()
+    model = tiny_classifier(model_type, vocab_size=120).eval()
     model.set_attn_implementation("eager")
     return model
-
 
 def _inputs(model_type, batch=4, length=12, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -15,6 +15,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from tiny_models import build_tiny_qdq
+
 from nxm_deploy.errors import ExportError
 from nxm_deploy.export.qdq_lint import RULES, QdqLintReport, lint_qdq, verify_qdq
 
@@ -22,46 +24,6 @@ OPSET = 17
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def build_tiny_qdq(path, seed: int = 0):
-    """Export a tiny 2:4 + INT8 fake-quant BERT classifier to ``path``; returns (model, target names)."""
-    transformers = pytest.importorskip("transformers")
-    from nxm_deploy.export.onnx import export_model
-    from nxm_deploy.quantization import calibrate, export_mode, quantize_model_
-    from nxm_deploy.sparsity import NMPattern, nm_mask
-    from nxm_deploy.sparsity.admm import apply_masks_
-    from nxm_deploy.sparsity.targets import select_targets, target_names
-
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=64, num_labels=2,
-    )
-    model = transformers.BertForSequenceClassification(config).eval()
-    names = target_names(select_targets(model, NMPattern.parse("2:4")))
-    assert len(names) == 12
-    apply_masks_(model, {f"{n}.weight": nm_mask(model.get_submodule(n).weight, "2:4") for n in names})
-    quantize_model_(model, names)
-    gen = torch.Generator().manual_seed(seed)
-    batches = [
-        {
-            "input_ids": torch.randint(0, 1000, (4, 32), generator=gen),
-            "attention_mask": torch.ones(4, 32, dtype=torch.int64),
-            "token_type_ids": torch.zeros(4, 32, dtype=torch.int64),
-        }
-        for _ in range(2)
-    ]
-
-    def forward_loop(m):
-        for batch in batches:
-            m(**batch)
-
-    calibrate(model, forward_loop)
-    model.set_attn_implementation("eager")
-    model.eval()
-    sample = {k: v[:2, :16] for k, v in batches[0].items()}
-    with export_mode(model):
-        export_model(model, sample, path)
-    return model, names
 
 
 def const_value(model: onnx.ModelProto, name: str) -> np.ndarray:

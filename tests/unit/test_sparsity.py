@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from tiny_models import tiny_classifier
+
 from nxm_deploy.errors import ConfigError, PatternError
 from nxm_deploy.sparsity import NMPattern, count_nm_violations, nm_mask, nm_project
 from nxm_deploy.sparsity.targets import select_targets, target_names
@@ -92,17 +94,7 @@ def test_count_violations_reports_first_bad_group_in_own_coordinates():
 
 # -- target selection ----------------------------------------------------------------------------------------
 def _tiny(model_type):
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    kwargs = dict(vocab_size=100, num_labels=2)
-    if model_type == "distilbert":
-        kwargs.update(n_layers=2, dim=32, n_heads=2, hidden_dim=64)
-    else:
-        kwargs.update(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64)
-        if model_type == "electra":
-            kwargs.update(embedding_size=32)
-    return AutoModelForSequenceClassification.from_config(AutoConfig.for_model(model_type, **kwargs))
-
+    return tiny_classifier(model_type)
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "electra"])
 def test_default_targets_are_six_per_encoder_layer(model_type):

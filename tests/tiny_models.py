@@ -1,0 +1,61 @@
+"""Tiny models shared by the tests: random HF classifiers and a pruned, quantized, exported tiny BERT."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_classifier(model_type: str, vocab_size: int = 100):
+    """A tiny random ``AutoModelForSequenceClassification`` (2 layers, width 32, 2 labels) of ``model_type``."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    kwargs = dict(vocab_size=vocab_size, num_labels=2)
+    if model_type == "distilbert":
+        kwargs.update(n_layers=2, dim=32, n_heads=2, hidden_dim=64)
+    else:
+        kwargs.update(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+        if model_type == "electra":
+            kwargs.update(embedding_size=32)
+    return AutoModelForSequenceClassification.from_config(AutoConfig.for_model(model_type, **kwargs))
+
+
+def build_tiny_qdq(path, seed: int = 0):
+    """Export a tiny 2:4 + INT8 fake-quant BERT classifier to ``path``; returns (model, target names)."""
+    import transformers
+
+    from nxm_deploy.export.onnx import export_model
+    from nxm_deploy.quantization import calibrate, export_mode, quantize_model_
+    from nxm_deploy.sparsity import NMPattern, nm_mask
+    from nxm_deploy.sparsity.admm import apply_masks_
+    from nxm_deploy.sparsity.targets import select_targets, target_names
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, num_labels=2,
+    )
+    model = transformers.BertForSequenceClassification(config).eval()
+    names = target_names(select_targets(model, NMPattern.parse("2:4")))
+    apply_masks_(model, {f"{n}.weight": nm_mask(model.get_submodule(n).weight, "2:4") for n in names})
+    quantize_model_(model, names)
+    gen = torch.Generator().manual_seed(seed)
+    batches = [
+        {
+            "input_ids": torch.randint(0, 1000, (4, 32), generator=gen),
+            "attention_mask": torch.ones(4, 32, dtype=torch.int64),
+            "token_type_ids": torch.zeros(4, 32, dtype=torch.int64),
+        }
+        for _ in range(2)
+    ]
+
+    def forward_loop(m):
+        for batch in batches:
+            m(**batch)
+
+    calibrate(model, forward_loop)
+    model.set_attn_implementation("eager")
+    model.eval()
+    sample = {k: v[:2, :16] for k, v in batches[0].items()}
+    with export_mode(model):
+        export_model(model, sample, path)
+    return model, names
