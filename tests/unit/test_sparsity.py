@@ -119,3 +119,14 @@ def test_exclude_rule_and_indivisible_layer_are_recorded():
     by_name = {d.module: d for d in select_targets(odd, NMPattern.parse("2:4"))}
     assert by_name["bert.encoder.layer.0.attention.self.query"].reason == "skipped: in_features 30 not a multiple of m_group 4"
     assert by_name["bert.encoder.layer.0.output.dense"].target  # in_features 64
+
+
+@pytest.mark.parametrize("pattern", ["1:2", "2:4", "1:4", "2:8", "4:8", "4:16"])
+def test_mask_equals_stable_sort_reference_on_ties(pattern):
+    """Integer-valued weights (many ties): the rank-count path and the stable-sort path agree with the reference."""
+    p = NMPattern.parse(pattern)
+    w = torch.randint(-3, 4, (64, 32), generator=torch.Generator().manual_seed(3)).float()
+    groups = w.abs().reshape(-1, p.m_group)
+    order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, : p.n_keep]
+    reference = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True).reshape(w.shape)
+    assert torch.equal(nm_mask(w, p), reference)
