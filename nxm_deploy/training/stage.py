@@ -193,8 +193,11 @@ def _admm_phase(student, targets, data, task, recipe: Recipe, base_loss, epoch_m
         # residual faster than W moves (too many updates for the learning rate, or rho too small).
         if record["update"] >= 2 and record["mask_change"] > 0.25 and not warned:
             warned.append(record)
-            log.warning("ADMM oscillates: update %d changed %.0f%% of the mask. Use update_interval: epoch (the "
-                        "authors' schedule), a larger rho or learning rate.", record["update"], 100 * record["mask_change"])
+            advice = "a larger rho or learning rate, or more steps between updates"
+            if acfg.update_interval != "epoch":
+                advice = "update_interval: epoch (the authors' schedule), " + advice
+            log.warning("ADMM oscillates: update %d changed %.0f%% of the mask; the W-step does not reach Z - U "
+                        "between updates. Try %s.", record["update"], 100 * record["mask_change"], advice)
 
     def on_epoch_end(epoch):
         if acfg.update_interval == "epoch":
