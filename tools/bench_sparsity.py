@@ -93,8 +93,8 @@ BASE_RECIPE: dict = {
         "bf16": True,
         "dense": {"epochs": 3, "learning_rate": 5.0e-5},
         "admm": {
-            "method": "admm", "epochs": 3, "learning_rate": 1.0e-4, "rho": 4.0e-3, "rho_factor": 1.3, "rho_max": 0.1,
-            "update_interval": 20, "u_init": "zero", "masked_finetune_epochs": 1, "distill": True,
+            "method": "admm", "epochs": 3, "learning_rate": 1.0e-4, "rho": 4.0e-3, "rho_factor": 1.0, "rho_max": None,
+            "update_interval": "epoch", "u_init": "zero", "masked_finetune_epochs": 1, "distill": True,
         },
         "distillation": {"alpha": 1.0, "beta": 10.0, "gamma": 1.0, "temperature": 2.0},
     },
@@ -854,7 +854,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--masked-finetune-epochs", type=float, default=None, help="after the hard projection (base: 1)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of both sparse methods (base: 1e-4)")
     p.add_argument("--lr-dense", type=float, default=None, help="dense fine-tune learning rate (base: 5e-5)")
-    p.add_argument("--rho", type=float, default=None, help="initial ADMM rho (base: 4e-3, x1.3 per update, max 0.1)")
+    p.add_argument("--rho", type=float, default=None, help="ADMM rho (base: 4e-3, constant; Z/U update once per epoch)")
     p.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True,
                    help="KD from the dense model for both sparse methods (default: on; --no-kd: task loss only)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
