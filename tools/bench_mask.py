@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from nxm_deploy.machine import machine_line  # noqa: E402
+
 TARGET_S = 1.0
 HIDDEN, FFN, LAYERS = 768, 3072, 12
 
@@ -34,20 +36,10 @@ def bert_base_linear_shapes(layers: int = LAYERS, hidden: int = HIDDEN, ffn: int
     return per_layer * layers
 
 
-def cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
-def machine_line() -> str:
-    model = cpu_model()
-    return f"{platform.platform()}, {os.cpu_count()} CPUs" + (f", {model}" if model else "")
+
+
 
 
 def main(argv: list[str] | None = None) -> int:

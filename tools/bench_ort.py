@@ -45,6 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from nxm_deploy.client.onnxruntime import OrtRunner  # noqa: E402
 from nxm_deploy.export.cpu_int8 import CPU_INT8_ONNX, make_cpu_int8  # noqa: E402
 from nxm_deploy.export.onnx import DENSE_ONNX, SPARSE_ONNX  # noqa: E402
+from nxm_deploy.machine import machine  # noqa: E402
 from nxm_deploy.validate.latency import measure_ab  # noqa: E402
 
 TARGET_SPEEDUP_B32 = 2.0
@@ -52,23 +53,10 @@ MODELS = ("fp32", "quantize_dynamic", "trt_qdq", "cpu_int8", "cpu_int8_standard"
 log = logging.getLogger("bench_ort")
 
 
-def cpu_model_name() -> str | None:
-    """``Model name`` from ``lscpu`` (None when lscpu is unavailable)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in out.splitlines():
-        if line.strip().startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return None
 
 
-def machine() -> dict:
-    model = cpu_model_name()
-    line = f"{platform.platform()}, {os.cpu_count()} CPUs" + (f", {model}" if model else "")
-    return {"line": line, "platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu_model": model,
-            "python": platform.python_version()}
+
+
 
 
 def make_quantize_dynamic(fp32: Path, out_dir: Path) -> tuple[Path, str]:

@@ -63,6 +63,7 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from nxm_deploy._io import atomic_write_json, atomic_write_text, read_json  # noqa: E402  (no torch import)
+from nxm_deploy.machine import machine  # noqa: E402
 
 log = logging.getLogger("bench_sparsity")
 
@@ -405,21 +406,10 @@ def cell_recipes(base: dict, settings: dict, cells) -> tuple[dict[str, dict], di
 # ---------------------------------------------------------------------------------------------------------------
 # Environment description
 # ---------------------------------------------------------------------------------------------------------------
-def cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
-def machine() -> dict:
-    model = cpu_model()
-    line = f"{platform.platform()}, {os.cpu_count()} CPUs" + (f", {model}" if model else "")
-    return {"line": line, "platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu_model": model}
+
+
 
 
 def versions() -> dict:

@@ -37,6 +37,7 @@ from nxm_deploy.export.onnx import DENSE_ONNX, SPARSE_ONNX
 from nxm_deploy.validate.diff import DEFAULT_TOLERANCE_FACTOR, DIFF_DIR, make_feeds, run_diff
 from nxm_deploy.validate.errors import ValidationError
 from nxm_deploy.validate.gates import delta_pt, evaluate_gates, gate_settings, raise_for_gates
+from nxm_deploy.machine import machine_line
 from nxm_deploy.validate.latency import measure_ab
 from nxm_deploy.validate.runners import OnnxRuntimeRunner, TorchRunner, check_io, ort_gpu_backends, quantizers_disabled
 
@@ -50,9 +51,7 @@ SETTING_DEFAULTS = {"diff_examples": 32, "diff_batch_size": 8, "diff_tolerance_f
 MIN_TIMED_RUNS = 20
 
 
-def machine_line() -> str:
-    """One line naming the machine: OS, CPU, cores."""
-    return f"{platform.system()} {platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
 
 
 def settings_of(recipe: Recipe) -> dict:
