@@ -40,23 +40,9 @@ def nm_mask(weight: torch.Tensor, pattern: NMPattern | str) -> torch.Tensor:
     """
     pattern = NMPattern.parse(pattern)
     _check_shape(tuple(weight.shape), pattern, "Weight")
-    m_group, n_keep = pattern.m_group, pattern.n_keep
-    if m_group > 8:  # O(m_group^2) comparisons below: a stable sort is cheaper for large groups
-        groups = weight.detach().abs().reshape(-1, m_group)
-        order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n_keep]
-        return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True).reshape(weight.shape)
-    # rank of entry i in its group = how many entries sort before it (larger |w|, or equal |w| at a lower
-    # index: the stable descending order); keep the n_keep lowest ranks. Same result as the stable sort,
-    # about 2x faster on CPU (no index tensors).
-    cols = weight.detach().abs().reshape(-1, m_group).t().contiguous()  # [m_group, groups]
-    keep = torch.empty_like(cols, dtype=torch.bool)
-    for i in range(m_group):
-        rank = torch.zeros(cols.shape[1], dtype=torch.uint8, device=weight.device)
-        for j in range(m_group):
-            if j != i:
-                rank += (cols[j] >= cols[i]) if j < i else (cols[j] > cols[i])
-        keep[i] = rank < n_keep
-    return keep.t().reshape(weight.shape)
+    groups = weight.detach().abs().reshape(-1, pattern.m_group)
+    order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, : pattern.n_keep]
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True).reshape(weight.shape)
 
 
 def nm_project(weight: torch.Tensor, pattern: NMPattern | str) -> torch.Tensor:
