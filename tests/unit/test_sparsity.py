@@ -123,7 +123,7 @@ def test_exclude_rule_and_indivisible_layer_are_recorded():
 
 @pytest.mark.parametrize("pattern", ["1:2", "2:4", "1:4", "2:8", "4:8", "4:16"])
 def test_mask_equals_stable_sort_reference_on_ties(pattern):
-    """Integer-valued weights (many ties): the rank-count path and the stable-sort path agree with the reference."""
+    """Integer-valued weights (many ties): the mask equals a stable-sort top-n_keep reference, ties to the lower index."""
     p = NMPattern.parse(pattern)
     w = torch.randint(-3, 4, (64, 32), generator=torch.Generator().manual_seed(3)).float()
     groups = w.abs().reshape(-1, p.m_group)
