@@ -31,7 +31,6 @@ import logging
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path

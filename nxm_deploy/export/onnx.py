@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nxm_deploy._io import atomic_write_json, sha256_file
+from nxm_deploy._io import sha256_file
 from nxm_deploy.errors import ExportError
 
 log = logging.getLogger("nxm_deploy.export")

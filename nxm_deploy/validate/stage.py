@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import platform
 from pathlib import Path
 
 import numpy as np

@@ -288,7 +288,7 @@ def test_inspect_sparsity_model_without_weights(capsys, tmp_path) -> None:
     assert_one_error(err, "no MatMul, Gemm or Conv")
 
 
-def test_inspect_sparsity_bad_pattern(capsys, tmp_path) -> None:
+def test_inspect_sparsity_reversed_pattern_on_real_model(capsys, tmp_path) -> None:
     rc, _, err = run_cli(capsys, "inspect", "sparsity", str(_relu_onnx(tmp_path)), "--pattern", "4:2")
     assert rc == 2
     assert_one_error(err, "4:2", "did you mean '2:4'")

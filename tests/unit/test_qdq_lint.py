@@ -12,7 +12,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from tiny_models import build_tiny_qdq
