@@ -103,6 +103,10 @@ class TensorQuantizer(nn.Module):
             amax = torch.quantile(samples, percentile / 100.0)
         else:
             raise ConfigError(f"Calibration method {method!r} is not one of 'max', 'percentile'.")
+        if not bool(torch.isfinite(amax).all()):
+            raise ConfigError(
+                f"Calibration produced a non-finite amax ({amax.flatten()[:4].tolist()} ...): the calibration data "
+                "or the model output has NaN/inf.", hint="Check the calibration batches and the model checkpoint.")
         self.amax.copy_(amax.clamp(min=_AMAX_FLOOR).reshape(self.amax.shape))
         self._calib_max, self._calib_samples = None, []
 

@@ -111,3 +111,30 @@ def test_export_gives_qdq_and_matches_ort(tmp_path):
     np.testing.assert_allclose(out, ref, atol=1e-5)
     # the trained (STE) forward equals the export forward
     np.testing.assert_allclose(q(x).detach().numpy(), ref, atol=1e-6)
+
+
+def test_fake_quant_equals_float64_reference_exactly():
+    """q(x) = clamp(round_half_even(x / s), -128, 127) * s computed in float64, then cast: bit-exact in float32."""
+    q, x = _qlinear(seed=3)
+    for quantizer, value in ((q.input_quantizer, x), (q.weight_quantizer, q.weight.detach())):
+        scale = (quantizer.amax.detach().double() / 127)
+        if quantizer.axis is not None:
+            scale = scale.reshape(-1, 1)
+        codes = torch.clamp(torch.round(value.double() / scale.float().double()), -128, 127)
+        reference = (codes * scale.float().double()).float()
+        assert torch.equal(quantizer(value).detach(), reference)
+
+
+def test_calibration_is_deterministic():
+    a, _ = _qlinear(seed=5)
+    b, _ = _qlinear(seed=5)
+    for qa, qb in ((a.input_quantizer, b.input_quantizer), (a.weight_quantizer, b.weight_quantizer)):
+        assert torch.equal(qa.amax, qb.amax)
+
+
+def test_non_finite_calibration_is_an_error():
+    q = QuantLinear.from_linear(nn.Linear(4, 4))
+    x = torch.randn(2, 4)
+    x[0, 0] = float("nan")
+    with pytest.raises(ConfigError, match="non-finite amax"):
+        calibrate(q, lambda m: m(x))
