@@ -59,3 +59,15 @@ def build_tiny_qdq(path, seed: int = 0):
     with export_mode(model):
         export_model(model, sample, path)
     return model, names
+
+
+def demo_run_module():
+    """``tests/trt/demo_run.py`` (synthetic MiniLM-shaped run directories for the engine tests), loaded by path."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent / "trt" / "demo_run.py"
+    spec = importlib.util.spec_from_file_location("demo_run", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

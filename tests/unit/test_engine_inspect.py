@@ -7,11 +7,12 @@ joined to the ONNX graphs of a synthetic run exported with the project's own cod
 """
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from tiny_models import demo_run_module
 
 from nxm_deploy.engine.inspect import (
     EngineLayer, GemmNode, check_engine, gemm_nodes, module_from_node, normalize_dtype, onnx_names_of,
@@ -26,11 +27,6 @@ TRT11_FP16 = FIXTURES / "layers_trt11_dense_fp16.json"
 FFN = ["*.layer.*.intermediate.dense", "*.layer.*[0-9].output.dense"]
 
 
-def _demo_run_module():
-    spec = importlib.util.spec_from_file_location("demo_run", ROOT / "tests" / "trt" / "demo_run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +35,7 @@ def run(tmp_path_factory):
     from nxm_deploy.engine.fp16 import convert_to_fp16
 
     run_dir = tmp_path_factory.mktemp("run")
-    manifest = _demo_run_module().make_run(run_dir)
+    manifest = demo_run_module().make_run(run_dir)
     fp16 = convert_to_fp16(run_dir / "onnx" / "dense_fp32.onnx")
     return {"dir": run_dir, "manifest": manifest, "fp16": fp16}
 

@@ -2,7 +2,6 @@
 from the run's recipe, skipped records in a pipeline run, exit codes (3 here: no TensorRT / GPU), engine
 naming, manifest and the up-to-date decision. Nothing here imports or imitates TensorRT."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tiny_models import demo_run_module
 
 from nxm_deploy._io import read_json, sha256_file
 from nxm_deploy.engine.spec import EngineSpec
@@ -26,17 +27,12 @@ REASON = tensorrt_unavailable_reason()
 no_trt = pytest.mark.skipif(REASON is None, reason="this machine has TensorRT and a GPU (exit 3 is for machines without)")
 
 
-def _demo_run_module():
-    spec = importlib.util.spec_from_file_location("demo_run", ROOT / "tests" / "trt" / "demo_run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "demo"
-    manifest = _demo_run_module().make_run(run_dir, max_seq=48)
+    manifest = demo_run_module().make_run(run_dir, max_seq=48)
     return run_dir, manifest
 
 
