@@ -63,6 +63,20 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf limit: bigger models keep weights in external data
+
+
+def save_onnx(model, tmp_path: str | Path, final_name: str) -> None:
+    """Save ``model`` to ``tmp_path`` (renamed to ``final_name`` by the caller); weights go to external data
+    ``<final_name>.data`` when the proto exceeds protobuf's 2 GB limit."""
+    import onnx
+
+    if model.ByteSize() > EXTERNAL_DATA_BYTES:
+        onnx.save(model, str(tmp_path), save_as_external_data=True, location=final_name + ".data")
+    else:
+        onnx.save(model, str(tmp_path))
+
+
 def read_json(path: str | Path):
     with open(path) as handle:
         return json.load(handle)

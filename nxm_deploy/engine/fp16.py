@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nxm_deploy._io import atomic_write_json, read_json, sha256_file
+from nxm_deploy._io import atomic_write_json, read_json, save_onnx, sha256_file
 from nxm_deploy.errors import ExportError
 
 log = logging.getLogger("nxm_deploy.engine")
@@ -33,7 +33,6 @@ log = logging.getLogger("nxm_deploy.engine")
 #: max |logit(FP16 graph) - logit(FP32 graph)| allowed (absolute part; plus FP16_PARITY_RTOL * |logit|).
 FP16_PARITY_ATOL = 1e-2
 FP16_PARITY_RTOL = 1e-2
-_EXTERNAL_DATA_BYTES = 2 * 1024**3
 #: bump when the conversion changes, so existing FP16 files are rebuilt
 CONVERTER_VERSION = 1
 
@@ -228,10 +227,7 @@ def _convert_locked(source: Path, target: Path, keep: list[str], check_parity: b
     model, fp32_nodes, ops = convert_model_to_fp16(model, keep)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        if model.ByteSize() > _EXTERNAL_DATA_BYTES:
-            onnx.save(model, str(tmp), save_as_external_data=True, location=target.name + ".data")
-        else:
-            onnx.save(model, str(tmp))
+        save_onnx(model, tmp, target.name)
         onnx.checker.check_model(str(tmp))
         os.replace(tmp, target)
     except Exception as exc:

@@ -43,6 +43,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from nxm_deploy._io import save_onnx
 from nxm_deploy.errors import ExportError
 from nxm_deploy.export.verify import _attr, _Graph, _load, _node_name, _reshape_target
 
@@ -56,7 +57,6 @@ A_ZERO_POINT = 128
 FORMS = ("fused", "standard")
 _PREFIX = "cpu_int8/"
 _WALK_OPS = {"Identity", "Transpose", "Reshape"}
-_EXTERNAL_DATA_BYTES = 2 * 1024**3
 
 
 @dataclass
@@ -475,10 +475,7 @@ def make_cpu_int8(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     try:
-        if model.ByteSize() > _EXTERNAL_DATA_BYTES:
-            onnx.save(model, str(tmp), save_as_external_data=True, location=out_path.name + ".data")
-        else:
-            onnx.save(model, str(tmp))
+        save_onnx(model, tmp, out_path.name)
         if check:
             if form == "standard":
                 onnx.checker.check_model(str(tmp))

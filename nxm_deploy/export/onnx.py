@@ -18,14 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from nxm_deploy._io import sha256_file
+from nxm_deploy._io import EXTERNAL_DATA_BYTES, save_onnx, sha256_file
 from nxm_deploy.errors import ExportError
 
 log = logging.getLogger("nxm_deploy.export")
 
 DENSE_ONNX = "dense_fp32.onnx"
 SPARSE_ONNX = "sparse_int8_qdq.onnx"
-_EXTERNAL_DATA_BYTES = 2 * 1024**3
 
 
 class _LogitsOnly(nn.Module):
@@ -104,8 +103,8 @@ def export_model(
                 dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
             )
         proto = onnx.load(str(tmp))
-        if proto.ByteSize() > _EXTERNAL_DATA_BYTES:
-            onnx.save(proto, str(tmp), save_as_external_data=True, location=path.name + ".data")
+        if proto.ByteSize() > EXTERNAL_DATA_BYTES:
+            save_onnx(proto, tmp, path.name)
         onnx.checker.check_model(str(tmp))
         os.replace(tmp, path)
     except Exception as exc:
