@@ -85,6 +85,9 @@ class ADMMStageConfig(_Strict):
     rho_max: float | None = Field(None, gt=0)
     update_interval: Literal["epoch"] | int = Field("epoch", description="Z/U update every epoch or every k steps")
     u_init: Literal["zero", "residual"] = "zero"
+    penalty_mode: Literal["gradient", "proximal"] = Field(
+        "gradient", description="gradient: rho/2||W-Z+U||^2 added to the loss (authors' code); proximal: exact prox "
+        "step W <- (W + lr*rho*(Z-U)) / (1 + lr*rho) after each optimizer step (rho on another scale, e.g. 100-1000)")
     masked_finetune_epochs: float = Field(1.0, ge=0, description="masked fine-tune after the hard projection")
     distill: bool = True
 
@@ -119,6 +122,8 @@ class TrainConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores")
     bf16: bool = Field(False, description="bf16 autocast for the dense and sparse stages (QAT always runs float32)")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="resumable loop checkpoint every k optimizer steps (always at each epoch end)")
     dense: DenseStageConfig = Field(default_factory=DenseStageConfig)
     admm: ADMMStageConfig = Field(default_factory=ADMMStageConfig)
     distillation: DistillationConfig = Field(default_factory=DistillationConfig)

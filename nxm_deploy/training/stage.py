@@ -13,6 +13,7 @@ calibration of the sparse FP model and trained with that sparse FP model as teac
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -107,6 +108,30 @@ def _stage_dir(run_dir: Path, stage: str) -> Path:
     return run_dir / {"dense": "dense", "admm": "sparse", "qat": "qat"}[stage]
 
 
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def _checkpointing(recipe: Recipe, run_dir: Path, stage: str, loop: str) -> dict:
+    """``train_loop`` keyword arguments that make one loop of a stage resumable (``run_dir/checkpoints/...``).
+
+    The fingerprint is the recipe hash plus the loop name: a checkpoint left by another recipe is refused.
+    """
+    return {
+        "checkpoint_dir": run_dir / CHECKPOINTS_DIR / stage / loop,
+        "checkpoint_every": recipe.train.checkpoint_every_steps,
+        "checkpoint_fingerprint": f"{recipe.sha256()}:{stage}:{loop}",
+    }
+
+
+def _drop_checkpoints(run_dir: Path, stage: str) -> None:
+    """Remove a stage's loop checkpoints once its artifact is written (they are only for resuming a killed run)."""
+    import shutil
+
+    shutil.rmtree(run_dir / CHECKPOINTS_DIR / stage, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (run_dir / CHECKPOINTS_DIR).rmdir()
+
+
 def read_stage_manifest(run_dir: str | Path, stage: str) -> dict:
     """Manifest of a finished stage.
 
@@ -159,6 +184,7 @@ def train_dense(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> d
         model, data.train, epochs=cfg.dense.epochs, learning_rate=cfg.dense.learning_rate,
         weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
         compute_loss=_task_loss_fn(), desc="dense fine-tune", bf16=cfg.bf16,
+        **_checkpointing(recipe, run_dir, "dense", "finetune"),
     )
     metrics = evaluate(model, data.dev, task)
     log.info("dense dev %s", metrics)
@@ -170,18 +196,21 @@ def train_dense(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> d
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "manifest.json", manifest)
+    _drop_checkpoints(run_dir, "dense")
     return manifest
 
 
-def _admm_phase(student, targets, data, task, recipe: Recipe, base_loss, epoch_metrics: list):
+def _admm_phase(student, targets, data, task, recipe: Recipe, run_dir: Path, base_loss, epoch_metrics: list):
     """ADMM W-steps (task/KD loss + rho/2 ||W - Z + U||^2), Z/U updates on schedule, hard projection.
 
     Returns ``(masks, admm_history, train_stats)``; appends the hard-projected dev score of each epoch to
     ``epoch_metrics`` (NxMTransformer's evaluation: the projected model, dense W restored afterwards).
+    The loop checkpoints carry the sparsifier's full state (Z, U, rho, update count, masks, history) and the
+    epoch scores, so a killed run resumes to the same result.
     """
     cfg, acfg = recipe.train, recipe.train.admm
     sparsifier = ADMMSparsifier(recipe.pattern, rho=acfg.rho, rho_factor=acfg.rho_factor, rho_max=acfg.rho_max,
-                                u_init=acfg.u_init)
+                                u_init=acfg.u_init, penalty_mode=acfg.penalty_mode)
     sparsifier.prepare(student, [{"tensor_fqn": f"{name}.weight"} for name in targets])
 
     warned = []
@@ -196,6 +225,8 @@ def _admm_phase(student, targets, data, task, recipe: Recipe, base_loss, epoch_m
             advice = "a larger rho or learning rate, or more steps between updates"
             if acfg.update_interval != "epoch":
                 advice = "update_interval: epoch (the authors' schedule), " + advice
+            if acfg.penalty_mode == "gradient":
+                advice += ", or penalty_mode: proximal"
             log.warning("ADMM oscillates: update %d changed %.0f%% of the mask; the W-step does not reach Z - U "
                         "between updates. Try %s.", record["update"], 100 * record["mask_change"], advice)
 
@@ -207,15 +238,26 @@ def _admm_phase(student, targets, data, task, recipe: Recipe, base_loss, epoch_m
         epoch_metrics.append({"after": f"epoch {epoch + 1}", **metrics})
         log.info("ADMM epoch %d hard-projected dev %s", epoch + 1, metrics)
 
-    def after_step(step):
+    def after_step(step, lr):
+        sparsifier.proximal_step(lr)  # no-op in "gradient" mode
         if isinstance(acfg.update_interval, int) and step % acfg.update_interval == 0:
             update()
 
+    def get_state():
+        return {"sparsifier": sparsifier.state_dict(), "epoch_metrics": list(epoch_metrics), "warned": list(warned)}
+
+    def set_state(state):
+        sparsifier.load_state_dict(state["sparsifier"])
+        epoch_metrics[:] = state["epoch_metrics"]
+        warned[:] = state["warned"]
+
+    compute_loss = base_loss if acfg.penalty_mode == "proximal" else _with_penalty(base_loss, sparsifier.penalty)
     stats = train_loop(
         student, data.train, epochs=acfg.epochs, learning_rate=acfg.learning_rate, weight_decay=cfg.weight_decay,
         warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
-        compute_loss=_with_penalty(base_loss, sparsifier.penalty), after_step=after_step, on_epoch_end=on_epoch_end,
+        compute_loss=compute_loss, after_step=after_step, on_epoch_end=on_epoch_end,
         desc=f"ADMM {recipe.pattern}" + (" + KD" if acfg.distill else ""), bf16=cfg.bf16,
+        extra_state=(get_state, set_state), **_checkpointing(recipe, run_dir, "admm", "admm"),
     )
     return sparsifier.squash_mask(), sparsifier.history, stats
 
@@ -246,7 +288,7 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
     kd_or_task = _kd_loss_fn(teacher, recipe) if acfg.distill else _task_loss_fn()
     epoch_metrics, history, stats = [], [], None
     if acfg.method == "admm":
-        masks, history, stats = _admm_phase(student, targets, data, task, recipe, kd_or_task, epoch_metrics)
+        masks, history, stats = _admm_phase(student, targets, data, task, recipe, run_dir, kd_or_task, epoch_metrics)
         finetune_epochs = acfg.masked_finetune_epochs
     else:  # "magnitude": ASP baseline -- one-shot n:m magnitude mask of the dense model, then masked fine-tune
         masks = {f"{name}.weight": nm_mask(student.get_submodule(name).weight, pattern) for name in targets}
@@ -258,7 +300,8 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
         ft_stats = train_loop(
             student, data.train, epochs=finetune_epochs, learning_rate=acfg.learning_rate,
             weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
-            compute_loss=kd_or_task, after_step=lambda _s: apply_masks_(student, masks), desc="masked fine-tune", bf16=cfg.bf16,
+            compute_loss=kd_or_task, after_step=lambda _s, _lr: apply_masks_(student, masks), desc="masked fine-tune",
+            bf16=cfg.bf16, **_checkpointing(recipe, run_dir, "admm", "masked_finetune"),
         )
     mask_check = check_masks(student, masks, pattern)
     metrics = evaluate(student, data.dev, task)
@@ -275,6 +318,7 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
         tokenizer.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp / "masks.safetensors"))
         atomic_write_json(tmp / "manifest.json", manifest)
+    _drop_checkpoints(run_dir, "admm")
     return manifest
 
 
@@ -331,7 +375,8 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
         stats = train_loop(
             student, data.train, epochs=qcfg.epochs, learning_rate=qcfg.learning_rate, weight_decay=cfg.weight_decay,
             warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm, compute_loss=loss_fn,
-            after_step=lambda _s: apply_masks_(student, masks), desc="INT8 QAT + KD",
+            after_step=lambda _s, _lr: apply_masks_(student, masks), desc="INT8 QAT + KD",
+            **_checkpointing(recipe, run_dir, "qat", "qat"),
         )
     mask_check = check_masks(student, masks, pattern)
     metrics = evaluate(student, data.dev, task)
@@ -352,11 +397,25 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "quant.json", quant_info)
         atomic_write_json(tmp / "manifest.json", manifest)
+    _drop_checkpoints(run_dir, "qat")
     return manifest
 
 
-def train_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = None, stages=STAGES) -> dict:
-    """Run the named training stages in order; returns ``{stage: manifest}``."""
+def train_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = None, stages=STAGES,
+                skip_finished: bool = False) -> dict:
+    """Run the named training stages in order; returns ``{stage: manifest}``.
+
+    ``skip_finished``: keep a stage whose artifact was finished by the same recipe (hash in its manifest), e.g.
+    when ``nxm-deploy run`` is restarted after a kill; an unfinished stage resumes from its loop checkpoints.
+    """
     run_dir = Path(run_dir)
     funcs = {"dense": train_dense, "admm": train_admm, "qat": train_qat}
-    return {stage: funcs[stage](recipe, run_dir, glue_dir) for stage in stages}
+    out = {}
+    for stage in stages:
+        manifest_path = _stage_dir(run_dir, stage) / "manifest.json"
+        if skip_finished and manifest_path.is_file() and read_json(manifest_path).get("recipe_sha256") == recipe.sha256():
+            log.info("stage %s already finished with this recipe: kept (%s)", stage, manifest_path.parent)
+            out[stage] = read_json(manifest_path)
+            continue
+        out[stage] = funcs[stage](recipe, run_dir, glue_dir)
+    return out

@@ -31,7 +31,7 @@ def _loss(model, batch):
 def test_step_budget_and_hooks(epochs):
     steps, epoch_ends = [], []
     stats = train_loop(_Model(), _loader(), epochs=epochs, learning_rate=1e-2, weight_decay=0.0, warmup_ratio=0.0,
-                       max_grad_norm=1.0, compute_loss=_loss, after_step=steps.append, on_epoch_end=epoch_ends.append)
+                       max_grad_norm=1.0, compute_loss=_loss, after_step=lambda s, _lr: steps.append(s), on_epoch_end=epoch_ends.append)
     assert stats["steps"] == math.ceil(epochs * 5) == len(steps)
     assert steps == list(range(1, stats["steps"] + 1))
     assert epoch_ends == list(range(int(stats["steps"] // 5)))  # only complete passes end an epoch

@@ -1,0 +1,124 @@
+"""A killed training stage resumes from its loop checkpoints to the same result as an uninterrupted run.
+
+Real RTE data, tiny random BERT with dropout on (so the global RNG state matters), ADMM with Z/U updates every 4
+steps, a checkpoint every 3 steps. The "kill" is an exception raised from inside an optimizer step (after the
+forward/backward, before ``optimizer.step``), i.e. between two checkpoints: the work since the last checkpoint is
+lost and redone.
+"""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nxm_deploy.config.recipe import recipe_from_dict
+from nxm_deploy.errors import RunDirError
+from nxm_deploy.training.stage import CHECKPOINTS_DIR, load_masks, train_admm, train_dense, train_qat
+
+pytestmark = pytest.mark.slow
+
+
+class _Killed(Exception):
+    pass
+
+
+def _recipe(base: dict, **admm):
+    data = {**base, "train": {**base["train"], "checkpoint_every_steps": 3,
+                              "admm": {**base["train"]["admm"], **admm}}}
+    return recipe_from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory, tiny_recipe_dict_module, glue_dir):
+    run_dir = tmp_path_factory.mktemp("resume_dense")
+    train_dense(_recipe(tiny_recipe_dict_module), run_dir, str(glue_dir))
+    return run_dir
+
+
+def _fresh_run(tmp_path, dense_dir, name):
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    shutil.copytree(dense_dir / "dense", run_dir / "dense")
+    return run_dir
+
+
+def _kill_at_step(monkeypatch, step: int):
+    """Raise inside the ``step``-th optimizer step of this process (counted over every training loop)."""
+    real, calls = torch.nn.utils.clip_grad_norm_, [0]
+
+    def clip(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == step:
+            raise _Killed(f"killed in step {step}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+
+
+def _weights(run_dir, sub="sparse"):
+    return load_file(str(run_dir / sub / "model.safetensors"))
+
+
+# ADMM: 2 epochs x 8 steps (+ 4 masked fine-tune steps). Kill at step 11 (ADMM epoch 2, after the checkpoint at
+# step 9 and the Z/U update at step 8) and at step 20 (masked fine-tune step 4, after its checkpoint at step 3; the
+# ADMM loop resumes at its end and must leave the data order and RNG as the full run did).
+@pytest.mark.parametrize("penalty_mode,rho,kill_step", [("gradient", 1e-2, 11), ("proximal", 100.0, 20)])
+def test_killed_admm_stage_resumes_to_the_same_weights(tmp_path, monkeypatch, dense_dir, tiny_recipe_dict_module,
+                                                        glue_dir, kill_step, penalty_mode, rho):
+    recipe = _recipe(tiny_recipe_dict_module, penalty_mode=penalty_mode, rho=rho)
+    ref_dir = _fresh_run(tmp_path, dense_dir, "ref")
+    ref = train_admm(recipe, ref_dir, str(glue_dir))
+    assert not (ref_dir / CHECKPOINTS_DIR).exists()  # checkpoints are dropped once the artifact exists
+
+    run_dir = _fresh_run(tmp_path, dense_dir, "killed")
+    with monkeypatch.context() as m:
+        _kill_at_step(m, kill_step)
+        with pytest.raises(_Killed):
+            train_admm(recipe, run_dir, str(glue_dir))
+    assert list((run_dir / CHECKPOINTS_DIR / "admm").glob("*/loop_state.pt"))
+    resumed = train_admm(recipe, run_dir, str(glue_dir))
+
+    ref_w, got_w = _weights(ref_dir), _weights(run_dir)
+    assert ref_w.keys() == got_w.keys()
+    for name in ref_w:
+        assert torch.equal(ref_w[name], got_w[name]), name
+    ref_masks, got_masks = load_masks(ref_dir), load_masks(run_dir)
+    assert all(torch.equal(ref_masks[k], got_masks[k]) for k in ref_masks)
+    assert resumed["admm_history"] == ref["admm_history"]  # Z/U updates (rho, residuals, mask change) identical
+    assert resumed["epoch_metrics"] == ref["epoch_metrics"] and resumed["metrics"] == ref["metrics"]
+    resumed_loop = resumed["train"] if kill_step == 11 else resumed["masked_finetune"]
+    assert resumed_loop["resumed_from_step"] == 9 if kill_step == 11 else resumed_loop["resumed_from_step"] == 3
+    assert not (run_dir / CHECKPOINTS_DIR).exists()
+
+
+def test_killed_qat_stage_resumes_to_the_same_weights(tmp_path, monkeypatch, dense_dir, tiny_recipe_dict_module,
+                                                     glue_dir):
+    data = {**tiny_recipe_dict_module}
+    data["train"] = {**data["train"], "checkpoint_every_steps": 1, "qat": {**data["train"]["qat"], "epochs": 1}}
+    recipe = recipe_from_dict(data)
+    ref_dir = _fresh_run(tmp_path, dense_dir, "ref")
+    train_admm(recipe, ref_dir, str(glue_dir))
+    run_dir = tmp_path / "killed"
+    shutil.copytree(ref_dir, run_dir)
+    train_qat(recipe, ref_dir, str(glue_dir))
+    with monkeypatch.context() as m:
+        _kill_at_step(m, 5)
+        with pytest.raises(_Killed):
+            train_qat(recipe, run_dir, str(glue_dir))
+    manifest = train_qat(recipe, run_dir, str(glue_dir))
+    assert manifest["train"]["resumed_from_step"] == 4
+    ref_w, got_w = _weights(ref_dir, "qat"), _weights(run_dir, "qat")
+    for name in ref_w:  # includes every learned amax
+        assert torch.equal(ref_w[name], got_w[name]), name
+
+
+def test_checkpoint_of_another_recipe_is_refused(tmp_path, monkeypatch, dense_dir, tiny_recipe_dict_module, glue_dir):
+    run_dir = _fresh_run(tmp_path, dense_dir, "other")
+    with monkeypatch.context() as m:
+        _kill_at_step(m, 5)
+        with pytest.raises(_Killed):
+            train_admm(_recipe(tiny_recipe_dict_module, rho=1e-2), run_dir, str(glue_dir))
+    with pytest.raises(RunDirError, match="other settings") as err:
+        train_admm(_recipe(tiny_recipe_dict_module, rho=2e-2), run_dir, str(glue_dir))
+    assert "Delete" in err.value.hint
