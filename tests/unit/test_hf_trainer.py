@@ -331,3 +331,24 @@ def test_proximal_mode_runs_in_a_plain_trainer(tmp_path):
             assert count_nm_violations(model.get_parameter(fqn).detach().numpy(), "2:4", axis=1)[1] == 0
     # measured: about 0.37 (rho = 1e-8) vs 0.05 (rho = 200)
     assert pruned_share[200.0] < 0.5 * pruned_share[1e-8]
+
+
+@pytest.mark.skipif(not hasattr(ADMMSparsifier, "proximal_step"), reason="ADMMSparsifier has no proximal mode")
+def test_plain_trainer_resume_finds_the_state_in_output_dir(tmp_path):
+    """Without ADMMTrainer.train, a resumed run (global step > 0) reads output_dir/checkpoint-<step>/admm_state.pt."""
+
+    def run(out, stop_at=None, resume=None):
+        model = tiny_bert(seed=0 if resume is None else 7)
+        admm = ADMMCallback(pattern="2:4", rho=200.0, penalty_mode="proximal", update_interval=3)
+        Trainer(model=model, args=training_args(out, save_strategy="steps", save_steps=2),
+                train_dataset=tiny_dataset(), callbacks=[admm] + ([StopAt(stop_at)] if stop_at else [])
+                ).train(resume_from_checkpoint=resume)
+        return model, admm
+
+    ref_model, ref = run(tmp_path / "ref")
+    run(tmp_path / "killed", stop_at=8)
+    model, resumed = run(tmp_path / "killed", resume=str(tmp_path / "killed" / "checkpoint-8"))
+    assert resumed.sparsifier.history == ref.sparsifier.history
+    assert all(torch.equal(resumed.masks[k], ref.masks[k]) for k in ref.masks)
+    ref_state = ref_model.state_dict()
+    assert all(torch.equal(v, ref_state[k]) for k, v in model.state_dict().items())
