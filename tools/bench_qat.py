@@ -578,7 +578,7 @@ def source_record(cell: Cell, src: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Investigation: which quantizers make static INT8 PTQ collapse
 # ---------------------------------------------------------------------------------------------------------------
-def investigate(settings: dict, task: str, seed: int, src: dict, glue_dir, methods=("max", "percentile")) -> dict:
+def investigate(settings: dict, task: str, seed: int, model_dir: Path, glue_dir, methods=("max", "percentile")) -> dict:
     import torch
 
     from nxm_deploy.models import load_saved_model
@@ -587,12 +587,13 @@ def investigate(settings: dict, task: str, seed: int, src: dict, glue_dir, metho
 
     _setup_threads(settings)
     torch.manual_seed(seed)
-    base, tok = load_saved_model(src["sparse"])
-    targets = read_json(src["sparse"] / "manifest.json")["targets"]
+    base, tok = load_saved_model(model_dir)
+    targets = read_json(Path(model_dir) / "manifest.json").get("targets") or [
+        n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and layer_type(n)]
     heads = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n not in targets]
     _, data = _task_data(settings, task, seed, tok, glue_dir)
     fp_metrics = evaluate(base, data.dev, data.task)
-    out = {"task": task, "seed": seed, "sparse_model": str(src["sparse"]), "fp_score": task_score(task, fp_metrics)[0],
+    out = {"task": task, "seed": seed, "model_dir": str(model_dir), "fp_score": task_score(task, fp_metrics)[0],
            "fp_metrics": fp_metrics, "heads": heads, "calib_batches": settings["calib_batches"],
            "percentile": settings["percentile"], "methods": {}}
     cfgs = sensitivity_configs(targets, heads)
@@ -617,6 +618,66 @@ def investigate(settings: dict, task: str, seed: int, src: dict, glue_dir, metho
     return out
 
 
+MODELOPT_GROUPS = ("embeddings LayerNorm input", "attention LayerNorm inputs (residual sum)",
+                   "FFN LayerNorm inputs (residual sum)", "query inputs", "key inputs", "value inputs",
+                   "attn_out inputs", "ffn1 inputs", "ffn2 inputs", "pooler + classifier (W + A)", "encoder Linear weights")
+
+
+def modelopt_group(name: str) -> str | None:
+    """The group of an (enabled) ModelOpt quantizer of a BERT model, by its fqn (None: not grouped)."""
+    mod, _, qname = name.rpartition(".")
+    if mod.endswith("embeddings.LayerNorm"):
+        return "embeddings LayerNorm input"
+    if mod.endswith("attention.output.LayerNorm"):
+        return "attention LayerNorm inputs (residual sum)"
+    if mod.endswith("output.LayerNorm"):
+        return "FFN LayerNorm inputs (residual sum)"
+    if mod.endswith("pooler.dense") or mod == "classifier" or mod.endswith(".classifier"):
+        return "pooler + classifier (W + A)"
+    lt = layer_type(mod)
+    if lt is None:
+        return None
+    return "encoder Linear weights" if qname == "weight_quantizer" else f"{lt} inputs"
+
+
+def investigate_modelopt(settings: dict, task: str, seed: int, model_dir: Path, glue_dir) -> dict:
+    """ModelOpt INT8_DEFAULT_CFG PTQ (max, same batches) with each quantizer group disabled / alone."""
+    import torch
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from nxm_deploy.models import load_saved_model
+    from nxm_deploy.training.loop import evaluate
+
+    _setup_threads(settings)
+    torch.manual_seed(seed)
+    model, tok = load_saved_model(model_dir)
+    _, data = _task_data(settings, task, seed, tok, glue_dir)
+    calib = [{k: v for k, v in b.items() if k != "labels"} for _, b in zip(range(settings["calib_batches"]), data.train)]
+    mtq.quantize(model, mtq.INT8_DEFAULT_CFG, lambda m: [m(**b) for b in calib])
+    enabled = {n: q for n, q in model.named_modules() if isinstance(q, TensorQuantizer) and q.is_enabled}
+    groups = {n: modelopt_group(n) for n in enabled}
+    amax = {n: float(q.amax.abs().max()) for n, q in enabled.items() if "input" in n and q.amax is not None}
+    cfgs = [("all enabled (INT8_DEFAULT_CFG as is)", "baseline", set())]
+    present = [g for g in MODELOPT_GROUPS if g in groups.values()]
+    ln = {g for g in present if "LayerNorm" in g}
+    cfgs.append(("all LayerNorm inputs FP (Linear quantizers only)", "baseline", ln))
+    cfgs.append(("only LayerNorm inputs quantized", "baseline", set(present) - ln))
+    cfgs += [(f"{g} FP", "group: leave FP", {g}) for g in present]
+    cfgs += [(f"only {g} quantized", "group: alone", set(present) - {g}) for g in present]
+    rows = []
+    for name, group, off in cfgs:
+        for n, q in enabled.items():
+            q.disable() if groups[n] in off else q.enable()
+        metrics = evaluate(model, data.dev, data.task)
+        score = task_score(task, metrics)[0]
+        rows.append({"name": name, "group": group, "score": score, "metrics": metrics})
+        log.info("modelopt %s seed %d | %-55s %.2f", task, seed, name, score)
+    return {"rows": rows, "input_amax": amax, "enabled_quantizers": len(enabled),
+            "enabled_by_group": {g: sum(1 for v in groups.values() if v == g) for g in present},
+            "ungrouped": [n for n, g in groups.items() if g is None]}
+
+
 def render_investigation(runs: list[dict], command: str, env: dict) -> str:
     lines = ["# Static INT8 PTQ sensitivity of the 2:4 sparse MiniLM models: which quantizers cause the collapse", "",
              f"Command: `{command}`  ", f"Date (UTC): {now_utc()}  ",
@@ -629,7 +690,11 @@ def render_investigation(runs: list[dict], command: str, env: dict) -> str:
              "(2:4 sparse); pooler and classifier FP unless the row says otherwise. \"X inputs FP\" = the input "
              "(activation) quantizers of X disabled, every weight still INT8. Score = task score 0-100 on the full dev set.", ""]
     for run in runs:
-        lines += [f"## {run['task']} seed {run['seed']} (sparse FP score {run['fp_score']:.2f})", "",
+        if not run["methods"]:
+            lines += [f"## {run['task']} seed {run['seed']}, {run.get('model', 'sparse')} FP model (FP score {run['fp_score']:.2f})", ""]
+            lines += _render_modelopt(run)
+            continue
+        lines += [f"## {run['task']} seed {run['seed']}, {run.get('model', 'sparse')} FP model (FP score {run['fp_score']:.2f})", "",
                   "| configuration | group | " + " | ".join(run["methods"]) + " |",
                   "|---|---|" + "---|" * len(run["methods"])]
         names = [r["name"] for r in next(iter(run["methods"].values()))["rows"]]
@@ -647,8 +712,25 @@ def render_investigation(runs: list[dict], command: str, env: dict) -> str:
             by_type.setdefault(layer_type(n) or "head", []).append(v)
         lines += ["", "Max input amax per layer type (" + next(iter(run["methods"])) + "): "
                   + ", ".join(f"{t} {max(v):.1f}" for t, v in by_type.items()), ""]
+        lines += _render_modelopt(run)
     lines += ["## Finding", "", "(see the summary written by the benchmark author below, derived from the rows above)", ""]
     return "\n".join(lines) + "\n"
+
+
+def _render_modelopt(run: dict) -> list[str]:
+    lines = []
+    mo = run.get("modelopt")
+    if mo:
+        lines += [f"### ModelOpt INT8_DEFAULT_CFG PTQ ({mo['enabled_quantizers']} enabled quantizers: "
+                  + ", ".join(f"{g} {k}" for g, k in mo["enabled_by_group"].items()) + ")", "",
+                  "| configuration | group | score |", "|---|---|---|"]
+        lines += [f"| {r['name']} | {r['group']} | {r['score']:.2f} |" for r in mo["rows"]]
+        top = sorted(mo["input_amax"], key=mo["input_amax"].get, reverse=True)[:8]
+        lines += ["", "Largest ModelOpt input amax (max calibration): "
+                  + ", ".join(f"`{n}` {mo['input_amax'][n]:.1f}" for n in top), ""]
+    elif run.get("modelopt_error"):
+        lines += [f"ModelOpt investigation: not run ({run['modelopt_error']})", ""]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -793,6 +875,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--redo-mismatched", action="store_true", help="rerun cells whose file has other settings")
     p.add_argument("--report-only", action="store_true", help="only rebuild <out>.json/.md from the cell files")
     p.add_argument("--investigate", action="store_true", help="run the PTQ sensitivity study instead of the table")
+    p.add_argument("--investigate-model", choices=("sparse", "dense"), default="sparse",
+                   help="model of the sensitivity study (default: the sparse FP model; dense: bench_sparsity's dense "
+                        "model, for tasks whose sparse model is not there yet)")
+    p.add_argument("--investigate-peer-only", action="store_true",
+                   help="sensitivity study of ModelOpt's INT8_DEFAULT_CFG only (skip our max/percentile rows)")
     p.add_argument("--investigate-out", default="benchmarks/qat_sensitivity", help="(default: benchmarks/qat_sensitivity)")
     p.add_argument("-v", "--verbose", action="store_true", help="INFO logs of the training stages")
     return p.parse_args(argv)
@@ -830,14 +917,38 @@ def main(argv=None) -> int:
         for task in tasks:
             for seed in seeds:
                 src = sparse_source(swd, task, seed, args.sparse_method)
-                if not src["sparse_ready"]:
-                    log.warning("%s seed %d: no sparse model at %s yet (waiting on bench_sparsity): skipped",
-                                task, seed, src["sparse"])
+                kind = args.investigate_model
+                if not src[f"{kind}_ready"]:
+                    log.warning("%s seed %d: no %s model at %s yet (waiting on bench_sparsity): skipped",
+                                task, seed, kind, src[kind])
                     continue
-                runs.append(investigate(settings, task, seed, src, glue_dir))
                 stem = str(args.investigate_out).removesuffix(".json").removesuffix(".md")
-                atomic_write_json(Path(stem + ".json"), {"command": command_line(), "date_utc": now_utc(), **env, "runs": runs})
-                md = render_investigation(runs, command_line(), env)
+                prev = {}
+                if Path(stem + ".json").is_file():
+                    prev = {(r["task"], r["seed"], r["calib_batches"], r["percentile"], r.get("model", "sparse")): r
+                            for r in read_json(Path(stem + ".json")).get("runs", [])}
+                run = prev.get((task, seed, settings["calib_batches"], settings["percentile"], kind))
+                if run is not None and (run.get("max_eval_examples") != settings["max_eval_examples"]
+                                        or run.get("model", "sparse") != kind):
+                    run = None
+                if run is None:
+                    run = investigate(settings, task, seed, src[kind], glue_dir,
+                                      () if args.investigate_peer_only else ("max", "percentile"))
+                    run["model"], run["command"] = kind, command_line()
+                    run["max_eval_examples"] = settings["max_eval_examples"]
+                if "modelopt" not in run:
+                    try:
+                        run["modelopt"] = {**investigate_modelopt(settings, task, seed, src[kind], glue_dir),
+                                           "command": command_line()}
+                        run.pop("modelopt_error", None)
+                    except ImportError as exc:
+                        run["modelopt_error"] = f"{type(exc).__name__}: {exc}"
+                runs.append(run)
+                others = [r for r in prev.values() if (r["task"], r["seed"], r.get("model", "sparse"))
+                          not in {(x["task"], x["seed"], x.get("model", "sparse")) for x in runs}]
+                atomic_write_json(Path(stem + ".json"), {"command": command_line(), "date_utc": now_utc(), **env,
+                                                         "runs": others + runs})
+                md = render_investigation(others + runs, command_line(), env)
                 if args.notes and Path(args.notes).is_file():
                     md = md.replace("(see the summary written by the benchmark author below, derived from the rows above)\n",
                                     Path(args.notes).read_text())

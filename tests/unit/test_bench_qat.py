@@ -182,3 +182,14 @@ def test_layer_type_and_sensitivity_configs():
     assert cfgs["all + pooler/classifier quantized (ModelOpt default scope)"]["fp_inputs"] == []
     only = cfgs["only layer 1 inputs quantized"]["fp_inputs"]
     assert set(only) == set(targets[:6]) | set(heads)
+
+
+def test_modelopt_quantizer_groups():
+    assert bq.modelopt_group("bert.encoder.layer.3.output.LayerNorm.input_quantizer") == "FFN LayerNorm inputs (residual sum)"
+    assert bq.modelopt_group("bert.encoder.layer.3.attention.output.LayerNorm.input_quantizer") == \
+        "attention LayerNorm inputs (residual sum)"
+    assert bq.modelopt_group("bert.embeddings.LayerNorm.input_quantizer") == "embeddings LayerNorm input"
+    assert bq.modelopt_group("bert.encoder.layer.0.output.dense.input_quantizer") == "ffn2 inputs"
+    assert bq.modelopt_group("bert.encoder.layer.0.output.dense.weight_quantizer") == "encoder Linear weights"
+    assert bq.modelopt_group("classifier.input_quantizer") == "pooler + classifier (W + A)"
+    assert bq.modelopt_group("bert.embeddings.word_embeddings.weight_quantizer") is None
