@@ -41,8 +41,32 @@ def nm_mask(weight: torch.Tensor, pattern: NMPattern | str) -> torch.Tensor:
     pattern = NMPattern.parse(pattern)
     _check_shape(tuple(weight.shape), pattern, "Weight")
     groups = weight.detach().abs().reshape(-1, pattern.m_group)
+    if pattern.m_group <= _RANK_COUNT_MAX_GROUP:
+        return _rank_count_mask(groups, pattern).reshape(weight.shape)
     order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, : pattern.n_keep]
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True).reshape(weight.shape)
+
+
+#: Up to this group size the mask is computed by rank counting (m*(m-1) vectorised comparisons over contiguous
+#: columns), which is 2-3x faster than a stable sort of [G, m] rows on CPU; larger groups use the sort.
+_RANK_COUNT_MAX_GROUP = 8
+
+
+def _rank_count_mask(groups: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """Keep entry i of a group iff its rank < n_keep, rank_i = #{j < i: a_j >= a_i} + #{j > i: a_j > a_i}.
+
+    This is the stable descending order (ties go to the lower index), so it equals the sort-based mask exactly.
+    ``groups``: ``[G, m_group]`` magnitudes; returns bool ``[G, m_group]``.
+    """
+    cols = groups.t().contiguous()  # [m_group, G]: every comparison reads two contiguous rows
+    keep = []
+    for i in range(pattern.m_group):
+        rank = torch.zeros(cols.shape[1], dtype=torch.uint8, device=cols.device)
+        for j in range(pattern.m_group):
+            if j != i:
+                rank += (cols[j] >= cols[i]) if j < i else (cols[j] > cols[i])
+        keep.append(rank < pattern.n_keep)
+    return torch.stack(keep, dim=1)
 
 
 def nm_project(weight: torch.Tensor, pattern: NMPattern | str) -> torch.Tensor:

@@ -130,3 +130,18 @@ def test_mask_equals_stable_sort_reference_on_ties(pattern):
     order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, : p.n_keep]
     reference = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True).reshape(w.shape)
     assert torch.equal(nm_mask(w, p), reference)
+
+
+@pytest.mark.parametrize("pattern", ["1:4", "2:4", "3:4", "2:8", "4:8"])
+def test_rank_count_path_equals_the_stable_sort_mask(pattern):
+    """The fast rank-count mask (group size <= 8) is the stable-sort mask, ties included."""
+    from nxm_deploy.sparsity.mask import _rank_count_mask
+
+    p = NMPattern.parse(pattern)
+    g = torch.Generator().manual_seed(3)
+    values = torch.randint(0, 4, (512, p.m_group * 4), generator=g).float()  # many ties
+    values[::7] = torch.randn(values[::7].shape, generator=g)
+    groups = values.abs().reshape(-1, p.m_group)
+    order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, : p.n_keep]
+    expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True)
+    assert torch.equal(_rank_count_mask(groups, p), expected)
