@@ -32,7 +32,6 @@ After each Z/U update, ``ddp_sync`` broadcasts Z, U and masks from rank 0 (defau
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -46,7 +45,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from nxm_deploy.errors import ConfigError, NxmError
 from nxm_deploy.sparsity.admm import ADMMSparsifier, apply_masks_
-from nxm_deploy.sparsity.targets import DEFAULT_INCLUDE, LayerDecision, select_targets, target_names
+from nxm_deploy.sparsity.targets import DEFAULT_INCLUDE, LayerDecision, require_targets, target_names
 
 log = logging.getLogger("nxm_deploy.integrations")
 
@@ -241,25 +240,8 @@ class ADMMCallback(TrainerCallback):
             raise ConfigError("ADMMCallback already finished its ADMM run (hard projection done).",
                               hint="Use MaskedFinetuneCallback(admm.masks) to train further, or a new ADMMCallback.")
         model = unwrap_model(model)
-        linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-        unmatched = [g for g in self.include if not any(fnmatch.fnmatchcase(n, g) for n in linear_names)]
-        if unmatched:
-            raise ConfigError(
-                f"ADMM include glob(s) {unmatched} match no nn.Linear module of {type(model).__name__}: every "
-                "include rule must select at least one layer.",
-                hint=f"Globs are fnmatch patterns over module names; this model's Linear modules include "
-                f"{linear_names[:3]}.",
-            )
-        for glob in self.exclude:
-            if not any(fnmatch.fnmatchcase(n, glob) for n in linear_names):
-                log.warning("ADMM exclude glob '%s' matches no nn.Linear module of %s.", glob, type(model).__name__)
-        decisions = select_targets(model, self.sparsifier.pattern, self.include, self.exclude)
+        decisions = require_targets(model, self.sparsifier.pattern, self.include, self.exclude)
         names = target_names(decisions)
-        if not names:
-            reasons = sorted({d.reason for d in decisions})
-            raise ConfigError(f"ADMM: no nn.Linear of {type(model).__name__} is a {self.sparsifier.pattern} target "
-                              f"(include {list(self.include)}, exclude {list(self.exclude)}): {reasons}.",
-                              hint="Loosen the exclude rules or pick a pattern whose group divides in_features.")
         self.sparsifier.prepare(model, [{"tensor_fqn": f"{name}.weight"} for name in names])
         self.decisions = decisions
         self._epochs_done = 0

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from nxm_deploy.errors import ConfigError
 from nxm_deploy.sparsity.pattern import NMPattern
 
 #: Default rule: every Linear inside the transformer layer stack, i.e. Q, K, V, attention output, FFN1 and
@@ -75,6 +76,39 @@ def select_targets(
             )
         else:
             decisions.append(LayerDecision(name, shape, True, f"target: matches '{matched}'"))
+    return decisions
+
+
+def require_targets(
+    model: nn.Module,
+    pattern: NMPattern,
+    include: tuple[str, ...] | list[str] = DEFAULT_INCLUDE,
+    exclude: tuple[str, ...] | list[str] = (),
+) -> list[LayerDecision]:
+    """:func:`select_targets`, refusing rules that cannot be what the user meant.
+
+    Raises:
+        ConfigError: an include or exclude glob matches no ``nn.Linear`` of the model (a typo, or rules written
+            for another architecture), or no Linear is eligible at all (every one skipped; the reasons are listed).
+    """
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for kind, globs in (("include", include), ("exclude", exclude)):
+        unmatched = [g for g in globs if not any(fnmatch.fnmatchcase(n, g) for n in linear_names)]
+        if unmatched:
+            raise ConfigError(
+                f"sparsity.{kind} glob(s) {unmatched} match no nn.Linear module of {type(model).__name__}: every "
+                f"{kind} rule must select at least one layer.",
+                hint=f"Globs are fnmatch patterns over module names, e.g. '*.layer.*'; this model's Linear modules "
+                f"include {linear_names[:3]}{' ...' if len(linear_names) > 3 else ''}.",
+            )
+    decisions = select_targets(model, pattern, include, exclude)
+    if not target_names(decisions):
+        reasons = sorted({d.reason for d in decisions}) or ["the model has no nn.Linear module"]
+        raise ConfigError(
+            f"No nn.Linear of {type(model).__name__} is eligible for {pattern} (include {list(include)}, "
+            f"exclude {list(exclude)}): {'; '.join(reasons)}.",
+            hint="Loosen the exclude rules, or pick a pattern whose group size divides the layers' in_features.",
+        )
     return decisions
 
 

@@ -31,7 +31,7 @@ from nxm_deploy.models import load_base_model, load_saved_model
 from nxm_deploy.quantization import calibrate, quantize_model_, quantized_modules
 from nxm_deploy.sparsity import count_nm_violations, nm_mask
 from nxm_deploy.sparsity.admm import ADMMSparsifier, apply_masks_
-from nxm_deploy.sparsity.targets import select_targets, target_names
+from nxm_deploy.sparsity.targets import require_targets, target_names
 from nxm_deploy.training.loop import evaluate, train_loop
 
 log = logging.getLogger("nxm_deploy.training")
@@ -278,13 +278,8 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
     student = copy.deepcopy(teacher)
     data = _TaskData(recipe, tokenizer, glue_dir)
 
-    decisions = select_targets(student, pattern, recipe.sparsity.include, recipe.sparsity.exclude)
+    decisions = require_targets(student, pattern, recipe.sparsity.include, recipe.sparsity.exclude)
     targets = target_names(decisions)
-    if not targets:
-        raise SparsityVerificationError(
-            f"No Linear layer matches the sparsity rules {recipe.sparsity.include} (exclude {recipe.sparsity.exclude}).",
-            hint="Fix sparsity.include in the recipe; `*.layer.*` selects every encoder layer.",
-        )
     kd_or_task = _kd_loss_fn(teacher, recipe) if acfg.distill else _task_loss_fn()
     epoch_metrics, history, stats = [], [], None
     if acfg.method == "admm":

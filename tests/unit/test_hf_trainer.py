@@ -288,7 +288,7 @@ def test_bad_inputs_are_config_errors(tmp_path):
                           admm=ADMMCallback(include=["*.decoder.*"]))
     with pytest.raises(ConfigError, match=r"\*\.decoder\.\*"):
         trainer.train()
-    with pytest.raises(ConfigError, match="no nn.Linear .* is a 2:4 target"):
+    with pytest.raises(ConfigError, match="No nn.Linear of .* is eligible for 2:4"):
         ADMMCallback(exclude=["*"]).setup(tiny_bert())
 
 

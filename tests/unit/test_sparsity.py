@@ -145,3 +145,26 @@ def test_rank_count_path_equals_the_stable_sort_mask(pattern):
     order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, : p.n_keep]
     expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True)
     assert torch.equal(_rank_count_mask(groups, p), expected)
+
+
+def test_require_targets_refuses_globs_that_match_nothing_and_models_without_eligible_layers():
+    from torch import nn
+
+    from nxm_deploy.sparsity.targets import require_targets
+
+    model = tiny_classifier("bert")
+    pattern = NMPattern.parse("2:4")
+    assert len(target_names(require_targets(model, pattern))) == 12
+    with pytest.raises(ConfigError, match=r"include glob\(s\) \['\*\.layers\.\*'\] match no nn.Linear") as err:
+        require_targets(model, pattern, include=["*.layers.*"])
+    assert "encoder.layer" in err.value.hint  # shows real module names
+    with pytest.raises(ConfigError, match=r"exclude glob\(s\) \['\*\.qkv'\]"):
+        require_targets(model, pattern, exclude=["*.qkv"])
+    with pytest.raises(ConfigError, match="No nn.Linear of .* is eligible for 2:4.*excluded by rule"):
+        require_targets(model, pattern, exclude=["*"])
+
+    odd = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))  # 6 inputs: no whole 1:4/2:4 group rows... 8 ok
+    with pytest.raises(ConfigError, match="not a multiple of m_group 16"):
+        require_targets(odd, NMPattern.parse("4:16"), include=["*"])
+    with pytest.raises(ConfigError, match="no nn.Linear module"):
+        require_targets(nn.Sequential(nn.ReLU()), pattern, include=[])
