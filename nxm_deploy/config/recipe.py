@@ -109,6 +109,15 @@ class QATStageConfig(_Strict):
     percentile: float = Field(99.99, gt=50, le=100)
     learn_amax: bool = True
     distill: bool = True
+    num_bits: int = Field(8, description="quantization width; only 8 (symmetric INT8 Q/DQ) is supported")
+
+    @field_validator("num_bits")
+    @classmethod
+    def _int8_only(cls, value: int) -> int:
+        from nxm_deploy.quantization.fake_quant import check_num_bits
+
+        check_num_bits(value)
+        return value
 
 
 class TrainConfig(_Strict):

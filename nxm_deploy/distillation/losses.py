@@ -29,6 +29,32 @@ class DistillationConfig(BaseModel):
     temperature: float = Field(2.0, gt=0, description="softmax temperature T of the soft loss")
 
 
+def check_teacher(student, teacher) -> None:
+    """Refuse a KD teacher whose label set differs from the student's (HF ``config.num_labels`` / ``id2label``).
+
+    Distillation compares logits column by column, so the teacher must predict the same classes in the same
+    order (or both be regression heads, ``num_labels == 1``).
+
+    Raises:
+        ConfigError: naming both label sets when they differ.
+    """
+    from nxm_deploy.errors import ConfigError
+
+    s_cfg, t_cfg = getattr(student, "config", None), getattr(teacher, "config", None)
+    if s_cfg is None or t_cfg is None:
+        return
+    s_labels = {int(k): str(v) for k, v in (getattr(s_cfg, "id2label", None) or {}).items()}
+    t_labels = {int(k): str(v) for k, v in (getattr(t_cfg, "id2label", None) or {}).items()}
+    if s_cfg.num_labels != t_cfg.num_labels or (s_labels and t_labels and s_labels != t_labels):
+        raise ConfigError(
+            f"KD teacher label set {t_cfg.num_labels} labels {t_labels} differs from the student's "
+            f"{s_cfg.num_labels} labels {s_labels}: distillation compares logits class by class, so both must "
+            "predict the same classes in the same order.",
+            hint="Use a teacher fine-tuned on the same task (the dense model of this run for the sparse stage, the "
+            "sparse FP model for QAT), or turn distillation off.",
+        )
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,

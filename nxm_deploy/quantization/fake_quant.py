@@ -37,6 +37,20 @@ def _grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     return (x - x * scale).detach() + x * scale
 
 
+def check_num_bits(num_bits) -> None:
+    """Only 8-bit symmetric quantization is supported (INT8 Q/DQ with zero point 0, what TensorRT consumes).
+
+    Raises:
+        ConfigError: for any other value.
+    """
+    if num_bits != 8 or isinstance(num_bits, bool):
+        raise ConfigError(
+            f"num_bits={num_bits!r} is not supported: nxm-deploy quantizes to symmetric INT8 only (num_bits 8), "
+            "the type of TensorRT's QuantizeLinear/DequantizeLinear on sparse tensor cores.",
+            hint="Set num_bits: 8 (or drop it); INT4/FP8 weight-only schemes are a different export path.",
+        )
+
+
 class TensorQuantizer(nn.Module):
     """Symmetric INT8 fake quantizer with a learnable ``amax``.
 
@@ -44,13 +58,18 @@ class TensorQuantizer(nn.Module):
         axis (int | None): channel axis for per-channel scales (0 for a Linear weight), None for per-tensor.
         num_channels (int): size of ``axis`` (ignored when per-tensor).
         learn_amax (bool): train ``amax`` with the LSQ gradient. Defaults to True.
+        num_bits (int): must be 8 (symmetric INT8, the TensorRT Q/DQ type); other widths raise.
+
+    Raises:
+        ConfigError: ``num_bits`` other than 8.
 
     Modes: ``calibrating`` (records max |x| per channel and, per tensor, a sample of |x| for percentile
     calibration; output = input), normal fake-quant, and ``exporting`` (ONNX-friendly torch ops).
     """
 
-    def __init__(self, axis: int | None = None, num_channels: int = 1, learn_amax: bool = True):
+    def __init__(self, axis: int | None = None, num_channels: int = 1, learn_amax: bool = True, num_bits: int = 8):
         super().__init__()
+        check_num_bits(num_bits)
         self.axis = axis
         shape = (num_channels,) if axis is not None else ()
         self.amax = nn.Parameter(torch.ones(shape), requires_grad=learn_amax)

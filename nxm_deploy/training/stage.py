@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from nxm_deploy._io import atomic_dir, atomic_write_json, read_json
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.data import get_task, load_task_split, make_dataloader, resolve_glue_dir
-from nxm_deploy.distillation import distillation_loss
+from nxm_deploy.distillation import check_teacher, distillation_loss
 from nxm_deploy.errors import RunDirError, SparsityVerificationError
 from nxm_deploy.models import load_base_model, load_saved_model
 from nxm_deploy.quantization import calibrate, quantize_model_, quantized_modules
@@ -69,8 +69,14 @@ def _split_labels(batch: dict) -> tuple[dict, torch.Tensor]:
     return batch, batch.pop("labels")
 
 
-def _kd_loss_fn(teacher, recipe: Recipe):
-    """``compute_loss`` for a student distilled from a frozen ``teacher`` (eval mode, no_grad, same batch)."""
+def _kd_loss_fn(teacher, recipe: Recipe, student=None):
+    """``compute_loss`` for a student distilled from a frozen ``teacher`` (eval mode, no_grad, same batch).
+
+    Raises:
+        ConfigError: the teacher's label set differs from ``student``'s (see :func:`check_teacher`).
+    """
+    if student is not None:
+        check_teacher(student, teacher)
     kd_cfg = recipe.train.distillation
     teacher.eval()
     for p in teacher.parameters():
@@ -280,7 +286,7 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
 
     decisions = require_targets(student, pattern, recipe.sparsity.include, recipe.sparsity.exclude)
     targets = target_names(decisions)
-    kd_or_task = _kd_loss_fn(teacher, recipe) if acfg.distill else _task_loss_fn()
+    kd_or_task = _kd_loss_fn(teacher, recipe, student) if acfg.distill else _task_loss_fn()
     epoch_metrics, history, stats = [], [], None
     if acfg.method == "admm":
         masks, history, stats = _admm_phase(student, targets, data, task, recipe, run_dir, kd_or_task, epoch_metrics)
@@ -366,7 +372,7 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
     log.info("PTQ INT8 dev %s (%.1fs calibration)", ptq_metrics, time.perf_counter() - t0)
     stats = None
     if qcfg.epochs > 0:
-        loss_fn = _kd_loss_fn(teacher, recipe) if qcfg.distill else _task_loss_fn()
+        loss_fn = _kd_loss_fn(teacher, recipe, student) if qcfg.distill else _task_loss_fn()
         stats = train_loop(
             student, data.train, epochs=qcfg.epochs, learning_rate=qcfg.learning_rate, weight_decay=cfg.weight_decay,
             warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm, compute_loss=loss_fn,

@@ -68,3 +68,25 @@ def test_temperature_must_be_positive():
     with pytest.raises(Exception):
         DistillationConfig(temperature=0)
     assert math.isclose(DistillationConfig().beta, 10.0)
+
+
+def test_teacher_with_another_label_set_is_refused():
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from nxm_deploy.distillation import check_teacher
+    from nxm_deploy.errors import ConfigError
+
+    def model(**kw):
+        cfg = AutoConfig.for_model("bert", vocab_size=50, num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                                   intermediate_size=32, **kw)
+        return AutoModelForSequenceClassification.from_config(cfg)
+
+    student = model(num_labels=2, id2label={0: "entailment", 1: "not_entailment"})
+    check_teacher(student, model(num_labels=2, id2label={0: "entailment", 1: "not_entailment"}))  # same: fine
+    with pytest.raises(ConfigError, match="teacher label set 3 labels") as err:
+        check_teacher(student, model(num_labels=3))
+    assert "same task" in err.value.hint
+    with pytest.raises(ConfigError, match="'not_entailment'"):  # same count, other order
+        check_teacher(student, model(num_labels=2, id2label={0: "not_entailment", 1: "entailment"}))
+    with pytest.raises(ConfigError, match="1 labels"):  # regression teacher for a classifier
+        check_teacher(student, model(num_labels=1))

@@ -138,3 +138,15 @@ def test_non_finite_calibration_is_an_error():
     x[0, 0] = float("nan")
     with pytest.raises(ConfigError, match="non-finite amax"):
         calibrate(q, lambda m: m(x))
+
+
+@pytest.mark.parametrize("bits", [4, 16, True])
+def test_num_bits_other_than_8_is_refused(bits):
+    from nxm_deploy.config.recipe import recipe_from_dict
+
+    with pytest.raises(ConfigError, match=f"num_bits={bits!r} is not supported"):
+        TensorQuantizer(num_bits=bits)
+    with pytest.raises(ConfigError, match="num_bits"):
+        recipe_from_dict({"name": "x", "model": {"source": "minilm"}, "task": {"name": "rte"},
+                          "train": {"qat": {"num_bits": bits}}})
+    assert TensorQuantizer(num_bits=8).num_bits == 8
