@@ -374,7 +374,14 @@ def build_recipe_dict(base: dict, settings: dict, task: str, seed: int, method: 
         put(admm, "rho", settings.get("rho"))
         put(admm, "masked_finetune_epochs", settings.get("masked_finetune_epochs"))
         put(admm, "distill", settings.get("kd"))
+        put(admm, "penalty_mode", settings.get("penalty_mode"))
+        put(admm, "update_interval", settings.get("update_interval"))
+        put(admm, "u_init", settings.get("u_init"))
     return r
+
+
+#: ``train.admm`` fields that only the ADMM method reads (left out of a magnitude cell's fingerprint).
+ADMM_ONLY_FIELDS = ("rho", "rho_factor", "rho_max", "update_interval", "u_init", "penalty_mode")
 
 
 def fingerprint(recipe: dict, dense: bool) -> str:
@@ -386,6 +393,8 @@ def fingerprint(recipe: dict, dense: bool) -> str:
     train = {k: v for k, v in recipe.get("train", {}).items() if k not in ("qat", "num_threads")}
     if dense:
         train = {k: v for k, v in train.items() if k not in ("admm", "distillation")}
+    elif train.get("admm", {}).get("method") == "magnitude":  # the ADMM-only fields do not touch a magnitude cell
+        train["admm"] = {k: v for k, v in train["admm"].items() if k not in ADMM_ONLY_FIELDS}
     parts = {"model": recipe.get("model"), "task": recipe.get("task"), "train": train}
     if not dense:
         parts["sparsity"] = recipe.get("sparsity")
@@ -723,6 +732,14 @@ def build_report(*, records: dict, plan: list[Cell], tasks, seeds, variants, set
     }
 
 
+def _admm_desc(admm: dict) -> str:
+    """``rho 0.004, gradient penalty, Z/U update every epoch, U0 zero`` from the effective ``train.admm``."""
+    every = admm.get("update_interval", "epoch")
+    return (f"rho {admm.get('rho')}, {admm.get('penalty_mode', 'gradient')} penalty, Z/U update every "
+            f"{every if every == 'epoch' else f'{every} steps'}, U0 {admm.get('u_init', 'zero')}"
+            + (f", rho x{admm['rho_factor']} per update" if admm.get("rho_factor", 1.0) != 1.0 else ""))
+
+
 def render_markdown(report: dict) -> str:
     tasks, seeds, variants = report["tasks"], report["seeds"], report["variants"]
     s = report["settings"]
@@ -737,7 +754,7 @@ def render_markdown(report: dict) -> str:
         "",
         f"Protocol: model `{s.get('model')}`, base recipe {report['base_recipe']}; dense {s.get('epochs_dense')} epochs "
         f"at lr {s.get('lr_dense')}; sparse (both methods, from the same dense model): lr {s.get('lr')}, ADMM "
-        f"{s.get('epochs_sparse')} epochs (rho {s.get('rho')}) + {s.get('masked_finetune_epochs')} masked fine-tune "
+        f"{s.get('epochs_sparse')} epochs ({_admm_desc(s.get('admm') or {})}) + {s.get('masked_finetune_epochs')} masked fine-tune "
         f"epochs, magnitude {s.get('epochs_sparse')} + {s.get('masked_finetune_epochs')} masked fine-tune epochs; "
         f"max train examples {s.get('max_train_examples') or 'all'}.",
         "Score (0-100): " + "; ".join(f"{t}: {d}" for t, d in report["score_definition"].items()) + ".",
@@ -845,6 +862,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="learning rate of both sparse methods (base: 1e-4)")
     p.add_argument("--lr-dense", type=float, default=None, help="dense fine-tune learning rate (base: 5e-5)")
     p.add_argument("--rho", type=float, default=None, help="ADMM rho (base: 4e-3, constant; Z/U update once per epoch)")
+    p.add_argument("--penalty-mode", choices=("gradient", "proximal"), default=None,
+                   help="ADMM W-step: penalty in the loss (gradient, the authors' code) or exact prox step (proximal)")
+    p.add_argument("--update-interval", default=None,
+                   help="ADMM Z/U update: 'epoch' or every k steps (base: epoch)")
+    p.add_argument("--u-init", choices=("zero", "residual"), default=None, help="ADMM U0 (base: zero)")
     p.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True,
                    help="KD from the dense model for both sparse methods (default: on; --no-kd: task loss only)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
@@ -915,7 +937,9 @@ def main(argv=None) -> int:
         "epochs_sparse": args.epochs_sparse, "lr": args.lr, "rho": args.rho,
         "masked_finetune_epochs": args.masked_finetune_epochs, "kd": args.kd, "bf16": args.bf16,
         "max_train_examples": args.max_train_examples, "max_eval_examples": args.max_eval_examples,
-        "threads": args.threads,
+        "threads": args.threads, "penalty_mode": args.penalty_mode, "u_init": args.u_init,
+        "update_interval": (None if args.update_interval is None else
+                            args.update_interval if args.update_interval == "epoch" else int(args.update_interval)),
     }
     plan = plan_cells(tasks, args.methods, patterns, seeds)
     variants = list(dict.fromkeys(variant_name(m, p) for m, p in plan_variants(args.methods, patterns)))

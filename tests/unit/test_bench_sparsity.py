@@ -199,3 +199,17 @@ def test_planned_steps_follow_the_train_loop_budget():
     full = bs.build_recipe_dict(bs.BASE_RECIPE, {}, "rte", 0, "admm", "2:4")  # 3 ADMM + 1 masked epochs
     assert bs.planned_steps(cells["admm"], full, 2490) == 3 * 78 + 78
     assert bs.planned_steps(cells["magnitude"], full, 2490) == 4 * 78
+
+
+def test_admm_only_settings_leave_magnitude_cells_valid_but_not_admm_cells():
+    base = {"penalty_mode": None}
+    mag_a = bs.build_recipe_dict(bs.BASE_RECIPE, base, "mrpc", 0, "magnitude", "2:4")
+    mag_b = bs.build_recipe_dict(bs.BASE_RECIPE, {"penalty_mode": "proximal", "rho": 200.0, "update_interval": 20},
+                                 "mrpc", 0, "magnitude", "2:4")
+    assert bs.fingerprint(mag_a, dense=False) == bs.fingerprint(mag_b, dense=False)
+    adm_a = bs.build_recipe_dict(bs.BASE_RECIPE, base, "mrpc", 0, "admm", "2:4")
+    adm_b = bs.build_recipe_dict(bs.BASE_RECIPE, {"penalty_mode": "proximal"}, "mrpc", 0, "admm", "2:4")
+    assert adm_b["train"]["admm"]["penalty_mode"] == "proximal"
+    assert bs.fingerprint(adm_a, dense=False) != bs.fingerprint(adm_b, dense=False)
+    lr = bs.build_recipe_dict(bs.BASE_RECIPE, {"lr": 3e-4}, "mrpc", 0, "magnitude", "2:4")  # shared fields still count
+    assert bs.fingerprint(lr, dense=False) != bs.fingerprint(mag_a, dense=False)
