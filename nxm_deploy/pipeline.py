@@ -128,7 +128,7 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     run_dir = prepare_run_dir(recipe, run_dir, overwrite, info)
     timings = {}
     steps = [
-        ("train", lambda: train_stage(recipe, run_dir, glue_dir)),
+        ("train", lambda: train_stage(recipe, run_dir, glue_dir, skip_finished=True)),
         ("export", lambda: export_stage(recipe, run_dir, glue_dir)),
         ("engines", lambda: engine_stage(run_dir, info["engine_specs"])),
         ("validate", lambda: validate_stage(recipe, run_dir, glue_dir)),
