@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -120,12 +122,17 @@ CHECKPOINTS_DIR = "checkpoints"
 def _checkpointing(recipe: Recipe, run_dir: Path, stage: str, loop: str) -> dict:
     """``train_loop`` keyword arguments that make one loop of a stage resumable (``run_dir/checkpoints/...``).
 
-    The fingerprint is the recipe hash plus the loop name: a checkpoint left by another recipe is refused.
+    The fingerprint is a hash of the recipe (without the settings that change speed, not results: thread count,
+    checkpoint interval) plus the loop name: a checkpoint left by another recipe is refused.
     """
+    data = recipe.to_dict()
+    for key in ("num_threads", "checkpoint_every_steps"):
+        data["train"].pop(key, None)
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
     return {
         "checkpoint_dir": run_dir / CHECKPOINTS_DIR / stage / loop,
         "checkpoint_every": recipe.train.checkpoint_every_steps,
-        "checkpoint_fingerprint": f"{recipe.sha256()}:{stage}:{loop}",
+        "checkpoint_fingerprint": f"{digest}:{stage}:{loop}",
     }
 
 
