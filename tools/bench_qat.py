@@ -330,7 +330,7 @@ def sensitivity_configs(targets: list[str], heads: list[str]) -> list[dict]:
         {"name": "all quantized (W + A)", "group": "baseline", "fp_inputs": heads, "fp_weights": heads},
         {"name": "weights only (all activations FP)", "group": "baseline", "fp_inputs": targets + heads, "fp_weights": heads},
         {"name": "activations only (all weights FP)", "group": "baseline", "fp_inputs": heads, "fp_weights": targets + heads},
-        {"name": "all + pooler/classifier quantized (ModelOpt default scope)", "group": "baseline", "fp_inputs": [], "fp_weights": []},
+        {"name": "all + pooler/classifier quantized", "group": "baseline", "fp_inputs": [], "fp_weights": []},
     ]
     for t, mods in types.items():
         if mods:
@@ -597,11 +597,13 @@ def investigate(settings: dict, task: str, seed: int, model_dir: Path, glue_dir,
            "fp_metrics": fp_metrics, "heads": heads, "calib_batches": settings["calib_batches"],
            "percentile": settings["percentile"], "methods": {}}
     cfgs = sensitivity_configs(targets, heads)
+    # the same batches for every method: the first pass of the shuffled train loader (as run_ptq / train_qat see it)
+    calib = [{k: v for k, v in b.items() if k != "labels"} for _, b in zip(range(settings["calib_batches"]), data.train)]
     for method in methods:
         model = copy.deepcopy(base)
         quantize_model_(model, targets + heads, learn_amax=False)
         t0 = time.perf_counter()
-        calibrate(model, _forward_loop(data.train, settings["calib_batches"]), method, settings["percentile"])
+        calibrate(model, _forward_loop(calib, settings["calib_batches"]), method, settings["percentile"])
         qmods = quantized_modules(model)
         amax = {n: float(m.input_quantizer.amax) for n, m in qmods.items()}
         rows = []
@@ -687,14 +689,18 @@ def render_investigation(runs: list[dict], command: str, env: dict) -> str:
              "activations per tensor at each Linear input, static scales from the first "
              f"{runs[0]['calib_batches'] if runs else '?'} train batches (batch 32); `max` = max |x|, `percentile` = "
              f"{runs[0]['percentile'] if runs else '?'}th percentile of |x|. Targets: the 36 encoder Linears "
-             "(2:4 sparse); pooler and classifier FP unless the row says otherwise. \"X inputs FP\" = the input "
+             "(Q, K, V, attn-out, FFN1, FFN2 x 6 layers); pooler and classifier FP unless the row says otherwise. \"X inputs FP\" = the input "
              "(activation) quantizers of X disabled, every weight still INT8. Score = task score 0-100 on the full dev set.", ""]
     for run in runs:
+        cmds = list(dict.fromkeys(c for c in (run.get("command"), (run.get("modelopt") or {}).get("command")) if c))
+        head = [f"## {run['task']} seed {run['seed']}, {run.get('model', 'sparse')} FP model (FP score {run['fp_score']:.2f})",
+                "", f"Model: `{run.get('model_dir') or run.get('sparse_model')}`  ",
+                "Produced by: " + ", ".join(f"`{c}`" for c in cmds), ""]
         if not run["methods"]:
-            lines += [f"## {run['task']} seed {run['seed']}, {run.get('model', 'sparse')} FP model (FP score {run['fp_score']:.2f})", ""]
+            lines += head[:-1] + [""]
             lines += _render_modelopt(run)
             continue
-        lines += [f"## {run['task']} seed {run['seed']}, {run.get('model', 'sparse')} FP model (FP score {run['fp_score']:.2f})", "",
+        lines += head + ["### Our quantizers (QuantLinear), max vs percentile calibration", "",
                   "| configuration | group | " + " | ".join(run["methods"]) + " |",
                   "|---|---|" + "---|" * len(run["methods"])]
         names = [r["name"] for r in next(iter(run["methods"].values()))["rows"]]

@@ -179,7 +179,7 @@ def test_layer_type_and_sensitivity_configs():
     heads = ["bert.pooler.dense", "classifier"]
     cfgs = {c["name"]: c for c in bq.sensitivity_configs(targets, heads)}
     assert set(cfgs["ffn2 inputs FP"]["fp_inputs"]) == {targets[5], targets[11], *heads}
-    assert cfgs["all + pooler/classifier quantized (ModelOpt default scope)"]["fp_inputs"] == []
+    assert cfgs["all + pooler/classifier quantized"]["fp_inputs"] == []
     only = cfgs["only layer 1 inputs quantized"]["fp_inputs"]
     assert set(only) == set(targets[:6]) | set(heads)
 
