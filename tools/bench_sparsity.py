@@ -759,6 +759,7 @@ def render_markdown(report: dict) -> str:
         f"max train examples {s.get('max_train_examples') or 'all'}.",
         "Score (0-100): " + "; ".join(f"{t}: {d}" for t, d in report["score_definition"].items()) + ".",
         "",
+        *([report["notes"].rstrip(), ""] if report.get("notes") else []),
         "## Targets",
         "",
         "| target | ADMM avg | baseline avg | difference | required | result |",
@@ -981,6 +982,9 @@ def main(argv=None) -> int:
                               base_source=base_source, step_cost=step_cost, mismatched=mismatched, stopped=stopped,
                               command=command_line(), env=env, failed=failed)
         atomic_write_json(json_path, report)
+        notes = md_path.with_name(md_path.stem + "_notes.md")  # hand-written findings kept across regenerations
+        if notes.is_file():
+            report["notes"] = notes.read_text()
         atomic_write_text(md_path, render_markdown(report))
         return report
 
