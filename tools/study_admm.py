@@ -111,7 +111,7 @@ def bench_cells(task: str, seed: int, pattern: str, bench_cells_dir: Path) -> di
     slug = bs.pattern_slug(pattern)
     for name, file in (("dense", f"{task}__dense__seed{seed}.json"),
                        ("magnitude", f"{task}__magnitude__{slug}__seed{seed}.json"),
-                       ("admm (bench default)", f"{task}__admm__{slug}__seed{seed}.json")):
+                       ("admm (benchmark cell)", f"{task}__admm__{slug}__seed{seed}.json")):
         path = bench_cells_dir / file
         if path.is_file():
             out[name] = read_json(path)["score"]
@@ -128,7 +128,7 @@ def write_report(rows: list[dict], args, out: Path) -> None:
         "overrides only `train.admm` fields (shown). Score 0-100 as in benchmarks/sparsity_glue.md. "
         "'after proj.' = hard-projected model before the masked fine-tune; mask change / rel. residual per Z/U update.",
         "",
-        "| task | seed | pattern | variant | overrides | score | after proj. | dense | magnitude | ADMM (bench default) | mask change per update | last rel. residual | min |",
+        "| task | seed | pattern | variant | overrides | score | after proj. | dense | magnitude (benchmark cell) | ADMM (benchmark cell) | mask change per update | last rel. residual | min |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -140,8 +140,11 @@ def write_report(rows: list[dict], args, out: Path) -> None:
         lines.append(
             f"| {r['task']} | {r['seed']} | {r['pattern']} | {r['variant']} | `{json.dumps(r['overrides'])}` | "
             f"{bs._f(r.get('score'))} | {bs._f(r.get('score_after_projection'))} | {bs._f(b.get('dense'))} | "
-            f"{bs._f(b.get('magnitude'))} | {bs._f(b.get('admm (bench default)'))} | {mc or '-'} | "
+            f"{bs._f(b.get('magnitude'))} | {bs._f(b.get('admm (benchmark cell)'))} | {mc or '-'} | "
             f"{bs._f(rr, 3)} | {bs._f(r.get('minutes'))} |")
+    notes = out.with_name(out.name + "_notes.md")  # hand-written findings kept across regenerations
+    if notes.is_file():
+        lines += ["", notes.read_text().rstrip()]
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     atomic_write_json(out.with_suffix(".json"), {"command": bs.command_line(), "machine": machine_line(), "rows": rows})
 
