@@ -11,7 +11,9 @@ Protocol (the same for every method, only ``train.admm.method`` and ``sparsity.p
   learning rate, KD from the dense model on by default for both (``--no-kd``).
 
 Every other training setting comes from a built-in base recipe that mirrors ``recipes/minilm_rte_2of4_int8.yaml``
-(batch 32, max_seq_length 128, ADMM rho 4e-3 x1.3 per Z/U update capped at 0.1, Z/U update every 20 steps, KD
+(batch 32, max_seq_length 128; ADMM: proximal W-step with rho 50, constant, Z/U update once per epoch, U0 = 0 --
+chosen by tools/study_admm.py, see benchmarks/admm_study.md; ``--penalty-mode gradient --rho 0.004`` is the authors'
+gradient form; KD
 alpha 1 / beta 10 / gamma 1 / T 2), or from ``--recipe`` (a YAML recipe whose train/sparsity/model/task sections
 are the base; its task name is replaced per cell).
 
@@ -94,8 +96,9 @@ BASE_RECIPE: dict = {
         "bf16": True,
         "dense": {"epochs": 3, "learning_rate": 5.0e-5},
         "admm": {
-            "method": "admm", "epochs": 3, "learning_rate": 1.0e-4, "rho": 4.0e-3, "rho_factor": 1.0, "rho_max": None,
+            "method": "admm", "epochs": 3, "learning_rate": 1.0e-4, "rho": 50.0, "rho_factor": 1.0, "rho_max": None,
             "update_interval": "epoch", "u_init": "zero", "masked_finetune_epochs": 1, "distill": True,
+            "penalty_mode": "proximal",
         },
         "distillation": {"alpha": 1.0, "beta": 10.0, "gamma": 1.0, "temperature": 2.0},
     },
@@ -862,7 +865,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--masked-finetune-epochs", type=float, default=None, help="after the hard projection (base: 1)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of both sparse methods (base: 1e-4)")
     p.add_argument("--lr-dense", type=float, default=None, help="dense fine-tune learning rate (base: 5e-5)")
-    p.add_argument("--rho", type=float, default=None, help="ADMM rho (base: 4e-3, constant; Z/U update once per epoch)")
+    p.add_argument("--rho", type=float, default=None, help="ADMM rho (base: 50 with the proximal W-step; the gradient form used 4e-3)")
     p.add_argument("--penalty-mode", choices=("gradient", "proximal"), default=None,
                    help="ADMM W-step: penalty in the loss (gradient, the authors' code) or exact prox step (proximal)")
     p.add_argument("--update-interval", default=None,
