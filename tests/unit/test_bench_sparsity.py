@@ -208,8 +208,8 @@ def test_admm_only_settings_leave_magnitude_cells_valid_but_not_admm_cells():
                                  "mrpc", 0, "magnitude", "2:4")
     assert bs.fingerprint(mag_a, dense=False) == bs.fingerprint(mag_b, dense=False)
     adm_a = bs.build_recipe_dict(bs.BASE_RECIPE, base, "mrpc", 0, "admm", "2:4")
-    adm_b = bs.build_recipe_dict(bs.BASE_RECIPE, {"penalty_mode": "proximal"}, "mrpc", 0, "admm", "2:4")
-    assert adm_b["train"]["admm"]["penalty_mode"] == "proximal"
+    adm_b = bs.build_recipe_dict(bs.BASE_RECIPE, {"penalty_mode": "gradient"}, "mrpc", 0, "admm", "2:4")
+    assert adm_b["train"]["admm"]["penalty_mode"] == "gradient"
     assert bs.fingerprint(adm_a, dense=False) != bs.fingerprint(adm_b, dense=False)
     lr = bs.build_recipe_dict(bs.BASE_RECIPE, {"lr": 3e-4}, "mrpc", 0, "magnitude", "2:4")  # shared fields still count
     assert bs.fingerprint(lr, dense=False) != bs.fingerprint(mag_a, dense=False)
