@@ -839,7 +839,9 @@ def render_markdown(report: dict, notes: str = "") -> str:
                      f"{_f(c.get('minutes'), 1)} | {note} |")
     lines += ["", f"## Missing cells ({len(report['missing'])})", ""]
     waiting = report.get("waiting_on_bench_sparsity") or {}
-    lines += [f"- {k}" + (f" (waiting on bench_sparsity: {waiting[k]})" if k in waiting else "")
+    lines += [f"- {k}" + (f" (waiting on bench_sparsity: {waiting[k]})" if k in waiting else
+                          f" ({report['failed'][k]})" if k in (report.get("failed") or {}) else
+                          " (its sparse model exists: not run yet, time budget)")
               for k in report["missing"]] or ["none: the table is complete"]
     if report.get("failed"):
         lines += ["", "Failed in the latest sitting: " + "; ".join(f"{k}: {v}" for k, v in report["failed"].items())]
