@@ -18,6 +18,7 @@ import copy
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -138,8 +139,6 @@ def _checkpointing(recipe: Recipe, run_dir: Path, stage: str, loop: str) -> dict
 
 def _drop_checkpoints(run_dir: Path, stage: str) -> None:
     """Remove a stage's loop checkpoints once its artifact is written (they are only for resuming a killed run)."""
-    import shutil
-
     shutil.rmtree(run_dir / CHECKPOINTS_DIR / stage, ignore_errors=True)
     with contextlib.suppress(OSError):
         (run_dir / CHECKPOINTS_DIR).rmdir()
