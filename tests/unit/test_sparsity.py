@@ -163,7 +163,7 @@ def test_require_targets_refuses_globs_that_match_nothing_and_models_without_eli
     with pytest.raises(ConfigError, match="No nn.Linear of .* is eligible for 2:4.*excluded by rule"):
         require_targets(model, pattern, exclude=["*"])
 
-    odd = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))  # 6 inputs: no whole 1:4/2:4 group rows... 8 ok
+    odd = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))  # in_features 6 and 8: neither holds a group of 16
     with pytest.raises(ConfigError, match="not a multiple of m_group 16"):
         require_targets(odd, NMPattern.parse("4:16"), include=["*"])
     with pytest.raises(ConfigError, match="no nn.Linear module"):
