@@ -108,6 +108,13 @@ def main() -> None:
             "checksums": [g.tolist() for g in gathered],
             "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
         }))
+    # Tear the gloo group down explicitly: left to interpreter exit, a rank can abort in the
+    # gloo destructor ("terminate called without an active exception", SIGABRT) - seen in CI.
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
