@@ -18,6 +18,12 @@ evaluated on the full dev set:
   mask violations of the effective (``mts.export``) and the raw weights are counted. Missing ModelOpt: the cell
   fails with the reason (no number).
 
+Diagnostic variants (only when named in ``--variants``; not part of the default table, best with their own
+``--out``): ``fp_finetune``: the sparse FP model trained for the same QAT epochs/lr on the task loss, masks
+enforced, *without* quantization (the control that separates "more training" from "quantization" in
+``qat_no_kd``); ``qat_kd_dense_teacher``: ``qat_kd`` with the dense FP model as KD teacher
+(``train.qat.teacher: dense``).
+
 Mask check after QAT (``check_masks``: pruned weights 0, groups within 2:4, INT8 codes of pruned weights 0) is
 part of every quantized cell; a violation fails the cell.
 
@@ -89,6 +95,11 @@ DEFAULT_SEEDS = (0, 1, 2)
 SOURCE_VARIANTS = ("dense", "sparse_fp")  # read from bench_sparsity, not trained here
 QAT_VARIANTS = ("qat_kd", "qat_no_kd", "qat_kd_no_feature", "qat_kd_no_soft")
 VARIANTS = ("dense", "sparse_fp", "ptq", *QAT_VARIANTS, "ort_dynamic", "modelopt")
+#: selectable with --variants, never in the default plan (see the module docstring)
+DIAGNOSTIC_VARIANTS = ("fp_finetune", "qat_kd_dense_teacher")
+ALL_VARIANTS = (*VARIANTS, *DIAGNOSTIC_VARIANTS)
+#: variants trained by ``train_qat``
+TRAIN_QAT_VARIANTS = (*QAT_VARIANTS, "qat_kd_dense_teacher")
 #: keys of the top-level "average" object (always present, None when incomplete)
 AVERAGE_KEYS = ("dense", "sparse_fp", "ptq", "qat_no_kd", "qat_kd", "qat_kd_no_feature", "qat_kd_no_soft",
                 "modelopt", "ort_dynamic")
@@ -98,6 +109,8 @@ VARIANT_LABELS = {
     "qat_kd_no_feature": "QAT + KD, gamma = 0 (no feature loss)", "qat_kd_no_soft": "QAT + KD, beta = 0 (no soft loss)",
     "ort_dynamic": "ORT quantize_dynamic per-channel (dynamic act. scales)",
     "modelopt": "ModelOpt sparse_magnitude + INT8_DEFAULT_CFG + QAT (no KD)",
+    "fp_finetune": "sparse FP + the QAT budget on the task loss, no quantization (control)",
+    "qat_kd_dense_teacher": "QAT + KD (a,b,g = 1,10,1), dense FP teacher",
 }
 CELL_SCHEMA = 1
 DISTILL = {"alpha": 1.0, "beta": 10.0, "gamma": 1.0, "temperature": 2.0}
@@ -131,8 +144,8 @@ class Cell:
 
 
 def plan_cells(tasks, variants, seeds) -> list[Cell]:
-    """Cells in run order: per task, per seed, variants in :data:`VARIANTS` order (cheap ones first)."""
-    order = [v for v in VARIANTS if v in variants]
+    """Cells in run order: per task, per seed, variants in :data:`ALL_VARIANTS` order (cheap ones first)."""
+    order = [v for v in ALL_VARIANTS if v in variants]
     return [Cell(t, v, int(s)) for t in tasks for s in seeds for v in order]
 
 
@@ -142,10 +155,10 @@ def parse_variants(names) -> list[str]:
     Raises:
         ValueError: an unknown variant name.
     """
-    bad = [n for n in names if n not in VARIANTS]
+    bad = [n for n in names if n not in ALL_VARIANTS]
     if bad:
-        raise ValueError(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
-    return [v for v in VARIANTS if v in set(names) | set(SOURCE_VARIANTS)]
+        raise ValueError(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(ALL_VARIANTS)}")
+    return [v for v in ALL_VARIANTS if v in set(names) | set(SOURCE_VARIANTS)]
 
 
 def sparse_source(sparsity_work_dir: Path, task: str, seed: int, method: str) -> dict:
@@ -177,7 +190,12 @@ def cell_settings(settings: dict, variant: str) -> dict:
     train = {k: settings.get(k) for k in ("qat_epochs", "qat_lr")}
     if variant == "modelopt":
         return {**common, "calib_batches": settings.get("calib_batches"), **train, "cfg": "INT8_DEFAULT_CFG"}
-    return {**common, **calib, **train, **variant_distill(variant)}
+    if variant == "fp_finetune":
+        return {**common, **train, "quantized": False}
+    out = {**common, **calib, **train, **variant_distill(variant)}
+    if variant == "qat_kd_dense_teacher":
+        out["teacher"] = "dense"
+    return out
 
 
 def variant_distill(variant: str) -> dict:
@@ -380,10 +398,12 @@ def build_recipe_dict(settings: dict, task: str, seed: int, variant: str) -> dic
     qat = {"epochs": settings["qat_epochs"], "learning_rate": settings["qat_lr"],
            "calibration_batches": settings["calib_batches"], "calibration_method": settings["calib_method"],
            "percentile": settings["percentile"], "learn_amax": True, "distill": True}
-    if variant in QAT_VARIANTS:
+    if variant in TRAIN_QAT_VARIANTS:
         d = variant_distill(variant)
         qat["distill"] = d["distill"]
         r["train"]["distillation"] = d["distillation"]
+    if variant == "qat_kd_dense_teacher":
+        qat["teacher"] = "dense"
     r["train"]["qat"] = qat
     return r
 
@@ -449,6 +469,8 @@ def run_qat(settings: dict, cell: Cell, src: dict, run_dir: Path, glue_dir) -> d
     from nxm_deploy.training.stage import train_qat
 
     _link(run_dir / "sparse", src["sparse"])
+    if cell.variant == "qat_kd_dense_teacher":
+        _link(run_dir / "dense", src["dense"])
     recipe = recipe_from_dict(build_recipe_dict(settings, cell.task, cell.seed, cell.variant), f"bench_qat {cell.key}")
     try:
         manifest = train_qat(recipe, run_dir, glue_dir)
@@ -461,6 +483,30 @@ def run_qat(settings: dict, cell: Cell, src: dict, run_dir: Path, glue_dir) -> d
     return {"metrics": manifest["metrics"], "ptq_metrics": manifest["ptq_metrics"], "ptq_score": ptq_score,
             "mask_check": manifest["mask_check"], "mask_violations": 0 if manifest["mask_check"].get("ok") else None,
             "train": manifest.get("train"), "qat_recipe": build_recipe_dict(settings, cell.task, cell.seed, cell.variant)["train"]}
+
+
+def run_fp_finetune(settings: dict, cell: Cell, src: dict, glue_dir) -> dict:
+    """Control: the sparse FP model trained for the QAT budget (epochs, lr, fp32) on the task loss, masks enforced
+    after every step, no quantizer; then the mask check and a dev evaluation."""
+    from nxm_deploy.config.recipe import recipe_from_dict
+    from nxm_deploy.models import load_saved_model
+    from nxm_deploy.sparsity.admm import apply_masks_
+    from nxm_deploy.sparsity.pattern import NMPattern
+    from nxm_deploy.training.loop import evaluate, train_loop
+    from nxm_deploy.training.stage import _setup, _TaskData, _task_loss_fn, check_masks, load_masks
+
+    recipe = recipe_from_dict(build_recipe_dict(settings, cell.task, cell.seed, cell.variant), f"bench_qat {cell.key}")
+    _setup(recipe)  # seed and threads as train_qat: the same shuffling order as the QAT cells
+    model, tok = load_saved_model(src["sparse"])
+    masks = load_masks(src["sparse_run"])
+    data = _TaskData(recipe, tok, glue_dir)
+    cfg = recipe.train
+    stats = train_loop(model, data.train, epochs=settings["qat_epochs"], learning_rate=settings["qat_lr"],
+                       weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
+                       compute_loss=_task_loss_fn(), after_step=lambda _s, _lr: apply_masks_(model, masks),
+                       desc="FP fine-tune (control)")
+    mc = check_masks(model, masks, NMPattern.parse("2:4"))
+    return {"metrics": evaluate(model, data.dev, data.task), "mask_check": mc, "mask_violations": 0, "train": stats}
 
 
 def run_ort_dynamic(settings: dict, task: str, seed: int, src: dict, run_dir: Path, glue_dir) -> dict:
@@ -760,7 +806,8 @@ def build_report(*, records, plan, tasks, seeds, variants, settings, waiting, fa
         "score_definition": {t: score_definition(t) for t in tasks},
         "average": {k: agg["average"][k] for k in dict.fromkeys([*AVERAGE_KEYS, *variants])},
         "average_detail": agg["average_detail"],
-        "targets": targets_check(agg, records),
+        "targets": [t for t in targets_check(agg, records)
+                    if t["a"] is None or (t["a"] in variants and t["b"] in variants)],
         "per_task": agg["per_task"], "cells": cells, "missing": agg["missing"],
         "waiting_on_bench_sparsity": waiting, "failed": failed, "stopped": stopped,
         "complete": not agg["missing"],
@@ -861,7 +908,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="GLUE tasks (default: rte mrpc stsb)")
     p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="seeds of the bench_sparsity models (default: 0 1 2)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"subset of {' '.join(VARIANTS)} (dense and sparse_fp always)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                   help=f"subset of {' '.join(VARIANTS)} (dense and sparse_fp always); diagnostics, only when named: "
+                        f"{' '.join(DIAGNOSTIC_VARIANTS)}")
     p.add_argument("--sparse-method", choices=("magnitude", "admm"), default="magnitude",
                    help="which bench_sparsity 2:4 model is the sparse FP start (default: magnitude)")
     p.add_argument("--sparsity-work-dir", default="runs/bench_sparsity", help="bench_sparsity's --work-dir")
@@ -1021,8 +1070,10 @@ def main(argv=None) -> int:
                         rec = source_record(cell, src)
                     elif cell.variant == "ptq":
                         rec = run_ptq(settings, cell.task, cell.seed, src, glue_dir)
-                    elif cell.variant in QAT_VARIANTS:
+                    elif cell.variant in TRAIN_QAT_VARIANTS:
                         rec = run_qat(settings, cell, src, run_dir, glue_dir)
+                    elif cell.variant == "fp_finetune":
+                        rec = run_fp_finetune(settings, cell, src, glue_dir)
                     elif cell.variant == "ort_dynamic":
                         rec = run_ort_dynamic(settings, cell.task, cell.seed, src, run_dir, glue_dir)
                     else:

@@ -109,6 +109,8 @@ class QATStageConfig(_Strict):
     percentile: float = Field(99.99, gt=50, le=100)
     learn_amax: bool = True
     distill: bool = True
+    teacher: Literal["sparse", "dense"] = Field(
+        "sparse", description="KD teacher of QAT: the sparse FP model (GPUSQ-TLM workflow 2) or the dense FP model")
     num_bits: int = Field(8, description="quantization width; only 8 (symmetric INT8 Q/DQ) is supported")
 
     @field_validator("num_bits")

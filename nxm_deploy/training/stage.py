@@ -352,14 +352,30 @@ def load_qat_model(run_dir: str | Path):
 
 
 def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dict:
-    """PTQ calibration + INT8 QAT with KD from the sparse FP model, masks enforced; writes ``qat/``."""
+    """PTQ calibration + INT8 QAT with KD, masks enforced; writes ``qat/``.
+
+    The student starts from the sparse FP model (``sparse/``). The KD teacher is the sparse FP model
+    (``train.qat.teacher: sparse``, GPUSQ-TLM workflow 2: the teacher the quantized student can match) or the
+    dense FP model (``teacher: dense``, ``dense/``; an ablation).
+
+    Raises:
+        RunDirError: the sparse stage (or, with ``teacher: dense`` and ``distill``, the dense stage) has not
+            finished in ``run_dir``.
+        ConfigError: the teacher's label set differs from the student's.
+        SparsityVerificationError: a pruned weight is non-zero after QAT.
+    """
     _setup(recipe)
+    run_dir = Path(run_dir)
     sparse_manifest = read_stage_manifest(run_dir, "admm")
     task = get_task(recipe.task.name)
     cfg, qcfg = recipe.train, recipe.train.qat
     pattern = recipe.pattern
-    teacher, tokenizer = load_saved_model(_stage_dir(run_dir, "admm"))
-    student = copy.deepcopy(teacher)
+    sparse_fp, tokenizer = load_saved_model(_stage_dir(run_dir, "admm"))
+    student = copy.deepcopy(sparse_fp)
+    teacher = sparse_fp
+    if qcfg.distill and qcfg.epochs > 0 and qcfg.teacher == "dense":
+        read_stage_manifest(run_dir, "dense")
+        teacher, _ = load_saved_model(_stage_dir(run_dir, "dense"))
     masks = load_masks(run_dir)
     data = _TaskData(recipe, tokenizer, glue_dir)
     targets = sparse_manifest["targets"]
@@ -382,7 +398,7 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
         stats = train_loop(
             student, data.train, epochs=qcfg.epochs, learning_rate=qcfg.learning_rate, weight_decay=cfg.weight_decay,
             warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm, compute_loss=loss_fn,
-            after_step=lambda _s, _lr: apply_masks_(student, masks), desc="INT8 QAT + KD",
+            after_step=lambda _s, _lr: apply_masks_(student, masks), desc=f"INT8 QAT + KD ({qcfg.teacher} teacher)" if qcfg.distill else "INT8 QAT",
             **_checkpointing(recipe, run_dir, "qat", "qat"),
         )
     mask_check = check_masks(student, masks, pattern)
@@ -397,6 +413,7 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
     }
     manifest = {
         "stage": "qat", "recipe_sha256": recipe.sha256(), "task": task.name, "pattern": str(pattern),
+        "kd_teacher": qcfg.teacher if qcfg.distill else None,
         "metrics": metrics, "ptq_metrics": ptq_metrics, "train": stats, "mask_check": mask_check,
     }
     with atomic_dir(_stage_dir(run_dir, "qat")) as tmp:

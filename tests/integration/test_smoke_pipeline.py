@@ -119,6 +119,31 @@ def test_qat_model_keeps_exact_zeros(run_dir) -> None:
         assert int((mask.reshape(out_features, in_features // 4, 4).sum(-1)).max()) <= 2, fqn
 
 
+def test_qat_kd_teacher_dense_or_sparse(run_dir, glue_dir, tiny_recipe_dict, tmp_path) -> None:
+    """``train.qat.teacher``: the KD target changes (dense teacher: the sparse student starts far from it, so its KD
+    loss is larger than with the sparse teacher it was copied from); masks stay exact; no dense stage -> RunDirError."""
+    from nxm_deploy.config.recipe import recipe_from_dict
+    from nxm_deploy.errors import RunDirError
+    from nxm_deploy.training.stage import train_qat
+
+    losses = {}
+    for teacher in ("sparse", "dense"):
+        work = tmp_path / teacher
+        for stage in ("dense", "sparse"):
+            shutil.copytree(run_dir / stage, work / stage)
+        tiny_recipe_dict["train"]["qat"]["teacher"] = teacher
+        manifest = train_qat(recipe_from_dict(tiny_recipe_dict, "test"), work, str(glue_dir))
+        assert manifest["kd_teacher"] == teacher
+        assert manifest["mask_check"]["ok"] is True
+        losses[teacher] = manifest["train"]["final_loss"]
+    assert losses["dense"] > losses["sparse"], losses
+
+    shutil.rmtree(tmp_path / "dense" / "dense")
+    shutil.rmtree(tmp_path / "dense" / "qat")
+    with pytest.raises(RunDirError, match="Stage 'dense'"):
+        train_qat(recipe_from_dict(tiny_recipe_dict, "test"), tmp_path / "dense", str(glue_dir))
+
+
 def test_same_recipe_reuses_the_run_dir(run_dir) -> None:
     from nxm_deploy.config.recipe import load_recipe
     from nxm_deploy.pipeline import prepare_run_dir

@@ -66,6 +66,35 @@ def test_recipe_dicts_validate():
         assert recipe.train.qat.epochs == 1.0
 
 
+def test_diagnostic_variants_only_when_named():
+    from nxm_deploy.config.recipe import recipe_from_dict
+
+    assert not set(bq.DIAGNOSTIC_VARIANTS) & set(bq.parse_variants(list(bq.VARIANTS)))  # default plan unchanged
+    variants = bq.parse_variants(["qat_kd_dense_teacher", "fp_finetune"])
+    assert variants == ["dense", "sparse_fp", "fp_finetune", "qat_kd_dense_teacher"]
+    teacher = bq.build_recipe_dict(SETTINGS, "mrpc", 1, "qat_kd_dense_teacher")
+    assert recipe_from_dict(teacher, "test").train.qat.teacher == "dense"
+    assert teacher["train"]["distillation"] == bq.DISTILL and teacher["train"]["qat"]["distill"] is True
+    assert recipe_from_dict(bq.build_recipe_dict(SETTINGS, "mrpc", 1, "qat_kd"), "test").train.qat.teacher == "sparse"
+    # each diagnostic cell has its own fingerprint; the control does not depend on calibration settings
+    fps = {v: bq.cell_fingerprint(SETTINGS, v, "src") for v in ("qat_kd", "qat_kd_dense_teacher", "fp_finetune")}
+    assert len(set(fps.values())) == 3
+    assert fps["fp_finetune"] == bq.cell_fingerprint({**SETTINGS, "calib_batches": 4}, "fp_finetune", "src")
+    assert fps["fp_finetune"] != bq.cell_fingerprint({**SETTINGS, "qat_lr": 2e-5}, "fp_finetune", "src")
+
+
+def test_report_lists_only_targets_of_planned_variants():
+    variants = bq.parse_variants(["fp_finetune"])
+    records = {f"rte/{v}/seed0": _rec("rte", v, 0, 50.0 + i) for i, v in enumerate(variants)}
+    report = bq.build_report(records=records, plan=bq.plan_cells(["rte"], variants, [0]), tasks=["rte"], seeds=[0],
+                             variants=variants, settings={**SETTINGS, "sparsity_work_dir": "runs/x"}, waiting={},
+                             failed={}, stopped=None,
+                             env={"versions": {}, "machine": {"line": "test"}}, command="test")
+    assert [t["target"] for t in report["targets"]] == ["zero mask violations after QAT, every run (ours)"]
+    assert report["average"]["fp_finetune"] == 52.0 and report["complete"] is True
+    assert "fp_finetune" in bq.render_markdown(report)
+
+
 def test_fingerprint_ignores_threads_but_not_settings_or_source():
     fp = bq.cell_fingerprint(SETTINGS, "qat_kd", "src1")
     assert fp == bq.cell_fingerprint({**SETTINGS, "threads": 2}, "qat_kd", "src1")
