@@ -395,10 +395,11 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
     stats = None
     if qcfg.epochs > 0:
         loss_fn = _kd_loss_fn(teacher, recipe, student) if qcfg.distill else _task_loss_fn()
+        desc = f"INT8 QAT + KD ({qcfg.teacher} teacher)" if qcfg.distill else "INT8 QAT"
         stats = train_loop(
             student, data.train, epochs=qcfg.epochs, learning_rate=qcfg.learning_rate, weight_decay=cfg.weight_decay,
             warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm, compute_loss=loss_fn,
-            after_step=lambda _s, _lr: apply_masks_(student, masks), desc=f"INT8 QAT + KD ({qcfg.teacher} teacher)" if qcfg.distill else "INT8 QAT",
+            after_step=lambda _s, _lr: apply_masks_(student, masks), desc=desc,
             **_checkpointing(recipe, run_dir, "qat", "qat"),
         )
     mask_check = check_masks(student, masks, pattern)
