@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--per-device-batch", type=int, required=True)
     opts = parser.parse_args()
     torch.set_num_threads(1)
+    import torch.distributed as dist
     from safetensors.torch import save_file
 
     rank = int(os.environ.get("RANK", "0"))
@@ -91,8 +92,6 @@ def main() -> None:
     for mode in ("check", "broadcast"):
         result = run(opts.out, opts.per_device_batch, mode)
         history = result.pop("_history")
-        import torch.distributed as dist
-
         world = dist.get_world_size() if dist.is_initialized() else 1
         local = _rank_checksum(result)
         gathered = [torch.zeros_like(local) for _ in range(world)]
@@ -110,8 +109,6 @@ def main() -> None:
         }))
     # Tear the gloo group down explicitly: left to interpreter exit, a rank can abort in the
     # gloo destructor ("terminate called without an active exception", SIGABRT) - seen in CI.
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
