@@ -54,6 +54,9 @@ def preflight(recipe: Recipe, glue_dir: str | None = None, recipe_path: str | Pa
     from nxm_deploy.engine.spec import load_engine_spec
     from nxm_deploy.models import resolve_source
 
+    from nxm_deploy.training.trainer import check_train_settings
+
+    check_train_settings(recipe.train)  # device, precision, torchrun world size vs batch: before any work
     task = get_task(recipe.task.name)
     root = resolve_glue_dir(glue_dir or recipe.task.glue_dir)
     if root is not None:
@@ -116,16 +119,25 @@ def open_run_dir(run_dir: str | Path) -> Recipe:
 
 def run_pipeline(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = None,
                  recipe_path: str | Path | None = None, overwrite: bool = False) -> dict:
-    """Check inputs (:func:`preflight`), run every stage in order, write ``report.md`` / ``report.json``."""
+    """Check inputs (:func:`preflight`), run every stage in order, write ``report.md`` / ``report.json``.
+
+    Under torchrun every rank trains (data-parallel); rank 0 alone prepares the run directory, writes the
+    artifacts and runs the later stages; the other ranks return ``{}`` after training.
+    """
     from nxm_deploy.engine.stage import engine_stage
     from nxm_deploy.export.stage import export_stage
     from nxm_deploy.training.stage import train_stage
     from nxm_deploy.validate.report import build_report
     from nxm_deploy.validate.stage import validate_stage
 
+    from nxm_deploy.training.trainer import barrier, is_main_process
+
     info = preflight(recipe, glue_dir, recipe_path)
     glue_dir = info["glue_dir"]
-    run_dir = prepare_run_dir(recipe, run_dir, overwrite, info)
+    if is_main_process():
+        prepare_run_dir(recipe, run_dir, overwrite, info)
+    barrier()
+    run_dir = Path(run_dir)
     timings = {}
     steps = [
         ("train", lambda: train_stage(recipe, run_dir, glue_dir, skip_finished=True)),
@@ -134,6 +146,8 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
         ("validate", lambda: validate_stage(recipe, run_dir, glue_dir)),
     ]
     for name, func in steps:
+        if name != "train" and not is_main_process():
+            return {}  # under torchrun every rank trains; rank 0 alone exports, builds, validates and reports
         start = time.perf_counter()
         log.info("stage %s: start", name)
         func()

@@ -193,21 +193,37 @@ def _dispatch(args) -> int:
     if args.command == "run":
         from nxm_deploy.config.recipe import load_recipe
         from nxm_deploy.pipeline import run_pipeline
+        from nxm_deploy.training.trainer import init_distributed, is_main_process
 
         recipe = load_recipe(args.recipe)
+        init_distributed(recipe.train)
         run_dir = Path(args.run_dir) if args.run_dir else Path(args.runs_root) / recipe.name
         report = run_pipeline(recipe, run_dir, args.glue_dir, recipe_path=args.recipe, overwrite=args.overwrite)
+        if not is_main_process():
+            return 0
         print((run_dir / "report.md").read_text())
         print(f"report: {run_dir / 'report.md'}  ({run_dir / 'report.json'})")
         return 0 if (report.get("sparsity_check") or {}).get("ok") else 1
     if args.command == "train":
         from nxm_deploy.training.stage import STAGES, train_stage
+        from nxm_deploy.training.trainer import barrier, init_distributed, is_main_process
 
-        recipe, run_dir, glue_dir, _ = _resolve(args, create=not Path(args.target).is_dir())
+        create = not Path(args.target).is_dir()
+        if create:  # a recipe: start the torchrun group first, so rank 0 alone creates the run directory
+            from nxm_deploy.config.recipe import load_recipe
+
+            init_distributed(load_recipe(args.target).train)
+        if is_main_process():
+            recipe, run_dir, glue_dir, _ = _resolve(args, create=create)
+        barrier()
+        if not is_main_process():
+            recipe, run_dir, glue_dir, _ = _resolve(args)
+        init_distributed(recipe.train)  # a run directory target (no-op when started above or without torchrun)
         stages = STAGES if args.stage == "all" else (args.stage,)
         results = train_stage(recipe, run_dir, glue_dir, stages)
-        for stage, manifest in results.items():
-            print(f"{stage}: dev {manifest['metrics']}")
+        if is_main_process():
+            for stage, manifest in results.items():
+                print(f"{stage}: dev {manifest['metrics']}")
         return 0
     if args.command == "build-engine":
         from nxm_deploy.engine.stage import build_engine_command
@@ -244,6 +260,21 @@ def _dispatch(args) -> int:
     raise ConfigError(f"unknown command {args.command}")
 
 
+def _dispatch_distributed(args) -> int:
+    """:func:`_dispatch`, then (under torchrun) wait for every rank and end the process group."""
+    if args.command not in ("run", "train"):
+        return _dispatch(args)
+    from nxm_deploy.training.trainer import shutdown_distributed
+
+    try:
+        status = _dispatch(args)
+    except BaseException:
+        shutdown_distributed(wait=False)  # a failed rank must not wait for the others in a barrier
+        raise
+    shutdown_distributed()
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (tests call ``main([...])`` directly)."""
     parser = build_parser()
@@ -259,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         warnings.filterwarnings("ignore")
     try:
-        return _dispatch(args)
+        return _dispatch_distributed(args)
     except (ConfigError, DataError, RunDirError) as exc:
         _print_error(exc)
         return 2

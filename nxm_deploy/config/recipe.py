@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from nxm_deploy.distillation.losses import DistillationConfig
 from nxm_deploy.errors import ConfigError, NxmError
-from nxm_deploy.sparsity.pattern import NMPattern
+from nxm_deploy.sparsity.pattern import DEFAULT_RHO, NMPattern
 
 
 class _Strict(BaseModel):
@@ -80,7 +80,7 @@ class ADMMStageConfig(_Strict):
     method: Literal["admm", "magnitude"] = "admm"
     epochs: float = Field(3.0, gt=0)
     learning_rate: float = Field(5e-5, gt=0)
-    rho: float = Field(4e-3, gt=0)
+    rho: float = Field(DEFAULT_RHO, gt=0)
     rho_factor: float = Field(1.0, ge=1.0, description="rho multiplied by this after each Z/U update")
     rho_max: float | None = Field(None, gt=0)
     update_interval: Literal["epoch"] | int = Field("epoch", description="Z/U update every epoch or every k steps")
@@ -132,7 +132,14 @@ class TrainConfig(_Strict):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores")
-    bf16: bool = Field(False, description="bf16 autocast for the dense and sparse stages (QAT always runs float32)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when torch finds a CUDA device")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="mixed precision of training (weights and optimizer stay float32); auto: bf16 on a GPU "
+        "that has it, fp32 on CPU and for INT8 QAT")
+    select: Literal["last", "best"] = Field(
+        "last", description="which epoch of each stage's final phase is kept: the last, or the best dev value of "
+        "the task's primary metric (the NxMTransformer protocol)")
+    dataloader_workers: int | None = Field(None, ge=0, description="DataLoader workers; default 2 on GPU, 0 on CPU")
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="resumable loop checkpoint every k optimizer steps (always at each epoch end)")
     dense: DenseStageConfig = Field(default_factory=DenseStageConfig)

@@ -1,6 +1,7 @@
 """GLUE task data: task registry, TSV / Hugging Face readers, metrics and PyTorch loaders.
 
-Importing this package does not import torch or transformers; ``make_dataloader`` and ``encode_fixed``
+Importing this package does not import torch or transformers; ``encode_dataset``, ``make_dataloader`` and
+``encode_fixed``
 (from :mod:`nxm_deploy.data.loader`, which needs torch) are loaded on first access.
 """
 
@@ -13,14 +14,16 @@ from nxm_deploy.data.metrics import compute_metrics
 from nxm_deploy.data.tasks import TASKS, TaskSpec, get_task, register_task
 
 if TYPE_CHECKING:  # pragma: no cover
-    from nxm_deploy.data.loader import encode_fixed, make_dataloader
+    from nxm_deploy.data.loader import TaskData, encode_dataset, encode_fixed, make_dataloader
 
 __all__ = [
     "GLUE_DIR_ENV",
     "TASKS",
+    "TaskData",
     "TaskExamples",
     "TaskSpec",
     "compute_metrics",
+    "encode_dataset",
     "encode_fixed",
     "get_task",
     "load_task_split",
@@ -29,7 +32,7 @@ __all__ = [
     "resolve_glue_dir",
 ]
 
-_LAZY = {"make_dataloader", "encode_fixed"}
+_LAZY = {"TaskData", "encode_dataset", "make_dataloader", "encode_fixed"}
 
 
 def __getattr__(name: str) -> Any:

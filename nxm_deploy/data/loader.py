@@ -55,6 +55,54 @@ def _check_positive(name: str, value: int, minimum: int = 1) -> None:
         raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}.", hint=f"Pass a positive {name}.")
 
 
+def encode_dataset(
+    tokenizer: Any,
+    examples: TaskExamples,
+    *,
+    max_seq_length: int,
+    pad_to_max_length: bool = False,
+) -> tuple[Dataset, Any]:
+    """Tokenize ``examples`` once: a map-style dataset of token id lists plus the collator that pads its batches.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (e.g. ``BertTokenizerFast``).
+        examples (TaskExamples): texts (pairs when ``texts_b`` is not None) and labels.
+        max_seq_length (int): truncation length in tokens (>= 2); pairs are truncated longest-first.
+        pad_to_max_length (bool): the collator pads every batch to ``max_seq_length`` instead of its longest row.
+
+    Returns:
+        (dataset, collator): item ``i`` of the dataset is a dict of int lists (``input_ids``, ``attention_mask``,
+        ``token_type_ids`` when the tokenizer returns them) and a scalar ``labels``; the collator turns a list of
+        items into int64 ``[b, L]`` tensors and ``labels`` int64 ``[b]`` (class ids) or float32 ``[b]``
+        (regression). Both are what ``transformers.Trainer`` takes as ``train_dataset`` / ``data_collator``.
+
+    Raises:
+        ConfigError: ``max_seq_length`` < 2.
+        DataError: ``examples`` is empty.
+    """
+    _check_positive("max_seq_length", max_seq_length, minimum=2)
+    if len(examples) == 0:
+        raise DataError("Cannot build a data loader from 0 examples.", hint="Check the task split and max_examples.")
+
+    enc = tokenizer(
+        list(examples.texts_a),
+        list(examples.texts_b) if examples.texts_b is not None else None,
+        truncation=True,
+        max_length=max_seq_length,
+        padding=False,
+    )
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    is_float = np.issubdtype(examples.labels.dtype, np.floating)
+    label_values = examples.labels.astype(np.float32 if is_float else np.int64).tolist()
+    features = [{**{k: enc[k][i] for k in keys}, "labels": label_values[i]} for i in range(len(examples))]
+    collator = _Collator(
+        tokenizer,
+        max_length=max_seq_length if pad_to_max_length else None,
+        label_dtype=torch.float32 if is_float else torch.int64,
+    )
+    return _EncodedDataset(features), collator
+
+
 def make_dataloader(
     tokenizer: Any,
     examples: TaskExamples,
@@ -66,7 +114,7 @@ def make_dataloader(
     pad_to_max_length: bool = False,
     group_by_length: bool = False,
 ) -> DataLoader:
-    """Tokenize ``examples`` once and wrap them in a padded, optionally shuffled ``DataLoader``.
+    """Tokenize ``examples`` once (:func:`encode_dataset`) and wrap them in a padded, optionally shuffled ``DataLoader``.
 
     Args:
         tokenizer: a Hugging Face tokenizer (e.g. ``BertTokenizerFast``).
@@ -91,32 +139,13 @@ def make_dataloader(
         DataError: ``examples`` is empty.
     """
     _check_positive("batch_size", batch_size)
-    _check_positive("max_seq_length", max_seq_length, minimum=2)
-    if len(examples) == 0:
-        raise DataError("Cannot build a data loader from 0 examples.", hint="Check the task split and max_examples.")
-
-    enc = tokenizer(
-        list(examples.texts_a),
-        list(examples.texts_b) if examples.texts_b is not None else None,
-        truncation=True,
-        max_length=max_seq_length,
-        padding=False,
-    )
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    is_float = np.issubdtype(examples.labels.dtype, np.floating)
-    label_values = examples.labels.astype(np.float32 if is_float else np.int64).tolist()
-    features = [{**{k: enc[k][i] for k in keys}, "labels": label_values[i]} for i in range(len(examples))]
-
-    collator = _Collator(
-        tokenizer,
-        max_length=max_seq_length if pad_to_max_length else None,
-        label_dtype=torch.float32 if is_float else torch.int64,
-    )
+    dataset, collator = encode_dataset(tokenizer, examples, max_seq_length=max_seq_length,
+                                       pad_to_max_length=pad_to_max_length)
     generator = torch.Generator()
     generator.manual_seed(int(seed))
     sampler = None
     if group_by_length:
-        lengths = [len(f["input_ids"]) for f in features]
+        lengths = [len(f["input_ids"]) for f in dataset.features]
         if shuffle:
             from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -124,7 +153,7 @@ def make_dataloader(
         else:
             sampler = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return DataLoader(
-        _EncodedDataset(features),
+        dataset,
         batch_size=batch_size,
         shuffle=shuffle and sampler is None,
         sampler=sampler,
@@ -166,3 +195,44 @@ def encode_fixed(
     enc = tokenizer(texts_a, texts_b, truncation=True, max_length=max_seq_length, padding="max_length")
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     return {k: np.asarray(enc[k], dtype=np.int64).reshape(batch_size, max_seq_length) for k in keys}
+
+
+class TaskData:
+    """The tokenised train and dev sets of a recipe's task, with their collator (what a Trainer takes).
+
+    Args:
+        task (TaskSpec): the task (labels, metrics).
+        tokenizer: the model's tokenizer.
+        train_examples, dev_examples (TaskExamples): raw splits.
+        max_seq_length (int): truncation length in tokens.
+
+    Attributes:
+        train, dev (Dataset): encoded splits (:func:`encode_dataset`); ``collator`` pads their batches.
+    """
+
+    def __init__(self, task, tokenizer: Any, train_examples: TaskExamples, dev_examples: TaskExamples,
+                 max_seq_length: int):
+        self.task = task
+        self.train_examples, self.dev_examples = train_examples, dev_examples
+        self.train, self.collator = encode_dataset(tokenizer, train_examples, max_seq_length=max_seq_length)
+        self.dev, _ = encode_dataset(tokenizer, dev_examples, max_seq_length=max_seq_length)
+
+    @classmethod
+    def from_recipe(cls, recipe, tokenizer: Any, glue_dir: str | None = None) -> "TaskData":
+        """Read the recipe's task (``task.name``, example limits, ``max_seq_length``) from the GLUE TSV root.
+
+        ``glue_dir`` (else ``task.glue_dir``, ``NXM_GLUE_DIR``, Hugging Face ``datasets``) as
+        :func:`nxm_deploy.data.resolve_glue_dir`.
+
+        Raises:
+            DataError: missing or malformed task files.
+        """
+        from nxm_deploy.data.glue import load_task_split, resolve_glue_dir
+        from nxm_deploy.data.tasks import get_task
+
+        task = get_task(recipe.task.name)
+        root = resolve_glue_dir(glue_dir or recipe.task.glue_dir)
+        cfg = recipe.task
+        train = load_task_split(task, "train", root, cfg.max_train_examples)
+        dev = load_task_split(task, "dev", root, cfg.max_eval_examples)
+        return cls(task, tokenizer, train, dev, cfg.max_seq_length)

@@ -32,7 +32,7 @@ from torch import nn
 
 from nxm_deploy.errors import ConfigError, PatternError
 from nxm_deploy.sparsity.mask import nm_mask
-from nxm_deploy.sparsity.pattern import NMPattern
+from nxm_deploy.sparsity.pattern import DEFAULT_RHO, NMPattern
 
 
 def _get_tensor(model: nn.Module, tensor_fqn: str) -> torch.Tensor:
@@ -53,7 +53,7 @@ class ADMMSparsifier:
     Args:
         pattern (NMPattern | str): the n:m pattern, e.g. ``"2:4"``; groups run along the last (input) axis of
             each ``[out, in]`` weight.
-        rho (float): initial penalty weight. Defaults to 1e-3 (authors' library default).
+        rho (float): initial penalty weight. Defaults to :data:`DEFAULT_RHO` (4e-3, the recipe's default).
         rho_factor (float): rho is multiplied by this after every :meth:`step`. 1.0 = constant rho.
         rho_max (float | None): cap for the increasing schedule. Defaults to no cap.
         u_init (str): ``"zero"`` (textbook scaled ADMM, U0 = 0) or ``"residual"`` (U0 = W0 - Proj(W0), what the
@@ -68,7 +68,7 @@ class ADMMSparsifier:
     def __init__(
         self,
         pattern: NMPattern | str = "2:4",
-        rho: float = 1e-3,
+        rho: float = DEFAULT_RHO,
         rho_factor: float = 1.0,
         rho_max: float | None = None,
         u_init: str = "zero",

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 from nxm_deploy.errors import ConfigError
 
+#: Default ADMM penalty weight rho of the gradient form (NxMTransformer's sweep {1e-3, 4e-3, 1e-2}): the one
+#: default of the recipe, :class:`~nxm_deploy.sparsity.admm.ADMMSparsifier` and the Trainer callback.
+DEFAULT_RHO = 4e-3
+
 _PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _MAX_GROUP = 16
 

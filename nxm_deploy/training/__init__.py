@@ -1,1 +1,1 @@
-"""Training stages (dense, ADMM n:m + KD, INT8 QAT + KD) and the shared loop."""
+"""Training stages (dense, ADMM n:m + KD, INT8 QAT + KD) as ``transformers.Trainer`` runs (:mod:`.trainer`)."""

@@ -40,14 +40,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from nxm_deploy.distillation.losses import DistillationConfig, check_teacher, distillation_loss
 from nxm_deploy.errors import ConfigError, NxmError
 from nxm_deploy.sparsity.admm import ADMMSparsifier, apply_masks_
 from nxm_deploy.sparsity.targets import DEFAULT_INCLUDE, LayerDecision, require_targets, target_names
 
-log = logging.getLogger("nxm_deploy.integrations")
+log = logging.getLogger("nxm_deploy.training")
 
 #: File name of the ADMM state inside each Trainer checkpoint directory.
 ADMM_STATE_NAME = "admm_state.pt"
@@ -102,7 +103,7 @@ class ADMMCallback(TrainerCallback):
             from the keyword arguments below.
         pattern (str | NMPattern | None): n:m pattern, e.g. ``"2:4"`` (2 nonzeros kept in every 4 consecutive
             weights along the input axis). Defaults to ``"2:4"``.
-        rho (float | None): penalty weight (> 0). Defaults to 1e-3 (the sparsifier's default).
+        rho (float | None): penalty weight (> 0). Defaults to ``DEFAULT_RHO`` (4e-3, as the recipe).
         rho_factor (float | None): rho is multiplied by this after each Z/U update (>= 1). Defaults to 1.0.
         rho_max (float | None): cap of the increasing rho schedule. Defaults to no cap.
         u_init (str | None): ``"zero"`` or ``"residual"`` (see :class:`ADMMSparsifier`). Defaults to ``"zero"``.
@@ -273,8 +274,13 @@ class ADMMCallback(TrainerCallback):
         # updates: U piles up the residual faster than W moves.
         if record.get("update", 0) >= 2 and record.get("mask_change", 0.0) > 0.25 and not self._warned:
             self._warned = True
-            log.warning("ADMM oscillates: update %d changed %.0f%% of the mask. Try update_interval='epoch', a larger "
-                        "rho or learning rate.", record["update"], 100 * record["mask_change"])
+            advice = "a larger rho or learning rate, or more steps between updates"
+            if self.update_interval != "epoch":
+                advice = "update_interval: epoch (the authors' schedule), " + advice
+            if not self.proximal:
+                advice += ", or penalty_mode: proximal"
+            log.warning("ADMM oscillates: update %d changed %.0f%% of the mask; the W-step does not reach Z - U "
+                        "between updates. Try %s.", record["update"], 100 * record["mask_change"], advice)
         return record
 
     def finish(self) -> dict[str, torch.Tensor]:
@@ -444,7 +450,9 @@ class ADMMTrainerMixin:
     """Mix into a ``transformers.Trainer`` subclass (before it) to add the ADMM penalty and state handling.
 
     Args:
-        admm (ADMMCallback): the ADMM callback; added to the Trainer's callbacks unless already there.
+        admm (ADMMCallback | None): the ADMM callback; added to the Trainer's callbacks unless already there.
+            Required unless the class sets ``admm_optional = True`` (:class:`NxmTrainer`, which also runs the
+            dense, masked and QAT fine-tunes).
         evaluate_hard_projected (bool): while ADMM runs, :meth:`evaluate` scores the hard-projected model and
             restores the dense W afterwards (NxMTransformer's evaluation). Defaults to True.
 
@@ -456,22 +464,26 @@ class ADMMTrainerMixin:
         ``average_tokens_across_devices=False`` for them to keep rho's meaning equal to a 1-process run.
 
     Raises:
-        ConfigError: when ``admm`` is not an :class:`ADMMCallback`.
+        ConfigError: when ``admm`` is not an :class:`ADMMCallback` (and not optional).
     """
 
+    admm_optional = False
+
     def __init__(self, *args, admm: ADMMCallback | None = None, evaluate_hard_projected: bool = True, **kwargs):
-        if not isinstance(admm, ADMMCallback):
+        if not isinstance(admm, ADMMCallback) and not (admm is None and self.admm_optional):
             raise ConfigError(f"{type(self).__name__} needs admm=ADMMCallback(...), got {type(admm).__name__}.",
                               hint="e.g. ADMMTrainer(model=..., args=..., train_dataset=..., "
                               "admm=ADMMCallback(pattern='2:4', rho=4e-3)).")
         super().__init__(*args, **kwargs)
         self.admm = admm
         self.evaluate_hard_projected = bool(evaluate_hard_projected)
-        if not any(cb is admm for cb in self.callback_handler.callbacks):
+        if admm is not None and not any(cb is admm for cb in self.callback_handler.callbacks):
             self.add_callback(admm)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """``Trainer.train``; a resumed run also restores the ADMM state from the checkpoint directory."""
+        if self.admm is None:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         if (self.args.world_size > 1 and getattr(self.args, "average_tokens_across_devices", False)
                 and getattr(self, "model_accepts_loss_kwargs", False)):
             log.warning("ADMM under DDP: the Trainer scales the task loss by the world size (%d) because "
@@ -495,7 +507,7 @@ class ADMMTrainerMixin:
         """
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
-        if not (self.admm.active and model.training) or self.admm.proximal:
+        if self.admm is None or not (self.admm.active and model.training) or self.admm.proximal:
             return result
         loss, outputs = result if return_outputs else (result, None)
         penalty = self.admm.penalty()
@@ -506,12 +518,12 @@ class ADMMTrainerMixin:
             )
         if scaled:
             penalty = penalty / getattr(self, "current_gradient_accumulation_steps", 1)
-        loss = loss + penalty
+        loss = loss + penalty.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, *args, **kwargs):
         """``Trainer.evaluate``; while ADMM runs (and ``evaluate_hard_projected``), on the hard-projected model."""
-        if self.evaluate_hard_projected and self.admm.active:
+        if self.admm is not None and self.evaluate_hard_projected and self.admm.active:
             with self.admm.sparsifier.hard_projected():
                 return super().evaluate(*args, **kwargs)
         return super().evaluate(*args, **kwargs)
@@ -522,6 +534,53 @@ class ADMMTrainer(ADMMTrainerMixin, Trainer):
 
     See :class:`ADMMTrainerMixin` for the extra arguments and :class:`ADMMCallback` for the schedule.
     """
+
+
+class DistillationTrainerMixin:
+    """Mix into a ``transformers.Trainer`` subclass (before it): train on the GPUSQ-TLM distillation loss.
+
+    ``L = alpha * L_hard + beta * L_soft + gamma * L_feature`` (GPUSQ-TLM, ACL Findings 2023, Sec. 3, Eq. 1-3;
+    :func:`nxm_deploy.distillation.distillation_loss`). The frozen teacher runs on the same batch (eval mode,
+    ``no_grad``, under the Trainer's mixed-precision autocast for speed); the three terms are computed in
+    float32 outside autocast, so bf16/fp16 training does not round the KL and MSE terms.
+
+    Args:
+        teacher (nn.Module | None): frozen teacher with the student's label set (``None``: the model's own task
+            loss). Moved to the Trainer's device.
+        distillation (DistillationConfig | None): alpha, beta, gamma, temperature. Defaults to the paper's
+            1, 10, 1 and T = 2.
+
+    Raises:
+        ConfigError: when the teacher's label set differs from the student's (see :func:`check_teacher`).
+    """
+
+    def __init__(self, *args, teacher: nn.Module | None = None, distillation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        self.distillation = distillation if distillation is not None else DistillationConfig()
+        if teacher is not None:
+            check_teacher(unwrap_model(self.model), teacher)
+            teacher.eval()
+            for param in teacher.parameters():
+                param.requires_grad_(False)
+            teacher.to(self.args.device)
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """KD loss in training mode with a teacher; the model's own loss otherwise (evaluation, no teacher)."""
+        if self.teacher is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        with torch.no_grad(), self.accelerator.autocast():
+            t_out = self.teacher(**inputs, output_hidden_states=True)
+        s_out = model(**inputs, output_hidden_states=True)
+        with torch.autocast(device_type=s_out.logits.device.type, enabled=False):
+            loss, _parts = distillation_loss(
+                s_out.logits.float(), t_out.logits.float(), labels, self.distillation,
+                tuple(h.float() for h in s_out.hidden_states[1:]), tuple(h.float() for h in t_out.hidden_states[1:]),
+            )
+        return (loss, s_out) if return_outputs else loss
 
 
 class MaskedFinetuneCallback(TrainerCallback):
@@ -551,3 +610,389 @@ class MaskedFinetuneCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self._model is not None:
             apply_masks_(self._model, self.masks)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline's trainer: every training stage (dense, ADMM, masked fine-tune, QAT) is one NxmTrainer run.
+
+#: Recipe ``train.device`` / ``train.precision`` values.
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FINGERPRINT_FILE = "nxm_fingerprint.json"
+
+
+def decay_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that get weight decay: every weight with ``ndim >= 2`` outside LayerNorm.
+
+    Biases, LayerNorm parameters and the quantizers' learned ``amax`` (0-D or per-channel 1-D) are not decayed.
+    """
+    return [name for name, param in model.named_parameters()
+            if param.ndim >= 2 and "layernorm" not in name.lower()]
+
+
+class EpochSeededLengthGroupedSampler(torch.utils.data.Sampler):
+    """``transformers``' length-grouped order (random mega-batches sorted by length), seeded by ``seed + epoch``.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, never on the global RNG, so a run resumed in the
+    middle of an epoch sees the same batches as an uninterrupted one, and every DDP rank draws the same order
+    (accelerate then hands each rank its own batches).
+
+    Args:
+        lengths (list[int]): token count of each example.
+        batch_size (int): examples per batch of one process.
+        seed (int): base seed.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths = list(lengths)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+def world_size() -> int:
+    """Processes of this run: ``torch.distributed``'s world size, else torchrun's ``WORLD_SIZE``, else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (or without torchrun): the process that writes artifacts."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def resolve_device(device: str) -> str:
+    """``train.device`` to ``"cpu"`` or ``"cuda"``: ``auto`` picks CUDA when ``torch.cuda.is_available()``.
+
+    Raises:
+        ConfigError: ``cuda`` on a machine without a CUDA device, or an unknown value.
+    """
+    if device not in DEVICES:
+        raise ConfigError(f"train.device={device!r} is not one of {list(DEVICES)}.")
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise ConfigError("train.device=cuda, but torch finds no CUDA device on this machine "
+                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}).",
+                          hint="Use train.device: auto (or cpu), or install a CUDA build of torch on a GPU machine.")
+    if device == "auto":
+        return "cuda" if has_cuda else "cpu"
+    return device
+
+
+def resolve_precision(precision: str, device: str, *, quantized: bool = False) -> str:
+    """``train.precision`` to ``"fp32"``, ``"bf16"`` or ``"fp16"`` for a resolved ``device``.
+
+    ``auto``: bf16 on a CUDA device that supports it (fp32 otherwise), fp32 on CPU (bf16 autocast on CPU is only
+    faster on CPUs with AMX / AVX512-BF16; ask for it explicitly), and fp32 for INT8 QAT (``quantized``), whose
+    fake-quant rounding must see float32 values to match the exported INT8 codes exactly.
+
+    Raises:
+        ConfigError: fp16 on CPU (no fp16 autocast / loss scaling there), bf16 on a GPU without bf16.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision={precision!r} is not one of {list(PRECISIONS)}.")
+    if precision == "fp16" and device == "cpu":
+        raise ConfigError("train.precision=fp16 needs a CUDA device; this run trains on the CPU.",
+                          hint="Use train.precision: bf16 or fp32 (or auto) on CPU.")
+    if precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"train.precision=bf16: {torch.cuda.get_device_name()} has no bf16 support.",
+                          hint="Use train.precision: fp16 or fp32 (or auto).")
+    if precision != "auto":
+        return precision
+    if quantized or device == "cpu":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+
+
+def per_device_batch_size(batch_size: int, processes: int | None = None) -> int:
+    """The recipe's global ``train.batch_size`` split over the DDP processes.
+
+    Raises:
+        ConfigError: when the world size does not divide the batch size.
+    """
+    processes = world_size() if processes is None else processes
+    if batch_size % processes:
+        raise ConfigError(f"train.batch_size={batch_size} is the global batch, and torchrun's world size "
+                          f"{processes} does not divide it.",
+                          hint=f"Use --nproc_per_node that divides {batch_size}, or set train.batch_size to a "
+                          f"multiple of {processes}.")
+    return batch_size // processes
+
+
+class CheckpointEveryCallback(TrainerCallback):
+    """Ask the Trainer for a checkpoint every ``every`` optimizer steps (on top of the one at each epoch end)."""
+
+    def __init__(self, every: int | None):
+        self.every = every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            control.should_save = True
+
+
+class NxmTrainer(ADMMTrainerMixin, DistillationTrainerMixin, Trainer):
+    """The Trainer of every nxm-deploy training stage: optional ADMM, optional KD teacher, exact masks via callbacks.
+
+    Beyond ``transformers.Trainer``: ``admm`` (:class:`ADMMTrainerMixin`, optional here), ``teacher`` and
+    ``distillation`` (:class:`DistillationTrainerMixin`), weight decay only on ``ndim >= 2`` non-LayerNorm weights
+    (:func:`decay_parameter_names`: no decay on biases, LayerNorm or the quantizers' ``amax``), and, when
+    ``length_grouped`` and the dataset is :func:`nxm_deploy.data.encode_dataset`'s, the resumable
+    :class:`EpochSeededLengthGroupedSampler` (train) and a longest-first order (evaluation).
+    Masked fine-tunes and QAT pass :class:`MaskedFinetuneCallback` in ``callbacks``.
+    """
+
+    admm_optional = True
+
+    def __init__(self, *args, length_grouped: bool = True, **kwargs):
+        self.length_grouped = bool(length_grouped)
+        super().__init__(*args, **kwargs)
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        return decay_parameter_names(model)
+
+    @staticmethod
+    def _lengths(dataset) -> list[int] | None:
+        features = getattr(dataset, "features", None)
+        if not isinstance(features, list):
+            return None
+        return [len(f["input_ids"]) for f in features]
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = self._lengths(dataset) if self.length_grouped else None
+        if lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        return EpochSeededLengthGroupedSampler(lengths, self.args.per_device_train_batch_size, self.args.seed)
+
+    def _get_eval_sampler(self, eval_dataset):
+        lengths = self._lengths(eval_dataset) if self.length_grouped else None
+        if lengths is None:
+            return super()._get_eval_sampler(eval_dataset)
+        return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def training_arguments(output_dir: str | os.PathLike, train_cfg, *, epochs: float, learning_rate: float,
+                       select_metric: str | None = None, quantized: bool = False, **overrides) -> TrainingArguments:
+    """``TrainingArguments`` of one training phase from a recipe's ``train`` section.
+
+    Args:
+        output_dir: the phase's checkpoint directory (``checkpoint-<step>/`` inside, the Trainer's format).
+        train_cfg (TrainConfig): seed, global batch size (split over torchrun processes), eval batch size,
+            weight decay, warm-up ratio, gradient clipping, ``device``, ``precision``, ``select``.
+        epochs (float): training epochs (fractions allowed: ``ceil(epochs x steps per epoch)`` optimizer steps).
+        learning_rate (float): peak learning rate of the linear warm-up / decay schedule (AdamW).
+        select_metric (str | None): the task's primary metric; with ``train.select: best`` the Trainer keeps the
+            epoch with the best dev value of it (``load_best_model_at_end``).
+        quantized (bool): an INT8 QAT phase (``precision: auto`` means fp32 there).
+        overrides: any other ``TrainingArguments`` field.
+
+    Raises:
+        ConfigError: CUDA asked for but absent, fp16 on CPU, a world size that does not divide the batch.
+    """
+    device = resolve_device(train_cfg.device)
+    precision = resolve_precision(train_cfg.precision, device, quantized=quantized)
+    on_gpu = device == "cuda"
+    best = train_cfg.select == "best" and select_metric is not None
+    kwargs = dict(
+        output_dir=str(output_dir), num_train_epochs=float(epochs), learning_rate=float(learning_rate),
+        per_device_train_batch_size=per_device_batch_size(train_cfg.batch_size),
+        per_device_eval_batch_size=train_cfg.eval_batch_size, weight_decay=train_cfg.weight_decay,
+        warmup_steps=float(train_cfg.warmup_ratio), max_grad_norm=train_cfg.max_grad_norm,
+        lr_scheduler_type="linear", optim="adamw_torch", seed=train_cfg.seed,
+        use_cpu=not on_gpu, bf16=precision == "bf16", fp16=precision == "fp16",
+        eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch", save_total_limit=1,
+        load_best_model_at_end=best, metric_for_best_model=f"eval_{select_metric}" if best else None,
+        greater_is_better=True if best else None,
+        report_to="none", remove_unused_columns=False, label_names=["labels"],
+        average_tokens_across_devices=False, ddp_backend=("nccl" if on_gpu else "gloo") if world_size() > 1 else None,
+        dataloader_num_workers=2 if on_gpu else 0, dataloader_pin_memory=on_gpu,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def check_fingerprint(output_dir: str | os.PathLike, fingerprint: str) -> None:
+    """Refuse checkpoints in ``output_dir`` written by another recipe or world size; record ours otherwise.
+
+    Raises:
+        RunDirError: ``output_dir`` holds checkpoints of another fingerprint or world size.
+    """
+    import json
+
+    from nxm_deploy.errors import RunDirError
+
+    path = os.path.join(output_dir, FINGERPRINT_FILE)
+    mine = {"fingerprint": fingerprint, "world_size": world_size()}
+    if os.path.isfile(path):
+        with open(path) as fh:
+            theirs = json.load(fh)
+        if theirs != mine:
+            what = ("another world size" if theirs.get("fingerprint") == fingerprint
+                    else "a run with other settings")
+            raise RunDirError(
+                f"Checkpoints in {output_dir} were written by {what} (fingerprint {theirs.get('fingerprint')}, "
+                f"{theirs.get('world_size')} process(es); this run {fingerprint}, {mine['world_size']}); resuming "
+                "from them would mix two trainings.",
+                hint=f"Delete {output_dir} to start this stage over, or rerun with the recipe and world size that "
+                "wrote it.",
+            )
+        return
+    if is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(mine, fh)
+        os.replace(tmp, path)
+
+
+def train_resumable(trainer: Trainer, fingerprint: str) -> dict:
+    """``trainer.train()``, resumed from the newest checkpoint in ``args.output_dir`` when there is one.
+
+    Returns:
+        dict: ``steps`` (optimizer steps of the phase), ``seconds`` (this process's training time, evaluation
+        during training included), ``train_loss`` (mean over the steps this process ran), ``resumed_from_step``
+        (0 for a fresh start), ``epoch_metrics`` (``[{"epoch": e, <metric>: value, ...}]`` of every dev
+        evaluation, from the Trainer's log history, so a resumed run reports the epochs before the kill too),
+        ``selected_epoch`` (the kept epoch: the best one with ``load_best_model_at_end``, else the last).
+
+    Raises:
+        RunDirError: the checkpoints belong to another recipe or world size (:func:`check_fingerprint`).
+    """
+    output_dir = trainer.args.output_dir
+    check_fingerprint(output_dir, fingerprint)
+    resume = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    resumed_from = int(resume.rsplit("-", 1)[-1]) if resume else 0
+    if resume:
+        log.info("resuming from %s (step %d)", resume, resumed_from)
+    result = trainer.train(resume_from_checkpoint=resume)
+    names = getattr(trainer, "metric_names", None)
+    epochs = []
+    for entry in trainer.state.log_history:
+        values = {k[len("eval_"):]: v for k, v in entry.items() if k.startswith("eval_")}
+        values = {k: v for k, v in values.items() if names is None or k in names}
+        if values and "epoch" in entry:
+            epochs.append({"epoch": round(float(entry["epoch"]), 3), "step": entry.get("step"), **values})
+    selected = epochs[-1]["epoch"] if epochs else None
+    best_ckpt = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best_ckpt:
+        best_step = int(best_ckpt.rsplit("-", 1)[-1])
+        selected = next((e["epoch"] for e in epochs if e["step"] == best_step), selected)
+    return {"steps": trainer.state.global_step, "seconds": round(float(result.metrics.get("train_runtime", 0.0)), 2),
+            "train_loss": float(result.training_loss), "resumed_from_step": resumed_from,
+            "epoch_metrics": epochs, "selected_epoch": selected}
+
+
+def dev_metrics(trainer: Trainer) -> dict[str, float]:
+    """Task metrics of ``trainer.model`` on its eval dataset (``Trainer.evaluate``, prefixes removed)."""
+    names = getattr(trainer, "metric_names", None)
+    metrics = trainer.evaluate()
+    return {k[len("eval_"):]: float(v) for k, v in metrics.items()
+            if k.startswith("eval_") and (names is None or k[len("eval_"):] in names)}
+
+
+class TaskMetrics:
+    """``compute_metrics`` for a Trainer: the task's GLUE metrics of the eval logits (:func:`compute_metrics`)."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def __call__(self, prediction) -> dict[str, float]:
+        from nxm_deploy.data.metrics import compute_metrics
+
+        logits = prediction.predictions
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        return compute_metrics(self.task, logits, prediction.label_ids)
+
+
+def build_trainer(model: nn.Module, data, train_cfg, *, output_dir: str | os.PathLike, epochs: float,
+                  learning_rate: float, quantized: bool = False, admm: ADMMCallback | None = None,
+                  teacher: nn.Module | None = None, distillation=None, callbacks: Iterable[TrainerCallback] = (),
+                  **overrides) -> NxmTrainer:
+    """One training phase of a stage as an :class:`NxmTrainer` on a task's data.
+
+    Args:
+        model: the student (moved to the device by the Trainer).
+        data (TaskData): encoded train/dev sets, collator, task (metrics; the primary one selects epochs).
+        train_cfg (TrainConfig): the recipe's ``train`` section (see :func:`training_arguments`); its
+            ``checkpoint_every_steps`` adds a checkpoint every k optimizer steps.
+        output_dir, epochs, learning_rate, quantized, overrides: as :func:`training_arguments`.
+        admm, teacher, distillation: as :class:`NxmTrainer`.
+        callbacks: more Trainer callbacks (e.g. :class:`MaskedFinetuneCallback`).
+
+    Raises:
+        ConfigError: as :func:`training_arguments`; a teacher of another label set.
+    """
+    args = training_arguments(output_dir, train_cfg, epochs=epochs, learning_rate=learning_rate,
+                              select_metric=data.task.primary_metric, quantized=quantized, **overrides)
+    trainer = NxmTrainer(
+        model=model, args=args, train_dataset=data.train, eval_dataset=data.dev, data_collator=data.collator,
+        compute_metrics=TaskMetrics(data.task), admm=admm, teacher=teacher, distillation=distillation,
+        callbacks=[CheckpointEveryCallback(train_cfg.checkpoint_every_steps), *callbacks],
+    )
+    trainer.metric_names = tuple(data.task.metrics)
+    return trainer
+
+
+def check_train_settings(train_cfg) -> dict:
+    """Resolve ``train.device`` / ``train.precision`` and the per-process batch before anything trains.
+
+    Returns:
+        dict: ``device``, ``precision`` (of the FP stages; QAT's ``auto`` is fp32), ``world_size``,
+        ``per_device_batch_size``.
+
+    Raises:
+        ConfigError: CUDA asked for but absent, fp16 on CPU, bf16 on a GPU without it, a torchrun world size
+            that does not divide ``train.batch_size``.
+    """
+    device = resolve_device(train_cfg.device)
+    return {"device": device, "precision": resolve_precision(train_cfg.precision, device),
+            "world_size": world_size(), "per_device_batch_size": per_device_batch_size(train_cfg.batch_size)}
+
+
+def init_distributed(train_cfg) -> bool:
+    """Under torchrun (``WORLD_SIZE`` > 1), start the process group now: gloo on CPU, NCCL on CUDA.
+
+    The Trainer would start it on its first ``TrainingArguments``; starting it here lets rank 0 alone prepare the
+    run directory while the other ranks wait. Returns True when a group was started.
+
+    Raises:
+        ConfigError: as :func:`check_train_settings`.
+    """
+    settings = check_train_settings(train_cfg)
+    if settings["world_size"] <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    on_gpu = settings["device"] == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+    return True
+
+
+def shutdown_distributed(wait: bool = True) -> None:
+    """End the process group (a gloo group left open can abort at interpreter exit); ``wait``: barrier first."""
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
