@@ -71,3 +71,41 @@ def demo_run_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# Trainer tests: a dropout-free tiny BERT, a synthetic dataset and TrainingArguments for CPU.
+NUM_EXAMPLES, SEQ_LEN, BATCH = 32, 8, 8  # 4 optimizer steps per epoch
+
+
+def tiny_bert(seed: int = 0):
+    """Tiny BERT classifier (2 layers, width 32), no dropout: training is a deterministic function of the data."""
+    torch.manual_seed(seed)
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def tiny_dataset(n: int = NUM_EXAMPLES, seed: int = 1) -> list[dict]:
+    """Synthetic sequences; the label is whether the first token id is in the upper half of the vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (n, SEQ_LEN), generator=gen)
+    labels = (ids[:, 0] >= 32).long()
+    return [{"input_ids": ids[i], "attention_mask": torch.ones(SEQ_LEN, dtype=torch.long), "labels": labels[i]}
+            for i in range(n)]
+
+
+def training_args(out, **overrides):
+    """CPU TrainingArguments for the tiny tests: batch 8, 3 epochs, lr 1e-3, no saving, no logging, seed 0."""
+    kwargs = dict(
+        output_dir=str(out), per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH,
+        num_train_epochs=3, learning_rate=1e-3, use_cpu=True, report_to="none", disable_tqdm=True,
+        save_strategy="no", logging_strategy="no", seed=0,
+    )
+    kwargs.update(overrides)
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**kwargs)

@@ -58,6 +58,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,7 +383,7 @@ BASE_RECIPE: dict = {
     "task": {"name": "rte", "max_seq_length": 128},
     "sparsity": {"pattern": "2:4", "include": ["*.layer.*"], "exclude": []},
     "train": {"seed": 0, "batch_size": 32, "eval_batch_size": 64, "weight_decay": 0.01, "warmup_ratio": 0.1,
-              "max_grad_norm": 1.0, "bf16": False, "distillation": dict(DISTILL)},
+              "max_grad_norm": 1.0, "precision": "fp32", "distillation": dict(DISTILL)},
 }
 
 
@@ -424,10 +425,16 @@ def _setup_threads(settings: dict) -> None:
 
 def _task_data(settings, task, seed, tokenizer, glue_dir):
     from nxm_deploy.config.recipe import recipe_from_dict
-    from nxm_deploy.training.stage import _TaskData
+    from nxm_deploy.data import TaskData
 
     recipe = recipe_from_dict(build_recipe_dict(settings, task, seed, "ptq"), "bench_qat data")
-    return recipe, _TaskData(recipe, tokenizer, glue_dir)
+    return recipe, TaskData.from_recipe(recipe, tokenizer, glue_dir)
+
+
+def _calib_batches(data, recipe, count: int) -> list[dict]:
+    """The first ``count`` training batches of epoch 0 (the Trainer's order), labels removed."""
+    loader = data.train_loader(recipe.train.batch_size, recipe.train.seed)
+    return [{k: v for k, v in b.items() if k != "labels"} for _, b in zip(range(count), loader)]
 
 
 def _forward_loop(loader, batches: int):
@@ -447,8 +454,8 @@ def run_ptq(settings: dict, task: str, seed: int, src: dict, glue_dir) -> dict:
     from nxm_deploy.models import load_saved_model
     from nxm_deploy.quantization import calibrate, quantize_model_
     from nxm_deploy.sparsity.pattern import NMPattern
-    from nxm_deploy.training.loop import evaluate
     from nxm_deploy.training.stage import check_masks, load_masks
+    from nxm_deploy.training.trainer import evaluate_model
 
     _setup_threads(settings)
     torch.manual_seed(seed)
@@ -456,8 +463,9 @@ def run_ptq(settings: dict, task: str, seed: int, src: dict, glue_dir) -> dict:
     targets = read_json(src["sparse"] / "manifest.json")["targets"]
     recipe, data = _task_data(settings, task, seed, tok, glue_dir)
     quantize_model_(model, targets, learn_amax=False)
-    calibrate(model, _forward_loop(data.train, settings["calib_batches"]), settings["calib_method"], settings["percentile"])
-    metrics = evaluate(model, data.dev, data.task)
+    calib = _calib_batches(data, recipe, settings["calib_batches"])
+    calibrate(model, _forward_loop(calib, settings["calib_batches"]), settings["calib_method"], settings["percentile"])
+    metrics = evaluate_model(model, data, recipe.train)
     masks = load_masks(src["sparse_run"])
     mc = check_masks(model, masks, NMPattern.parse("2:4"))
     return {"metrics": metrics, "mask_check": mc, "mask_violations": 0, "dev_examples": len(data.dev_examples)}
@@ -488,25 +496,29 @@ def run_qat(settings: dict, cell: Cell, src: dict, run_dir: Path, glue_dir) -> d
 def run_fp_finetune(settings: dict, cell: Cell, src: dict, glue_dir) -> dict:
     """Control: the sparse FP model trained for the QAT budget (epochs, lr, fp32) on the task loss, masks enforced
     after every step, no quantizer; then the mask check and a dev evaluation."""
+    import torch
+
     from nxm_deploy.config.recipe import recipe_from_dict
+    from nxm_deploy.data import TaskData
     from nxm_deploy.models import load_saved_model
-    from nxm_deploy.sparsity.admm import apply_masks_
     from nxm_deploy.sparsity.pattern import NMPattern
-    from nxm_deploy.training.loop import evaluate, train_loop
-    from nxm_deploy.training.stage import _setup, _TaskData, _task_loss_fn, check_masks, load_masks
+    from nxm_deploy.training.stage import check_masks, load_masks
+    from nxm_deploy.training.trainer import MaskedFinetuneCallback, build_trainer, dev_metrics, train_resumable
 
     recipe = recipe_from_dict(build_recipe_dict(settings, cell.task, cell.seed, cell.variant), f"bench_qat {cell.key}")
-    _setup(recipe)  # seed and threads as train_qat: the same shuffling order as the QAT cells
+    if recipe.train.num_threads:
+        torch.set_num_threads(recipe.train.num_threads)
+    torch.manual_seed(recipe.train.seed)
     model, tok = load_saved_model(src["sparse"])
     masks = load_masks(src["sparse_run"])
-    data = _TaskData(recipe, tok, glue_dir)
-    cfg = recipe.train
-    stats = train_loop(model, data.train, epochs=settings["qat_epochs"], learning_rate=settings["qat_lr"],
-                       weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
-                       compute_loss=_task_loss_fn(), after_step=lambda _s, _lr: apply_masks_(model, masks),
-                       desc="FP fine-tune (control)")
+    data = TaskData.from_recipe(recipe, tok, glue_dir)
+    with tempfile.TemporaryDirectory(prefix="bench_qat_fp_") as tmp:
+        trainer = build_trainer(model, data, recipe.train, output_dir=tmp, epochs=settings["qat_epochs"],
+                                learning_rate=settings["qat_lr"], callbacks=[MaskedFinetuneCallback(masks)])
+        stats = train_resumable(trainer, f"bench_qat fp_finetune {cell.key}")
+        metrics = dev_metrics(trainer)
     mc = check_masks(model, masks, NMPattern.parse("2:4"))
-    return {"metrics": evaluate(model, data.dev, data.task), "mask_check": mc, "mask_violations": 0, "train": stats}
+    return {"metrics": metrics, "mask_check": mc, "mask_violations": 0, "train": stats}
 
 
 def run_ort_dynamic(settings: dict, task: str, seed: int, src: dict, run_dir: Path, glue_dir) -> dict:
@@ -526,7 +538,8 @@ def run_ort_dynamic(settings: dict, task: str, seed: int, src: dict, run_dir: Pa
     model.eval()
     _, data = _task_data(settings, task, seed, tok, glue_dir)
     names = model_input_names(tok)
-    first = next(iter(data.dev))
+    dev = data.dev_loader(64)
+    first = next(iter(dev))
     run_dir.mkdir(parents=True, exist_ok=True)
     fp32, int8 = run_dir / "sparse_fp32.onnx", run_dir / "sparse_dynamic_int8.onnx"
     export_model(model, {n: first[n] for n in names}, fp32)
@@ -536,7 +549,7 @@ def run_ort_dynamic(settings: dict, task: str, seed: int, src: dict, run_dir: Pa
     sess = ort.InferenceSession(str(int8), opts, providers=["CPUExecutionProvider"])
     feed_names = {i.name for i in sess.get_inputs()}
     logits, labels = [], []
-    for batch in data.dev:
+    for batch in dev:
         logits.append(sess.run(["logits"], {n: batch[n].numpy() for n in names if n in feed_names})[0])
         labels.append(batch["labels"].numpy())
     metrics = compute_metrics(data.task, np.concatenate(logits), np.concatenate(labels))
@@ -557,15 +570,15 @@ def run_modelopt(settings: dict, task: str, seed: int, src: dict, glue_dir) -> d
         raise RuntimeError(f"ModelOpt is not usable here: {type(exc).__name__}: {exc} "
                            "(pip install nvidia-modelopt requests)") from exc
     from nxm_deploy.models import load_saved_model
-    from nxm_deploy.training.loop import evaluate, train_loop
     from nxm_deploy.training.stage import load_masks
+    from nxm_deploy.training.trainer import build_trainer, evaluate_model, train_resumable
 
     _setup_threads(settings)
     torch.manual_seed(seed)
     model, tok = load_saved_model(src["sparse"])
     recipe, data = _task_data(settings, task, seed, tok, glue_dir)
     masks = {k: v.bool() for k, v in load_masks(src["sparse_run"]).items()}
-    calib = [{k: v for k, v in b.items() if k != "labels"} for _, b in zip(range(settings["calib_batches"]), data.train)]
+    calib = _calib_batches(data, recipe, settings["calib_batches"])
     mts.sparsify(model, "sparse_magnitude", config={"data_loader": calib, "collect_func": lambda b: b})
     mo_masks_equal, mo_masked = {}, 0
     for fqn, mask in masks.items():
@@ -574,19 +587,19 @@ def run_modelopt(settings: dict, task: str, seed: int, src: dict, glue_dir) -> d
         if mo_mask is not None:
             mo_masked += 1
             mo_masks_equal[fqn] = bool(torch.equal(mo_mask.bool(), mask))
-    sparse_metrics = evaluate(model, data.dev, data.task)
+    sparse_metrics = evaluate_model(model, data, recipe.train)
 
     def forward_loop(m):
         for b in calib:
             m(**b)
 
     mtq.quantize(model, mtq.INT8_DEFAULT_CFG, forward_loop)
-    ptq_metrics = evaluate(model, data.dev, data.task)
-    stats = train_loop(model, data.train, epochs=settings["qat_epochs"], learning_rate=settings["qat_lr"],
-                       weight_decay=recipe.train.weight_decay, warmup_ratio=recipe.train.warmup_ratio,
-                       max_grad_norm=recipe.train.max_grad_norm, compute_loss=lambda m, b: (m(**b).loss, {}),
-                       desc="ModelOpt QAT")
-    metrics = evaluate(model, data.dev, data.task)
+    ptq_metrics = evaluate_model(model, data, recipe.train)
+    with tempfile.TemporaryDirectory(prefix="bench_qat_modelopt_") as tmp:
+        trainer = build_trainer(model, data, recipe.train, output_dir=tmp, epochs=settings["qat_epochs"],
+                                learning_rate=settings["qat_lr"])
+        stats = train_resumable(trainer, f"bench_qat modelopt {task} {seed}")
+    metrics = evaluate_model(model, data, recipe.train)
 
     def violations(raw: bool) -> tuple[int, int]:
         """Nonzero pruned weights and 2:4 groups over budget; ``raw``: the stored parameter, else the weight the
@@ -629,7 +642,7 @@ def investigate(settings: dict, task: str, seed: int, model_dir: Path, glue_dir,
 
     from nxm_deploy.models import load_saved_model
     from nxm_deploy.quantization import calibrate, quantize_model_, quantized_modules
-    from nxm_deploy.training.loop import evaluate
+    from nxm_deploy.training.trainer import evaluate_model
 
     _setup_threads(settings)
     torch.manual_seed(seed)
@@ -637,14 +650,14 @@ def investigate(settings: dict, task: str, seed: int, model_dir: Path, glue_dir,
     targets = read_json(Path(model_dir) / "manifest.json").get("targets") or [
         n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and layer_type(n)]
     heads = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n not in targets]
-    _, data = _task_data(settings, task, seed, tok, glue_dir)
-    fp_metrics = evaluate(base, data.dev, data.task)
+    recipe, data = _task_data(settings, task, seed, tok, glue_dir)
+    fp_metrics = evaluate_model(base, data, recipe.train)
     out = {"task": task, "seed": seed, "model_dir": str(model_dir), "fp_score": task_score(task, fp_metrics)[0],
            "fp_metrics": fp_metrics, "heads": heads, "calib_batches": settings["calib_batches"],
            "percentile": settings["percentile"], "methods": {}}
     cfgs = sensitivity_configs(targets, heads)
     # the same batches for every method: the first pass of the shuffled train loader (as run_ptq / train_qat see it)
-    calib = [{k: v for k, v in b.items() if k != "labels"} for _, b in zip(range(settings["calib_batches"]), data.train)]
+    calib = _calib_batches(data, recipe, settings["calib_batches"])
     for method in methods:
         model = copy.deepcopy(base)
         quantize_model_(model, targets + heads, learn_amax=False)
@@ -658,7 +671,7 @@ def investigate(settings: dict, task: str, seed: int, model_dir: Path, glue_dir,
             for n, m in qmods.items():
                 m.input_quantizer.enabled = n not in fpi
                 m.weight_quantizer.enabled = n not in fpw
-            metrics = evaluate(model, data.dev, data.task)
+            metrics = evaluate_model(model, data, recipe.train)
             score = task_score(task, metrics)[0]
             rows.append({"name": cfg["name"], "group": cfg["group"], "score": score, "metrics": metrics})
             log.info("%s %s seed %d | %-55s %.2f", method, task, seed, cfg["name"], score)
@@ -695,13 +708,13 @@ def investigate_modelopt(settings: dict, task: str, seed: int, model_dir: Path, 
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     from nxm_deploy.models import load_saved_model
-    from nxm_deploy.training.loop import evaluate
+    from nxm_deploy.training.trainer import evaluate_model
 
     _setup_threads(settings)
     torch.manual_seed(seed)
     model, tok = load_saved_model(model_dir)
-    _, data = _task_data(settings, task, seed, tok, glue_dir)
-    calib = [{k: v for k, v in b.items() if k != "labels"} for _, b in zip(range(settings["calib_batches"]), data.train)]
+    recipe, data = _task_data(settings, task, seed, tok, glue_dir)
+    calib = _calib_batches(data, recipe, settings["calib_batches"])
     mtq.quantize(model, mtq.INT8_DEFAULT_CFG, lambda m: [m(**b) for b in calib])
     enabled = {n: q for n, q in model.named_modules() if isinstance(q, TensorQuantizer) and q.is_enabled}
     groups = {n: modelopt_group(n) for n in enabled}
@@ -717,7 +730,7 @@ def investigate_modelopt(settings: dict, task: str, seed: int, model_dir: Path, 
     for name, group, off in cfgs:
         for n, q in enabled.items():
             q.disable() if groups[n] in off else q.enable()
-        metrics = evaluate(model, data.dev, data.task)
+        metrics = evaluate_model(model, data, recipe.train)
         score = task_score(task, metrics)[0]
         rows.append({"name": name, "group": group, "score": score, "metrics": metrics})
         log.info("modelopt %s seed %d | %-55s %.2f", task, seed, name, score)

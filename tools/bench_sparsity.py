@@ -93,7 +93,7 @@ BASE_RECIPE: dict = {
         "weight_decay": 0.01,
         "warmup_ratio": 0.1,
         "max_grad_norm": 1.0,
-        "bf16": True,
+        "precision": "bf16",
         "dense": {"epochs": 3, "learning_rate": 5.0e-5},
         "admm": {
             "method": "admm", "epochs": 3, "learning_rate": 1.0e-4, "rho": 50.0, "rho_factor": 1.0, "rho_max": None,
@@ -365,7 +365,8 @@ def build_recipe_dict(base: dict, settings: dict, task: str, seed: int, method: 
     put(tk, "max_train_examples", settings.get("max_train_examples"))
     put(tk, "max_eval_examples", settings.get("max_eval_examples"))
     train["seed"] = int(seed)
-    put(train, "bf16", settings.get("bf16"))
+    if settings.get("bf16") is not None:
+        train["precision"] = "bf16" if settings["bf16"] else "fp32"
     put(train, "num_threads", settings.get("threads"))
     put(dense, "epochs", settings.get("epochs_dense"))
     put(dense, "learning_rate", settings.get("lr_dense"))
@@ -607,7 +608,7 @@ def measure_step_cost(recipe_dict: dict, glue_dir: str | None, steps: int, warmu
     from nxm_deploy.models import load_base_model
     from nxm_deploy.sparsity.admm import ADMMSparsifier
     from nxm_deploy.sparsity.targets import select_targets, target_names
-    from nxm_deploy.training.loop import _param_groups
+    from nxm_deploy.training.trainer import decay_parameter_names
 
     recipe = recipe_from_dict(recipe_dict, "bench step cost")
     cfg, acfg = recipe.train, recipe.train.admm
@@ -630,10 +631,15 @@ def measure_step_cost(recipe_dict: dict, glue_dir: str | None, steps: int, warmu
     proximal = acfg.penalty_mode == "proximal"
     targets = target_names(select_targets(admm_model, recipe.pattern, recipe.sparsity.include, recipe.sparsity.exclude))
     sparsifier.prepare(admm_model, [{"tensor_fqn": f"{name}.weight"} for name in targets])
-    opts = {
-        "plain": torch.optim.AdamW(_param_groups(plain, cfg.weight_decay), lr=acfg.learning_rate),
-        "admm": torch.optim.AdamW(_param_groups(admm_model, cfg.weight_decay), lr=acfg.learning_rate),
-    }
+    def param_groups(model):  # the Trainer's weight-decay rule (decay_parameter_names), as in training
+        decay = set(decay_parameter_names(model))
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return [{"params": [p for n, p in params if n in decay], "weight_decay": cfg.weight_decay},
+                {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0}]
+
+    opts = {"plain": torch.optim.AdamW(param_groups(plain), lr=acfg.learning_rate),
+            "admm": torch.optim.AdamW(param_groups(admm_model), lr=acfg.learning_rate)}
+    bf16 = cfg.precision == "bf16"
     models = {"plain": plain, "admm": admm_model}
     for model in models.values():
         model.train()
@@ -641,7 +647,7 @@ def measure_step_cost(recipe_dict: dict, glue_dir: str | None, steps: int, warmu
     def one_step(kind: str, batch: dict) -> float:
         model, opt = models[kind], opts[kind]
         t0 = time.perf_counter()
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(**batch).loss
             if kind == "admm" and not proximal:
                 loss = loss + sparsifier.penalty()
@@ -674,7 +680,7 @@ def measure_step_cost(recipe_dict: dict, glue_dir: str | None, steps: int, warmu
     zu_per_step = statistics.median(zu) / interval
     amortised = statistics.median([(a + zu_per_step) / p for a, p in zip(times["admm"], times["plain"])])
     return {
-        "task": task.name, "model": recipe.model.source, "pattern": str(recipe.pattern), "bf16": cfg.bf16,
+        "task": task.name, "model": recipe.model.source, "pattern": str(recipe.pattern), "bf16": bf16,
         "batch_size": cfg.batch_size, "max_seq_length": recipe.task.max_seq_length, "targets": len(targets),
         "torch_threads": torch.get_num_threads(), "warmup_rounds": warmup, "timed_rounds": steps,
         "plain_step_s": times["plain"], "admm_step_s": times["admm"],

@@ -103,8 +103,12 @@ def _resolve(args, *, create: bool = False):
         run_dir = Path(args.runs_root) / recipe.name
         stored = read_run_info(run_dir).get("recipe_sha256")
         if create:
-            info = preflight(recipe, args.glue_dir, path)
-            prepare_run_dir(recipe, run_dir, getattr(args, "overwrite", False), info)
+            from nxm_deploy.training.trainer import barrier, is_main_process
+
+            info = preflight(recipe, args.glue_dir, path)  # every torchrun rank checks the inputs ...
+            if is_main_process():  # ... rank 0 alone writes the run directory
+                prepare_run_dir(recipe, run_dir, getattr(args, "overwrite", False), info)
+            barrier()
         elif stored is None:
             open_run_dir(run_dir)  # raises: no run yet
         elif stored != recipe.sha256():
@@ -206,18 +210,14 @@ def _dispatch(args) -> int:
         return 0 if (report.get("sparsity_check") or {}).get("ok") else 1
     if args.command == "train":
         from nxm_deploy.training.stage import STAGES, train_stage
-        from nxm_deploy.training.trainer import barrier, init_distributed, is_main_process
+        from nxm_deploy.training.trainer import init_distributed, is_main_process
 
         create = not Path(args.target).is_dir()
         if create:  # a recipe: start the torchrun group first, so rank 0 alone creates the run directory
             from nxm_deploy.config.recipe import load_recipe
 
             init_distributed(load_recipe(args.target).train)
-        if is_main_process():
-            recipe, run_dir, glue_dir, _ = _resolve(args, create=create)
-        barrier()
-        if not is_main_process():
-            recipe, run_dir, glue_dir, _ = _resolve(args)
+        recipe, run_dir, glue_dir, _ = _resolve(args, create=create)
         init_distributed(recipe.train)  # a run directory target (no-op when started above or without torchrun)
         stages = STAGES if args.stage == "all" else (args.stage,)
         results = train_stage(recipe, run_dir, glue_dir, stages)
@@ -305,6 +305,15 @@ def main(argv: list[str] | None = None) -> int:
         return 5
     except NxmError as exc:
         _print_error(exc)
+        return 1
+    except RuntimeError as exc:
+        from nxm_deploy.training.trainer import world_size
+
+        if world_size() <= 1 or not ("gloo" in str(exc) or "NCCL" in str(exc) or "peer" in str(exc)):
+            raise
+        # under torchrun: another rank failed first (its error is the one to read) and this one lost its peer
+        print(f"error: lost the other torchrun ranks ({str(exc).splitlines()[0][:200]}); the first failing rank "
+              "printed the cause.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted; finished stages are kept, partial artifacts were not written.", file=sys.stderr)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nxm_deploy.data.glue import TaskExamples
 from nxm_deploy.errors import ConfigError, DataError
@@ -197,6 +197,38 @@ def encode_fixed(
     return {k: np.asarray(enc[k], dtype=np.int64).reshape(batch_size, max_seq_length) for k in keys}
 
 
+class EpochSeededLengthGroupedSampler(Sampler):
+    """``transformers``' length-grouped order (random mega-batches sorted by length), seeded by ``seed + epoch``.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, never on the global RNG, so a run resumed in the
+    middle of an epoch sees the same batches as an uninterrupted one, and every DDP rank draws the same order
+    (accelerate then hands each rank its own batches).
+
+    Args:
+        lengths (list[int]): token count of each example.
+        batch_size (int): examples per global batch (all processes together).
+        seed (int): base seed.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths = list(lengths)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 class TaskData:
     """The tokenised train and dev sets of a recipe's task, with their collator (what a Trainer takes).
 
@@ -236,3 +268,17 @@ class TaskData:
         train = load_task_split(task, "train", root, cfg.max_train_examples)
         dev = load_task_split(task, "dev", root, cfg.max_eval_examples)
         return cls(task, tokenizer, train, dev, cfg.max_seq_length)
+
+    def train_loader(self, batch_size: int, seed: int, epoch: int = 0) -> DataLoader:
+        """The training batches of ``epoch`` in the Trainer's order (:class:`EpochSeededLengthGroupedSampler`,
+        ``batch_size`` = the global batch), e.g. for calibration: the same on every torchrun rank."""
+        lengths = [len(f["input_ids"]) for f in self.train.features]
+        sampler = EpochSeededLengthGroupedSampler(lengths, batch_size, seed)
+        sampler.set_epoch(epoch)
+        return DataLoader(self.train, batch_size=batch_size, sampler=sampler, collate_fn=self.collator)
+
+    def dev_loader(self, batch_size: int) -> DataLoader:
+        """The dev set longest-first in batches of ``batch_size`` (labels included), e.g. for ONNX Runtime scoring."""
+        lengths = [len(f["input_ids"]) for f in self.dev.features]
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        return DataLoader(self.dev, batch_size=batch_size, sampler=order, collate_fn=self.collator)

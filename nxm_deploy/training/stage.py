@@ -40,8 +40,8 @@ from nxm_deploy.sparsity import count_nm_violations, nm_mask
 from nxm_deploy.sparsity.admm import apply_masks_
 from nxm_deploy.sparsity.targets import require_targets, target_names
 from nxm_deploy.training.trainer import (
-    ADMMCallback, EpochSeededLengthGroupedSampler, MaskedFinetuneCallback, barrier, build_trainer, dev_metrics,
-    is_main_process, train_resumable, world_size,
+    ADMMCallback, MaskedFinetuneCallback, barrier, build_trainer, dev_metrics, evaluate_model,
+    is_main_process, rank_checksums, train_device, train_resumable, world_size,
 )
 
 log = logging.getLogger("nxm_deploy.training")
@@ -136,6 +136,22 @@ def check_masks(model, masks: dict[str, torch.Tensor], pattern) -> dict:
     return {"layers_checked": layers, "pattern": str(pattern), "ok": True}
 
 
+def _same_on_every_rank(tensors: dict[str, torch.Tensor], what: str) -> list[float]:
+    """Checksums of ``tensors`` on every torchrun rank; raises when the ranks disagree.
+
+    Raises:
+        SparsityVerificationError: the ranks hold different tensors (their trainings diverged).
+    """
+    sums = rank_checksums(tensors)
+    if any(value != sums[0] for value in sums[1:]):
+        differing = [name for name in sorted(tensors)
+                     if len(set(rank_checksums({name: tensors[name]}))) > 1]
+        raise SparsityVerificationError(
+            f"The {what} differ across the {len(sums)} torchrun ranks ({len(differing)} tensors, first "
+            f"{differing[:3]}): the data-parallel trainings diverged.")
+    return sums
+
+
 def _cpu_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
@@ -163,6 +179,7 @@ def train_dense(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> d
     trainer = build_trainer(model, data, cfg, output_dir=_phase_dir(run_dir, "dense", "finetune"),
                             epochs=cfg.dense.epochs, learning_rate=cfg.dense.learning_rate)
     stats = train_resumable(trainer, _fingerprint(recipe, "dense", "finetune"))
+    stats["rank_checksums"] = _same_on_every_rank(_cpu_state(model), "dense weights")
     metrics = dev_metrics(trainer)
     log.info("dense dev %s", metrics)
     manifest = {
@@ -205,6 +222,7 @@ def _admm_phase(student, data, recipe: Recipe, run_dir: Path, kd: dict) -> tuple
                             learning_rate=acfg.learning_rate, admm=admm, **kd)
     stats = train_resumable(trainer, fingerprint)
     masks = {k: v.cpu() for k, v in admm.finish().items()}  # hard projection of the kept epoch's W
+    stats["rank_checksums"] = _same_on_every_rank({**masks, **_cpu_state(student)}, "ADMM masks and weights")
     history = list(admm.sparsifier.history)
     if is_main_process():
         for stale in phase_dir.glob("checkpoint-*"):
@@ -250,15 +268,18 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
         masks = {f"{name}.weight": nm_mask(student.get_submodule(name).weight, pattern) for name in targets}
         apply_masks_(student, masks)
         finetune_epochs = acfg.epochs + acfg.masked_finetune_epochs  # the same training budget as ADMM
+    # scored by an evaluation-only Trainer: evaluating the training Trainer before train() keeps accelerate
+    # from wrapping the model in DDP under torchrun
+    projected_metrics = evaluate_model(student, data, cfg)
     trainer = build_trainer(student, data, cfg, output_dir=_phase_dir(run_dir, "admm", "masked_finetune"),
                             epochs=max(finetune_epochs, 1e-9), learning_rate=acfg.learning_rate,
                             callbacks=[MaskedFinetuneCallback(masks)], **kd)
-    projected_metrics = dev_metrics(trainer)
     ft_stats = None
     if finetune_epochs > 0:
         log.info("masked fine-tune: %s epochs at lr %g", finetune_epochs, acfg.learning_rate)
         ft_stats = train_resumable(trainer, _fingerprint(recipe, "admm", "masked_finetune"))
     mask_check = check_masks(student, masks, pattern)
+    mask_check["rank_checksums"] = _same_on_every_rank({**masks, **_cpu_state(student)}, "n:m masks and weights")
     metrics = dev_metrics(trainer)
     log.info("sparse dev %s", metrics)
     epoch_metrics = [{"after": f"epoch {e['epoch']:g}", **{k: v for k, v in e.items() if k not in ("epoch", "step")}}
@@ -334,12 +355,14 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
     targets = sparse_manifest["targets"]
     quantize_model_(student, targets, learn_amax=qcfg.learn_amax)
     kd = _kd(recipe, teacher, qcfg.distill and qcfg.epochs > 0)
+    device = train_device(cfg)
+    student.to(device)
+    calibrate(student, calibration_loop(data, cfg, qcfg.calibration_batches, device),
+              method=qcfg.calibration_method, percentile=qcfg.percentile)
+    ptq_metrics = evaluate_model(student, data, cfg)  # not the training Trainer (see train_admm)
     trainer = build_trainer(student, data, cfg, output_dir=_phase_dir(run_dir, "qat", "qat"),
                             epochs=max(qcfg.epochs, 1e-9), learning_rate=qcfg.learning_rate, quantized=True,
                             callbacks=[MaskedFinetuneCallback(masks)], **kd)
-    calibrate(student, calibration_loop(data, cfg, qcfg.calibration_batches, trainer.args.device),
-              method=qcfg.calibration_method, percentile=qcfg.percentile)
-    ptq_metrics = dev_metrics(trainer)
     log.info("PTQ INT8 dev %s", ptq_metrics)
     stats = None
     if qcfg.epochs > 0:
@@ -347,6 +370,7 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
                  qcfg.learning_rate)
         stats = train_resumable(trainer, _fingerprint(recipe, "qat", "qat"))
     mask_check = check_masks(student, masks, pattern)
+    mask_check["rank_checksums"] = _same_on_every_rank(_cpu_state(student), "QAT weights and scales")
     metrics = dev_metrics(trainer)
     log.info("QAT INT8 dev %s", metrics)
     quant_info = {
@@ -379,11 +403,7 @@ def calibration_loop(data: TaskData, train_cfg, batches: int, device):
     The batches are those of the first training epoch (the Trainer's length-grouped order, seed ``train.seed``,
     global batch ``train.batch_size``), the same on every torchrun rank, so every rank calibrates the same scales.
     """
-    from torch.utils.data import DataLoader
-
-    lengths = [len(f["input_ids"]) for f in data.train.features]
-    sampler = EpochSeededLengthGroupedSampler(lengths, train_cfg.batch_size, train_cfg.seed)
-    loader = DataLoader(data.train, batch_size=train_cfg.batch_size, sampler=sampler, collate_fn=data.collator)
+    loader = data.train_loader(train_cfg.batch_size, train_cfg.seed)
 
     @torch.no_grad()
     def forward_loop(model):

@@ -43,6 +43,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from nxm_deploy.data.loader import EpochSeededLengthGroupedSampler
 from nxm_deploy.distillation.losses import DistillationConfig, check_teacher, distillation_loss
 from nxm_deploy.errors import ConfigError, NxmError
 from nxm_deploy.sparsity.admm import ADMMSparsifier, apply_masks_
@@ -630,38 +631,6 @@ def decay_parameter_names(model: nn.Module) -> list[str]:
             if param.ndim >= 2 and "layernorm" not in name.lower()]
 
 
-class EpochSeededLengthGroupedSampler(torch.utils.data.Sampler):
-    """``transformers``' length-grouped order (random mega-batches sorted by length), seeded by ``seed + epoch``.
-
-    The order of epoch ``e`` depends only on ``(seed, e)``, never on the global RNG, so a run resumed in the
-    middle of an epoch sees the same batches as an uninterrupted one, and every DDP rank draws the same order
-    (accelerate then hands each rank its own batches).
-
-    Args:
-        lengths (list[int]): token count of each example.
-        batch_size (int): examples per batch of one process.
-        seed (int): base seed.
-    """
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        self.lengths = list(lengths)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        from transformers.trainer_pt_utils import get_length_grouped_indices
-
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
-
-
 def world_size() -> int:
     """Processes of this run: ``torch.distributed``'s world size, else torchrun's ``WORLD_SIZE``, else 1."""
     if dist.is_available() and dist.is_initialized():
@@ -783,7 +752,10 @@ class NxmTrainer(ADMMTrainerMixin, DistillationTrainerMixin, Trainer):
         lengths = self._lengths(dataset) if self.length_grouped else None
         if lengths is None:
             return super()._get_train_sampler(train_dataset)
-        return EpochSeededLengthGroupedSampler(lengths, self.args.per_device_train_batch_size, self.args.seed)
+        # grouped by the global batch: accelerate hands rank r the r-th per-device slice of each global batch, so
+        # N processes train on the very batches one process would
+        return EpochSeededLengthGroupedSampler(lengths, self.args.per_device_train_batch_size * self.args.world_size,
+                                               self.args.seed)
 
     def _get_eval_sampler(self, eval_dataset):
         lengths = self._lengths(eval_dataset) if self.length_grouped else None
@@ -946,6 +918,10 @@ def build_trainer(model: nn.Module, data, train_cfg, *, output_dir: str | os.Pat
     """
     args = training_arguments(output_dir, train_cfg, epochs=epochs, learning_rate=learning_rate,
                               select_metric=data.task.primary_metric, quantized=quantized, **overrides)
+    # A Trainer that evaluated this model earlier (an evaluation-only run, a previous phase) left accelerate's
+    # "already prepared" mark on it; under torchrun that mark would stop this run from wrapping it in DDP, and
+    # the ranks would train apart. Evaluate with a separate Trainer (evaluate_model), never this one, before train().
+    vars(model).pop("_is_accelerate_prepared", None)
     trainer = NxmTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.dev, data_collator=data.collator,
         compute_metrics=TaskMetrics(data.task), admm=admm, teacher=teacher, distillation=distillation,
@@ -953,6 +929,32 @@ def build_trainer(model: nn.Module, data, train_cfg, *, output_dir: str | os.Pat
     )
     trainer.metric_names = tuple(data.task.metrics)
     return trainer
+
+
+def rank_checksums(tensors: Mapping[str, torch.Tensor]) -> list[float]:
+    """A float64 checksum of ``tensors`` (index-weighted sums in name order) from every rank, rank order.
+
+    Equal entries mean every rank holds the same tensors (e.g. the n:m masks after a DDP stage); one entry in a
+    single process.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for name in sorted(tensors):
+        flat = tensors[name].detach().flatten().double().cpu()
+        total += (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [float(total)]
+    backend_device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+    local = total.reshape(1).to(backend_device)
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return [float(g.item()) for g in gathered]
+
+
+def train_device(train_cfg) -> torch.device:
+    """The ``torch.device`` this process trains on: ``cpu``, or ``cuda:<LOCAL_RANK>`` (see :func:`resolve_device`)."""
+    if resolve_device(train_cfg.device) == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def check_train_settings(train_cfg) -> dict:
@@ -996,3 +998,16 @@ def shutdown_distributed(wait: bool = True) -> None:
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def evaluate_model(model: nn.Module, data, train_cfg) -> dict[str, float]:
+    """Dev metrics of ``model`` on ``data.dev`` through ``Trainer.evaluate`` (device and precision of ``train_cfg``).
+
+    For benchmarks and diagnostics that score a model outside a stage; nothing is trained or written.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="nxm_eval_") as tmp:
+        trainer = build_trainer(model, data, train_cfg, output_dir=tmp, epochs=1, learning_rate=1e-5,  # no training
+                                disable_tqdm=True)
+        return dev_metrics(trainer)

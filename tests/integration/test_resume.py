@@ -1,4 +1,4 @@
-"""A killed training stage resumes from its loop checkpoints to the same result as an uninterrupted run.
+"""A killed training stage resumes from its Trainer checkpoints to the same result as an uninterrupted run.
 
 Real RTE data, tiny random BERT with dropout on (so the global RNG state matters), ADMM with Z/U updates every 4
 steps, a checkpoint every 3 steps. The "kill" is an exception raised from inside an optimizer step (after the
@@ -76,7 +76,7 @@ def test_killed_admm_stage_resumes_to_the_same_weights(tmp_path, monkeypatch, de
         _kill_at_step(m, kill_step)
         with pytest.raises(_Killed):
             train_admm(recipe, run_dir, str(glue_dir))
-    assert list((run_dir / CHECKPOINTS_DIR / "admm").glob("*/loop_state.pt"))
+    assert list((run_dir / CHECKPOINTS_DIR / "admm").glob("*/checkpoint-*/trainer_state.json"))
     resumed = train_admm(recipe, run_dir, str(glue_dir))
 
     ref_w, got_w = _weights(ref_dir), _weights(run_dir)

@@ -53,7 +53,7 @@ def test_variant_distillation_weights():
     assert bq.variant_distill("qat_kd_no_soft")["distillation"]["beta"] == 0.0
     assert bq.variant_distill("qat_no_kd")["distill"] is False
     r = bq.build_recipe_dict(SETTINGS, "mrpc", 2, "qat_kd_no_soft")
-    assert r["task"]["name"] == "mrpc" and r["train"]["seed"] == 2 and r["train"]["bf16"] is False
+    assert r["task"]["name"] == "mrpc" and r["train"]["seed"] == 2 and r["train"]["precision"] == "fp32"
     assert r["train"]["distillation"]["beta"] == 0.0 and r["train"]["qat"]["distill"] is True
     assert r["train"]["qat"]["calibration_method"] == "percentile" and r["train"]["qat"]["calibration_batches"] == 16
 

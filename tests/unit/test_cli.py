@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from nxm_deploy.cli.main import main
@@ -34,7 +35,7 @@ def no_training(monkeypatch):
     def _trained(*_args, **_kwargs):
         raise AssertionError("training started before the bad input was reported")
 
-    monkeypatch.setattr(stage, "train_loop", _trained)
+    monkeypatch.setattr(stage, "train_resumable", _trained)
 
 
 @pytest.fixture
@@ -244,6 +245,36 @@ def test_inspect_sparsity_bad_pattern(capsys, tmp_path) -> None:
     rc, _, err = run_cli(capsys, "inspect", "sparsity", str(model), "--pattern", "4:2")
     assert rc == 2
     assert_one_error(err, "4:2", "2:4")
+
+
+# ----------------------------------------------------------------------------------------------- training settings
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: train.device=cuda is valid here")
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_cuda_device_without_cuda(capsys, tmp_path, tiny_recipe_dict, fake_glue, command) -> None:
+    tiny_recipe_dict["train"]["device"] = "cuda"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict)
+    rc, _, err = run_cli(capsys, command, str(recipe), "--glue-dir", str(fake_glue), "--runs-root", str(tmp_path / "runs"))
+    assert rc == 2
+    assert_one_error(err, "train.device=cuda", "no CUDA device", "train.device: auto")
+    assert not (tmp_path / "runs" / tiny_recipe_dict["name"]).exists()  # refused before the run dir was made
+
+
+def test_fp16_on_cpu(capsys, tmp_path, tiny_recipe_dict, fake_glue) -> None:
+    tiny_recipe_dict["train"].update(device="cpu", precision="fp16")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict)
+    rc, _, err = run_cli(capsys, "run", str(recipe), "--glue-dir", str(fake_glue), "--runs-root", str(tmp_path / "runs"))
+    assert rc == 2
+    assert_one_error(err, "train.precision=fp16", "CPU", "bf16 or fp32")
+
+
+def test_world_size_that_does_not_divide_the_batch(capsys, tmp_path, tiny_recipe_dict, fake_glue, monkeypatch) -> None:
+    """torchrun's WORLD_SIZE is read before any process group starts: the check fires first."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    tiny_recipe_dict["train"]["batch_size"] = 32
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict)
+    rc, _, err = run_cli(capsys, "train", str(recipe), "--glue-dir", str(fake_glue), "--runs-root", str(tmp_path / "runs"))
+    assert rc == 2
+    assert_one_error(err, "train.batch_size=32", "world size 3", "multiple of 3")
 
 
 # ----------------------------------------------------------------------------------------------- subprocess

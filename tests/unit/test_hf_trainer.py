@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (pip install accelerate)")
 
-import transformers  # noqa: E402
+
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from nxm_deploy.config.recipe import recipe_from_dict  # noqa: E402
@@ -23,9 +23,9 @@ from nxm_deploy.integrations import (  # noqa: E402
 )
 from nxm_deploy.sparsity import count_nm_violations, nm_mask  # noqa: E402
 from nxm_deploy.sparsity.admm import ADMMSparsifier  # noqa: E402
+from tiny_models import BATCH, tiny_bert, tiny_dataset, training_args  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-NUM_EXAMPLES, SEQ_LEN, BATCH = 32, 8, 8  # 4 optimizer steps per epoch
 
 
 @pytest.fixture(autouse=True)
@@ -34,35 +34,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def tiny_bert(seed: int = 0):
-    """Tiny BERT classifier (2 layers, width 32), no dropout: training is a deterministic function of the data."""
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return transformers.BertForSequenceClassification(config)
-
-
-def tiny_dataset(n: int = NUM_EXAMPLES, seed: int = 1) -> list[dict]:
-    """Synthetic sequences; the label is whether the first token id is in the upper half of the vocabulary."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 64, (n, SEQ_LEN), generator=gen)
-    labels = (ids[:, 0] >= 32).long()
-    return [{"input_ids": ids[i], "attention_mask": torch.ones(SEQ_LEN, dtype=torch.long), "labels": labels[i]}
-            for i in range(n)]
-
-
-def training_args(out: Path, **overrides) -> TrainingArguments:
-    kwargs = dict(
-        output_dir=str(out), per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH,
-        num_train_epochs=3, learning_rate=1e-3, use_cpu=True, report_to="none", disable_tqdm=True,
-        save_strategy="no", logging_strategy="no", seed=0,
-    )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
 
 
 class StopAt(TrainerCallback):
