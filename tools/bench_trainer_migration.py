@@ -1,7 +1,7 @@
 """The Trainer-based training stack against the hand-written loop it replaced, measured in one run.
 
-Both stacks train the same recipe's sparse stage (``nxm-deploy train RUN_DIR --stage admm``: ADMM epochs, hard
-projection, masked fine-tune, KD from the dense model) and its QAT stage, from one shared dense model, in separate
+Both stacks train the same recipe's dense stage (each its own), sparse stage (``nxm-deploy train RUN_DIR --stage admm``: ADMM epochs, hard
+projection, masked fine-tune, KD from the dense model) and its QAT stage (these two from one shared dense model), in separate
 processes on this machine, one after the other (order alternated per repeat). The baseline is the package at a git
 revision that still has ``nxm_deploy/training/loop.py`` (default ``979b1c1``), checked out as a git worktree under
 ``--work``; the candidate is this checkout. The shared dense model is trained once by the baseline.
@@ -71,7 +71,10 @@ def _rev(tree: Path) -> str:
 
 
 def _stage_numbers(manifest: dict, stage: str) -> dict:
-    if stage == "admm":
+    if stage == "dense":  # the baseline's stats are at the top level of the dense manifest, as the Trainer's
+        loops = [manifest]
+        out = {}
+    elif stage == "admm":
         loops = [manifest.get("train"), manifest.get("masked_finetune")]
         out = {"metrics_after_projection": manifest.get("metrics_after_projection")}
     else:
@@ -91,7 +94,9 @@ def main() -> int:
     p.add_argument("--baseline-ref", default="979b1c1", help="git revision with the hand-written training loop")
     p.add_argument("--work", default="/tmp/trainer_migration", help="worktree and run directories")
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--stages", nargs="+", default=["admm", "qat"], choices=["admm", "qat"])
+    p.add_argument("--stages", nargs="+", default=["dense", "admm", "qat"], choices=["dense", "admm", "qat"],
+                   help="dense: each stack fine-tunes its own dense model too (its metrics and speed; the sparse "
+                   "and QAT stages of both start from the one shared dense model)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "trainer_migration"))
     args = p.parse_args()
 
@@ -118,7 +123,18 @@ def main() -> int:
             _run(tree, ["-c", PREPARE, str(recipe), str(run_dir)], work / f"{impl}_{rep}_prepare.log")
             shutil.copytree(dense_run / "dense", run_dir / "dense", dirs_exist_ok=True)
             cell = {"repeat": rep}
-            for stage in args.stages:
+            if "dense" in args.stages:  # each stack also fine-tunes its own dense model (metrics and speed only)
+                dense_dir = work / f"{impl}_{rep}_dense"
+                _run(tree, ["-c", PREPARE, str(recipe), str(dense_dir)], work / f"{impl}_{rep}_dense_prepare.log")
+                print(f"repeat {rep}: {impl} dense ...", flush=True)
+                wall = _run(tree, cli + ["train", str(dense_dir), "--stage", "dense", "--glue-dir", glue],
+                            work / f"{impl}_{rep}_dense.log")
+                numbers = _stage_numbers(json.loads((dense_dir / "dense" / "manifest.json").read_text()), "dense")
+                numbers.update(wall_seconds=round(wall, 1), steps_per_s_wall=numbers["steps"] / wall)
+                cell["dense"] = numbers
+                print(f"  {impl} dense: {numbers['steps']} steps, {numbers['train_seconds']} s training, "
+                      f"{wall:.0f} s wall, dev {numbers['metrics']}", flush=True)
+            for stage in [s for s in args.stages if s != "dense"]:
                 print(f"repeat {rep}: {impl} {stage} ...", flush=True)
                 wall = _run(tree, cli + ["train", str(run_dir), "--stage", stage, "--glue-dir", glue],
                             work / f"{impl}_{rep}_{stage}.log")
@@ -196,8 +212,8 @@ def _markdown(r: dict, stages: list[str]) -> str:
         for cell in r["results"][impl]:
             for stage in stages:
                 n = cell[stage]
-                extra = (f"after projection: {_fmt(n.get('metrics_after_projection'))}; " if stage == "admm"
-                         else f"PTQ: {_fmt(n.get('ptq_metrics'))}; ")
+                extra = {"admm": f"after projection: {_fmt(n.get('metrics_after_projection'))}; ",
+                         "qat": f"PTQ: {_fmt(n.get('ptq_metrics'))}; "}.get(stage, "")
                 lines.append(f"| {impl} | {cell['repeat']} | {stage} | {n['steps']} | {n['train_seconds']:.1f} | "
                              f"{n['wall_seconds']:.1f} | {n['steps_per_s']:.3f} | {n['steps_per_s_wall']:.3f} | "
                              f"{extra}final: {_fmt(n['metrics'])} |")
