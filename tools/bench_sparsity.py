@@ -322,7 +322,7 @@ def cells_to_run(results_dir: Path, plan, fingerprints: dict[str, str], redo_mis
 
 
 def planned_steps(cell: Cell, recipe: dict, train_examples: int) -> int:
-    """Optimizer steps of a cell (``train_loop``: ceil(epochs x batches per epoch) per loop)."""
+    """Optimizer steps of a cell (the Trainer: ceil(epochs x batches per epoch) per training phase)."""
     spe = math.ceil(train_examples / recipe["train"].get("batch_size", 32))
     if cell.method == "dense":
         return max(1, math.ceil(recipe["train"]["dense"]["epochs"] * spe))

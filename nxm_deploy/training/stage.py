@@ -48,7 +48,6 @@ log = logging.getLogger("nxm_deploy.training")
 
 STAGES = ("dense", "admm", "qat")
 CHECKPOINTS_DIR = "checkpoints"
-_PHASE_RESULT = "result.pt"
 
 
 def _setup(recipe: Recipe) -> None:
@@ -201,37 +200,20 @@ def _admm_phase(student, data, recipe: Recipe, run_dir: Path, kd: dict) -> tuple
     """ADMM W-steps (task/KD loss + penalty or proximal step), Z/U updates on schedule, hard projection.
 
     Returns ``(masks, admm_history, train_stats)``; ``train_stats["epoch_metrics"]`` are the hard-projected dev
-    scores of each epoch (NxMTransformer's evaluation). Once the phase ends its result (projected weights, masks,
-    history, stats) is kept in ``checkpoints/admm/admm/result.pt``, so a stage killed in the masked fine-tune
-    resumes there without redoing ADMM.
+    scores of each epoch (NxMTransformer's evaluation). The phase's last Trainer checkpoint stays until the stage
+    ends: a stage killed in the masked fine-tune resumes this phase from it (weights, ADMM state, log history;
+    no step left to train) and projects the same weights again.
     """
-    phase_dir = _phase_dir(run_dir, "admm", "admm")
-    result_path = phase_dir / _PHASE_RESULT
-    fingerprint = _fingerprint(recipe, "admm", "admm")
-    if result_path.is_file():
-        saved = torch.load(result_path, map_location="cpu", weights_only=True)
-        if saved["fingerprint"] == fingerprint:
-            student.load_state_dict(saved["model"])
-            log.info("ADMM phase already finished: resumed from %s", result_path)
-            return saved["masks"], saved["history"], saved["stats"]
     acfg = recipe.train.admm
     admm = ADMMCallback.from_recipe(recipe, squash_at_end=False)
     log.info("ADMM %s%s: %s epochs at lr %g, rho %g (%s)", recipe.pattern, " + KD" if kd else "", acfg.epochs,
              acfg.learning_rate, acfg.rho, acfg.penalty_mode)
-    trainer = build_trainer(student, data, recipe.train, output_dir=phase_dir, epochs=acfg.epochs,
-                            learning_rate=acfg.learning_rate, admm=admm, **kd)
-    stats = train_resumable(trainer, fingerprint)
+    trainer = build_trainer(student, data, recipe.train, output_dir=_phase_dir(run_dir, "admm", "admm"),
+                            epochs=acfg.epochs, learning_rate=acfg.learning_rate, admm=admm, **kd)
+    stats = train_resumable(trainer, _fingerprint(recipe, "admm", "admm"))
     masks = {k: v.cpu() for k, v in admm.finish().items()}  # hard projection of the kept epoch's W
     stats["rank_checksums"] = _same_on_every_rank({**masks, **_cpu_state(student)}, "ADMM masks and weights")
-    history = list(admm.sparsifier.history)
-    if is_main_process():
-        for stale in phase_dir.glob("checkpoint-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = result_path.with_name(result_path.name + ".tmp")
-        torch.save({"fingerprint": fingerprint, "model": _cpu_state(student), "masks": masks, "history": history,
-                    "stats": stats}, tmp)
-        tmp.replace(result_path)
-    return masks, history, stats
+    return masks, list(admm.sparsifier.history), stats
 
 
 def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dict:

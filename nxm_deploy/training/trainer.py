@@ -1,4 +1,18 @@
-"""ADMM n:m sparsification inside a Hugging Face ``transformers.Trainer`` run (single process or DDP).
+"""The one training stack: nxm-deploy's methods as ``transformers.Trainer`` pieces (CPU, CUDA, DDP under torchrun).
+
+Used by the pipeline's stages (:mod:`nxm_deploy.training.stage`) and by users' own Trainer scripts
+(:mod:`nxm_deploy.integrations` re-exports the public pieces):
+
+* :class:`ADMMCallback` + :class:`ADMMTrainerMixin` / :class:`ADMMTrainer`: ADMM n:m (below);
+* :class:`MaskedFinetuneCallback`: fixed masks re-applied after every optimizer step (masked fine-tune, QAT);
+* :class:`DistillationTrainerMixin`: GPUSQ-TLM hard/soft/feature KD with a frozen teacher, losses in float32;
+* :class:`NxmTrainer`: all of the above in one Trainer, our weight-decay rule and a resumable length-grouped order;
+* :func:`build_trainer` / :func:`training_arguments` / :func:`train_resumable` / :func:`dev_metrics`: one
+  training phase of a stage from the recipe's ``train`` section (device, precision, epoch selection, checkpoints
+  with a fingerprint), and the device / precision / world-size rules (:func:`resolve_device`,
+  :func:`resolve_precision`, :func:`per_device_batch_size`).
+
+ADMM n:m sparsification inside a Hugging Face ``transformers.Trainer`` run (single process or DDP).
 
 A run_glue-style script becomes an ADMM n:m run by swapping ``Trainer`` for :class:`ADMMTrainer`::
 
@@ -798,7 +812,8 @@ def training_arguments(output_dir: str | os.PathLike, train_cfg, *, epochs: floa
         greater_is_better=True if best else None,
         report_to="none", remove_unused_columns=False, label_names=["labels"],
         average_tokens_across_devices=False, ddp_backend=("nccl" if on_gpu else "gloo") if world_size() > 1 else None,
-        dataloader_num_workers=2 if on_gpu else 0, dataloader_pin_memory=on_gpu,
+        dataloader_num_workers=train_cfg.dataloader_workers if train_cfg.dataloader_workers is not None
+        else (2 if on_gpu else 0), dataloader_pin_memory=on_gpu,
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from nxm_deploy.config.recipe import recipe_from_dict
+from nxm_deploy._io import read_json
 from nxm_deploy.errors import RunDirError
 from nxm_deploy.training.stage import CHECKPOINTS_DIR, load_masks, train_admm, train_dense, train_qat
 
@@ -111,6 +112,23 @@ def test_killed_qat_stage_resumes_to_the_same_weights(tmp_path, monkeypatch, den
     ref_w, got_w = _weights(ref_dir, "qat"), _weights(run_dir, "qat")
     for name in ref_w:  # includes every learned amax
         assert torch.equal(ref_w[name], got_w[name]), name
+
+
+def test_killed_dense_stage_resumes_to_the_same_weights(tmp_path, monkeypatch, dense_dir, tiny_recipe_dict_module,
+                                                         glue_dir):
+    recipe = _recipe(tiny_recipe_dict_module)  # 8 steps, checkpoints after steps 3 and 6; kill in step 5
+    run_dir = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        _kill_at_step(m, 5)
+        with pytest.raises(_Killed):
+            train_dense(recipe, run_dir, str(glue_dir))
+    assert (run_dir / CHECKPOINTS_DIR / "dense" / "finetune" / "checkpoint-3").is_dir()
+    manifest = train_dense(recipe, run_dir, str(glue_dir))
+    assert manifest["resumed_from_step"] == 3 and manifest["steps"] == 8
+    ref_w, got_w = _weights(dense_dir, "dense"), _weights(run_dir, "dense")
+    for name in ref_w:
+        assert torch.equal(ref_w[name], got_w[name]), name
+    assert manifest["epoch_metrics"] == read_json(dense_dir / "dense" / "manifest.json")["epoch_metrics"]
 
 
 def test_checkpoint_of_another_recipe_is_refused(tmp_path, monkeypatch, dense_dir, tiny_recipe_dict_module, glue_dir):
