@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = isub.add_parser("sparsity", help="per-layer n:m check of an ONNX model; exit 1 when a layer that should be n:m is not")
     s.add_argument("model", help="ONNX file")
     s.add_argument("--pattern", default=None, help="n:m pattern, e.g. 2:4 (default: the manifest's, else 2:4)")
-    s.add_argument("--manifest", default=None, help="export manifest (default: manifest.json next to the model)")
+    s.add_argument("--manifest", default=None, help="export manifest (default: manifest.json next to the model, "
+                   "else the sparsity contract stored in the ONNX file's metadata)")
     s.add_argument("--require-all", action="store_true", default=None,
                    help="every checked layer must hold the pattern (for files without a manifest)")
     s.add_argument("--json", action="store_true", default=None, help="print the report as JSON")
@@ -126,7 +127,7 @@ def _resolve(args, *, create: bool = False):
 def _inspect_sparsity(args) -> int:
     from nxm_deploy._io import read_json, sha256_file
     from nxm_deploy.errors import ExportError
-    from nxm_deploy.export.verify import check_onnx_sparsity
+    from nxm_deploy.export.verify import check_onnx_sparsity, read_sparsity_metadata
 
     model = Path(args.model)
     if not model.is_file():
@@ -144,6 +145,14 @@ def _inspect_sparsity(args) -> int:
                 expected = set(manifest.get("sparse_modules", []))
                 pattern = pattern or manifest.get("pattern")
                 break
+    if layer_map is None:  # a copied file without its manifest: the contract the exporter stored inside it
+        try:
+            contract = read_sparsity_metadata(model)
+        except ExportError as exc:
+            raise ConfigError(exc.message, hint=exc.hint) from exc
+        if contract is not None:
+            layer_map, expected = contract["layer_map"], set(contract["expected"])
+            pattern = pattern or contract["pattern"]
     try:
         report = check_onnx_sparsity(model, pattern or "2:4", layer_map=layer_map, expected=expected)
     except ExportError as exc:  # unreadable file: bad input, not a failed check

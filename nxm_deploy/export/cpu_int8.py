@@ -45,6 +45,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from nxm_deploy._io import save_onnx
 from nxm_deploy.errors import ExportError
+from nxm_deploy.export.int8_weights import broadcast_scale, int8_codes
 from nxm_deploy.export.verify import _attr, _Graph, _load, _node_name, _reshape_target
 
 log = logging.getLogger("nxm_deploy.export")
@@ -177,17 +178,16 @@ class _Converter:
                 array = self._apply(node, array, self.graph)
                 if array is None:
                     return "weight Reshape with a non-constant shape"
-            q_scale = self._broadcast(scale, int(_attr(q, "axis", 1)), array.shape)
+            q_scale = broadcast_scale(scale, int(_attr(q, "axis", 1)), array.shape)
             if isinstance(q_scale, str):
                 return q_scale
-            # ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point), float32 division
-            codes = np.clip(np.rint(array / q_scale), -128, 127).astype(np.int8)
+            codes = int8_codes(array, q_scale)
         else:
             source = dq.input[0]
             codes = self.const(source)
             if codes is None or codes.dtype != np.int8:
                 return "weight DequantizeLinear reads neither a QuantizeLinear nor constant int8 codes"
-        full_scale = self._broadcast(scale, int(_attr(dq, "axis", 1)), codes.shape)
+        full_scale = broadcast_scale(scale, int(_attr(dq, "axis", 1)), codes.shape)
         if isinstance(full_scale, str):
             return full_scale
         full_scale = np.broadcast_to(full_scale, codes.shape)
@@ -205,19 +205,6 @@ class _Converter:
         key = (source, tuple(n.name or n.output[0] for n in post), transpose_b)
         weight = _Weight(np.ascontiguousarray(codes, dtype=np.int8), np.ascontiguousarray(full_scale[0], dtype=np.float32), source)
         return weight, key
-
-    @staticmethod
-    def _broadcast(scale: np.ndarray, axis: int, shape: tuple[int, ...]) -> np.ndarray | str:
-        if scale.size == 1:
-            return scale.reshape(()).astype(np.float32)
-        if scale.ndim != 1:
-            return "blocked weight quantization is not supported"
-        axis %= len(shape)
-        if shape[axis] != scale.size:
-            return f"{scale.size} scales do not fit axis {axis} of weight {list(shape)}"
-        view = [1] * len(shape)
-        view[axis] = scale.size
-        return scale.reshape(view).astype(np.float32)
 
     # -------------------------------------------------------------------------------------- activation
     def activation(self, tensor: str) -> tuple[str, np.float32] | str:

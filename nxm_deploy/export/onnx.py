@@ -113,6 +113,18 @@ def export_model(
     return path
 
 
+def save_model(proto, path: str | Path) -> Path:
+    """Write an ONNX ``proto`` to ``path`` atomically (temp file + rename; external data over 2 GB)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_onnx(proto, tmp, path.name)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def guard_qdq(onnx_model, expected_quantized: int) -> dict:
     """Check a Q/DQ export: fake quant not decomposed, zero points int8 0, scales positive finite.
 
@@ -139,7 +151,7 @@ def guard_qdq(onnx_model, expected_quantized: int) -> dict:
     dequant = [n for n in onnx_model.graph.node if n.op_type == "DequantizeLinear"]
     if "Round" in ops:
         problems.append("graph contains Round: fake quantization was decomposed instead of exported as Q/DQ")
-    per_channel = 0
+    per_channel, per_channel_q = 0, 0
     for node in quant + dequant:
         scale = consts.get(node.input[1])
         zero = consts.get(node.input[2]) if len(node.input) > 2 else None
@@ -149,15 +161,20 @@ def guard_qdq(onnx_model, expected_quantized: int) -> dict:
             problems.append(f"{node.name}: scale not positive finite")
         if zero is None or zero.dtype != np.int8 or np.any(zero != 0):
             problems.append(f"{node.name}: zero point must be int8 0, got {None if zero is None else (zero.dtype, zero.ravel()[:3])}")
-        if scale is not None and scale.ndim == 1 and scale.size > 1 and node.op_type == "QuantizeLinear":
-            per_channel += 1
+        per_channel_scale = scale is not None and scale.ndim == 1 and scale.size > 1
+        if per_channel_scale and node.op_type == "QuantizeLinear":
+            per_channel += 1  # a float weight quantized in the graph
+            per_channel_q += 1
+        elif per_channel_scale and node.input[0] in consts and consts[node.input[0]].dtype == np.int8:
+            per_channel += 1  # INT8 weight codes read by a DequantizeLinear (store_int8_weights)
     if per_channel != expected_quantized:
-        problems.append(f"{per_channel} per-channel weight QuantizeLinear nodes, expected {expected_quantized} (one per quantized Linear)")
-    if len(quant) <= per_channel:
+        problems.append(f"{per_channel} per-channel weight quantizers, expected {expected_quantized} (one per quantized Linear)")
+    if len(quant) <= per_channel_q:
         problems.append("no activation QuantizeLinear: inputs of the quantized Linear layers are not quantized")
     if problems:
         raise ExportError("Q/DQ guard failed: " + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
-    return {"quantize_linear": len(quant), "dequantize_linear": len(dequant), "per_channel_weight_quantizers": per_channel}
+    return {"quantize_linear": len(quant), "dequantize_linear": len(dequant), "per_channel_weight_quantizers": per_channel,
+            "int8_weight_initializers": per_channel - per_channel_q}
 
 
 def onnx_parity(path: str | Path, model: nn.Module, loader, input_names: list[str], task) -> dict:

@@ -16,10 +16,12 @@ from nxm_deploy.data.loader import encode_fixed, make_dataloader
 from nxm_deploy.errors import ExportError
 from nxm_deploy.export.onnx import (
     DENSE_ONNX, SPARSE_ONNX, export_model, file_record, guard_qdq, layer_map_for, model_input_names, onnx_parity,
+    save_model,
 )
+from nxm_deploy.export.int8_weights import store_int8_weights
 from nxm_deploy.export.cpu_int8 import CPU_INT8_ONNX, compare_logits, make_cpu_int8
 from nxm_deploy.export.qdq_lint import verify_qdq
-from nxm_deploy.export.verify import verify_onnx_sparsity
+from nxm_deploy.export.verify import verify_onnx_sparsity, write_sparsity_metadata
 from nxm_deploy.models import load_saved_model
 from nxm_deploy.quantization import export_mode
 from nxm_deploy.training.stage import load_qat_model, read_stage_manifest
@@ -73,15 +75,21 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     loader = make_dataloader(tokenizer, dev, batch_size=32, max_seq_length=recipe.task.max_seq_length, shuffle=False)
 
     dense_path = export_model(dense, sample_t, out / DENSE_ONNX, opset=recipe.export.opset)
+    producer = f"nxm-deploy {__version__}"
     with export_mode(qat):
         sparse_path = export_model(qat, sample_t, out / SPARSE_ONNX, opset=recipe.export.opset)
+        exported_bytes = sparse_path.stat().st_size
+        sparse_proto = onnx.load(str(sparse_path))
+        layer_map = layer_map_for(sparse_proto, qat, targets)  # by float weight contents, before the INT8 rewrite
+        int8_store = store_int8_weights(sparse_proto)  # INT8 weights stored as INT8 (dq_only form)
+        write_sparsity_metadata(sparse_proto, pattern, layer_map, targets, producer)
+        save_model(sparse_proto, sparse_path)
         int8_parity = onnx_parity(sparse_path, qat, loader, names, task)
     dense_parity = onnx_parity(dense_path, dense, loader, names, task)
+    int8_store.update(exported_bytes_qdq_float_weights=exported_bytes, file_bytes=sparse_path.stat().st_size)
 
-    sparse_proto = onnx.load(str(sparse_path))
     qdq = guard_qdq(sparse_proto, expected_quantized=len(quant_info["quantized_modules"]))
     qdq_lint = verify_qdq(sparse_proto)  # ExportError naming every node that breaks a TensorRT rule
-    layer_map = layer_map_for(sparse_proto, qat, targets)
     report = verify_onnx_sparsity(sparse_proto, pattern, layer_map=layer_map, expected=set(targets))
     report.path = str(sparse_path)
     report_dict = report.to_dict()
@@ -91,6 +99,9 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     cpu_path = out / CPU_INT8_ONNX
     cpu = make_cpu_int8(sparse_proto, cpu_path)
     cpu_layer_map = {c: layer_map[w] for c, w in cpu["weight_codes"].items() if w in layer_map}
+    cpu_proto = onnx.load(str(cpu_path))
+    write_sparsity_metadata(cpu_proto, pattern, cpu_layer_map, targets, producer)
+    save_model(cpu_proto, cpu_path)
     cpu_report = verify_onnx_sparsity(cpu_path, pattern, layer_map=cpu_layer_map, expected=set(targets))
     cpu_parity = compare_logits(sparse_path, cpu_path, sample)
     if cpu_parity["argmax_agreement"] < 1.0 or cpu_parity["max_abs_diff"] > CPU_INT8_PARITY_ATOL:
@@ -114,7 +125,7 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
         "torch": torch.__version__, "onnx": onnx.__version__, "opset": recipe.export.opset,
         "exporter": "torch.onnx.export(dynamo=False)", "inputs": names, "outputs": ["logits"],
         "pattern": str(pattern), "dense": file_record(dense_path), "sparse_int8": file_record(sparse_path),
-        "qdq": qdq, "qdq_lint": {"ok": qdq_lint.ok, "warnings": len(qdq_lint.warnings), "counts": qdq_lint.counts},
+        "int8_weights": int8_store, "qdq": qdq, "qdq_lint": {"ok": qdq_lint.ok, "warnings": len(qdq_lint.warnings), "counts": qdq_lint.counts},
         "cpu_int8": {**file_record(cpu_path), "form": cpu["form"], "converted": cpu["converted"],
                      "activation_quantizers": cpu["activation_quantizers"], "left_float": cpu["left_float"],
                      "layer_map": cpu_layer_map, "sparsity_ok": cpu_report.ok, "parity_vs_qdq": cpu_parity},

@@ -50,6 +50,54 @@ _LAYOUT_OPS = {"Transpose", "Reshape"}
 _UNKNOWN_AXIS = -1
 
 
+#: A layer in which at least this share of the groups holds the pattern, but not all, is ``"violating"`` (a
+#: damaged sparse layer), not ``"dense"``: in a dense weight almost no group of m holds n nonzeros or fewer.
+VIOLATING_MIN_SHARE = 0.9
+
+#: ``metadata_props`` key of the sparsity contract that travels inside an exported ONNX file.
+SPARSITY_METADATA_KEY = "nxm_deploy.sparsity"
+
+
+def write_sparsity_metadata(proto: onnx.ModelProto, pattern, layer_map: dict[str, str], expected, producer: str) -> None:
+    """Store the sparsity contract in ``proto.metadata_props`` (replacing an earlier one).
+
+    Args:
+        pattern: the n:m pattern, e.g. ``"2:4"``. layer_map: initializer name -> torch module fqn of each
+        n:m layer. expected: the torch module fqns trained n:m. producer: e.g. ``"nxm-deploy 0.1.0"``.
+    """
+    import json
+
+    value = json.dumps({"pattern": str(pattern), "layer_map": dict(layer_map), "expected": sorted(expected),
+                        "producer": producer}, sort_keys=True)
+    for prop in list(proto.metadata_props):
+        if prop.key == SPARSITY_METADATA_KEY:
+            proto.metadata_props.remove(prop)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = SPARSITY_METADATA_KEY, value
+
+
+def read_sparsity_metadata(model: str | os.PathLike | onnx.ModelProto) -> dict | None:
+    """The contract :func:`write_sparsity_metadata` stored (``pattern``, ``layer_map``, ``expected``,
+    ``producer``), or None when the file carries none. Reads only the model header, not external data.
+
+    Raises:
+        ExportError: the file cannot be parsed.
+    """
+    import json
+
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        try:
+            proto = onnx.load(os.fspath(model), load_external_data=False)
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(f"Cannot read ONNX model {model}: {exc}") from exc
+    for prop in proto.metadata_props:
+        if prop.key == SPARSITY_METADATA_KEY:
+            return json.loads(prop.value)
+    return None
+
+
 @dataclass
 class LayerSparsity:
     """The n:m check of one weight consumer (one ``MatMul``/``Gemm``/``Conv`` node).
@@ -68,7 +116,9 @@ class LayerSparsity:
         density: fraction of nonzero entries of the initializer (for codes behind a ``DequantizeLinear``
             with a nonzero zero point: entries that do not dequantize to 0).
         expected_sparse: True when the layer map says this module was trained n:m.
-        status: ``"sparse"``, ``"dense"`` or ``"skipped: <reason>"``.
+        status: ``"sparse"``, ``"dense"``, ``"violating"`` (only without a layer map, i.e. no manifest and no
+            contract in the file: at least :data:`VIOLATING_MIN_SHARE` of the groups hold the pattern but some do
+            not, a damaged sparse layer; a failure) or ``"skipped: <reason>"``.
         first_bad: index of the first element of the first violating group, in the initializer's
             coordinates (``(row, column)`` for a 2-D weight), or None.
     """
@@ -94,8 +144,8 @@ class LayerSparsity:
 
     @property
     def failed(self) -> bool:
-        """True when the layer is expected sparse and is not ``"sparse"``."""
-        return self.expected_sparse and self.status != "sparse"
+        """True when the layer is expected sparse and is not ``"sparse"``, or when it is ``"violating"``."""
+        return (self.expected_sparse and self.status != "sparse") or self.status == "violating"
 
 
 @dataclass
@@ -117,7 +167,7 @@ class SparsityReport:
 
     @property
     def failures(self) -> list[LayerSparsity]:
-        """Layers expected to be sparse whose status is not ``"sparse"`` (dense or skipped)."""
+        """Layers expected to be sparse whose status is not ``"sparse"`` (dense or skipped), and violating ones."""
         return [layer for layer in self.layers if layer.failed]
 
     @property
@@ -510,7 +560,12 @@ def check_onnx_sparsity(
                     status = f"skipped: {result}"
                 else:
                     groups_checked, groups_bad, first_bad, density = result
-                    status = "sparse" if groups_bad == 0 else "dense"
+                    if groups_bad == 0:
+                        status = "sparse"
+                    elif layer_map is None and 1 - groups_bad / groups_checked >= VIOLATING_MIN_SHARE:
+                        status = "violating"
+                    else:
+                        status = "dense"
         if math.isnan(density):
             try:
                 array = graph.array(init)
@@ -582,7 +637,7 @@ def verify_onnx_sparsity(
     parts = []
     for layer in report.failures:
         where = f"'{layer.label}' (node '{layer.node}', initializer '{layer.initializer}')"
-        if layer.status == "dense":
+        if layer.status in ("dense", "violating"):
             coord = "(row, column)" if len(layer.first_bad or ()) == 2 else "index"
             parts.append(
                 f"{where}: {layer.groups_violating} of {layer.groups_checked} groups along axis {layer.axis} "

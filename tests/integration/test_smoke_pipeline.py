@@ -65,8 +65,10 @@ def test_onnx_files_and_qdq_counts(run_dir) -> None:
     manifest = read_json(onnx_dir / "manifest.json")
     qdq = manifest["qdq"]
     assert qdq["per_channel_weight_quantizers"] == N_TARGETS
-    assert qdq["quantize_linear"] > N_TARGETS  # activation quantizers too
-    assert qdq["dequantize_linear"] == qdq["quantize_linear"]
+    # weights are INT8 initializers read by a DequantizeLinear (no QuantizeLinear); activations keep their pairs
+    assert qdq["int8_weight_initializers"] == N_TARGETS == manifest["int8_weights"]["converted"]
+    assert qdq["quantize_linear"] > 0
+    assert qdq["dequantize_linear"] == qdq["quantize_linear"] + N_TARGETS
     assert len(manifest["sparse_modules"]) == N_TARGETS
     assert sorted(manifest["layer_map"].values()) == sorted(manifest["sparse_modules"])
     assert manifest["sparse_int8"]["file"] == SPARSE_ONNX
@@ -202,7 +204,7 @@ def _tamper(run_dir: Path, out_dir: Path) -> tuple[int, int]:
     assert len(candidates), "no 2:4 group with exactly 2 nonzeros to tamper with"
     other, group = (int(v) for v in candidates[len(candidates) // 2])
     slot = int(np.flatnonzero(groups[other, group] == 0)[0])
-    moved[other, group * 4 + slot] = 0.5
+    moved[other, group * 4 + slot] = 0.5 if np.issubdtype(array.dtype, np.floating) else 7  # INT8 codes
     assert np.count_nonzero(array) == np.count_nonzero(numpy_helper.to_array(init)) + 1
     init.CopyFrom(numpy_helper.from_array(array, init_name))
 

@@ -115,7 +115,7 @@ def test_matmul_one_dense_group_first_bad():
     w = nm_array((16, 8), axis=0, seed=1)
     w[8:12, 5] = 1.0  # the group of rows 8..11 in column 5 now has 4 nonzeros
     layer = only(check_onnx_sparsity(matmul_model(w)))
-    assert layer.status == "dense"
+    assert layer.status == "violating"
     assert layer.groups_violating == 1
     assert layer.first_bad == (8, 5)
 
@@ -161,7 +161,7 @@ def test_qdq_transpose_linear_sparse_then_dense():
     w[row, col + zeros[0]] = 0.7  # fill one of the two zeros: 3 nonzeros in this group
     assert np.count_nonzero(w[row, col : col + 4]) == 3
     layer = only(check_onnx_sparsity(qdq_linear_model(w)))
-    assert layer.status == "dense" and layer.groups_violating == 1
+    assert layer.status == "violating" and layer.groups_violating == 1
     assert layer.first_bad == (row, col)
 
 
@@ -231,7 +231,7 @@ def test_int8_codes_through_dequantize():
     assert layer.density == pytest.approx(0.5)
     codes[0:4, 2] = 7
     layer = only(check_onnx_sparsity(int8_dq_model(codes, zero_point=0)))
-    assert layer.status == "dense" and layer.first_bad == (0, 2)
+    assert layer.status == "violating" and layer.first_bad == (0, 2)
 
 
 def test_int8_codes_with_nonzero_zero_point_compare_against_it():
@@ -415,7 +415,7 @@ def test_conv_weight_axis_1():
     w_bad = w.copy()
     w_bad[2, 4:8, 1, 0] = 1.0
     layer = only(check_onnx_sparsity(conv_model(w_bad)))
-    assert layer.status == "dense" and layer.first_bad == (2, 4, 1, 0)
+    assert layer.status == "violating" and layer.first_bad == (2, 4, 1, 0)
     layer = only(check_onnx_sparsity(conv_model(nm_array((4, 8, 3, 4), axis=3, seed=9))))
     assert layer.status == "dense"
 
@@ -440,7 +440,7 @@ def test_patterns_are_not_interchangeable():
     w28[0:8, 0] = [1, 1, 0, 0, 0, 0, 0, 0]  # 2 nonzeros in one group of 4: 2:8 holds, 2:4 holds
     w28[0:8, 1] = [0, 0, 0, 0, 0, 1, 1, 1]  # 3 nonzeros in 8: breaks 2:8 (and 2:4 in rows 4..7)
     layer = only(check_onnx_sparsity(matmul_model(w28), "2:8"))
-    assert layer.status == "dense" and layer.groups_violating == 1 and layer.first_bad == (0, 1)
+    assert layer.status == "violating" and layer.groups_violating == 1 and layer.first_bad == (0, 1)
     w24 = nm_array((32, 8), axis=0, seed=2)  # 2:4 everywhere = 4 nonzeros per 8: breaks 2:8
     assert only(check_onnx_sparsity(matmul_model(w24), "2:4")).status == "sparse"
     assert only(check_onnx_sparsity(matmul_model(w24), "2:8")).status == "dense"
