@@ -80,3 +80,54 @@ def save_onnx(model, tmp_path: str | Path, final_name: str) -> None:
 def read_json(path: str | Path):
     with open(path) as handle:
         return json.load(handle)
+
+
+def file_hashes(directory: str | Path, exclude: tuple[str, ...] = ("manifest.json",)) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file below ``directory`` (a stage's output), ``exclude`` left out."""
+    directory = Path(directory)
+    return {path.relative_to(directory).as_posix(): sha256_file(path)
+            for path in sorted(directory.rglob("*")) if path.is_file() and path.name not in exclude}
+
+
+def check_sha256(path: str | Path, expected: str, *, manifest: str | Path, regenerate: str,
+                 data: bytes | None = None) -> None:
+    """Refuse an artifact whose bytes are not the ones its producer recorded.
+
+    Args:
+        path: the artifact. expected: the sha256 its manifest records. manifest: that manifest (for the message).
+        regenerate: the command that writes it again. data: the bytes already read from ``path`` (hashed
+            instead of reading the file again, so the bytes checked are the bytes used).
+
+    Raises:
+        RunDirError: the file is missing or differs (one line: which file, which manifest, how to regenerate).
+    """
+    from nxm_deploy.errors import RunDirError
+
+    path = Path(path)
+    if data is None and not path.is_file():
+        raise RunDirError(f"{path} (recorded in {manifest}) is missing.", hint=f"Regenerate it: `{regenerate}`.")
+    actual = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
+    if actual != expected:
+        raise RunDirError(
+            f"{path} does not match {manifest}: sha256 {actual}, the manifest records {expected}.",
+            hint=f"The file was changed after it was written; regenerate it: `{regenerate}`.",
+        )
+
+
+def verify_stage_files(stage_dir: str | Path, regenerate: str) -> dict:
+    """Check every file a stage recorded in ``stage_dir/manifest.json`` (key ``files``); returns the manifest.
+
+    Raises:
+        RunDirError: a recorded file is missing or changed (see :func:`check_sha256`), or the manifest is absent.
+    """
+    from nxm_deploy.errors import RunDirError
+
+    stage_dir = Path(stage_dir)
+    manifest_path = stage_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise RunDirError(f"{stage_dir} has no manifest.json: the stage did not finish.",
+                          hint=f"Run `{regenerate}`.")
+    manifest = read_json(manifest_path)
+    for rel, expected in (manifest.get("files") or {}).items():
+        check_sha256(stage_dir / rel, expected, manifest=manifest_path, regenerate=regenerate)
+    return manifest

@@ -109,3 +109,26 @@ def training_args(out, **overrides):
     from transformers import TrainingArguments
 
     return TrainingArguments(**kwargs)
+
+
+def plant_third_nonzero(proto, init_name: str, axis: int) -> tuple[int, int]:
+    """Give one n:m group (2 nonzeros of 4 along ``axis``) of initializer ``init_name`` a third nonzero, in place.
+
+    Works on float weights (the new value is 0.5) and INT8 codes (7). Returns the (row, column) of the group's
+    first element in the initializer's coordinates.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    (init,) = [t for t in proto.graph.initializer if t.name == init_name]
+    array = numpy_helper.to_array(init).copy()
+    moved = np.moveaxis(array, axis, -1)  # a view: [other, reduction]
+    groups = moved.reshape(moved.shape[0], -1, 4)
+    candidates = np.argwhere((groups != 0).sum(-1) == 2)
+    assert len(candidates), "no 2:4 group with exactly 2 nonzeros to tamper with"
+    other, group = (int(v) for v in candidates[len(candidates) // 2])
+    slot = int(np.flatnonzero(groups[other, group] == 0)[0])
+    moved[other, group * 4 + slot] = 0.5 if np.issubdtype(array.dtype, np.floating) else 7
+    assert np.count_nonzero(array) == np.count_nonzero(numpy_helper.to_array(init)) + 1
+    init.CopyFrom(numpy_helper.from_array(array, init_name))
+    return (other, group * 4) if axis == 1 else (group * 4, other)

@@ -10,13 +10,13 @@ The YAML is parsed here directly: :mod:`nxm_deploy.config` imports torch, the cl
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from nxm_deploy._io import check_sha256
 from nxm_deploy.errors import ConfigError, RunDirError
 
 #: model name -> (manifest key, tokenizer directories in order of preference)
@@ -114,11 +114,6 @@ def _read_recipe(run_dir: Path) -> dict:
     return data
 
 
-def sha256_bytes(data: bytes) -> str:
-    """Hex sha256 of ``data``."""
-    return hashlib.sha256(data).hexdigest()
-
-
 def read_verified(path: Path, expected_sha256: str | None) -> bytes:
     """Read ``path`` and check its sha256 against the recorded one.
 
@@ -132,12 +127,8 @@ def read_verified(path: Path, expected_sha256: str | None) -> bytes:
         raise RunDirError(f"Artifact {path} not found.", hint="Re-run `nxm-deploy export RUN_DIR`.")
     data = path.read_bytes()
     if expected_sha256 is not None:
-        actual = sha256_bytes(data)
-        if actual != expected_sha256:
-            raise RunDirError(
-                f"Artifact {path} does not match its manifest: sha256 {actual}, manifest records {expected_sha256}.",
-                hint="The file was modified or replaced after export; re-run `nxm-deploy export RUN_DIR`.",
-            )
+        check_sha256(path, expected_sha256, manifest=path.parent / "manifest.json",
+                     regenerate=f"nxm-deploy export {path.parent.parent}", data=data)
     return data
 
 

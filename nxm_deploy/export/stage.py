@@ -24,7 +24,7 @@ from nxm_deploy.export.qdq_lint import verify_qdq
 from nxm_deploy.export.verify import verify_onnx_sparsity, write_sparsity_metadata
 from nxm_deploy.models import load_saved_model
 from nxm_deploy.quantization import export_mode
-from nxm_deploy.training.stage import load_qat_model, read_stage_manifest
+from nxm_deploy.training.stage import check_masks, load_masks, load_qat_model, read_stage_manifest
 
 log = logging.getLogger("nxm_deploy.export")
 
@@ -51,11 +51,15 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     Writes ``onnx/{dense_fp32,sparse_int8_qdq}.onnx``, ``onnx/sparsity_report.json`` and ``onnx/manifest.json``.
 
     Raises:
-        RunDirError: training stages missing. ExportError: export or Q/DQ guard failed.
-        SparsityVerificationError: a layer trained n:m is not n:m in the exported graph.
+        RunDirError: training stages missing, or a file of theirs changed after it was written.
+        ExportError: export or Q/DQ guard failed.
+        SparsityVerificationError: the saved masks do not hold on the QAT weights, or a layer trained n:m is
+            not n:m in the exported graph.
     """
     run_dir = Path(run_dir)
     out = run_dir / "onnx"
+    # every input file as its stage wrote it (each read_stage_manifest checks the sha256 its manifest records)
+    read_stage_manifest(run_dir, "dense")
     sparse_manifest = read_stage_manifest(run_dir, "admm")
     read_stage_manifest(run_dir, "qat")
     targets = sparse_manifest["targets"]
@@ -63,6 +67,7 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
 
     dense, tokenizer = load_saved_model(run_dir / "dense")
     qat, _, quant_info = load_qat_model(run_dir)
+    check_masks(qat, load_masks(run_dir), pattern)  # the saved masks hold on the weights about to be exported
     for model in (dense, qat):
         _use_eager_attention(model)
         model.eval()

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from nxm_deploy._io import atomic_dir, atomic_write_json, read_json
+from nxm_deploy._io import atomic_dir, atomic_write_json, file_hashes, read_json, verify_stage_files
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.data import TaskData, get_task
 from nxm_deploy.errors import RunDirError, SparsityVerificationError
@@ -94,11 +94,12 @@ def _write_stage(run_dir: Path, stage: str, write) -> None:
     _drop_checkpoints(run_dir, stage)
 
 
-def read_stage_manifest(run_dir: str | Path, stage: str) -> dict:
-    """Manifest of a finished stage.
+def read_stage_manifest(run_dir: str | Path, stage: str, verify: bool = True) -> dict:
+    """Manifest of a finished stage; with ``verify``, every file it recorded is checked against its sha256.
 
     Raises:
-        RunDirError: the stage has not finished in this run directory.
+        RunDirError: the stage has not finished in this run directory, or one of its files was changed after
+            it was written (one line: which file, which manifest, the command that regenerates it).
     """
     path = _stage_dir(Path(run_dir), stage) / "manifest.json"
     if not path.is_file():
@@ -106,6 +107,8 @@ def read_stage_manifest(run_dir: str | Path, stage: str) -> dict:
             f"Stage '{stage}' has no finished artifact in {path.parent}.",
             hint=f"Run `nxm-deploy train {run_dir} --stage {stage}` (or `nxm-deploy run`) first.",
         )
+    if verify:
+        return verify_stage_files(path.parent, f"nxm-deploy train {run_dir} --stage {stage}")
     return read_json(path)
 
 
@@ -190,6 +193,7 @@ def train_dense(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> d
     def write(tmp):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        manifest["files"] = file_hashes(tmp)
         atomic_write_json(tmp / "manifest.json", manifest)
 
     _write_stage(run_dir, "dense", write)
@@ -279,6 +283,7 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_file({k: v.cpu().contiguous() for k, v in masks.items()}, str(tmp / "masks.safetensors"))
+        manifest["files"] = file_hashes(tmp)
         atomic_write_json(tmp / "manifest.json", manifest)
 
     _write_stage(run_dir, "admm", write)
@@ -373,6 +378,7 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
         save_file(_cpu_state(student), str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "quant.json", quant_info)
+        manifest["files"] = file_hashes(tmp)
         atomic_write_json(tmp / "manifest.json", manifest)
 
     _write_stage(run_dir, "qat", write)

@@ -105,8 +105,10 @@ def build_report(recipe: Recipe, run_dir: str | Path) -> dict:
         "primary_metric": primary, "pattern": pattern, "accuracy": accuracy, "baseline": baseline,
         "runners": runners, "skipped": validation.get("skipped"),
         "sparsity_check": (export or {}).get("sparsity_check"), "parity": (export or {}).get("parity"),
+        "int8_weights": (export or {}).get("int8_weights"),
         "latency": validation.get("latency"), "latency_method": validation.get("latency_method"),
         "machine": validation.get("machine"), "runtime": validation.get("runtime"),
+        "dev_set": dev_set_words(validation.get("dev_examples"), validation.get("dev_examples_total")),
         "diff": validation.get("diff"), "gates": validation.get("gates"), "plots": plots,
         "engines": (engines or {}).get("engines"),
         "admm_history": (sparse or {}).get("admm_history"), "admm_epoch_metrics": (sparse or {}).get("epoch_metrics"),
@@ -117,6 +119,15 @@ def build_report(recipe: Recipe, run_dir: str | Path) -> dict:
     atomic_write_json(run_dir / "report.json", report)
     atomic_write_text(run_dir / "report.md", _markdown(report, sparsity))
     return report
+
+
+def dev_set_words(used: int | None, total: int | None) -> str | None:
+    """``"full dev set (M examples)"``, or ``"first N of M dev examples"`` when ``task.max_eval_examples`` cut it."""
+    if used is None:
+        return None
+    if total is None or used >= total:
+        return f"full dev set ({used} examples)"
+    return f"first {used} of {total} dev examples"
 
 
 def _gate_word(gate: dict | None) -> str:
@@ -133,8 +144,12 @@ def _summary(report: dict) -> list[str]:
     if base:
         others = [f"{r['model']} {r['metrics'][primary]:.4f} ({_fmt_delta(r['delta_pt'])}, {r['runtime']})"
                   for r in val_rows if r is not base]
-        lines.append(f"- Dev {primary} (full dev set): {base['model']} {base['metrics'][primary]:.4f}"
+        lines.append(f"- Dev {primary} ({report.get('dev_set') or 'dev set'}): {base['model']} {base['metrics'][primary]:.4f}"
                      + (f"; {'; '.join(others)}" if others else "") + ".")
+    size = report.get("int8_weights")
+    if size and size.get("file_bytes"):
+        lines.append(f"- Sparse INT8 ONNX: {size['file_bytes'] / 1e6:.1f} MB ({size['converted']} weights stored as INT8 "
+                     f"initializers; {size['exported_bytes_qdq_float_weights'] / 1e6:.1f} MB with FP32 weights).")
     check = report.get("sparsity_check")
     if check:
         lines.append(f"- Exported graph: {check['sparse_layers']} of {check['expected_sparse']} trained layers verified "
@@ -211,7 +226,8 @@ def _markdown(report: dict, sparsity: dict | None) -> str:
 
     lines += ["", "## Accuracy (dev set)", "",
               "Training-stage rows are PyTorch evaluations (Δ vs the PyTorch dense model); validation rows are every "
-              "deployable model on the full dev set in this process (Δ vs the dense FP32 ONNX model).", "",
+              f"deployable model on the {report.get('dev_set') or 'dev set'} in this process (Δ vs the dense FP32 ONNX "
+              "model).", "",
               f"| model | runtime | metrics | Δ {primary} vs dense |", "|---|---|---|---|"]
     for row in report["accuracy"]:
         lines.append(f"| {row['model']} | {row['runtime']} | {_fmt_metrics(row['metrics'])} | {_fmt_delta(row['delta_pt'])} |")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from nxm_deploy._io import atomic_write_json, read_json
+from nxm_deploy._io import atomic_write_json, check_sha256, read_json
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.data import get_task, load_task_split, make_dataloader, resolve_glue_dir
 from nxm_deploy.data.loader import encode_fixed
@@ -61,7 +61,7 @@ def onnx_models(run_dir: Path, manifest: dict) -> dict[str, dict]:
     """name -> ``{"path", "precision", "sparse"}`` of the run's ONNX models (``cpu_int8`` only when present).
 
     Raises:
-        RunDirError: a model the manifest names is missing.
+        RunDirError: a model the manifest names is missing, or differs from the sha256 the manifest records.
     """
     onnx_dir = run_dir / "onnx"
     models = {
@@ -76,10 +76,15 @@ def onnx_models(run_dir: Path, manifest: dict) -> dict[str, dict]:
             if (onnx_dir / candidate).is_file():
                 models[CPU_INT8] = {"path": onnx_dir / candidate, "precision": "int8", "sparse": True}
                 break
+    records = {DENSE: manifest.get("dense"), SPARSE: manifest.get("sparse_int8"), CPU_INT8: manifest.get(CPU_INT8)}
     for name, info in models.items():
         if not info["path"].is_file():
             raise RunDirError(f"ONNX model {name} ({info['path']}) named by {onnx_dir / 'manifest.json'} is missing.",
                               hint=f"Re-run `nxm-deploy export {run_dir}`.")
+        record = records.get(name) or {}
+        if record.get("sha256") and record.get("file") == info["path"].name:  # the bytes the export stage wrote
+            check_sha256(info["path"], record["sha256"], manifest=onnx_dir / "manifest.json",
+                         regenerate=f"nxm-deploy export {run_dir}")
     return models
 
 
@@ -182,7 +187,8 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
     """Validate every model of a run; writes ``validation.json`` (and ``diff/``) and returns its content.
 
     Raises:
-        RunDirError: the export stage has not run. DataError: the task's dev data is missing.
+        RunDirError: the export stage has not run, or a file of the run differs from the sha256 its stage
+            manifest records. DataError: the task's dev data is missing.
         ValidationError: models with different input names / label counts, an engine for another GPU or
             TensorRT version, a latency grid point outside an engine's profile.
         AccuracyRegressionError / LatencyRegressionError / OutputMismatchError: a gate of the recipe failed
@@ -191,10 +197,14 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
+    from nxm_deploy.training.stage import STAGES, read_stage_manifest
+
     run_dir = Path(run_dir)
     onnx_dir = run_dir / "onnx"
     if not (onnx_dir / "manifest.json").is_file():
         raise RunDirError(f"No exported models in {onnx_dir}.", hint=f"Run `nxm-deploy export {run_dir}` first.")
+    for stage in STAGES:  # the training artifacts behind the models (PyTorch rows, tokenizer) as they were written
+        read_stage_manifest(run_dir, stage)
     manifest = read_json(onnx_dir / "manifest.json")
     names = list(manifest["inputs"])
     task = get_task(recipe.task.name)
@@ -203,7 +213,9 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
     grid = [(int(b), int(s)) for b, s in vcfg.latency_shapes]
     if vcfg.timed_runs < MIN_TIMED_RUNS:
         log.warning("validate.timed_runs=%d: fewer than %d timed runs give unstable p90/p99", vcfg.timed_runs, MIN_TIMED_RUNS)
-    dev = load_task_split(task, "dev", resolve_glue_dir(glue_dir or recipe.task.glue_dir), recipe.task.max_eval_examples)
+    glue_root = resolve_glue_dir(glue_dir or recipe.task.glue_dir)
+    dev = load_task_split(task, "dev", glue_root, recipe.task.max_eval_examples)
+    dev_total = len(load_task_split(task, "dev", glue_root)) if recipe.task.max_eval_examples else len(dev)
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "dense"))
     max_len = recipe.task.max_seq_length
     loader = make_dataloader(tokenizer, dev, batch_size=32, max_seq_length=max_len, shuffle=False, group_by_length=True)
@@ -276,7 +288,7 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
                  for name, r in {**active}.items()}
     result = {
         "stage": "validate", "recipe_sha256": recipe.sha256(), "task": task.name, "primary_metric": primary,
-        "dev_examples": len(dev), "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+        "dev_examples": len(dev), "dev_examples_total": dev_total, "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
         "machine": machine_line(), "intra_op_threads": active[DENSE].intra_op_threads, "baseline": DENSE,
         "runners": described, "skipped": skipped, "metrics": accuracy,
         "metric_deltas_pt": {name: delta_pt(m, accuracy[DENSE], primary) for name, m in accuracy.items()},

@@ -10,10 +10,10 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from nxm_deploy.cli.main import main
+from tiny_models import plant_third_nonzero
 
 pytestmark = pytest.mark.slow
 
@@ -187,7 +187,6 @@ def _tamper(run_dir: Path, out_dir: Path) -> tuple[int, int]:
     Returns the (row, column) of the first element of that group in the initializer's coordinates.
     """
     import onnx
-    from onnx import numpy_helper
 
     manifest = read_json(run_dir / "onnx" / "manifest.json")
     (init_name,) = [name for name, module in manifest["layer_map"].items() if module == TAMPERED_MODULE]
@@ -196,22 +195,12 @@ def _tamper(run_dir: Path, out_dir: Path) -> tuple[int, int]:
     assert axis in (0, 1) and len(row["shape"]) == 2, row
 
     proto = onnx.load(str(run_dir / "onnx" / SPARSE_ONNX))
-    (init,) = [t for t in proto.graph.initializer if t.name == init_name]
-    array = numpy_helper.to_array(init).copy()
-    moved = np.moveaxis(array, axis, -1)  # a view: [other, reduction]
-    groups = moved.reshape(moved.shape[0], -1, 4)
-    candidates = np.argwhere((groups != 0).sum(-1) == 2)
-    assert len(candidates), "no 2:4 group with exactly 2 nonzeros to tamper with"
-    other, group = (int(v) for v in candidates[len(candidates) // 2])
-    slot = int(np.flatnonzero(groups[other, group] == 0)[0])
-    moved[other, group * 4 + slot] = 0.5 if np.issubdtype(array.dtype, np.floating) else 7  # INT8 codes
-    assert np.count_nonzero(array) == np.count_nonzero(numpy_helper.to_array(init)) + 1
-    init.CopyFrom(numpy_helper.from_array(array, init_name))
+    bad = plant_third_nonzero(proto, init_name, axis)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(out_dir / SPARSE_ONNX))
     shutil.copy(run_dir / "onnx" / "manifest.json", out_dir / "manifest.json")
-    return (other, group * 4) if axis == 1 else (group * 4, other)
+    return bad
 
 
 def test_inspect_sparsity_names_a_tampered_layer(run_dir, tmp_path, capsys) -> None:

@@ -189,7 +189,7 @@ def test_export_before_training(capsys, tmp_path, tiny_recipe_dict) -> None:
     run_dir = prepare_run_dir(recipe_from_dict(tiny_recipe_dict), tmp_path / "run")
     rc, _, err = run_cli(capsys, "export", str(run_dir))
     assert rc == 2
-    assert_one_error(err, "admm", "nxm-deploy train")
+    assert_one_error(err, "dense", "nxm-deploy train")
 
 
 def test_validate_before_export(capsys, tmp_path, tiny_recipe_dict) -> None:
