@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnx import numpy_helper
 
 from nxm_deploy import __version__
 from nxm_deploy._io import atomic_write_json
@@ -91,7 +92,14 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
         save_model(sparse_proto, sparse_path)
         int8_parity = onnx_parity(sparse_path, qat, loader, names, task)
     dense_parity = onnx_parity(dense_path, dense, loader, names, task)
-    int8_store.update(exported_bytes_qdq_float_weights=exported_bytes, file_bytes=sparse_path.stat().st_size)
+    embedding_bytes = sum(numpy_helper.to_array(t).nbytes for t in sparse_proto.graph.initializer
+                          if "embeddings" in t.name and t.data_type == onnx.TensorProto.FLOAT)
+    file_bytes = sparse_path.stat().st_size
+    int8_store.update(exported_bytes_qdq_float_weights=exported_bytes, file_bytes=file_bytes,
+                      float_embedding_bytes=embedding_bytes,
+                      # goal: the file within 1.3x of what INT8 weights plus FP32 embeddings must take
+                      bytes_vs_int8_weights_plus_embeddings=round(file_bytes / max(
+                          1, int8_store["int8_weight_bytes"] + embedding_bytes), 3))
 
     qdq = guard_qdq(sparse_proto, expected_quantized=len(quant_info["quantized_modules"]))
     qdq_lint = verify_qdq(sparse_proto)  # ExportError naming every node that breaks a TensorRT rule

@@ -112,6 +112,17 @@ def read_stage_manifest(run_dir: str | Path, stage: str, verify: bool = True) ->
     return read_json(path)
 
 
+def verify_finished_stages(run_dir: str | Path) -> list[str]:
+    """Check the files of every training stage that has finished in ``run_dir`` against their manifests.
+
+    Returns the stages checked. Raises :class:`RunDirError` as :func:`read_stage_manifest`.
+    """
+    done = [stage for stage in STAGES if (_stage_dir(Path(run_dir), stage) / "manifest.json").is_file()]
+    for stage in done:
+        read_stage_manifest(run_dir, stage)
+    return done
+
+
 def check_masks(model, masks: dict[str, torch.Tensor], pattern) -> dict:
     """Every masked weight exactly 0 and every group within the pattern; INT8 codes of pruned weights 0.
 

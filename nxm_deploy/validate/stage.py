@@ -197,14 +197,13 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
-    from nxm_deploy.training.stage import STAGES, read_stage_manifest
+    from nxm_deploy.training.stage import verify_finished_stages
 
     run_dir = Path(run_dir)
     onnx_dir = run_dir / "onnx"
     if not (onnx_dir / "manifest.json").is_file():
         raise RunDirError(f"No exported models in {onnx_dir}.", hint=f"Run `nxm-deploy export {run_dir}` first.")
-    for stage in STAGES:  # the training artifacts behind the models (PyTorch rows, tokenizer) as they were written
-        read_stage_manifest(run_dir, stage)
+    verify_finished_stages(run_dir)  # the training artifacts behind the models (tokenizer, PyTorch rows) as written
     manifest = read_json(onnx_dir / "manifest.json")
     names = list(manifest["inputs"])
     task = get_task(recipe.task.name)
