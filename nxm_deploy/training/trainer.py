@@ -533,6 +533,8 @@ class ADMMTrainerMixin:
             )
         if scaled:
             penalty = penalty / getattr(self, "current_gradient_accumulation_steps", 1)
+        if hasattr(self, "_add_log_terms"):
+            self._add_log_terms({"admm_penalty": penalty.detach()})
         loss = loss + penalty.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
@@ -591,11 +593,27 @@ class DistillationTrainerMixin:
             t_out = self.teacher(**inputs, output_hidden_states=True)
         s_out = model(**inputs, output_hidden_states=True)
         with torch.autocast(device_type=s_out.logits.device.type, enabled=False):
-            loss, _parts = distillation_loss(
+            loss, parts = distillation_loss(
                 s_out.logits.float(), t_out.logits.float(), labels, self.distillation,
                 tuple(h.float() for h in s_out.hidden_states[1:]), tuple(h.float() for h in t_out.hidden_states[1:]),
             )
+        self._add_log_terms({f"kd_{name}": value for name, value in parts.items()})
         return (loss, s_out) if return_outputs else loss
+
+    def _add_log_terms(self, terms: dict[str, float]) -> None:
+        """Accumulate loss terms; :meth:`log` adds their means since the last training log to it."""
+        sums = self.__dict__.setdefault("_log_terms", {})
+        for name, value in terms.items():
+            total, count = sums.get(name, (0.0, 0))
+            sums[name] = (total + float(value), count + 1)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """``Trainer.log``; a training log (with ``loss``) also gets the mean of each accumulated loss term."""
+        sums = self.__dict__.get("_log_terms")
+        if sums and "loss" in logs:
+            logs.update({name: round(total / count, 6) for name, (total, count) in sums.items() if count})
+            sums.clear()
+        super().log(logs, *args, **kwargs)
 
 
 class MaskedFinetuneCallback(TrainerCallback):

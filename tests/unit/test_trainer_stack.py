@@ -136,3 +136,19 @@ def test_select_keeps_the_best_or_the_last_epoch(tmp_path, tiny_recipe_dict, mon
     assert stats["selected_epoch"] == kept and stats["steps"] == 12
     for key, value in model.state_dict().items():
         assert torch.equal(value, snapshots[kept][key]), key
+
+
+def test_kd_and_admm_terms_reach_the_training_log(tmp_path):
+    """The loss parts the old loop showed in its progress bar: KD hard/soft/feature and the ADMM penalty, as means
+    over the steps since the last log, in the Trainer's log history (one log per epoch here)."""
+    admm = tr.ADMMCallback(pattern="2:4", rho=0.05, squash_at_end=False)
+    trainer = tr.NxmTrainer(model=tiny_bert(0), args=training_args(tmp_path, num_train_epochs=2, logging_strategy="epoch"),
+                            train_dataset=tiny_dataset(), teacher=tiny_bert(1), admm=admm)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 2
+    for entry in logs:
+        assert {"kd_hard", "kd_soft", "kd_feature", "admm_penalty"} <= set(entry), entry
+        assert entry["kd_hard"] > 0 and entry["admm_penalty"] > 0
+    # the mean of each epoch's terms (the accumulators are reset after each log)
+    assert logs[0]["admm_penalty"] != logs[1]["admm_penalty"]
