@@ -137,7 +137,8 @@ class TrainConfig(_Strict):
         "auto", description="mixed precision of training (weights and optimizer stay float32); auto: bf16 on a GPU "
         "that has it, fp32 on CPU and for INT8 QAT")
     select: Literal["last", "best"] = Field(
-        "last", description="which epoch of each stage's final phase is kept: the last, or the best dev value of "
+        "last", description="which epoch of each training phase is kept (dense fine-tune, ADMM with hard-projected "
+        "scores, masked fine-tune, QAT): the last, or the best dev value of "
         "the task's primary metric (the NxMTransformer protocol)")
     dataloader_workers: int | None = Field(None, ge=0, description="DataLoader workers; default 2 on GPU, 0 on CPU")
     checkpoint_every_steps: int | None = Field(

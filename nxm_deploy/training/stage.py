@@ -237,8 +237,8 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
     ``train.admm.method``: ``admm`` (NxMTransformer: ADMM + KD from the dense model, hard projection, masked
     fine-tune) or ``magnitude`` (ASP baseline: one-shot magnitude mask, masked fine-tune for the same number of
     epochs). Masks are enforced after every optimizer step of the masked fine-tune
-    (:class:`~nxm_deploy.training.trainer.MaskedFinetuneCallback`). ``train.select`` picks the kept epoch of the
-    last phase (the masked fine-tune; the ADMM epochs when there is none).
+    (:class:`~nxm_deploy.training.trainer.MaskedFinetuneCallback`). ``train.select`` picks the kept epoch of each
+    phase (ADMM: by the hard-projected dev score; the projection then uses that epoch's weights).
 
     Raises:
         RunDirError: the dense stage has not finished; checkpoints of another recipe.

@@ -829,6 +829,9 @@ def training_arguments(output_dir: str | os.PathLike, train_cfg, *, epochs: floa
         load_best_model_at_end=best, metric_for_best_model=f"eval_{select_metric}" if best else None,
         greater_is_better=True if best else None,
         report_to="none", remove_unused_columns=False, label_names=["labels"],
+        # progress bars on (transformers turns them off with its own log level, which the CLI keeps at "error");
+        # `nxm-deploy -q` sets TQDM_DISABLE=1
+        disable_tqdm=os.environ.get("TQDM_DISABLE", "") in ("1", "true", "True"),
         average_tokens_across_devices=False, ddp_backend=("nccl" if on_gpu else "gloo") if world_size() > 1 else None,
         dataloader_num_workers=train_cfg.dataloader_workers if train_cfg.dataloader_workers is not None
         else (2 if on_gpu else 0), dataloader_pin_memory=on_gpu,

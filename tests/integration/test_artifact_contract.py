@@ -197,3 +197,17 @@ def test_engine_build_refuses_a_changed_onnx(run_copy):
         prepare_inputs(spec, run_copy)
     assert "nxm-deploy export" in err.value.hint
 
+
+
+@pytest.mark.parametrize("target", ["onnx/" + SPARSE_ONNX, "qat/tokenizer.json", "dense/config.json"])
+def test_client_refuses_a_changed_file(run_copy, target):
+    from nxm_deploy.client import TextClassifier
+    from nxm_deploy.errors import RunDirError
+
+    with TextClassifier.from_artifacts(run_copy, backend="onnxruntime") as clf:  # intact: accepted
+        assert clf.predict(("A man sleeps.", "Someone sleeps."))
+    path = run_copy / target
+    path.write_bytes(path.read_bytes().replace(b'"', b"'", 1) if path.suffix == ".json" else path.read_bytes()[:-1] + b"x")
+    with pytest.raises(RunDirError, match="does not match") as err:
+        TextClassifier.from_artifacts(run_copy, backend="onnxruntime")
+    assert path.name in str(err.value)

@@ -152,3 +152,19 @@ def test_kd_and_admm_terms_reach_the_training_log(tmp_path):
         assert entry["kd_hard"] > 0 and entry["admm_penalty"] > 0
     # the mean of each epoch's terms (the accumulators are reset after each log)
     assert logs[0]["admm_penalty"] != logs[1]["admm_penalty"]
+
+
+def test_progress_bars_stay_on_unless_quiet(tmp_path, tiny_recipe_dict, monkeypatch):
+    """The CLI keeps transformers' own log level at "error", which would turn the Trainer's bars off."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        monkeypatch.delenv("TQDM_DISABLE", raising=False)
+        cfg = _train_cfg(tiny_recipe_dict)
+        assert tr.training_arguments(tmp_path, cfg, epochs=1, learning_rate=1e-4).disable_tqdm is False
+        monkeypatch.setenv("TQDM_DISABLE", "1")  # nxm-deploy -q
+        assert tr.training_arguments(tmp_path, cfg, epochs=1, learning_rate=1e-4).disable_tqdm is True
+    finally:
+        hf_logging.set_verbosity(previous)
