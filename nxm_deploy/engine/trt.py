@@ -29,8 +29,9 @@ from nxm_deploy.errors import EngineBuildError, MissingDependencyError
 
 log = logging.getLogger("nxm_deploy.engine")
 
-INSTALL_HINT = ("pip install 'nxm-deploy[trt]' (tensorrt>=10, cuda-python>=12) on a machine with an NVIDIA GPU "
-                "and driver (Ampere/SM 8.0 or newer for 2:4 sparse tensor cores)")
+INSTALL_HINT = ("pip install 'nxm-deploy[trt]' (TensorRT >= 10 with cuda-python for CUDA 12 drivers, the same as "
+                "[trt-cu12]; [trt-cu13] for CUDA 13 drivers) on a machine with an NVIDIA GPU and driver "
+                "(Ampere/SM 8.0 or newer for 2:4 sparse tensor cores)")
 
 
 # --------------------------------------------------------------------------------------------- environment
@@ -65,10 +66,14 @@ class Environment:
     gpu: GpuInfo | None = None
     gpu_error: str | None = None
     flags: dict = field(default_factory=dict)
+    cuda: dict = field(default_factory=dict)  # driver API, runtime, TensorRT wheel and cuda-python CUDA versions
+    cuda_error: str | None = None
 
     @property
     def reason(self) -> str | None:
         """One line saying what is missing and how to install it, or None."""
+        if self.cuda_error and not (self.tensorrt_error or self.gpu_error):
+            return f"cannot build TensorRT engines here: {self.cuda_error}"
         missing = [m for m in (self.tensorrt_error, self.gpu_error) if m]
         if not missing:
             return None
@@ -169,13 +174,66 @@ def probe_tensorrt() -> tuple[str | None, str | None]:
 
 
 def probe_environment() -> Environment:
-    """TensorRT version and GPU facts, or the reasons they are missing. Never raises."""
+    """TensorRT version, GPU and CUDA facts, or the reasons they are missing or do not fit. Never raises."""
     env = Environment()
     env.tensorrt_version, env.tensorrt_error = probe_tensorrt()
     env.gpu, env.gpu_error = probe_gpu()
     if env.tensorrt_version is not None:
         env.flags = tensorrt_capabilities()
+    env.cuda = {"driver_api": env.gpu.cuda_driver_api if env.gpu else None,
+                "runtime": env.gpu.cuda_runtime if env.gpu else None,
+                "tensorrt_wheel_cuda": _wheel_cuda_major(), "cuda_python": _dist_version("cuda-python")}
+    env.cuda_error = cuda_mismatch(**env.cuda)
     return env
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _wheel_cuda_major() -> int | None:
+    """The CUDA major of the installed TensorRT wheel (``tensorrt-cu12-libs`` -> 12), or None."""
+    import re
+    from importlib import metadata
+
+    for dist in metadata.distributions():
+        found = re.fullmatch(r"tensorrt[-_]cu(\d+)(?:[-_].*)?", (dist.metadata.get("Name") or "").lower())
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def _major(version: str | None) -> int | None:
+    try:
+        return int(str(version).split(".")[0]) if version else None
+    except ValueError:
+        return None
+
+
+def cuda_mismatch(driver_api: str | None, runtime: str | None, tensorrt_wheel_cuda: int | None,
+                  cuda_python: str | None) -> str | None:
+    """Why the CUDA pieces of this machine do not fit together, in one line with the fix; None when they do.
+
+    Rules: the TensorRT wheel and cuda-python must target the same CUDA major (a ``tensorrt-cu13`` wheel beside
+    ``cuda-python`` 12, or the reverse, fails at the first CUDA call); and that CUDA major must not exceed what
+    the driver supports (a CUDA 13 runtime on a driver for CUDA 12 fails to initialise). Within a major, CUDA's
+    minor-version compatibility lets a newer runtime minor run on an older driver minor.
+    """
+    driver, wheel, cupy = _major(driver_api), tensorrt_wheel_cuda, _major(cuda_python)
+    runtime_major = wheel or cupy or _major(runtime)
+    fix = f"pip install 'nxm-deploy[trt-cu{driver}]'" if driver else "install the extra that matches the driver"
+    if wheel is not None and cupy is not None and wheel != cupy:
+        return (f"the TensorRT wheel targets CUDA {wheel} but cuda-python is {cuda_python} (CUDA {cupy}); "
+                f"they must share a CUDA major: {fix}.")
+    if driver is not None and runtime_major is not None and runtime_major > driver:
+        return (f"the CUDA {runtime_major} runtime (TensorRT wheel / cuda-python) needs a newer NVIDIA driver than "
+                f"this one (it supports CUDA {driver_api}): {fix}, or update the driver.")
+    return None
 
 
 def tensorrt_unavailable_reason() -> str | None:

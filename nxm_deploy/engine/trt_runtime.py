@@ -25,7 +25,8 @@ from nxm_deploy.errors import ConfigError, MissingDependencyError, RunDirError
 
 log = logging.getLogger("nxm_deploy.engine")
 
-_HINT = "pip install 'nxm-deploy[trt]' (tensorrt>=10, cuda-python>=12) on a machine with an NVIDIA GPU."
+_HINT = ("pip install 'nxm-deploy[trt]' (CUDA 12 drivers; 'nxm-deploy[trt-cu13]' for CUDA 13) on a machine with an "
+         "NVIDIA GPU.")
 
 
 def _tensorrt() -> ModuleType:

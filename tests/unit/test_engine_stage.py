@@ -275,3 +275,37 @@ def test_module_entry_point_help():
                           timeout=120, cwd=ROOT)
     text = " ".join(proc.stdout.split())  # argparse wraps to the terminal width
     assert proc.returncode == 0 and "exit codes: 0 built or up to date, 2 bad spec or input" in text
+
+
+@pytest.mark.parametrize("facts,needles", [
+    ({"driver_api": "12.4", "runtime": "13.0", "tensorrt_wheel_cuda": 13, "cuda_python": "13.0.1"},
+     ["CUDA 13 runtime", "supports CUDA 12.4", "nxm-deploy[trt-cu12]"]),
+    ({"driver_api": "13.0", "runtime": "12.8", "tensorrt_wheel_cuda": 13, "cuda_python": "12.8.0"},
+     ["targets CUDA 13", "cuda-python is 12.8.0", "nxm-deploy[trt-cu13]"]),
+])
+def test_probe_refuses_a_cuda_mismatch_with_one_line(facts, needles):
+    from nxm_deploy.engine.trt import Environment, GpuInfo, cuda_mismatch
+
+    message = cuda_mismatch(**facts)
+    assert message and "\n" not in message and all(n in message for n in needles), message
+    gpu = GpuInfo(name="NVIDIA H100", compute_capability="9.0", driver="550.54", cuda_driver_api=facts["driver_api"],
+                  cuda_runtime=facts["runtime"])
+    env = Environment(tensorrt_version="10.13.0", gpu=gpu, cuda=facts, cuda_error=message)
+    assert env.reason == f"cannot build TensorRT engines here: {message}"
+
+
+@pytest.mark.parametrize("facts", [
+    {"driver_api": "13.0", "runtime": "12.8", "tensorrt_wheel_cuda": 12, "cuda_python": "12.8.0"},  # older runtime
+    {"driver_api": "12.4", "runtime": "12.8", "tensorrt_wheel_cuda": 12, "cuda_python": "12.9.0"},  # minor compat
+    {"driver_api": "12.4", "runtime": None, "tensorrt_wheel_cuda": None, "cuda_python": None},  # nothing installed
+])
+def test_probe_accepts_matching_cuda(facts):
+    from nxm_deploy.engine.trt import cuda_mismatch
+
+    assert cuda_mismatch(**facts) is None
+
+
+def test_probe_records_cuda_versions_here():
+    env = probe_environment()
+    assert set(env.cuda) == {"driver_api", "runtime", "tensorrt_wheel_cuda", "cuda_python"}
+    assert env.to_dict()["cuda"] == env.cuda
