@@ -31,6 +31,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-root", default="runs", help="where runs/<name> go when a recipe is given (default: runs)")
 
 
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a recipe value (dotted key, YAML value; repeatable), e.g. --set train.seed=1 "
+                   "--set sparsity.pattern=1:4; validated like the recipe file and stored in the run's recipe.yaml")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nxm-deploy", description="n:m sparse INT8 transformer deployment pipeline.")
     parser.add_argument("--version", action="version", version=f"nxm-deploy {__version__}")
@@ -42,12 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/minilm_rte_2of4_int8.yaml")
     p.add_argument("--run-dir", default=None, help="run directory (default: <runs-root>/<recipe name>)")
     p.add_argument("--overwrite", action="store_true", help="replace a run directory that holds a different run")
+    _add_set(p)
     _add_common(p)
 
     p = sub.add_parser("train", help="training stages (dense, admm, qat) on a run directory or recipe")
     p.add_argument("target", help="run directory, or a recipe YAML")
     p.add_argument("--stage", choices=["dense", "admm", "qat", "all"], default="all")
     p.add_argument("--overwrite", action="store_true")
+    _add_set(p)
     _add_common(p)
 
     for name, text in (("export", "export ONNX (dense FP32 + sparse INT8 Q/DQ) and check n:m"),
@@ -98,9 +106,12 @@ def _resolve(args, *, create: bool = False):
 
     path = Path(args.target)
     if path.is_dir():
+        if getattr(args, "overrides", None):
+            raise ConfigError(f"--set changes a recipe, and {path} is a run directory (its recipe is fixed).",
+                              hint=f"Pass the recipe file with --set, or use {path / 'recipe.yaml'} as a new recipe.")
         recipe, run_dir = open_run_dir(path), path
     elif path.suffix in (".yaml", ".yml") or path.is_file():
-        recipe = load_recipe(path)
+        recipe = load_recipe(path, getattr(args, "overrides", ()))
         run_dir = Path(args.runs_root) / recipe.name
         stored = read_run_info(run_dir).get("recipe_sha256")
         if create:
@@ -208,7 +219,7 @@ def _dispatch(args) -> int:
         from nxm_deploy.pipeline import run_pipeline
         from nxm_deploy.training.trainer import init_distributed, is_main_process
 
-        recipe = load_recipe(args.recipe)
+        recipe = load_recipe(args.recipe, args.overrides)
         init_distributed(recipe.train)
         run_dir = Path(args.run_dir) if args.run_dir else Path(args.runs_root) / recipe.name
         report = run_pipeline(recipe, run_dir, args.glue_dir, recipe_path=args.recipe, overwrite=args.overwrite)
@@ -225,7 +236,7 @@ def _dispatch(args) -> int:
         if create:  # a recipe: start the torchrun group first, so rank 0 alone creates the run directory
             from nxm_deploy.config.recipe import load_recipe
 
-            init_distributed(load_recipe(args.target).train)
+            init_distributed(load_recipe(args.target, args.overrides).train)
         recipe, run_dir, glue_dir, _ = _resolve(args, create=create)
         init_distributed(recipe.train)  # a run directory target (no-op when started above or without torchrun)
         stages = STAGES if args.stage == "all" else (args.stage,)

@@ -14,7 +14,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from nxm_deploy._io import check_sha256
 from nxm_deploy.errors import ConfigError, RunDirError
@@ -105,13 +104,12 @@ def _read_recipe(run_dir: Path) -> dict:
             f"{run_dir} is not a run directory (no recipe.yaml).",
             hint="Pass the directory of a finished run, e.g. runs/minilm_rte_2of4_int8.",
         )
+    from nxm_deploy.config.recipe import load_recipe  # the schema (no torch): the run's recipe as the pipeline reads it
+
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RunDirError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise RunDirError(f"{path} must hold a mapping, got {type(data).__name__}.")
-    return data
+        return load_recipe(path).to_dict()
+    except ConfigError as exc:
+        raise RunDirError(f"{path} is not a valid recipe: {exc.message}", hint=exc.hint) from exc
 
 
 def read_verified(path: Path, expected_sha256: str | None) -> bytes:

@@ -6,17 +6,33 @@ Every section forbids unknown keys (``extra="forbid"``) and every field has a de
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nxm_deploy.distillation.losses import DistillationConfig
 from nxm_deploy.errors import ConfigError, NxmError
 from nxm_deploy.sparsity.pattern import DEFAULT_RHO, NMPattern
+
+
+def check_num_bits(num_bits) -> None:
+    """Only 8-bit symmetric quantization is supported (INT8 Q/DQ with zero point 0, what TensorRT consumes).
+
+    Raises:
+        ConfigError: for any other value.
+    """
+    if num_bits != 8 or isinstance(num_bits, bool):
+        raise ConfigError(
+            f"num_bits={num_bits!r} is not supported: nxm-deploy quantizes to symmetric INT8 only (num_bits 8), "
+            "the type of TensorRT's QuantizeLinear/DequantizeLinear on sparse tensor cores.",
+            hint="Set num_bits: 8 (or drop it); INT4/FP8 weight-only schemes are a different export path.",
+        )
 
 
 class _Strict(BaseModel):
@@ -116,14 +132,35 @@ class QATStageConfig(_Strict):
     @field_validator("num_bits")
     @classmethod
     def _int8_only(cls, value: int) -> int:
-        from nxm_deploy.quantization.fake_quant import check_num_bits
-
         check_num_bits(value)
         return value
 
 
+class DistillationConfig(_Strict):
+    """Weights of the three KD terms and the softmax temperature."""
+
+    alpha: float = Field(1.0, ge=0, description="weight of the hard (label) loss")
+    beta: float = Field(10.0, ge=0, description="weight of the soft (teacher logits) loss")
+    gamma: float = Field(1.0, ge=0, description="weight of the feature (hidden-state MSE) loss")
+    temperature: float = Field(2.0, gt=0, description="softmax temperature T of the soft loss")
+
+
 class TrainConfig(_Strict):
     """Shared training settings and the three stages."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bf16_was_renamed(cls, data):
+        """``bf16: true|false`` (recipes before ``precision`` existed) reads as ``precision: bf16|fp32``."""
+        if isinstance(data, dict) and "bf16" in data:
+            data = dict(data)
+            bf16 = data.pop("bf16")
+            if "precision" in data:
+                raise ValueError("give train.precision only: bf16 is its old spelling")
+            if not isinstance(bf16, bool):
+                raise ValueError(f"train.bf16 (old spelling of train.precision) must be true or false, got {bf16!r}")
+            data["precision"] = "bf16" if bf16 else "fp32"
+        return data
 
     seed: int = 42
     batch_size: int = Field(32, ge=1)
@@ -232,11 +269,50 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
         ) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Load and validate a YAML recipe.
+_PATTERN_TEXT = re.compile(r"^\s*\d+\s*:\s*\d+\s*$")
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """A copy of the recipe mapping ``data`` with ``KEY=VALUE`` overrides applied (``nxm-deploy run --set``).
+
+    ``KEY`` is a dotted path (``train.seed``, ``train.admm.rho``, ``sparsity.pattern``); ``VALUE`` is read as YAML
+    (``1``, ``1e-4``, ``true``, ``[1, 2]``), except that an ``n:m`` text stays text (YAML 1.1 would read ``1:4``
+    as the base-60 number 64). The result is validated like a recipe file by :func:`recipe_from_dict`, so an
+    unknown key or a bad value fails there, named.
 
     Raises:
-        ConfigError: missing file, YAML syntax error, unknown key, or bad value (one line naming each).
+        ConfigError: an override that is not ``KEY=VALUE``, a value that is not YAML, or a key that walks
+            through a value that is not a section.
+    """
+    out = copy.deepcopy(data) if isinstance(data, dict) else {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key.",
+                              hint="e.g. --set train.seed=1 --set sparsity.pattern=1:4")
+        if _PATTERN_TEXT.match(raw):
+            value = raw.strip()
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})".replace("\n", " ")) from None
+        node, parts = out, key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{'.'.join(parts[:i + 1])}' is a value, not a section.")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Load and validate a YAML recipe, with ``KEY=VALUE`` overrides applied first (:func:`apply_overrides`).
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, bad override, unknown key, or bad value (one line naming each).
     """
     path = Path(path)
     if not path.is_file():
@@ -245,4 +321,8 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"Recipe {path} is not valid YAML: {exc}".replace("\n", " ")) from None
-    return recipe_from_dict(data, str(path))
+    overrides = list(overrides)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    source = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
+    return recipe_from_dict(data, source)

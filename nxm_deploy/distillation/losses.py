@@ -15,18 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
-
-class DistillationConfig(BaseModel):
-    """Weights of the three KD terms and the softmax temperature."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    alpha: float = Field(1.0, ge=0, description="weight of the hard (label) loss")
-    beta: float = Field(10.0, ge=0, description="weight of the soft (teacher logits) loss")
-    gamma: float = Field(1.0, ge=0, description="weight of the feature (hidden-state MSE) loss")
-    temperature: float = Field(2.0, gt=0, description="softmax temperature T of the soft loss")
+from nxm_deploy.config.recipe import DistillationConfig  # the torch-free schema owns it
 
 
 def check_teacher(student, teacher) -> None:

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, TextIO
 
-import yaml
 
 from nxm_deploy._io import atomic_write_json, atomic_write_text, check_sha256, read_json, sha256_file
 from nxm_deploy.engine.spec import EngineSpec, derive_profile, load_engine_spec, resolve_run_dir
@@ -147,9 +146,10 @@ def _recipe_limits(run_dir: Path) -> tuple[int | None, int | None]:
     max_seq = max_pos = None
     recipe = run_dir / "recipe.yaml"
     if recipe.is_file():
-        with contextlib.suppress(OSError, yaml.YAMLError, AttributeError, TypeError):
-            value = ((yaml.safe_load(recipe.read_text()) or {}).get("task") or {}).get("max_seq_length")
-            max_seq = value if isinstance(value, int) and not isinstance(value, bool) else None
+        from nxm_deploy.config.recipe import load_recipe  # the schema (no torch), as the pipeline reads it
+
+        with contextlib.suppress(ConfigError):
+            max_seq = load_recipe(recipe).task.max_seq_length
     for stage in ("dense", "qat", "sparse"):
         config = run_dir / stage / "config.json"
         if config.is_file():

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from nxm_deploy.config.recipe import check_num_bits  # the torch-free schema owns the rule
 from nxm_deploy.errors import ConfigError
 
 QUANT_MIN, QUANT_MAX = -128, 127
@@ -35,20 +36,6 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 def _grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     return (x - x * scale).detach() + x * scale
-
-
-def check_num_bits(num_bits) -> None:
-    """Only 8-bit symmetric quantization is supported (INT8 Q/DQ with zero point 0, what TensorRT consumes).
-
-    Raises:
-        ConfigError: for any other value.
-    """
-    if num_bits != 8 or isinstance(num_bits, bool):
-        raise ConfigError(
-            f"num_bits={num_bits!r} is not supported: nxm-deploy quantizes to symmetric INT8 only (num_bits 8), "
-            "the type of TensorRT's QuantizeLinear/DequantizeLinear on sparse tensor cores.",
-            hint="Set num_bits: 8 (or drop it); INT4/FP8 weight-only schemes are a different export path.",
-        )
 
 
 class TensorQuantizer(nn.Module):

@@ -964,6 +964,10 @@ def build_trainer(model: nn.Module, data, train_cfg, *, output_dir: str | os.Pat
         callbacks=[CheckpointEveryCallback(train_cfg.checkpoint_every_steps), *callbacks],
     )
     trainer.metric_names = tuple(data.task.metrics)
+    if args.disable_tqdm:  # quiet (nxm-deploy -q): no bars, and no log dicts printed in their place
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     return trainer
 
 

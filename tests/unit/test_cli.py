@@ -323,3 +323,19 @@ def test_inspect_sparsity_reversed_pattern_on_real_model(capsys, tmp_path) -> No
     rc, _, err = run_cli(capsys, "inspect", "sparsity", str(_relu_onnx(tmp_path)), "--pattern", "4:2")
     assert rc == 2
     assert_one_error(err, "4:2", "did you mean '2:4'")
+
+
+def test_set_on_a_run_directory_is_refused(capsys, tmp_path, tiny_recipe_dict) -> None:
+    run_dir = prepare_run_dir(recipe_from_dict(tiny_recipe_dict), tmp_path / "run")
+    rc, _, err = run_cli(capsys, "train", str(run_dir), "--set", "train.seed=3")
+    assert rc == 2
+    assert_one_error(err, "--set", "run directory")
+
+
+def test_bad_set_fails_before_training(capsys, tmp_path, tiny_recipe_dict, fake_glue) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict)
+    rc, _, err = run_cli(capsys, "run", str(recipe), "--set", "train.admm.rhoo=1", "--glue-dir", str(fake_glue),
+                         "--runs-root", str(tmp_path / "runs"))
+    assert rc == 2
+    assert_one_error(err, "train.admm.rhoo", "--set")
+    assert not (tmp_path / "runs").exists()

@@ -1,5 +1,6 @@
 """Recipes: strict schema, shipped recipes valid, stable hash."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,59 @@ def test_hash_ignores_formatting_but_not_values(tmp_path):
     b = recipe_from_dict(yaml.safe_load("train:\n  seed: 1\nname: x\n"))
     c = recipe_from_dict({"name": "x", "train": {"seed": 2}})
     assert a.sha256() == b.sha256() != c.sha256()
+
+
+# ----------------------------------------------------------------------------------------------- overrides
+def test_set_overrides_apply_dotted_keys_and_validate(tmp_path, tiny_recipe_dict):
+    import yaml
+
+    from nxm_deploy.config.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe_dict))
+    recipe = load_recipe(path, ["train.seed=7", "sparsity.pattern=1:4", "train.admm.rho=2e-2", "train.select=best",
+                                "validate.latency_shapes=[[1, 32]]"])
+    assert recipe.train.seed == 7 and recipe.sparsity.pattern == "1:4" and recipe.train.admm.rho == 0.02
+    assert recipe.train.select == "best" and recipe.validate_.latency_shapes == [(1, 32)]
+    assert recipe.sha256() != load_recipe(path).sha256()
+    # the stored recipe reproduces the overridden one
+    stored = tmp_path / "stored.yaml"
+    stored.write_text(yaml.safe_dump(recipe.to_dict()))
+    assert load_recipe(stored).sha256() == recipe.sha256()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.bogus=1", "unknown key 'train.bogus'"),
+    ("train.seed", "KEY=VALUE"),
+    ("train..seed=1", "KEY=VALUE"),
+    ("train.seed.x=1", "'train.seed' is a value"),
+    ("train.batch_size=-1", "train.batch_size"),
+])
+def test_bad_overrides_are_one_line_config_errors(tmp_path, tiny_recipe_dict, override, needle):
+    import yaml
+
+    from nxm_deploy.config.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe_dict))
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_recipe(path, [override])
+
+
+def test_old_bf16_key_reads_as_precision(tiny_recipe_dict):
+    tiny_recipe_dict["train"]["bf16"] = True
+    assert recipe_from_dict(tiny_recipe_dict).train.precision == "bf16"
+    tiny_recipe_dict["train"]["precision"] = "fp32"
+    with pytest.raises(ConfigError, match="precision only"):
+        recipe_from_dict(tiny_recipe_dict)
+
+
+def test_recipe_schema_imports_no_torch():
+    """The client and the engine builder read recipes through the schema; it must not pull in torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from nxm_deploy.config.recipe import load_recipe; "
+            "load_recipe('recipes/minilm_rte_2of4_int8.yaml'); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False", out.stderr
