@@ -90,3 +90,23 @@ def test_two_processes_match_one_process(runs):
     assert masks1.keys() == masks2.keys() and len(masks1) == 12
     agree = sum(int((masks1[k] == masks2[k]).sum()) for k in masks1) / sum(m.numel() for m in masks1.values())
     assert agree > 0.999
+
+
+def test_run_under_torchrun_reports_once_from_rank_zero(tmp_path, glue_dir, tiny_recipe_dict_module):
+    """``nxm-deploy run`` under torchrun: both ranks train, rank 0 alone exports, validates and prints the report."""
+    data = json.loads(json.dumps(tiny_recipe_dict_module))
+    data["train"].update(device="cpu", num_threads=1)
+    data["engine"] = {"specs": []}
+    recipe = tmp_path / "tiny_smoke.yaml"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "nxm_deploy.cli.main", "-q", "run", str(recipe), "--runs-root", str(tmp_path / "runs"),
+           "--glue-dir", str(glue_dir)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert sum(line.startswith("report: ") for line in proc.stdout.splitlines()) == 1  # rank 0 only
+    run = tmp_path / "runs" / "tiny_smoke"
+    assert (run / "report.md").is_file() and json.loads((run / "onnx" / "manifest.json").read_text())["parity"]["ok"]
+    assert _manifest(run, "qat")["world_size"] == 2
