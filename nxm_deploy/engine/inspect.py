@@ -165,8 +165,16 @@ class EngineLayer:
 
     @property
     def ran_sparse(self) -> bool:
-        """HasSparseWeights is 1, or the tactic is a sparse kernel (``sparse``/``sptensor`` in its name)."""
-        return bool(self.has_sparse_weights) or bool(self.tactic and _SPARSE_TACTIC.search(self.tactic))
+        """The chosen tactic is a sparse kernel (``sparse``/``sptensor`` in its name).
+
+        ``HasSparseWeights: 1`` alone does not say so: TensorRT 10 sets it on layers whose weights are eligible and
+        then may pick a dense tactic (NVIDIA/TensorRT#4020: ``HasSparseWeights: 1`` with
+        ``sm80_xmma_fprop_implicit_gemm_...`` on one layer, with ``sm80_xmma_fprop_avdt_sparse_int8int8_...`` on
+        another). Only a layer that reports no tactic name falls back to ``HasSparseWeights``.
+        """
+        if self.tactic:
+            return bool(_SPARSE_TACTIC.search(self.tactic))
+        return bool(self.has_sparse_weights)
 
     @property
     def precision(self) -> str | None:
@@ -243,8 +251,13 @@ def parse_layer_json(data: str | bytes | dict | Path) -> EngineInfo:
 
 
 def parse_sparsity_log(lines: list[str]) -> tuple[set[str] | None, set[str] | None]:
-    """ONNX node names from the builder's ``(Sparsity) Layers eligible for sparse math: ...`` and
-    ``(Sparsity) TRT inference plan picked sparse implementation for layers: ...`` lines (None: line absent)."""
+    """ONNX node names ``(eligible, picked)`` from the builder's ``(Sparsity)`` lines (None: line absent).
+
+    TensorRT 10 writes ``(Sparsity) Found N layer(s) eligible to use sparse tactics: a, b`` and ``(Sparsity) Chose N
+    layer(s) using sparse tactics: a`` (inside Myelin regions prefixed ``(foreignNode)``; NVIDIA's TensorRT 10.16
+    sparsity sample log); TensorRT 8 wrote ``Layers eligible for sparse math: ...`` and ``TRT inference plan picked
+    sparse implementation for layers: ...``. Both forms are read; lines of several regions are merged.
+    """
     eligible = picked = None
     for line in lines:
         head, _, tail = line.partition(":")
@@ -257,7 +270,7 @@ def parse_sparsity_log(lines: list[str]) -> tuple[set[str] | None, set[str] | No
         nodes = {n for part in names.split(", ") for n in onnx_names_of(part.strip(), None)} if names.strip() else set()
         if "eligible" in what:
             eligible = (eligible or set()) | nodes
-        elif "picked" in what:
+        elif "picked" in what or "chose" in what:
             picked = (picked or set()) | nodes
     return eligible, picked
 

@@ -283,3 +283,36 @@ def test_require_sparse_must_match_a_gemm_and_needs_training(run):
     check = check_engine(parse_layer_json(TRT10_INT8), precision="int8-qdq", sparse_weights=True, gemms=gemms,
                          sparse_modules=[], require_sparse=_matcher(["*.attention.self.query"]))
     assert any("not trained sparse" in e for e in check.errors)
+
+
+def test_sparsity_log_lines_of_tensorrt_10():
+    """Verbatim (timestamps aside) from the TensorRT 10.16 sparsity sample log in NVIDIA/trt-samples-for-hackathon-cn
+    (cookbook/04-Feature/Sparsity/log-main.py.log): a Myelin region's lines, then the classic layers' lines."""
+    lines = [
+        "[TRT] [V]  (foreignNode) (Sparsity) Found 1 layer(s) eligible to use sparse tactics: node_linear",
+        "[TRT] [V]  (foreignNode) (Sparsity) Chose 0 layer(s) using sparse tactics:",
+        "[TRT] [V] (Sparsity) Found 2 layer(s) eligible to use sparse tactics: node_conv2d + node_relu, "
+        "node_conv2d_1 + node_relu_1",
+        "[TRT] [V] (Sparsity) Chose 1 layer(s) using sparse tactics: node_conv2d_1 + node_relu_1",
+    ]
+    eligible, picked = parse_sparsity_log(lines)
+    assert eligible == {"node_linear", "node_conv2d", "node_relu", "node_conv2d_1", "node_relu_1"}
+    assert picked == {"node_conv2d_1", "node_relu_1"}
+    eligible, picked = parse_sparsity_log(lines[:2])
+    assert eligible == {"node_linear"} and picked == set()  # eligible, none chosen: the layer runs dense
+
+
+def test_has_sparse_weights_alone_is_not_a_sparse_kernel():
+    """NVIDIA/TensorRT#4020 (TensorRT 10, --sparsity=force): two layers with "HasSparseWeights": 1, one ran the
+    dense implicit-GEMM tactic, the other a sparse one; tactic names verbatim from that engine's layer JSON."""
+    base = {"LayerType": "CaskConvolution", "Inputs": [], "Outputs": [], "ParameterType": "Convolution",
+            "Weights": {"Type": "Int8", "Count": 294912}, "HasSparseWeights": 1}
+    dense = {**base, "Name": "resnetv15_stage3_conv0_fwd + resnetv15_stage3_batchnorm0_fwd",
+             "TacticName": "sm80_xmma_fprop_implicit_gemm_interleaved_i8i8_i8i32_f32_nchw_vect_c_32kcrs_vect_c_32_"
+                           "nchw_vect_c_32_tilesize32x32x64_stage6_warpsize2x1x1_g1_tensor16x8x32_t1r3s3"}
+    sparse = {**base, "Name": "resnetv15_stage3_conv4_fwd",
+              "TacticName": "sm80_xmma_fprop_avdt_sparse_int8int8_tilesize64x64x64_tapsperload3_threadspercta128_"
+                            "r3s3_u1v1_scalebias_relu"}
+    no_tactic = {**base, "Name": "x"}
+    info = parse_layer_json({"Layers": [dense, sparse, no_tactic], "Bindings": []})
+    assert [layer.ran_sparse for layer in info.layers] == [False, True, True]
