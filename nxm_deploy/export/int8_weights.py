@@ -29,25 +29,39 @@ def broadcast_scale(scale: np.ndarray, axis: int, shape: tuple[int, ...]) -> np.
     return scale.reshape(view).astype(np.float32)
 
 
-def int8_codes(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """ONNX ``QuantizeLinear`` to INT8 with zero point 0: ``saturate(round_half_even(w / scale))``.
+def int8_codes(weight: np.ndarray, scale: np.ndarray, arithmetic: str = "onnx") -> np.ndarray:
+    """INT8 codes with zero point 0: ``saturate(round_half_even(w / scale))``, in float32.
 
     Args:
         weight: float array; scale: float32, broadcastable to it (:func:`broadcast_scale`).
+        arithmetic: ``"onnx"``: ``w / scale``, as ONNX ``QuantizeLinear`` specifies it (what ONNX Runtime computes
+            for a float weight behind a QuantizeLinear); ``"torch"``: ``w * (1 / scale)``, as PyTorch's
+            ``fake_quantize_per_channel_affine`` computes it (the QAT model's exported twin). The two differ on
+            weights that land exactly between two codes (a few in ten million on MiniLM).
 
     Returns:
-        int8 array of ``weight``'s shape; the division is in float32, as ONNX Runtime and TensorRT do it.
+        int8 array of ``weight``'s shape.
+
+    Raises:
+        ValueError: an unknown ``arithmetic``.
     """
-    return np.clip(np.rint(weight.astype(np.float32) / scale), -128, 127).astype(np.int8)
+    weight = weight.astype(np.float32)
+    if arithmetic == "onnx":
+        scaled = weight / scale
+    elif arithmetic == "torch":
+        scaled = weight * (np.float32(1.0) / np.asarray(scale, dtype=np.float32))
+    else:
+        raise ValueError(f"arithmetic={arithmetic!r} is not 'onnx' or 'torch'")
+    return np.clip(np.rint(scaled), -128, 127).astype(np.int8)
 
 
-def store_int8_weights(onnx_model) -> dict:
+def store_int8_weights(onnx_model, arithmetic: str = "onnx") -> dict:
     """Rewrite every weight ``float initializer -> QuantizeLinear -> DequantizeLinear`` as ``int8 initializer ->
     DequantizeLinear`` in place (ModelOpt's ``dq_only`` form; TensorRT reads it as the same INT8 weight).
 
-    The INT8 codes keep the weight's initializer name (so layer maps by initializer name stay valid), computed as
-    the QuantizeLinear would (:func:`int8_codes`; zero points must be INT8 0, per-channel axis kept on the
-    DequantizeLinear). A float weight that something else also reads, or a QuantizeLinear whose scale is not
+    The INT8 codes keep the weight's initializer name (so layer maps by initializer name stay valid), computed by
+    :func:`int8_codes` with ``arithmetic`` (``"torch"`` when the graph was exported from a PyTorch fake-quant model
+    whose outputs it must reproduce; zero points must be INT8 0, per-channel axis kept on the DequantizeLinear). A float weight that something else also reads, or a QuantizeLinear whose scale is not
     constant, is left as it is.
 
     Returns:
@@ -89,7 +103,7 @@ def store_int8_weights(onnx_model) -> dict:
         full = broadcast_scale(scale, axis, weight.shape)
         if isinstance(full, str):
             continue
-        codes = int8_codes(weight, full)
+        codes = int8_codes(weight, full, arithmetic)
         inits[weight_name].CopyFrom(numpy_helper.from_array(codes, weight_name))
         for dq in dqs:
             dq.input[0] = weight_name

@@ -177,7 +177,8 @@ def guard_qdq(onnx_model, expected_quantized: int) -> dict:
             "int8_weight_initializers": per_channel - per_channel_q}
 
 
-def onnx_parity(path: str | Path, model: nn.Module, loader, input_names: list[str], task) -> dict:
+def onnx_parity(path: str | Path, model: nn.Module, loader, input_names: list[str], task,
+                tie_margin: float = 0.0) -> dict:
     """ONNX Runtime vs PyTorch on every batch of ``loader`` (real dev examples).
 
     Args:
@@ -187,6 +188,8 @@ def onnx_parity(path: str | Path, model: nn.Module, loader, input_names: list[st
 
     Returns:
         dict: ``max_abs_diff`` (logits), ``argmax_agreement`` (fraction, classification; None for regression),
+        ``argmax_agreement_decisive`` (the same over the examples whose PyTorch top-2 logit margin exceeds
+        ``tie_margin``: a class flip on a numerical tie is not a disagreement), ``near_ties`` (examples left out),
         ``metric_torch`` and ``metric_ort`` (task metrics both ways), ``examples``.
     """
     import onnxruntime as ort
@@ -202,13 +205,20 @@ def onnx_parity(path: str | Path, model: nn.Module, loader, input_names: list[st
             torch_logits.append(model(**{k: batch[k] for k in input_names}).logits.numpy())
             labels.append(batch["labels"].numpy())
     a, b, y = np.concatenate(ort_logits), np.concatenate(torch_logits), np.concatenate(labels)
-    return {
+    out = {
         "examples": int(len(y)),
         "max_abs_diff": float(np.abs(a - b).max()),
-        "argmax_agreement": None if a.shape[-1] == 1 else float(np.mean(a.argmax(-1) == b.argmax(-1))),
+        "argmax_agreement": None,
         "metric_torch": compute_metrics(task, b, y),
         "metric_ort": compute_metrics(task, a, y),
     }
+    if a.shape[-1] > 1:
+        top2 = np.sort(b, axis=-1)[:, -2:]
+        decisive = (top2[:, 1] - top2[:, 0]) > tie_margin
+        agree = a.argmax(-1) == b.argmax(-1)
+        out.update(argmax_agreement=float(np.mean(agree)), tie_margin=tie_margin, near_ties=int((~decisive).sum()),
+                   argmax_agreement_decisive=float(np.mean(agree[decisive])) if decisive.any() else None)
+    return out
 
 
 def file_record(path: Path) -> dict:

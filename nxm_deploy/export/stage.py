@@ -34,6 +34,11 @@ log = logging.getLogger("nxm_deploy.export")
 #: a logit bound alone would be brittle; the argmax must agree on >= 99.5% of examples).
 DENSE_PARITY_ATOL = 1e-3
 INT8_MIN_AGREEMENT = 0.995
+#: INT8 examples whose fake-quant twin has a top-2 logit margin at or below this are numerical ties: ONNX Runtime
+#: and PyTorch round an activation on a code boundary apart now and then (max |Δlogit| 0.02-0.03 measured on MiniLM),
+#: which flips the class of such an example without any error in the graph. They are counted and reported, and
+#: left out of the agreement gate.
+INT8_TIE_MARGIN = 0.05
 PARITY_EXAMPLES = 256
 CPU_INT8_PARITY_ATOL = 1e-3
 
@@ -87,10 +92,11 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
         exported_bytes = sparse_path.stat().st_size
         sparse_proto = onnx.load(str(sparse_path))
         layer_map = layer_map_for(sparse_proto, qat, targets)  # by float weight contents, before the INT8 rewrite
-        int8_store = store_int8_weights(sparse_proto)  # INT8 weights stored as INT8 (dq_only form)
+        # INT8 weights stored as INT8 (dq_only form), coded as the PyTorch twin codes them (parity below)
+        int8_store = store_int8_weights(sparse_proto, arithmetic="torch")
         write_sparsity_metadata(sparse_proto, pattern, layer_map, targets, producer)
         save_model(sparse_proto, sparse_path)
-        int8_parity = onnx_parity(sparse_path, qat, loader, names, task)
+        int8_parity = onnx_parity(sparse_path, qat, loader, names, task, tie_margin=INT8_TIE_MARGIN)
     dense_parity = onnx_parity(dense_path, dense, loader, names, task)
     embedding_bytes = sum(numpy_helper.to_array(t).nbytes for t in sparse_proto.graph.initializer
                           if "embeddings" in t.name and t.data_type == onnx.TensorProto.FLOAT)
@@ -120,17 +126,18 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     if cpu_parity["argmax_agreement"] < 1.0 or cpu_parity["max_abs_diff"] > CPU_INT8_PARITY_ATOL:
         log.warning("CPU INT8 vs Q/DQ parity outside tolerance: %s", cpu_parity)
 
-    int8_ok = int8_parity["argmax_agreement"] is None or int8_parity["argmax_agreement"] >= INT8_MIN_AGREEMENT
+    decisive = int8_parity.get("argmax_agreement_decisive")
+    int8_ok = decisive is None or decisive >= INT8_MIN_AGREEMENT
     parity = {
         "inputs": f"first {len(dev)} dev examples", "dense": dense_parity, "int8": int8_parity,
-        "dense_atol": DENSE_PARITY_ATOL, "int8_min_agreement": INT8_MIN_AGREEMENT,
+        "dense_atol": DENSE_PARITY_ATOL, "int8_min_agreement": INT8_MIN_AGREEMENT, "int8_tie_margin": INT8_TIE_MARGIN,
         "ok": dense_parity["max_abs_diff"] <= DENSE_PARITY_ATOL and int8_ok,
     }
     if not parity["ok"]:
         raise ExportError(
             f"ONNX Runtime disagrees with PyTorch: dense max |Δlogit| {dense_parity['max_abs_diff']:.2e} "
-            f"(limit {DENSE_PARITY_ATOL}), INT8 argmax agreement {int8_parity['argmax_agreement']} "
-            f"(limit {INT8_MIN_AGREEMENT}).",
+            f"(limit {DENSE_PARITY_ATOL}), INT8 argmax agreement {decisive} on the examples that are not ties "
+            f"(limit {INT8_MIN_AGREEMENT}; {int8_parity.get('near_ties')} ties within {INT8_TIE_MARGIN} left out).",
             hint="Check the exporter/opset; the models were written but must not be deployed.",
         )
     manifest = {

@@ -122,11 +122,11 @@ def build_report(recipe: Recipe, run_dir: str | Path) -> dict:
 
 
 def dev_set_words(used: int | None, total: int | None) -> str | None:
-    """``"full dev set (M examples)"``, or ``"first N of M dev examples"`` when ``task.max_eval_examples`` cut it."""
+    """``"full dev set, M examples"``, or ``"first N of M dev examples"`` when ``task.max_eval_examples`` cut it."""
     if used is None:
         return None
     if total is None or used >= total:
-        return f"full dev set ({used} examples)"
+        return f"full dev set, {used} examples"
     return f"first {used} of {total} dev examples"
 
 
@@ -205,7 +205,10 @@ def _parity_line(p: dict) -> str:
         agree = q.get("argmax_agreement")
         return (f"Export-time ORT vs PyTorch parity ({p.get('inputs', 'dev examples')}): dense max |Δlogit| "
                 f"{d['max_abs_diff']:.2e} (atol {p.get('dense_atol')}), INT8 max |Δlogit| {q.get('max_abs_diff', float('nan')):.2e}"
-                + (f", argmax agreement {100 * agree:.1f}% (min {100 * p.get('int8_min_agreement', 0):.1f}%)" if agree is not None else "")
+                + (f", argmax agreement {100 * agree:.1f}%" if agree is not None else "")
+                + (f", {100 * q['argmax_agreement_decisive']:.1f}% without the {q.get('near_ties')} numerical ties "
+                   f"(twin margin <= {p.get('int8_tie_margin')}; min {100 * p.get('int8_min_agreement', 0):.1f}%)"
+                   if q.get("argmax_agreement_decisive") is not None else "")
                 + f" — {verdict}.")
     return (f"Export-time ORT vs PyTorch parity: dense max |Δlogit| {p['dense_max_abs_diff']:.2e} (atol {p['dense_atol']}), "
             f"INT8 {p['int8_max_abs_diff']:.2e} (atol {p['int8_atol']}) — {verdict}.")

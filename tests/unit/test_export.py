@@ -118,3 +118,55 @@ def test_export_failure_is_export_error(tmp_path):
     with pytest.raises(ExportError, match="boom"):
         export_model(Broken(), {"input_ids": torch.ones(1, 4, dtype=torch.long),
                                 "attention_mask": torch.ones(1, 4, dtype=torch.long)}, tmp_path / "x.onnx")
+
+
+def test_int8_codes_match_the_pytorch_twin_and_onnx_arithmetic():
+    """Weights that land exactly between two codes: ``w / s`` (ONNX QuantizeLinear) and ``w * (1 / s)`` (PyTorch
+    fake_quantize, the exported twin) can round apart; each mode reproduces its own reference exactly."""
+    import numpy as np
+    import torch
+
+    from nxm_deploy.export.int8_weights import int8_codes
+
+    gen = torch.Generator().manual_seed(0)
+    scale = (torch.rand(64, generator=gen) * 0.02 + 1e-3).float()
+    w = (torch.randint(-127, 128, (64, 256), generator=gen).float() + 0.5) * scale[:, None]  # halfway points
+    w += torch.randn(64, 256, generator=gen) * 1e-9
+    fake = torch.fake_quantize_per_channel_affine(w, scale, torch.zeros(64, dtype=torch.int32), 0, -128, 127)
+    torch_codes = torch.round(fake / scale[:, None]).numpy()
+    np.testing.assert_array_equal(int8_codes(w.numpy(), scale.numpy()[:, None], "torch"), torch_codes)
+    onnx_codes = np.clip(np.rint(w.numpy() / scale.numpy()[:, None]), -128, 127)
+    np.testing.assert_array_equal(int8_codes(w.numpy(), scale.numpy()[:, None], "onnx"), onnx_codes)
+    assert (int8_codes(w.numpy(), scale.numpy()[:, None], "torch") != onnx_codes).any()  # the modes do differ here
+
+
+def test_parity_leaves_numerical_ties_out_of_the_agreement(tmp_path):
+    """A class flip where the PyTorch twin's top-2 margin is below ``tie_margin`` is a tie, not a disagreement;
+    a flip on a clear margin still counts."""
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import TensorProto, helper
+
+    from nxm_deploy.data import get_task
+    from nxm_deploy.export.onnx import onnx_parity
+
+    # ONNX model: logits = x (the input values themselves, 2 classes)
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.FLOAT, ["b", 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 2])])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx_logits = torch.tensor([[0.0, 0.01], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    twin_logits = torch.tensor([[0.01, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # flips only the near-tie row
+
+    class Twin(torch.nn.Module):
+        def forward(self, input_ids):
+            return type("Out", (), {"logits": twin_logits[: len(input_ids)]})()
+
+    loader = [{"input_ids": onnx_logits, "labels": torch.tensor([0, 1, 0, 1])}]
+    result = onnx_parity(path, Twin(), loader, ["input_ids"], get_task("rte"), tie_margin=0.05)
+    assert result["argmax_agreement"] == 0.75 and result["near_ties"] == 1
+    assert result["argmax_agreement_decisive"] == 1.0
+    clear = onnx_parity(path, Twin(), loader, ["input_ids"], get_task("rte"), tie_margin=0.001)
+    assert clear["near_ties"] == 0 and clear["argmax_agreement_decisive"] == 0.75
