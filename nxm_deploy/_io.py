@@ -114,6 +114,24 @@ def check_sha256(path: str | Path, expected: str, *, manifest: str | Path, regen
         )
 
 
+def check_recorded_file(path: str | Path, regenerate: str) -> None:
+    """Check ``path`` against the sha256 that the ``manifest.json`` beside it records for it (key ``files``).
+
+    Nothing to check when there is no such manifest or it records no hash for the file (a run written before
+    hashes were recorded).
+
+    Raises:
+        RunDirError: the file differs from what its stage wrote (see :func:`check_sha256`).
+    """
+    path = Path(path)
+    manifest_path = path.parent / "manifest.json"
+    if not manifest_path.is_file():
+        return
+    recorded = (read_json(manifest_path).get("files") or {}).get(path.name)
+    if recorded:
+        check_sha256(path, recorded, manifest=manifest_path, regenerate=regenerate)
+
+
 def verify_stage_files(stage_dir: str | Path, regenerate: str) -> dict:
     """Check every file a stage recorded in ``stage_dir/manifest.json`` (key ``files``); returns the manifest.
 

@@ -79,12 +79,22 @@ def prepare_run_dir(recipe: Recipe, run_dir: str | Path, overwrite: bool = False
     """Create ``run_dir`` for ``recipe``, or reuse it when it holds the same recipe.
 
     ``info`` (from :func:`preflight`) is stored in ``run.json`` so stage commands find the same data and specs.
+    Under torchrun rank 0 alone writes the directory and every rank returns once it is written.
 
     Raises:
         RunDirError: the directory holds a different run (another recipe hash) or unrelated files, and
             ``overwrite`` is False.
     """
+    from nxm_deploy.training.trainer import barrier, is_main_process
+
     run_dir = Path(run_dir)
+    if is_main_process():
+        _write_run_dir(recipe, run_dir, overwrite, info)
+    barrier()
+    return run_dir
+
+
+def _write_run_dir(recipe: Recipe, run_dir: Path, overwrite: bool, info: dict | None) -> None:
     marker = run_dir / RUN_FILE
     if run_dir.exists() and any(run_dir.iterdir()):
         same = marker.is_file() and read_json(marker).get("recipe_sha256") == recipe.sha256()
@@ -99,7 +109,6 @@ def prepare_run_dir(recipe: Recipe, run_dir: str | Path, overwrite: bool = False
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / RECIPE_FILE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     atomic_write_json(marker, {"name": recipe.name, "recipe_sha256": recipe.sha256(), **(info or {})})
-    return run_dir
 
 
 def open_run_dir(run_dir: str | Path) -> Recipe:
@@ -130,14 +139,11 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     from nxm_deploy.validate.report import build_report
     from nxm_deploy.validate.stage import validate_stage
 
-    from nxm_deploy.training.trainer import barrier, is_main_process
+    from nxm_deploy.training.trainer import is_main_process
 
     info = preflight(recipe, glue_dir, recipe_path)
     glue_dir = info["glue_dir"]
-    if is_main_process():
-        prepare_run_dir(recipe, run_dir, overwrite, info)
-    barrier()
-    run_dir = Path(run_dir)
+    run_dir = prepare_run_dir(recipe, run_dir, overwrite, info)
     timings = {}
     steps = [
         ("train", lambda: train_stage(recipe, run_dir, glue_dir, skip_finished=True)),

@@ -95,11 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(args, *, create: bool = False):
+def _resolve(args, *, create: bool = False, distributed: bool = False):
     """``(recipe, run_dir, glue_dir, info)`` for a stage command's target (a run directory or a recipe file).
 
     A recipe file maps to ``<runs-root>/<name>``; an existing run there must hold the same recipe. The glue
-    dir defaults to the one the run was started with (``run.json``).
+    dir defaults to the one the run was started with (``run.json``). ``distributed``: under torchrun, start the
+    process group as soon as the recipe is known (before rank 0 creates the run directory).
     """
     from nxm_deploy.config.recipe import load_recipe
     from nxm_deploy.pipeline import open_run_dir, preflight, prepare_run_dir, read_run_info
@@ -110,17 +111,20 @@ def _resolve(args, *, create: bool = False):
             raise ConfigError(f"--set changes a recipe, and {path} is a run directory (its recipe is fixed).",
                               hint=f"Pass the recipe file with --set, or use {path / 'recipe.yaml'} as a new recipe.")
         recipe, run_dir = open_run_dir(path), path
+        if distributed:
+            from nxm_deploy.training.trainer import init_distributed
+
+            init_distributed(recipe.train)
     elif path.suffix in (".yaml", ".yml") or path.is_file():
         recipe = load_recipe(path, getattr(args, "overrides", ()))
+        if distributed:
+            from nxm_deploy.training.trainer import init_distributed
+
+            init_distributed(recipe.train)
         run_dir = Path(args.runs_root) / recipe.name
         stored = read_run_info(run_dir).get("recipe_sha256")
-        if create:
-            from nxm_deploy.training.trainer import barrier, is_main_process
-
-            info = preflight(recipe, args.glue_dir, path)  # every torchrun rank checks the inputs ...
-            if is_main_process():  # ... rank 0 alone writes the run directory
-                prepare_run_dir(recipe, run_dir, getattr(args, "overwrite", False), info)
-            barrier()
+        if create:  # every torchrun rank checks the inputs; rank 0 alone writes the run directory
+            prepare_run_dir(recipe, run_dir, getattr(args, "overwrite", False), preflight(recipe, args.glue_dir, path))
         elif stored is None:
             open_run_dir(run_dir)  # raises: no run yet
         elif stored != recipe.sha256():
@@ -230,15 +234,9 @@ def _dispatch(args) -> int:
         return 0 if (report.get("sparsity_check") or {}).get("ok") else 1
     if args.command == "train":
         from nxm_deploy.training.stage import STAGES, train_stage
-        from nxm_deploy.training.trainer import init_distributed, is_main_process
+        from nxm_deploy.training.trainer import is_main_process
 
-        create = not Path(args.target).is_dir()
-        if create:  # a recipe: start the torchrun group first, so rank 0 alone creates the run directory
-            from nxm_deploy.config.recipe import load_recipe
-
-            init_distributed(load_recipe(args.target, args.overrides).train)
-        recipe, run_dir, glue_dir, _ = _resolve(args, create=create)
-        init_distributed(recipe.train)  # a run directory target (no-op when started above or without torchrun)
+        recipe, run_dir, glue_dir, _ = _resolve(args, create=not Path(args.target).is_dir(), distributed=True)
         stages = STAGES if args.stage == "all" else (args.stage,)
         results = train_stage(recipe, run_dir, glue_dir, stages)
         if is_main_process():

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from nxm_deploy._io import check_sha256
+from nxm_deploy._io import check_recorded_file, check_sha256
 from nxm_deploy.errors import ConfigError, RunDirError
 
 #: model name -> (manifest key, tokenizer directories in order of preference)
@@ -130,22 +130,6 @@ def read_verified(path: Path, expected_sha256: str | None) -> bytes:
     return data
 
 
-def _check_recorded(path: Path, run_dir: Path) -> None:
-    """Check a training-stage file the client reads (tokenizer, config) against its stage manifest's sha256.
-
-    Raises:
-        RunDirError: the file differs from what its stage wrote (see :func:`nxm_deploy._io.check_sha256`).
-    """
-    manifest_path = path.parent / "manifest.json"
-    if not (path.is_file() and manifest_path.is_file()):
-        return
-    recorded = (_read_json(manifest_path, "Stage manifest").get("files") or {}).get(path.name)
-    if recorded:
-        check_sha256(path, recorded, manifest=manifest_path,
-                     regenerate=f"nxm-deploy train {run_dir} --stage "
-                     f"{ {'sparse': 'admm'}.get(path.parent.name, path.parent.name)}")
-
-
 def _labels(task_name: str | None, run_dir: Path, config: dict) -> tuple[str, ...] | None:
     spec = _task_spec(task_name)
     if spec is not None:
@@ -231,12 +215,12 @@ def load_artifacts(run_dir: str | Path, model: str = "sparse_int8") -> RunArtifa
             hint="The client needs a fast-tokenizer file (saved by the training stages with transformers).",
         )
     tok_cfg_path = tokenizer_json.with_name("tokenizer_config.json")
-    for path in (tokenizer_json, tok_cfg_path):
-        _check_recorded(path, run_dir)
+    for path in (tokenizer_json, tok_cfg_path):  # as the training stage wrote them (its manifest's sha256)
+        check_recorded_file(path, f"nxm-deploy train {run_dir} --stage {path.parent.name}")
     tokenizer_config = _read_json(tok_cfg_path, "Tokenizer config") if tok_cfg_path.is_file() else {}
     config_path = next((run_dir / d / "config.json" for d in ("dense", "qat") if (run_dir / d / "config.json").is_file()), None)
     if config_path:
-        _check_recorded(config_path, run_dir)
+        check_recorded_file(config_path, f"nxm-deploy train {run_dir} --stage {config_path.parent.name}")
     config = _read_json(config_path, "Model config") if config_path else {}
 
     limits = [v for v in (max_seq, config.get("max_position_embeddings"), tokenizer_config.get("model_max_length"))

@@ -28,6 +28,15 @@ class _EncodedDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.features[index]
 
+    def lengths(self) -> list[int]:
+        """Token count of each example."""
+        return [len(f["input_ids"]) for f in self.features]
+
+    def longest_first(self) -> list[int]:
+        """Example indices, longest first (evaluation batches with the least padding)."""
+        lengths = self.lengths()
+        return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
 
 class _Collator:
     """Pads with ``transformers.DataCollatorWithPadding`` and fixes the ``labels`` dtype."""
@@ -145,13 +154,12 @@ def make_dataloader(
     generator.manual_seed(int(seed))
     sampler = None
     if group_by_length:
-        lengths = [len(f["input_ids"]) for f in dataset.features]
         if shuffle:
             from transformers.trainer_pt_utils import LengthGroupedSampler
 
-            sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
+            sampler = LengthGroupedSampler(batch_size, lengths=dataset.lengths(), generator=generator)
         else:
-            sampler = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+            sampler = dataset.longest_first()
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -272,13 +280,10 @@ class TaskData:
     def train_loader(self, batch_size: int, seed: int, epoch: int = 0) -> DataLoader:
         """The training batches of ``epoch`` in the Trainer's order (:class:`EpochSeededLengthGroupedSampler`,
         ``batch_size`` = the global batch), e.g. for calibration: the same on every torchrun rank."""
-        lengths = [len(f["input_ids"]) for f in self.train.features]
-        sampler = EpochSeededLengthGroupedSampler(lengths, batch_size, seed)
+        sampler = EpochSeededLengthGroupedSampler(self.train.lengths(), batch_size, seed)
         sampler.set_epoch(epoch)
         return DataLoader(self.train, batch_size=batch_size, sampler=sampler, collate_fn=self.collator)
 
     def dev_loader(self, batch_size: int) -> DataLoader:
         """The dev set longest-first in batches of ``batch_size`` (labels included), e.g. for ONNX Runtime scoring."""
-        lengths = [len(f["input_ids"]) for f in self.dev.features]
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        return DataLoader(self.dev, batch_size=batch_size, sampler=order, collate_fn=self.collator)
+        return DataLoader(self.dev, batch_size=batch_size, sampler=self.dev.longest_first(), collate_fn=self.collator)

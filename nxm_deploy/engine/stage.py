@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Iterator, TextIO
 
 
-from nxm_deploy._io import atomic_write_json, atomic_write_text, check_sha256, read_json, sha256_file
+from nxm_deploy._io import atomic_write_json, atomic_write_text, check_recorded_file, read_json, sha256_file
 from nxm_deploy.engine.spec import EngineSpec, derive_profile, load_engine_spec, resolve_run_dir
 from nxm_deploy.errors import (
     ConfigError, DataError, EngineBuildError, ExportError, MissingDependencyError, NxmError, RunDirError,
@@ -186,10 +186,7 @@ def prepare_inputs(spec: EngineSpec, run_dir: str | Path, spec_path: str | Path 
             manifest = read_json(manifest_path)
         except (OSError, ValueError) as exc:
             raise RunDirError(f"Export manifest {manifest_path} is unreadable: {exc}") from None
-    for key in ("sparse_int8", "dense", "cpu_int8"):  # build only from the bytes the export stage wrote
-        record = manifest.get(key) or {}
-        if record.get("file") == source.name and record.get("sha256"):
-            check_sha256(source, record["sha256"], manifest=manifest_path, regenerate=f"nxm-deploy export {run_dir}")
+    check_recorded_file(source, f"nxm-deploy export {run_dir}")  # build only from the bytes export wrote
     input_names = list(manifest.get("inputs") or _onnx_inputs(source))
     max_seq, max_pos = _recipe_limits(run_dir)
     profile = derive_profile(spec, input_names, max_seq, max_pos)

@@ -10,7 +10,7 @@ import torch
 from onnx import numpy_helper
 
 from nxm_deploy import __version__
-from nxm_deploy._io import atomic_write_json
+from nxm_deploy._io import atomic_write_json, sha256_file
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.data import get_task, load_task_split, resolve_glue_dir
 from nxm_deploy.data.loader import encode_fixed, make_dataloader
@@ -64,10 +64,10 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     """
     run_dir = Path(run_dir)
     out = run_dir / "onnx"
-    # every input file as its stage wrote it (each read_stage_manifest checks the sha256 its manifest records)
+    # every input file as its stage wrote it (read_stage_manifest checks the sha256 its manifest records; qat/ is
+    # checked by load_qat_model below)
     read_stage_manifest(run_dir, "dense")
     sparse_manifest = read_stage_manifest(run_dir, "admm")
-    read_stage_manifest(run_dir, "qat")
     targets = sparse_manifest["targets"]
     pattern = recipe.pattern
 
@@ -156,6 +156,7 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
             "expected_sparse": len(targets),
         },
     }
+    manifest["files"] = {p.name: sha256_file(p) for p in (dense_path, sparse_path, cpu_path, out / "sparsity_report.json")}
     atomic_write_json(out / "manifest.json", manifest)
     log.info("exported %s and %s", dense_path, sparse_path)
     return manifest

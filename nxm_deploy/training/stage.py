@@ -94,8 +94,8 @@ def _write_stage(run_dir: Path, stage: str, write) -> None:
     _drop_checkpoints(run_dir, stage)
 
 
-def read_stage_manifest(run_dir: str | Path, stage: str, verify: bool = True) -> dict:
-    """Manifest of a finished stage; with ``verify``, every file it recorded is checked against its sha256.
+def read_stage_manifest(run_dir: str | Path, stage: str) -> dict:
+    """Manifest of a finished stage; every file it recorded is checked against its sha256.
 
     Raises:
         RunDirError: the stage has not finished in this run directory, or one of its files was changed after
@@ -107,9 +107,7 @@ def read_stage_manifest(run_dir: str | Path, stage: str, verify: bool = True) ->
             f"Stage '{stage}' has no finished artifact in {path.parent}.",
             hint=f"Run `nxm-deploy train {run_dir} --stage {stage}` (or `nxm-deploy run`) first.",
         )
-    if verify:
-        return verify_stage_files(path.parent, f"nxm-deploy train {run_dir} --stage {stage}")
-    return read_json(path)
+    return verify_stage_files(path.parent, f"nxm-deploy train {run_dir} --stage {stage}")
 
 
 def verify_finished_stages(run_dir: str | Path) -> list[str]:
@@ -269,7 +267,7 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
     # from wrapping the model in DDP under torchrun
     projected_metrics = evaluate_model(student, data, cfg)
     trainer = build_trainer(student, data, cfg, output_dir=_phase_dir(run_dir, "admm", "masked_finetune"),
-                            epochs=max(finetune_epochs, 1e-9), learning_rate=acfg.learning_rate,
+                            epochs=finetune_epochs, learning_rate=acfg.learning_rate,
                             callbacks=[MaskedFinetuneCallback(masks)], **kd)
     ft_stats = None
     if finetune_epochs > 0:
@@ -359,7 +357,7 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
               method=qcfg.calibration_method, percentile=qcfg.percentile)
     ptq_metrics = evaluate_model(student, data, cfg)  # not the training Trainer (see train_admm)
     trainer = build_trainer(student, data, cfg, output_dir=_phase_dir(run_dir, "qat", "qat"),
-                            epochs=max(qcfg.epochs, 1e-9), learning_rate=qcfg.learning_rate, quantized=True,
+                            epochs=qcfg.epochs, learning_rate=qcfg.learning_rate, quantized=True,
                             callbacks=[MaskedFinetuneCallback(masks)], **kd)
     log.info("PTQ INT8 dev %s", ptq_metrics)
     stats = None

@@ -46,10 +46,11 @@ After each Z/U update, ``ddp_sync`` broadcasts Z, U and masks from rank 0 (defau
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.distributed as dist
@@ -57,9 +58,10 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from nxm_deploy.config.recipe import TrainConfig
 from nxm_deploy.data.loader import EpochSeededLengthGroupedSampler
 from nxm_deploy.distillation.losses import DistillationConfig, check_teacher, distillation_loss
-from nxm_deploy.errors import ConfigError, NxmError
+from nxm_deploy.errors import ConfigError, NxmError, RunDirError
 from nxm_deploy.sparsity.admm import ADMMSparsifier, apply_masks_
 from nxm_deploy.sparsity.targets import DEFAULT_INCLUDE, LayerDecision, require_targets, target_names
 
@@ -81,10 +83,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _to_cpu(value: Any) -> Any:
@@ -304,23 +302,6 @@ class ADMMCallback(TrainerCallback):
         log.info("ADMM hard projection: %d layers now exactly %s", len(masks), self.sparsifier.pattern)
         return masks
 
-    def checksum(self) -> torch.Tensor:
-        """float64 ``[5]`` fingerprint of Z, U and masks (sums, sums of squares, index-weighted mask sum).
-
-        Equal on all ranks when their ADMM states are equal; used by ``ddp_sync="check"``.
-        """
-        device = self.sparsifier.masks[self.sparsifier.tensor_fqns[0]].device
-        total = torch.zeros(5, dtype=torch.float64, device=device)
-        for fqn in self.sparsifier.tensor_fqns:
-            mask = self.sparsifier.masks[fqn].flatten().double()
-            total[4] += (mask * torch.arange(mask.numel(), device=device, dtype=torch.float64)).sum()
-            for i, source in ((0, self.sparsifier.admm_z), (2, self.sparsifier.admm_u)):
-                if fqn in source:
-                    t = source[fqn].double()
-                    total[i] += t.sum()
-                    total[i + 1] += t.pow(2).sum()
-        return total
-
     def state_dict(self) -> dict:
         """Everything a resumed run needs: the sparsifier's state (CPU tensors) and the schedule position."""
         return {
@@ -438,8 +419,10 @@ class ADMMCallback(TrainerCallback):
                  self.sparsifier.rho)
 
     def _sync_ranks(self) -> None:
-        world = _world_size()
-        if world == 1 or self.ddp_sync == "off":
+        if not (dist.is_available() and dist.is_initialized()) or self.ddp_sync == "off":
+            return
+        world = dist.get_world_size()
+        if world == 1:
             return
         sp = self.sparsifier
         if self.ddp_sync == "broadcast":
@@ -450,13 +433,13 @@ class ADMMCallback(TrainerCallback):
                 dist.broadcast(mask, src=0)
                 sp.masks[fqn] = mask.bool()
             return
-        local = self.checksum()
-        gathered = [torch.zeros_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local)
-        if any(not torch.equal(g, gathered[0]) for g in gathered[1:]):
+        state = {f"{kind}/{fqn}": store[fqn] for kind, store in (("z", sp.admm_z), ("u", sp.admm_u), ("mask", sp.masks))
+                 for fqn in sp.tensor_fqns if fqn in store}
+        sums = rank_checksums(state)
+        if any(value != sums[0] for value in sums[1:]):
             raise NxmError(
                 f"ADMM update {sp.num_updates}: Z, U or masks differ across the {world} ranks "
-                f"(checksums {[g.tolist() for g in gathered]}); the ranks' weights have diverged.",
+                f"(checksums {sums}); the ranks' weights have diverged.",
                 hint="Train the DDP-wrapped model (trainer.model_wrapped) on every rank, or use ddp_sync='broadcast'.",
             )
 
@@ -648,9 +631,9 @@ class MaskedFinetuneCallback(TrainerCallback):
 # ---------------------------------------------------------------------------------------------------------
 # The pipeline's trainer: every training stage (dense, ADMM, masked fine-tune, QAT) is one NxmTrainer run.
 
-#: Recipe ``train.device`` / ``train.precision`` values.
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Recipe ``train.device`` / ``train.precision`` values (the schema's own lists).
+DEVICES = get_args(TrainConfig.model_fields["device"].annotation)
+PRECISIONS = get_args(TrainConfig.model_fields["precision"].annotation)
 FINGERPRINT_FILE = "nxm_fingerprint.json"
 
 
@@ -772,28 +755,23 @@ class NxmTrainer(ADMMTrainerMixin, DistillationTrainerMixin, Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         return decay_parameter_names(model)
 
-    @staticmethod
-    def _lengths(dataset) -> list[int] | None:
-        features = getattr(dataset, "features", None)
-        if not isinstance(features, list):
-            return None
-        return [len(f["input_ids"]) for f in features]
+    def _grouped(self, dataset) -> bool:
+        return self.length_grouped and callable(getattr(dataset, "lengths", None))
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        lengths = self._lengths(dataset) if self.length_grouped else None
-        if lengths is None:
+        if not self._grouped(dataset):
             return super()._get_train_sampler(train_dataset)
         # grouped by the global batch: accelerate hands rank r the r-th per-device slice of each global batch, so
         # N processes train on the very batches one process would
-        return EpochSeededLengthGroupedSampler(lengths, self.args.per_device_train_batch_size * self.args.world_size,
+        return EpochSeededLengthGroupedSampler(dataset.lengths(),
+                                               self.args.per_device_train_batch_size * self.args.world_size,
                                                self.args.seed)
 
     def _get_eval_sampler(self, eval_dataset):
-        lengths = self._lengths(eval_dataset) if self.length_grouped else None
-        if lengths is None:
+        if not self._grouped(eval_dataset):
             return super()._get_eval_sampler(eval_dataset)
-        return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        return eval_dataset.longest_first()
 
 
 def training_arguments(output_dir: str | os.PathLike, train_cfg, *, epochs: float, learning_rate: float,
@@ -846,10 +824,6 @@ def check_fingerprint(output_dir: str | os.PathLike, fingerprint: str) -> None:
     Raises:
         RunDirError: ``output_dir`` holds checkpoints of another fingerprint or world size.
     """
-    import json
-
-    from nxm_deploy.errors import RunDirError
-
     path = os.path.join(output_dir, FINGERPRINT_FILE)
     mine = {"fingerprint": fingerprint, "world_size": world_size()}
     if os.path.isfile(path):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from nxm_deploy._io import atomic_write_json, check_sha256, read_json
+from nxm_deploy._io import atomic_write_json, check_recorded_file, read_json
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.data import get_task, load_task_split, make_dataloader, resolve_glue_dir
 from nxm_deploy.data.loader import encode_fixed
@@ -76,15 +76,11 @@ def onnx_models(run_dir: Path, manifest: dict) -> dict[str, dict]:
             if (onnx_dir / candidate).is_file():
                 models[CPU_INT8] = {"path": onnx_dir / candidate, "precision": "int8", "sparse": True}
                 break
-    records = {DENSE: manifest.get("dense"), SPARSE: manifest.get("sparse_int8"), CPU_INT8: manifest.get(CPU_INT8)}
     for name, info in models.items():
         if not info["path"].is_file():
             raise RunDirError(f"ONNX model {name} ({info['path']}) named by {onnx_dir / 'manifest.json'} is missing.",
                               hint=f"Re-run `nxm-deploy export {run_dir}`.")
-        record = records.get(name) or {}
-        if record.get("sha256") and record.get("file") == info["path"].name:  # the bytes the export stage wrote
-            check_sha256(info["path"], record["sha256"], manifest=onnx_dir / "manifest.json",
-                         regenerate=f"nxm-deploy export {run_dir}")
+        check_recorded_file(info["path"], f"nxm-deploy export {run_dir}")  # the bytes the export stage wrote
     return models
 
 
