@@ -19,12 +19,18 @@ def tiny_classifier(model_type: str, vocab_size: int = 100):
     return AutoModelForSequenceClassification.from_config(AutoConfig.for_model(model_type, **kwargs))
 
 
-def build_tiny_qdq(path, seed: int = 0):
-    """Export a tiny 2:4 + INT8 fake-quant BERT classifier to ``path``; returns (model, target names)."""
+def build_tiny_qdq(path, seed: int = 0, gemm_outputs: bool = False, attention: bool = False,
+                   metadata: bool = False):
+    """Export a tiny 2:4 + INT8 fake-quant BERT classifier to ``path``; returns (model, target names).
+
+    ``gemm_outputs``/``attention``: the quantizer groups of ``train.qat.quantizers`` (off: inputs and weights of
+    the n:m GEMMs only). ``metadata``: store the n:m layer map as the export stage does (INT8 weights too).
+    """
     import transformers
 
     from nxm_deploy.export.onnx import export_model
     from nxm_deploy.quantization import calibrate, export_mode, quantize_model_
+    from nxm_deploy.quantization.placement import place_quantizers_, use_eager_attention
     from nxm_deploy.sparsity import NMPattern, nm_mask
     from nxm_deploy.sparsity.admm import apply_masks_
     from nxm_deploy.sparsity.targets import select_targets, target_names
@@ -38,6 +44,7 @@ def build_tiny_qdq(path, seed: int = 0):
     names = target_names(select_targets(model, NMPattern.parse("2:4")))
     apply_masks_(model, {f"{n}.weight": nm_mask(model.get_submodule(n).weight, "2:4") for n in names})
     quantize_model_(model, names)
+    place_quantizers_(model, names, gemm_outputs=gemm_outputs, attention=attention)
     gen = torch.Generator().manual_seed(seed)
     batches = [
         {
@@ -53,11 +60,23 @@ def build_tiny_qdq(path, seed: int = 0):
             m(**batch)
 
     calibrate(model, forward_loop)
-    model.set_attn_implementation("eager")
+    use_eager_attention(model)
     model.eval()
     sample = {k: v[:2, :16] for k, v in batches[0].items()}
     with export_mode(model):
         export_model(model, sample, path)
+        if metadata:
+            import onnx
+
+            from nxm_deploy.export.int8_weights import store_int8_weights
+            from nxm_deploy.export.onnx import layer_map_for, save_model
+            from nxm_deploy.export.verify import write_sparsity_metadata
+
+            proto = onnx.load(str(path))
+            layer_map = layer_map_for(proto, model, names)
+            store_int8_weights(proto, arithmetic="torch")
+            write_sparsity_metadata(proto, "2:4", layer_map, names, "tests")
+            save_model(proto, path)
     return model, names
 
 

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="run directory, or a recipe YAML")
     p.add_argument("--stage", choices=["dense", "admm", "qat", "all"], default="all")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--from-run", default=None, metavar="RUN_DIR",
+                   help="copy the finished stages before --stage (dense, sparse) from this run, checked by hash, "
+                   "when its recipe agrees on every key they read; e.g. QAT variants of one sparse model")
     _add_set(p)
     _add_common(p)
 
@@ -205,6 +208,9 @@ def _inspect_qdq(args) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(report.table())
+        print()
+        print(report.eligibility_table())
+        print()
         print(report.summary())
     for finding in report.errors:
         print(f"error: {finding.node}: [{finding.rule}] {finding.message}", file=sys.stderr)
@@ -233,11 +239,20 @@ def _dispatch(args) -> int:
         print(f"report: {run_dir / 'report.md'}  ({run_dir / 'report.json'})")
         return 0 if (report.get("sparsity_check") or {}).get("ok") else 1
     if args.command == "train":
-        from nxm_deploy.training.stage import STAGES, train_stage
+        from nxm_deploy.training.stage import STAGES, adopt_stages, train_stage
         from nxm_deploy.training.trainer import is_main_process
 
         recipe, run_dir, glue_dir, _ = _resolve(args, create=not Path(args.target).is_dir(), distributed=True)
         stages = STAGES if args.stage == "all" else (args.stage,)
+        if args.from_run:
+            before = STAGES[:STAGES.index(stages[0])]
+            if not before:
+                raise ConfigError("--from-run copies the stages before --stage; with --stage dense/all there are none.",
+                                  hint="e.g. nxm-deploy train RECIPE --stage qat --from-run runs/<base run>")
+            adopted = adopt_stages(recipe, run_dir, args.from_run, before)
+            if is_main_process():
+                for stage, digest in adopted.items():
+                    print(f"{stage}: adopted from {args.from_run} (manifest sha256 {digest[:12]})")
         results = train_stage(recipe, run_dir, glue_dir, stages)
         if is_main_process():
             for stage, manifest in results.items():

@@ -115,6 +115,20 @@ class ADMMStageConfig(_Strict):
         return value
 
 
+class QuantizerGroupsConfig(_Strict):
+    """Which tensors get INT8 Q/DQ besides the inputs and weights of the n:m GEMMs (always quantized).
+
+    TensorRT picks its structured-sparse INT8 GEMM kernels for INT8-in/INT8-out GEMMs, and runs attention in INT8
+    when both attention matmuls have INT8 inputs (ModelOpt's ``q/k/v_bmm_quantizer`` + ``softmax_quantizer``;
+    NVIDIA demoBERT). Both groups default on; ``benchmarks/qat_quantizer_groups.md`` measures what each costs.
+    """
+
+    gemm_outputs: bool = Field(True, description="an output quantizer after every n:m GEMM (after its bias) whose "
+                               "output is not already an INT8 attention input")
+    attention: bool = Field(True, description="INT8 attention matmuls: Q and K into Q·K^T, softmax probabilities "
+                            "and V into probs·V (BERT-style self-attention)")
+
+
 class QATStageConfig(_Strict):
     """INT8 QAT with distillation from the sparse FP model (GPUSQ-TLM workflow 2)."""
 
@@ -128,6 +142,7 @@ class QATStageConfig(_Strict):
     teacher: Literal["sparse", "dense"] = Field(
         "sparse", description="KD teacher of QAT: the sparse FP model (GPUSQ-TLM workflow 2) or the dense FP model")
     num_bits: int = Field(8, description="quantization width; only 8 (symmetric INT8 Q/DQ) is supported")
+    quantizers: QuantizerGroupsConfig = Field(default_factory=QuantizerGroupsConfig)
 
     @field_validator("num_bits")
     @classmethod

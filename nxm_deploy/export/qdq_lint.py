@@ -32,6 +32,15 @@ Rules (``QdqFinding.rule``), severity ``error`` unless noted:
   has no DequantizeLinear, so TensorRT keeps the layer in higher precision.
 * ``opset``: per-channel Q/DQ needs opset >= 13 (Q/DQ itself >= 10).
 * ``decomposed-fake-quant`` (warning): a ``Round`` op, the sign of fake quantization exported as arithmetic.
+* ``sparse-int8`` (only with the n:m layers known: the graph's ``nxm_deploy.sparsity`` metadata or a layer map):
+  TensorRT runs a GEMM on its structured-sparse INT8 kernels only when it is INT8 in, INT8 out and reads a
+  constant-foldable INT8 weight (TensorRT developer guide, "Structured Sparsity" and "Q/DQ Layer-Placement";
+  ModelOpt adds output quantizers to the GEMMs for this). For every n:m layer: its data input comes from a
+  DequantizeLinear, its weight from a DequantizeLinear of a constant, and every use of its output (after the
+  bias ``Add``, through ``Reshape``/``Transpose``) is a QuantizeLinear. A layer that is not eligible is an error
+  that names the missing Q/DQ.
+* ``int8-attention`` (warning, with the n:m layers known): an attention ``MatMul`` (two activation inputs)
+  with an input that has no DequantizeLinear, so TensorRT keeps attention in higher precision.
 
 Graph-walk utilities (producer maps, constant values, Reshape targets) come from
 :mod:`nxm_deploy.export.verify`.
@@ -52,7 +61,7 @@ from nxm_deploy.export.verify import _attr, _Graph, _load, _node_name, _reshape_
 
 log = logging.getLogger("nxm_deploy.export")
 
-__all__ = ["QdqFinding", "QdqLintReport", "RULES", "lint_qdq", "verify_qdq"]
+__all__ = ["GemmEligibility", "QdqFinding", "QdqLintReport", "RULES", "lint_qdq", "verify_qdq"]
 
 ERROR, WARNING = "error", "warning"
 
@@ -72,6 +81,8 @@ RULES: dict[str, str] = {
     "unquantized-input": "a layer with a quantized weight also has a quantized input (warning)",
     "opset": "Q/DQ needs opset >= 10, per-channel Q/DQ opset >= 13",
     "decomposed-fake-quant": "fake quantization is exported as Q/DQ, not Round arithmetic (warning)",
+    "sparse-int8": "every n:m GEMM is INT8-in, INT8-out with a constant INT8 weight (TensorRT's sparse INT8 rule)",
+    "int8-attention": "both inputs of each attention matmul are dequantized INT8 (warning)",
 }
 
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -99,6 +110,34 @@ class QdqFinding:
 
 
 @dataclass
+class GemmEligibility:
+    """TensorRT's sparse INT8 conditions for one GEMM (or the INT8 conditions for one attention matmul).
+
+    Attributes:
+        node: the ``MatMul``/``Gemm`` node name.
+        kind: ``"n:m"`` (an n:m layer) or ``"attention"`` (a matmul of two activations).
+        module: torch module fqn of an n:m layer (None for attention).
+        int8_in: the data input (both inputs for attention) comes from a DequantizeLinear.
+        int8_weight: the weight is a DequantizeLinear of a constant (always True for attention).
+        int8_out: every use of the output, after the bias ``Add`` and layout ops, is a QuantizeLinear.
+        missing: what keeps the node from qualifying, one phrase each (empty when eligible).
+    """
+
+    node: str
+    kind: str
+    module: str | None
+    int8_in: bool
+    int8_weight: bool
+    int8_out: bool
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def eligible(self) -> bool:
+        """INT8 in and weight, and (n:m layers) INT8 out."""
+        return not self.missing
+
+
+@dataclass
 class QdqLintReport:
     """All findings of :func:`lint_qdq` on one model.
 
@@ -112,6 +151,20 @@ class QdqLintReport:
     path: str
     findings: list[QdqFinding] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    gemms: list[GemmEligibility] | None = None  # None: the n:m layers were not known
+
+    def eligibility_table(self) -> str:
+        """Markdown table of :attr:`gemms` (n:m layers first), or a line saying the layers were not known."""
+        if self.gemms is None:
+            return "sparse INT8 eligibility not checked: the graph carries no n:m layer map"
+        yes = {True: "yes", False: "**no**"}
+        rows = ["| layer | node | kind | INT8 in | INT8 weight | INT8 out | eligible | missing |", "|---|" * 8]
+        rows[1] = "|---|---|---|---|---|---|---|---|"
+        for g in sorted(self.gemms, key=lambda g: g.kind != "n:m"):
+            out = yes[g.int8_out] if g.kind == "n:m" else "-"
+            rows.append(f"| {g.module or '-'} | {g.node} | {g.kind} | {yes[g.int8_in]} | {yes[g.int8_weight]} | {out} "
+                        f"| {yes[g.eligible]} | {'; '.join(g.missing) or '-'} |")
+        return "\n".join(rows)
 
     @property
     def errors(self) -> list[QdqFinding]:
@@ -148,6 +201,7 @@ class QdqLintReport:
             "warnings": len(self.warnings),
             "counts": dict(self.counts),
             "findings": [asdict(f) for f in self.findings],
+            "gemms": None if self.gemms is None else [{**asdict(g), "eligible": g.eligible} for g in self.gemms],
         }
 
     def table(self) -> str:
@@ -400,8 +454,75 @@ class _Linter:
             tensor = node.input[0]
         return False
 
+    # -------------------------------------------------------------------------------- sparse INT8 rule
+    def output_quantized(self, tensor: str, depth: int = 0, bias_seen: bool = False) -> bool:
+        """Every use of ``tensor`` is a QuantizeLinear, after at most one bias ``Add`` and layout ops."""
+        uses = self.consumers.get(tensor, [])
+        if not uses or tensor in self.graph_outputs or depth > 8:
+            return False
+        for node, slot in uses:
+            if node.op_type == "QuantizeLinear" and slot == 0:
+                continue
+            if node.op_type == "Add" and not bias_seen and self.graph.trace(node.input[1 - slot]) is not None:
+                ok = self.output_quantized(node.output[0], depth + 1, True)
+            elif node.op_type in _PASS_OPS or (node.op_type in _LAYOUT_OPS and slot == 0):
+                ok = self.output_quantized(node.output[0], depth + 1, bias_seen)
+            else:
+                ok = False
+            if not ok:
+                return False
+        return True
+
+    def check_sparse_int8(self, layer_map: dict[str, str], expected: set[str] | None) -> list[GemmEligibility]:
+        """:class:`GemmEligibility` of every n:m layer in ``layer_map`` (initializer -> module) and of every
+        attention matmul; adds ``sparse-int8`` errors and ``int8-attention`` warnings."""
+        out: list[GemmEligibility] = []
+        seen: set[tuple] = set()
+        for init, module in sorted(layer_map.items(), key=lambda kv: kv[1]):
+            if expected is not None and module not in expected:
+                continue
+            shape = self.graph.shape(init) if self.graph.is_const(init) else None
+            gemms = []
+            for first, slot in self.consumers.get(init, []):
+                start = first.output[0] if first.op_type == "DequantizeLinear" else init
+                for consumer, cslot, _, _ in self.forward_uses(start, tuple(shape) if shape else None):
+                    if consumer.op_type in ("MatMul", "Gemm"):
+                        gemms.append((consumer, cslot, first.op_type == "DequantizeLinear"))
+            if not gemms:
+                self.add(None, "sparse-int8", f"n:m layer {module}: no MatMul/Gemm reads its weight '{init}'")
+                continue
+            for gemm, slot, weight_dq in gemms:
+                seen.add(_key(gemm))
+                data = gemm.input[1 - slot] if gemm.op_type == "MatMul" else gemm.input[0]
+                int8_in, int8_out = self.is_dequantized(data), self.output_quantized(gemm.output[0])
+                missing = []
+                if not int8_in:
+                    missing.append(f"Q/DQ on the input '{data}'")
+                if not weight_dq:
+                    missing.append(f"DequantizeLinear of the INT8 weight '{init}'")
+                if not int8_out:
+                    missing.append(f"QuantizeLinear on the output '{gemm.output[0]}' (after the bias)")
+                row = GemmEligibility(self.name(gemm), "n:m", module, int8_in, weight_dq, int8_out, missing)
+                out.append(row)
+                if missing:
+                    self.add(gemm, "sparse-int8", f"n:m layer {module} is not eligible for TensorRT's sparse INT8 "
+                             f"kernels: no {', no '.join(missing)}; TensorRT runs structured-sparse INT8 GEMMs "
+                             "only INT8-in/INT8-out (quantize the GEMM outputs: train.qat.quantizers.gemm_outputs)")
+        for node in self.proto.graph.node:
+            if node.op_type != "MatMul" or _key(node) in seen:
+                continue
+            if any(self.graph.trace(i) is not None for i in node.input):
+                continue  # a weight GEMM that is not n:m (not this rule's business)
+            dq = [self.is_dequantized(i) for i in node.input]
+            missing = [f"Q/DQ on the input '{i}'" for i, ok in zip(node.input, dq) if not ok]
+            out.append(GemmEligibility(self.name(node), "attention", None, all(dq), True, True, missing))
+            if missing:
+                self.add(node, "int8-attention", f"attention matmul has no {', no '.join(missing)}; TensorRT keeps "
+                         "it in higher precision (train.qat.quantizers.attention)", WARNING)
+        return out
+
     # ------------------------------------------------------------------------------------------- main
-    def run(self) -> QdqLintReport:
+    def run(self, layer_map: dict[str, str] | None = None, expected: set[str] | None = None) -> QdqLintReport:
         nodes = list(self.proto.graph.node)
         quant = [n for n in nodes if n.op_type == "QuantizeLinear"]
         dequant = [n for n in nodes if n.op_type == "DequantizeLinear"]
@@ -450,8 +571,10 @@ class _Linter:
 
         if self.counts["per_channel_weights"] and self.opset < 13:
             self.add(None, "opset", f"opset {self.opset}: per-channel QuantizeLinear/DequantizeLinear need opset >= 13")
+        gemms = self.check_sparse_int8(layer_map, expected) if layer_map is not None else None
         self.findings.sort(key=lambda item: item[0])
-        return QdqLintReport(path=self.path, findings=[f for _, f in self.findings], counts=dict(self.counts))
+        return QdqLintReport(path=self.path, findings=[f for _, f in self.findings], counts=dict(self.counts),
+                             gemms=gemms)
 
     def check_match(self, q: onnx.NodeProto, dq: onnx.NodeProto, scale, zero) -> None:
         same_inputs = list(q.input[1:3]) == list(dq.input[1:3])
@@ -483,12 +606,18 @@ class _Linter:
                      f"({scale.size} scales, axis {self._axis(lead)}); TensorRT needs one scale per activation tensor")
 
 
-def lint_qdq(model: str | os.PathLike | onnx.ModelProto) -> QdqLintReport:
+def lint_qdq(model: str | os.PathLike | onnx.ModelProto, layer_map: dict[str, str] | None = None,
+             expected=None, sparse_rule: bool = True) -> QdqLintReport:
     """Check the Q/DQ nodes of an ONNX model against TensorRT's explicit-quantization rules.
 
     Args:
         model: path to an ``.onnx`` file (external data read from its directory) or an ``onnx.ModelProto``.
             Scales and zero points may be initializers or ``Constant`` outputs.
+        layer_map: initializer name -> torch module fqn of every n:m layer, for the ``sparse-int8`` rule;
+            default: the graph's ``nxm_deploy.sparsity`` metadata (written by the export stage), if any.
+        expected: the module fqns that must be sparse INT8 (default: the metadata's ``expected``, else every
+            layer of ``layer_map``).
+        sparse_rule: False skips the ``sparse-int8``/``int8-attention`` rules (``report.gemms`` is None).
 
     Returns:
         QdqLintReport: every finding (see :data:`RULES`), each naming the offending node, plus Q/DQ counts.
@@ -498,13 +627,20 @@ def lint_qdq(model: str | os.PathLike | onnx.ModelProto) -> QdqLintReport:
         ExportError: when the file does not exist or cannot be parsed.
     """
     proto, path_text, base_dir = _load(model)
-    report = _Linter(proto, path_text, base_dir).run()
+    if sparse_rule and layer_map is None:
+        from nxm_deploy.export.verify import read_sparsity_metadata
+
+        meta = read_sparsity_metadata(proto) or {}
+        layer_map = meta.get("layer_map")
+        expected = meta.get("expected") if expected is None else expected
+    report = _Linter(proto, path_text, base_dir).run(
+        layer_map if sparse_rule else None, set(expected) if expected is not None else None)
     log.info("%s", report.summary())
     return report
 
 
-def verify_qdq(model: str | os.PathLike | onnx.ModelProto) -> QdqLintReport:
-    """Like :func:`lint_qdq`, but raise when any rule of severity ``error`` is broken.
+def verify_qdq(model: str | os.PathLike | onnx.ModelProto, **kwargs) -> QdqLintReport:
+    """Like :func:`lint_qdq` (``kwargs`` go to it), but raise when any rule of severity ``error`` is broken.
 
     Returns:
         QdqLintReport: the report (warnings allowed) when there is no error.
@@ -513,7 +649,7 @@ def verify_qdq(model: str | os.PathLike | onnx.ModelProto) -> QdqLintReport:
         ExportError: listing every error finding as ``node: [rule] message``; ``.report`` holds the report.
             Also raised for a missing or unreadable file.
     """
-    report = lint_qdq(model)
+    report = lint_qdq(model, **kwargs)
     if report.ok:
         return report
     lines = [f"{f.node}: [{f.rule}] {f.message}" for f in report.errors]

@@ -25,6 +25,7 @@ from nxm_deploy.export.qdq_lint import verify_qdq
 from nxm_deploy.export.verify import verify_onnx_sparsity, write_sparsity_metadata
 from nxm_deploy.models import load_saved_model
 from nxm_deploy.quantization import export_mode
+from nxm_deploy.quantization.placement import use_eager_attention
 from nxm_deploy.training.stage import check_masks, load_masks, load_qat_model, read_stage_manifest
 
 log = logging.getLogger("nxm_deploy.export")
@@ -41,14 +42,6 @@ INT8_MIN_AGREEMENT = 0.995
 INT8_TIE_MARGIN = 0.05
 PARITY_EXAMPLES = 256
 CPU_INT8_PARITY_ATOL = 1e-3
-
-
-def _use_eager_attention(model) -> None:
-    """Plain MatMul/Softmax attention in the graph (the form TensorRT's BERT fusions expect)."""
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
-    else:  # older transformers
-        model.config._attn_implementation = "eager"
 
 
 def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = None) -> dict:
@@ -75,7 +68,7 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     qat, _, quant_info = load_qat_model(run_dir)
     check_masks(qat, load_masks(run_dir), pattern)  # the saved masks hold on the weights about to be exported
     for model in (dense, qat):
-        _use_eager_attention(model)
+        use_eager_attention(model)
         model.eval()
     names = model_input_names(tokenizer)
 

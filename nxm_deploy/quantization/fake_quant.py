@@ -46,6 +46,8 @@ class TensorQuantizer(nn.Module):
         num_channels (int): size of ``axis`` (ignored when per-tensor).
         learn_amax (bool): train ``amax`` with the LSQ gradient. Defaults to True.
         num_bits (int): must be 8 (symmetric INT8, the TensorRT Q/DQ type); other widths raise.
+        calib_method (str | None): calibration method of this quantizer whatever :func:`calibrate` is given
+            (``"max"`` for a bounded tensor such as softmax probabilities); None follows :func:`calibrate`.
 
     Raises:
         ConfigError: ``num_bits`` other than 8.
@@ -54,10 +56,12 @@ class TensorQuantizer(nn.Module):
     calibration; output = input), normal fake-quant, and ``exporting`` (ONNX-friendly torch ops).
     """
 
-    def __init__(self, axis: int | None = None, num_channels: int = 1, learn_amax: bool = True, num_bits: int = 8):
+    def __init__(self, axis: int | None = None, num_channels: int = 1, learn_amax: bool = True, num_bits: int = 8,
+                 calib_method: str | None = None):
         super().__init__()
         check_num_bits(num_bits)
         self.axis = axis
+        self.calib_method = calib_method
         shape = (num_channels,) if axis is not None else ()
         self.amax = nn.Parameter(torch.ones(shape), requires_grad=learn_amax)
         self.calibrating = False
@@ -152,7 +156,8 @@ class TensorQuantizer(nn.Module):
 
 
 class QuantLinear(nn.Linear):
-    """``nn.Linear`` with ``input_quantizer`` (per tensor) and ``weight_quantizer`` (per output channel).
+    """``nn.Linear`` with ``input_quantizer`` (per tensor) and ``weight_quantizer`` (per output channel), and an
+    optional ``output_quantizer`` (per tensor, after the bias: an INT8-out GEMM, :meth:`add_output_quantizer`).
 
     Shapes: input ``[..., in_features]`` float32 -> output ``[..., out_features]`` float32.
     """
@@ -161,6 +166,7 @@ class QuantLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.input_quantizer = TensorQuantizer(axis=None, learn_amax=learn_amax)
         self.weight_quantizer = TensorQuantizer(axis=0, num_channels=out_features, learn_amax=learn_amax)
+        self.register_module("output_quantizer", None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, learn_amax: bool = True) -> "QuantLinear":
@@ -173,8 +179,15 @@ class QuantLinear(nn.Linear):
                 q.bias.copy_(linear.bias)
         return q
 
+    def add_output_quantizer(self, learn_amax: bool = True) -> TensorQuantizer:
+        """Quantize this GEMM's output (per tensor, after the bias); returns the quantizer."""
+        if self.output_quantizer is None:
+            self.output_quantizer = TensorQuantizer(axis=None, learn_amax=learn_amax).to(self.weight.device)
+        return self.output_quantizer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        y = nn.functional.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return y if self.output_quantizer is None else self.output_quantizer(y)
 
 
 def quantize_model_(model: nn.Module, module_names: list[str], learn_amax: bool = True) -> list[str]:
@@ -222,7 +235,8 @@ def calibrate(
     Args:
         model: a model holding :class:`QuantLinear` modules.
         forward_loop: callable that forwards all calibration batches through ``model``.
-        method: ``"max"`` or ``"percentile"`` (activations; weights always use per-channel max).
+        method: ``"max"`` or ``"percentile"`` (activations; weights always use per-channel max, and a quantizer
+            with its own ``calib_method`` uses that).
         percentile: percentile of |x| for ``"percentile"``, in percent.
     """
     quantizers = list(_quantizers(model))
@@ -239,7 +253,7 @@ def calibrate(
             q.calibrating = False
         model.train(was_training)
     for q in quantizers:
-        q.load_calib_amax(method if q.axis is None else "max", percentile)
+        q.load_calib_amax(q.calib_method or (method if q.axis is None else "max"), percentile)
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ from nxm_deploy.data import TaskData, get_task
 from nxm_deploy.errors import RunDirError, SparsityVerificationError
 from nxm_deploy.models import load_base_model, load_saved_model
 from nxm_deploy.quantization import calibrate, quantize_model_, quantized_modules
+from nxm_deploy.quantization.placement import place_quantizers_
 from nxm_deploy.sparsity import count_nm_violations, nm_mask
 from nxm_deploy.sparsity.admm import apply_masks_
 from nxm_deploy.sparsity.targets import require_targets, target_names
@@ -108,6 +109,74 @@ def read_stage_manifest(run_dir: str | Path, stage: str) -> dict:
             hint=f"Run `nxm-deploy train {run_dir} --stage {stage}` (or `nxm-deploy run`) first.",
         )
     return verify_stage_files(path.parent, f"nxm-deploy train {run_dir} --stage {stage}")
+
+
+#: recipe keys that the dense and sparse stages do not read: the run's name, what comes after the sparse model
+#: (QAT, export, engines, validation) and settings that change speed, not results.
+_AFTER_SPARSE = ("name", "description", "export", "engine", "validate", "train.qat", "train.num_threads",
+                 "train.checkpoint_every_steps", "train.dataloader_workers")
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def adopt_stages(recipe: Recipe, run_dir: str | Path, source: str | Path, stages: tuple[str, ...] = ("dense", "admm"),
+                 ) -> dict[str, str]:
+    """Copy finished training stages from another run directory (``nxm-deploy train ... --from-run SOURCE``).
+
+    One dense and sparse model can then serve many QAT variants: each variant is its own run (its recipe, its
+    ``qat/``), with byte-identical copies of the source's stage directories. A stage is adopted only when every
+    file its manifest records still has its sha256, and only when ``recipe`` agrees with the source run's
+    recipe on every key those stages read (all but ``name``, ``description``, ``train.qat``, ``export``,
+    ``engine``, ``validate`` and the speed-only train settings). A stage already finished in ``run_dir`` is kept.
+
+    Returns:
+        dict: ``{stage: sha256 of the adopted manifest.json}`` for the stages copied now.
+
+    Raises:
+        RunDirError: ``source`` is not a run directory, a stage has not finished there, or its files changed.
+        ConfigError: the two recipes differ on a key the adopted stages read (every such key is named).
+    """
+    from nxm_deploy._io import sha256_file
+    from nxm_deploy.config.recipe import load_recipe
+    from nxm_deploy.errors import ConfigError
+
+    run_dir, source = Path(run_dir), Path(source)
+    if not (source / "recipe.yaml").is_file():
+        raise RunDirError(f"--from-run {source} is not a run directory (no recipe.yaml).",
+                          hint="Pass the run directory that holds the finished dense/ and sparse/ stages.")
+    theirs, ours = _flat(load_recipe(source / "recipe.yaml").to_dict()), _flat(recipe.to_dict())
+
+    def after_sparse(key):
+        return any(key == k or key.startswith(k + ".") for k in _AFTER_SPARSE)
+
+    differ = sorted(k for k in set(theirs) | set(ours) if not after_sparse(k) and theirs.get(k) != ours.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:4])
+        raise ConfigError(f"Cannot adopt {'/'.join(stages)} from {source}: the recipes differ on {shown}"
+                          f"{' ...' if len(differ) > 4 else ''}.",
+                          hint="Use the same recipe (up to train.qat, export, engine, validate), or train these "
+                               "stages in this run.")
+    adopted = {}
+    for stage in stages:
+        if (_stage_dir(run_dir, stage) / "manifest.json").is_file():
+            continue
+        read_stage_manifest(source, stage)  # every recorded file as its stage wrote it
+        if is_main_process():
+            with atomic_dir(_stage_dir(run_dir, stage)) as tmp:
+                shutil.copytree(_stage_dir(source, stage), tmp, dirs_exist_ok=True)
+        barrier()
+        adopted[stage] = sha256_file(_stage_dir(run_dir, stage) / "manifest.json")
+        log.info("stage %s adopted from %s", stage, source)
+    return adopted
 
 
 def verify_finished_stages(run_dir: str | Path) -> list[str]:
@@ -316,6 +385,8 @@ def load_qat_model(run_dir: str | Path):
     info = read_json(qdir / "quant.json")
     model, tokenizer = load_saved_model(_stage_dir(run_dir, "admm"))
     quantize_model_(model, info["quantized_modules"], learn_amax=False)
+    groups = info.get("quantizer_groups") or {"gemm_outputs": False, "attention": False}  # runs before the groups
+    place_quantizers_(model, info["quantized_modules"], learn_amax=False, **groups)
     model.load_state_dict(load_file(str(qdir / "model.safetensors")))
     model.eval()
     return model, tokenizer, info
@@ -350,6 +421,7 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
     data = TaskData.from_recipe(recipe, tokenizer, glue_dir)
     targets = sparse_manifest["targets"]
     quantize_model_(student, targets, learn_amax=qcfg.learn_amax)
+    placed = place_quantizers_(student, targets, learn_amax=qcfg.learn_amax, **qcfg.quantizers.model_dump())
     kd = _kd(recipe, teacher, qcfg.distill and qcfg.epochs > 0)
     device = train_device(cfg)
     student.to(device)
@@ -372,7 +444,10 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
     quant_info = {
         "quantized_modules": targets, "num_bits": 8, "symmetric": True, "zero_point": 0,
         "range": [-128, 127], "scale": "amax / 127", "weights": "per output channel (axis 0)",
-        "activations": "per tensor, input of each quantized Linear",
+        "activations": "per tensor: input of each quantized Linear, plus the groups below",
+        "quantizer_groups": qcfg.quantizers.model_dump(),
+        "placement": {"gemm_outputs": placed["gemm_outputs"], "attention": placed["attention"],
+                      "softmax_calibration": "max"},
         "calibration": {"method": qcfg.calibration_method, "percentile": qcfg.percentile, "batches": qcfg.calibration_batches},
         "learn_amax": qcfg.learn_amax,
     }

@@ -221,15 +221,6 @@ class TensorRTRunner(_Labelled, BaseRunner):
 # --------------------------------------------------------------------------------------------- PyTorch
 
 
-def _use_eager_attention(model) -> None:
-    """Plain MatMul/Softmax attention, as in the exported graphs."""
-    if hasattr(model, "set_attn_implementation"):
-        with contextlib.suppress(Exception):
-            model.set_attn_implementation("eager")
-            return
-    model.config._attn_implementation = "eager"
-
-
 class TorchRunner(_Labelled, BaseRunner):
     """A Hugging Face sequence classifier (``model(**inputs).logits``) as a Polygraphy runner.
 
@@ -254,7 +245,9 @@ class TorchRunner(_Labelled, BaseRunner):
 
     def activate_impl(self):
         model = self._model() if callable(self._model) and not hasattr(self._model, "parameters") else self._model
-        _use_eager_attention(model)
+        from nxm_deploy.quantization.placement import use_eager_attention
+
+        use_eager_attention(model)
         model.eval().to(self._device)
         self.model = model
 

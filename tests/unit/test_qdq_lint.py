@@ -278,13 +278,9 @@ def test_unreadable_file_raises_export_error(tmp_path):
         lint_qdq(bad)
 
 
-def test_cli_inspect_qdq_when_wired(exported, proto, tmp_path, capsys):
-    from nxm_deploy.cli.main import build_parser, main
+def test_cli_inspect_qdq(exported, proto, tmp_path, capsys):
+    from nxm_deploy.cli.main import main
 
-    try:
-        build_parser().parse_args(["inspect", "qdq", str(exported)])
-    except SystemExit:
-        pytest.skip("`nxm-deploy inspect qdq` is not wired into the CLI yet")
     assert main(["-q", "inspect", "qdq", str(exported)]) == 0
     capsys.readouterr()
     assert main(["-q", "inspect", "qdq", str(exported), "--json"]) == 0
