@@ -61,7 +61,7 @@ from nxm_deploy.export.verify import _attr, _Graph, _load, _node_name, _reshape_
 
 log = logging.getLogger("nxm_deploy.export")
 
-__all__ = ["GemmEligibility", "QdqFinding", "QdqLintReport", "RULES", "lint_qdq", "verify_qdq"]
+__all__ = ["GemmEligibility", "QdqFinding", "QdqLintReport", "RULES", "lint_qdq", "sparse_int8_summary", "verify_qdq"]
 
 ERROR, WARNING = "error", "warning"
 
@@ -604,6 +604,16 @@ class _Linter:
         if scale is not None and scale.size > 1:
             self.add(lead, "activation-per-tensor", f"activation '{lead.input[0]}' is quantized per channel "
                      f"({scale.size} scales, axis {self._axis(lead)}); TensorRT needs one scale per activation tensor")
+
+
+def sparse_int8_summary(gemms: list[GemmEligibility]) -> dict:
+    """Counts of :attr:`QdqLintReport.gemms` for manifests: ``nm_layers``, ``eligible``, ``not_eligible``
+    (module fqns), ``attention_matmuls``, ``attention_int8``."""
+    nm = [g for g in gemms if g.kind == "n:m"]
+    attention = [g for g in gemms if g.kind == "attention"]
+    return {"nm_layers": len(nm), "eligible": sum(g.eligible for g in nm),
+            "not_eligible": [g.module for g in nm if not g.eligible],
+            "attention_matmuls": len(attention), "attention_int8": sum(g.eligible for g in attention)}
 
 
 def lint_qdq(model: str | os.PathLike | onnx.ModelProto, layer_map: dict[str, str] | None = None,

@@ -21,7 +21,7 @@ from nxm_deploy.export.onnx import (
 )
 from nxm_deploy.export.int8_weights import store_int8_weights
 from nxm_deploy.export.cpu_int8 import CPU_INT8_ONNX, compare_logits, make_cpu_int8
-from nxm_deploy.export.qdq_lint import verify_qdq
+from nxm_deploy.export.qdq_lint import lint_qdq, sparse_int8_summary, verify_qdq
 from nxm_deploy.export.verify import verify_onnx_sparsity, write_sparsity_metadata
 from nxm_deploy.models import load_saved_model
 from nxm_deploy.quantization import export_mode
@@ -101,7 +101,12 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
                           1, int8_store["int8_weight_bytes"] + embedding_bytes), 3))
 
     qdq = guard_qdq(sparse_proto, expected_quantized=len(quant_info["quantized_modules"]))
-    qdq_lint = verify_qdq(sparse_proto)  # ExportError naming every node that breaks a TensorRT rule
+    qdq_lint = verify_qdq(sparse_proto, sparse_rule=False)  # ExportError naming every node that breaks a TensorRT rule
+    eligibility = sparse_int8_summary(lint_qdq(sparse_proto).gemms or [])
+    if eligibility["not_eligible"]:
+        log.warning("%d of %d n:m layers are not eligible for TensorRT's sparse INT8 kernels (first: %s); "
+                    "`nxm-deploy inspect qdq %s` names the missing Q/DQ", len(eligibility["not_eligible"]),
+                    eligibility["nm_layers"], eligibility["not_eligible"][0], sparse_path)
     report = verify_onnx_sparsity(sparse_proto, pattern, layer_map=layer_map, expected=set(targets))
     report.path = str(sparse_path)
     report_dict = report.to_dict()
@@ -139,6 +144,7 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
         "exporter": "torch.onnx.export(dynamo=False)", "inputs": names, "outputs": ["logits"],
         "pattern": str(pattern), "dense": file_record(dense_path), "sparse_int8": file_record(sparse_path),
         "int8_weights": int8_store, "qdq": qdq, "qdq_lint": {"ok": qdq_lint.ok, "warnings": len(qdq_lint.warnings), "counts": qdq_lint.counts},
+        "sparse_int8_eligibility": eligibility, "quantizer_groups": quant_info.get("quantizer_groups"),
         "cpu_int8": {**file_record(cpu_path), "form": cpu["form"], "converted": cpu["converted"],
                      "activation_quantizers": cpu["activation_quantizers"], "left_float": cpu["left_float"],
                      "layer_map": cpu_layer_map, "sparsity_ok": cpu_report.ok, "parity_vs_qdq": cpu_parity},
