@@ -12,7 +12,7 @@ import fnmatch
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Union
+from typing import Iterable, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -27,6 +27,8 @@ DEFAULT_KEEP_FP32_OPS = ("LayerNormalization", "Softmax")
 #: default timing cache, relative to the run directory; ``{trt}`` and ``{sm}`` are filled in at build time
 #: (a timing cache only fits the TensorRT version and GPU that wrote it).
 DEFAULT_TIMING_CACHE = "engines/timing__trt{trt}__sm{sm}.cache"
+#: ``require_sparse`` entry: every n:m layer the graph makes eligible for sparse INT8 kernels.
+REQUIRE_ELIGIBLE = "eligible"
 
 
 class ShapeRange(BaseModel):
@@ -101,6 +103,9 @@ class EngineSpec(BaseModel):
         keep_fp32_ops: ONNX op types kept in FP32 by the FP16 graph conversion (``fp16`` only).
         require_sparse: torch module patterns (fnmatch) that must run sparse tactics; a miss fails the
             post-build check (exit 5). Other trained-sparse layers that run dense are reported as warnings.
+            The entry ``eligible`` stands for every n:m layer that the graph makes eligible for TensorRT's
+            sparse INT8 kernels (``nxm-deploy inspect qdq``); a pattern that names a layer the graph does not
+            make eligible is refused before the build.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -144,9 +149,13 @@ class EngineSpec(BaseModel):
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def requires_sparse(self, module: str | None) -> bool:
-        """True when ``module`` matches a ``require_sparse`` pattern."""
-        return module is not None and any(fnmatch.fnmatchcase(module, p) for p in self.require_sparse)
+    def requires_sparse(self, module: str | None, eligible: Iterable[str] = ()) -> bool:
+        """True when ``module`` matches a ``require_sparse`` pattern, or (entry ``eligible``) is in ``eligible``."""
+        if module is None:
+            return False
+        if REQUIRE_ELIGIBLE in self.require_sparse and module in set(eligible):
+            return True
+        return any(fnmatch.fnmatchcase(module, p) for p in self.require_sparse if p != REQUIRE_ELIGIBLE)
 
     def engine_filename(self, tensorrt_version: str, sm: str) -> str:
         """``<name>__trt<ver>__sm<cc>__{sparse|dense}.plan``."""

@@ -24,6 +24,7 @@ recorded hash. Files are written to a temporary name and renamed; one lock file 
 
 from __future__ import annotations
 
+
 import argparse
 import contextlib
 import hashlib
@@ -32,7 +33,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, TextIO
 
@@ -139,6 +140,7 @@ class EngineInputs:
     sparse_modules: list[str]
     pattern: str
     fp16: dict | None  # Fp16Conversion.to_dict()
+    eligible: list[str] = field(default_factory=list)  # n:m modules eligible for sparse INT8 kernels
 
 
 def _recipe_limits(run_dir: Path) -> tuple[int | None, int | None]:
@@ -195,6 +197,7 @@ def prepare_inputs(spec: EngineSpec, run_dir: str | Path, spec_path: str | Path 
     from_sparse_export = sparse_record.get("sha256") == source_sha or sparse_record.get("file") == source.name
     layer_map = manifest.get("layer_map") if from_sparse_export else None
     sparse_modules = list(manifest.get("sparse_modules") or []) if from_sparse_export else []
+    eligible = _sparse_int8_eligible(spec, source, layer_map, sparse_modules)
     graph, graph_sha, fp16 = source, source_sha, None
     if spec.precision == "fp16":
         from nxm_deploy.engine.fp16 import convert_to_fp16
@@ -210,8 +213,32 @@ def prepare_inputs(spec: EngineSpec, run_dir: str | Path, spec_path: str | Path 
         spec=spec, spec_path=Path(spec_path) if spec_path else None, run_dir=run_dir, source_onnx=source,
         source_sha256=source_sha, graph_onnx=graph, graph_sha256=graph_sha, input_names=input_names,
         profile=profile, layer_map=layer_map, sparse_modules=sparse_modules,
-        pattern=str(manifest.get("pattern") or "2:4"), fp16=fp16,
+        pattern=str(manifest.get("pattern") or "2:4"), fp16=fp16, eligible=eligible,
     )
+
+
+def _sparse_int8_eligible(spec: EngineSpec, source: Path, layer_map: dict | None, sparse_modules: list[str]) -> list[str]:
+    """The n:m modules TensorRT may run on sparse INT8 kernels (``inspect qdq``'s ``sparse-int8`` rule).
+
+    Raises:
+        ConfigError: a ``require_sparse`` pattern matches an n:m layer that is not eligible (named, with the
+            missing Q/DQ): the build would fail its post-build check after minutes of tactic timing.
+    """
+    if not (spec.sparse_weights and spec.precision == "int8-qdq" and layer_map):
+        return []
+    from nxm_deploy.export.qdq_lint import lint_qdq
+
+    gemms = [g for g in lint_qdq(source, layer_map=layer_map, expected=sparse_modules).gemms or [] if g.kind == "n:m"]
+    eligible = sorted({g.module for g in gemms if g.eligible})
+    blocked = [g for g in gemms if not g.eligible and spec.requires_sparse(g.module)]
+    if blocked:
+        g = blocked[0]
+        raise ConfigError(
+            f"Engine {spec.name}: require_sparse names {len(blocked)} n:m layer(s) that cannot run TensorRT's sparse "
+            f"INT8 kernels, e.g. {g.module} ({g.node}): no {', no '.join(g.missing)}.",
+            hint="Re-run QAT and export with train.qat.quantizers.gemm_outputs: true (INT8-out GEMMs), or drop these "
+                 "layers from require_sparse; `nxm-deploy inspect qdq` lists every layer.")
+    return eligible
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -254,7 +281,8 @@ def _check_built(inputs: EngineInputs, layer_json: str, sparsity_log: list[str])
         raise EngineCheckError(f"Engine {spec.name}: cannot read the engine's layer information: {exc.message}") from exc
     return check_engine(
         info, precision=spec.precision, sparse_weights=spec.sparse_weights, gemms=gemms,
-        sparse_modules=inputs.sparse_modules, require_sparse=spec.requires_sparse if spec.require_sparse else None,
+        sparse_modules=inputs.sparse_modules,
+        require_sparse=(lambda m: spec.requires_sparse(m, inputs.eligible)) if spec.require_sparse else None,
         fp32_nodes=(inputs.fp16 or {}).get("fp32_nodes"), sparsity_log=sparsity_log, pattern=inputs.pattern,
     )
 

@@ -483,11 +483,19 @@ class _Linter:
                 continue
             shape = self.graph.shape(init) if self.graph.is_const(init) else None
             gemms = []
-            for first, slot in self.consumers.get(init, []):
-                start = first.output[0] if first.op_type == "DequantizeLinear" else init
+            starts = []  # (tensor, weight read through a DequantizeLinear of the constant / of Q(constant))
+            for first, _ in self.consumers.get(init, []):
+                if first.op_type == "DequantizeLinear":
+                    starts.append((first.output[0], True))
+                elif first.op_type == "QuantizeLinear":
+                    starts += [(dq.output[0], True) for dq, _ in self.consumers.get(first.output[0], [])
+                               if dq.op_type == "DequantizeLinear"]
+                else:
+                    starts.append((init, False))
+            for start, weight_dq in dict(starts).items():
                 for consumer, cslot, _, _ in self.forward_uses(start, tuple(shape) if shape else None):
                     if consumer.op_type in ("MatMul", "Gemm"):
-                        gemms.append((consumer, cslot, first.op_type == "DequantizeLinear"))
+                        gemms.append((consumer, cslot, weight_dq))
             if not gemms:
                 self.add(None, "sparse-int8", f"n:m layer {module}: no MatMul/Gemm reads its weight '{init}'")
                 continue

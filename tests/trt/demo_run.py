@@ -20,14 +20,18 @@ ENCODER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self
 
 
 def make_run(run_dir: str | Path, *, hidden: int = 64, layers: int = 1, heads: int = 4, intermediate: int = 256,
-             vocab: int = 128, max_seq: int = 32, seed: int = 0) -> dict:
-    """Write the synthetic run into ``run_dir``; returns the export manifest."""
+             vocab: int = 128, max_seq: int = 32, seed: int = 0, gemm_outputs: bool = True) -> dict:
+    """Write the synthetic run into ``run_dir``; returns the export manifest.
+
+    ``gemm_outputs``: INT8 GEMM outputs (the recipe default); False exports the inputs/weights-only graph.
+    """
     from transformers import BertConfig, BertForSequenceClassification
 
     from nxm_deploy._io import atomic_write_json
     from nxm_deploy.export.onnx import DENSE_ONNX, SPARSE_ONNX, export_model, file_record, layer_map_for
     from nxm_deploy.quantization import export_mode
     from nxm_deploy.quantization.fake_quant import calibrate, quantize_model_
+    from nxm_deploy.quantization.placement import place_quantizers_
     from nxm_deploy.sparsity.mask import nm_project
 
     import onnx
@@ -48,6 +52,7 @@ def make_run(run_dir: str | Path, *, hidden: int = 64, layers: int = 1, heads: i
             weight = sparse.get_submodule(name).weight
             weight.copy_(nm_project(weight, "2:4"))
     quantize_model_(sparse, targets, learn_amax=False)
+    place_quantizers_(sparse, targets, gemm_outputs=gemm_outputs, attention=True, learn_amax=False)
     gen = torch.Generator().manual_seed(seed)
     batches = [{"input_ids": torch.randint(0, vocab, (4, 16), generator=gen),
                 "attention_mask": torch.ones(4, 16, dtype=torch.long),

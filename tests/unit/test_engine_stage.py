@@ -132,6 +132,23 @@ def test_prepare_inputs_derives_profile_from_the_runs_recipe(tmp_path, run):
     assert fixed.input_names == ["input_ids", "attention_mask", "token_type_ids"]
 
 
+def test_require_sparse_is_checked_against_the_graphs_sparse_int8_eligibility(tmp_path, run):
+    run_dir, manifest = run
+    spec = EngineSpec(**SPARSE, name="s", require_sparse=["eligible"])
+    inputs = prepare_inputs(spec, run_dir)
+    assert inputs.eligible == sorted(manifest["sparse_modules"])  # INT8-out GEMMs: every n:m layer qualifies
+    assert spec.requires_sparse(manifest["sparse_modules"][0], inputs.eligible)
+    assert not spec.requires_sparse(manifest["sparse_modules"][0])  # 'eligible' is not a glob
+
+    plain = tmp_path / "plain"  # no GEMM output quantizers: only Q/K/V (quantized as INT8 attention inputs) qualify
+    demo_run_module().make_run(plain, max_seq=48, gemm_outputs=False)
+    eligible = prepare_inputs(EngineSpec(**SPARSE, name="s", require_sparse=["eligible"]), plain).eligible
+    assert eligible == sorted(m for m in manifest["sparse_modules"] if ".attention.self." in m) and eligible
+    with pytest.raises(ConfigError, match=r"intermediate\.dense.*no QuantizeLinear on the output") as exc:
+        prepare_inputs(EngineSpec(**SPARSE, name="s", require_sparse=["*.intermediate.dense"]), plain)
+    assert "gemm_outputs" in exc.value.hint
+
+
 # ------------------------------------------------------------------------------------------- naming, manifest, idempotence
 
 
