@@ -98,6 +98,7 @@ class EngineSpec(BaseModel):
         per_input: overrides of those ranges for single inputs.
         workspace_bytes: workspace memory pool limit in bytes.
         builder_optimization_level: TensorRT builder optimization level 0-5.
+        tf32: allow TF32 tensor-core math for the FP32 layers (``BuilderFlag.TF32``; default true).
         timing_cache: timing cache file (loaded and saved), relative to the run directory or absolute;
             ``{trt}`` and ``{sm}`` are replaced by the TensorRT version and the GPU's SM.
         keep_fp32_ops: ONNX op types kept in FP32 by the FP16 graph conversion (``fp16`` only).
@@ -120,6 +121,7 @@ class EngineSpec(BaseModel):
     per_input: dict[str, InputProfile] = Field(default_factory=dict)
     workspace_bytes: int = Field(4 * 1024**3, ge=1 << 20)
     builder_optimization_level: int = Field(3, ge=0, le=5)
+    tf32: bool = True
     timing_cache: str = DEFAULT_TIMING_CACHE
     keep_fp32_ops: list[str] = Field(default_factory=lambda: list(DEFAULT_KEEP_FP32_OPS))
     require_sparse: list[str] = Field(default_factory=list)

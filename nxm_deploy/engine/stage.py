@@ -371,7 +371,7 @@ def build_prepared(inputs: EngineInputs, env, *, force: bool = False) -> dict:
         result = trt_builder.build_serialized_engine(
             inputs.graph_onnx, profile=inputs.profile, sparse_weights=spec.sparse_weights,
             workspace_bytes=spec.workspace_bytes, builder_optimization_level=spec.builder_optimization_level,
-            timing_cache=timing_cache,
+            timing_cache=timing_cache, tf32=spec.tf32,
         )
         atomic_write_text(layers_path, result.layer_json)
         check = _check_built(inputs, result.layer_json, result.sparsity_log)

@@ -335,12 +335,14 @@ def _network(trt, builder, logger, onnx_path: Path):
 
 def build_serialized_engine(onnx_path: str | Path, *, profile: dict[str, dict[str, list[int]]], sparse_weights: bool,
                             workspace_bytes: int, builder_optimization_level: int,
-                            timing_cache: str | Path) -> BuildOutput:
+                            timing_cache: str | Path, tf32: bool = True) -> BuildOutput:
     """Build a serialized engine from ``onnx_path`` and read its layer information.
 
     Args:
         profile: ``{input: {"min": [B, L], "opt": [...], "max": [...]}}`` (one optimization profile).
         sparse_weights: set ``BuilderFlag.SPARSE_WEIGHTS`` (only for sparse engines).
+        tf32: set ``BuilderFlag.TF32`` (FP32 layers may use TF32 tensor cores; Polygraphy's ``CreateConfig``
+            clears it otherwise, which leaves every op outside the Q/DQ pairs on slow FP32 math).
         timing_cache: loaded when it exists, and saved (merged, under a lock) after the build.
 
     Raises:
@@ -368,6 +370,7 @@ def build_serialized_engine(onnx_path: str | Path, *, profile: dict[str, dict[st
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
     config = CreateConfig(
         sparse_weights=sparse_weights,
+        tf32=bool(tf32),
         profiles=[trt_profile],
         memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_bytes)},
         builder_optimization_level=int(builder_optimization_level),
@@ -394,7 +397,8 @@ def build_serialized_engine(onnx_path: str | Path, *, profile: dict[str, dict[st
             "profiling_verbosity": "DETAILED",
             "builder_optimization_level": int(builder_optimization_level),
             "workspace_bytes": int(workspace_bytes),
-            "builder_flags_set": ["SPARSE_WEIGHTS"] if sparse_weights else [],
+            "tf32": bool(tf32),
+            "builder_flags_set": (["SPARSE_WEIGHTS"] if sparse_weights else []) + (["TF32"] if tf32 else []),
             **tensorrt_capabilities(),
         },
     )
