@@ -211,3 +211,57 @@ def test_client_refuses_a_changed_file(run_copy, target):
     with pytest.raises(RunDirError, match="does not match") as err:
         TextClassifier.from_artifacts(run_copy, backend="onnxruntime")
     assert path.name in str(err.value)
+
+
+# ------------------------------------------------------------------- quantizer groups, sparse INT8, --from-run
+
+
+def test_default_export_is_sparse_int8_eligible(run, capsys):
+    manifest = json.loads((run / "onnx" / "manifest.json").read_text())
+    assert manifest["quantizer_groups"] == {"gemm_outputs": True, "attention": True}
+    eligibility = manifest["sparse_int8_eligibility"]
+    assert eligibility["nm_layers"] == eligibility["eligible"] == len(manifest["sparse_modules"]) == 12
+    assert eligibility["attention_int8"] == eligibility["attention_matmuls"] == 4
+    capsys.readouterr()
+    assert main(["-q", "inspect", "qdq", str(run / "onnx" / SPARSE_ONNX), "--json"]) == 0
+    gemms = json.loads(capsys.readouterr().out)["gemms"]
+    assert all(g["eligible"] for g in gemms) and len(gemms) == 16
+
+
+def test_qat_variant_from_run_adopts_dense_and_sparse(run, tmp_path, tiny_recipe_dict_module, glue_dir, capsys):
+    data = json.loads(json.dumps(tiny_recipe_dict_module))
+    data["engine"] = {"specs": []}
+    recipe = tmp_path / "variant.yaml"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    common = ["--glue-dir", str(glue_dir), "--runs-root", str(tmp_path / "runs"), "--stage", "qat", "--from-run", str(run)]
+    capsys.readouterr()
+    assert main(["-q", "train", str(recipe), "--set", "name=noattn", "--set", "train.qat.quantizers.attention=false",
+                 *common]) == 0
+    variant = tmp_path / "runs" / "noattn"
+    for stage in ("dense", "sparse"):
+        assert (variant / stage / "manifest.json").read_bytes() == (run / stage / "manifest.json").read_bytes()
+    placement = json.loads((variant / "qat" / "quant.json").read_text())["placement"]
+    assert placement["attention"] == [] and len(placement["gemm_outputs"]) == 12
+    assert "adopted from" in capsys.readouterr().out
+
+    # a recipe that trains the sparse model differently cannot borrow it
+    assert main(["-q", "train", str(recipe), "--set", "name=other", "--set", "train.admm.rho=0.5", *common]) == 2
+    _, errors = _errors(capsys)
+    assert len(errors) == 1 and "train.admm.rho" in errors[0]
+
+
+def test_from_run_refuses_a_changed_source(run_copy, tmp_path, tiny_recipe_dict_module, glue_dir, capsys):
+    data = json.loads(json.dumps(tiny_recipe_dict_module))
+    data["engine"] = {"specs": []}
+    recipe = tmp_path / "variant.yaml"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    masks = run_copy / "sparse" / "masks.safetensors"
+    tensors = load_file(str(masks))
+    name = next(iter(tensors))
+    tensors[name] = ~tensors[name]
+    save_file(tensors, str(masks))
+    capsys.readouterr()
+    assert main(["-q", "train", str(recipe), "--set", "name=v2", "--glue-dir", str(glue_dir), "--runs-root",
+                 str(tmp_path / "runs"), "--stage", "qat", "--from-run", str(run_copy)]) == 2
+    _, errors = _errors(capsys)
+    assert len(errors) == 1 and "masks.safetensors" in errors[0]

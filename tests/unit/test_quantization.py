@@ -150,3 +150,86 @@ def test_num_bits_other_than_8_is_refused(bits):
         recipe_from_dict({"name": "x", "model": {"source": "minilm"}, "task": {"name": "rte"},
                           "train": {"qat": {"num_bits": bits}}})
     assert TensorQuantizer(num_bits=8).num_bits == 8
+
+
+# ------------------------------------------------------------------------ quantizer groups (placement.py)
+
+
+def _tiny_bert_quantized(gemm_outputs: bool, attention: bool, targets=None):
+    import transformers
+
+    from nxm_deploy.quantization.placement import place_quantizers_
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    names = targets or [f"bert.encoder.layer.{i}.{n}" for i in range(2) for n in (
+        "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+        "intermediate.dense", "output.dense")]
+    quantize_model_(model, names)
+    placed = place_quantizers_(model, names, gemm_outputs=gemm_outputs, attention=attention)
+    batch = {"input_ids": torch.randint(1, 100, (4, 12), generator=torch.Generator().manual_seed(1)),
+             "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    batch["attention_mask"][0, 8:] = 0  # padding must stay masked in the INT8 attention
+    return model, names, placed, batch
+
+
+def test_quantizer_groups_place_one_quantizer_per_tensor():
+    model, names, placed, _ = _tiny_bert_quantized(True, True)
+    assert placed["attention"] == ["bert.encoder.layer.0.attention.self", "bert.encoder.layer.1.attention.self"]
+    # Q/K/V outputs are quantized as attention inputs, so they get no second (output) quantizer
+    assert sorted(placed["gemm_outputs"]) == sorted(n for n in names if ".attention.self." not in n)
+    assert model.get_submodule("bert.encoder.layer.0.attention.self.query").output_quantizer is None
+    assert model.config._attn_implementation == "nxm_int8_eager"
+    only_outputs, _, placed2, _ = _tiny_bert_quantized(True, False)
+    assert placed2["attention"] == [] and sorted(placed2["gemm_outputs"]) == sorted(names)
+    assert only_outputs.config._attn_implementation != "nxm_int8_eager"
+
+
+def test_int8_attention_matches_eager_attention_when_disabled_and_quantizes_when_enabled():
+    from nxm_deploy.quantization.placement import ATTENTION_QUANTIZERS
+
+    model, _, _, batch = _tiny_bert_quantized(True, True)
+    reference, _, _, _ = _tiny_bert_quantized(False, False)
+    reference.set_attn_implementation("eager")
+    for q in (m for m in reference.modules() if isinstance(m, TensorQuantizer)):
+        q.enabled = False
+    calibrate(model, lambda m: m(**batch))
+    attention = model.get_submodule("bert.encoder.layer.0.attention.self")
+    probs = {}
+    hook = attention.softmax_quantizer.register_forward_hook(lambda m, i, o: probs.setdefault("p", i[0].detach()))
+    quantized = model.bert(**batch).last_hidden_state
+    hook.remove()
+    # softmax probabilities calibrate by max (bounded by 1), whatever the activation method
+    assert 0 < float(attention.softmax_quantizer.amax) <= 1.0
+    assert torch.all(probs["p"][0, :, :, 8:] == 0)  # padded keys get probability 0 (the eager mask is applied)
+    for q in (m for m in model.modules() if isinstance(m, TensorQuantizer)):
+        q.enabled = False
+    plain = model.bert(**batch).last_hidden_state
+    assert torch.allclose(plain, reference.bert(**batch).last_hidden_state, atol=1e-5)  # transformers' eager math
+    assert (quantized - plain).abs().max() > 1e-3  # and the quantizers do act
+    assert all(getattr(attention, n) is not None for n in ATTENTION_QUANTIZERS)
+
+
+def test_int8_attention_needs_quantized_qkv():
+    with pytest.raises(ConfigError, match="query, key and value"):
+        _tiny_bert_quantized(False, True, targets=["bert.encoder.layer.0.intermediate.dense"])
+
+
+def test_quantizer_groups_export_as_qdq_pairs(tmp_path):
+    import onnx
+
+    from nxm_deploy.export.onnx import export_model
+    from nxm_deploy.quantization.placement import use_eager_attention
+
+    model, _, _, batch = _tiny_bert_quantized(True, True)
+    calibrate(model, lambda m: m(**batch))
+    use_eager_attention(model)
+    assert model.config._attn_implementation == "nxm_int8_eager"  # export keeps the INT8 attention
+    with export_mode(model):
+        path = export_model(model, {k: v[:2] for k, v in batch.items()}, tmp_path / "m.onnx")
+    nodes = onnx.load(str(path)).graph.node
+    quant = [n.name for n in nodes if n.op_type == "QuantizeLinear"]
+    for part in ("softmax_quantizer", "q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "output_quantizer"):
+        assert sum(part in name for name in quant) >= 2, part  # one per layer
