@@ -63,13 +63,15 @@ def cli(*args: str, log: Path) -> list[str]:
     return cmd
 
 
-def base_run(root: Path, task: str, glue: list[str], log: Path) -> tuple[Path, list[str]]:
-    """The task's dense + sparse run (trained once); returns its directory and the commands that make it."""
+def base_run(root: Path, task: str, glue: list[str], log: Path) -> tuple[Path, list[list[str]]]:
+    """The task's dense + sparse run (trained once); returns its directory and the commands that make it.
+
+    ``root`` is relative to the repository root (the commands run there), so the commands can be published."""
     run = root / task / "bench_quantizer_groups"
     cmds = [["train", RECIPE, "--set", f"task.name={task}", "--runs-root", str(root / task), "--stage", "dense", *glue],
             ["train", str(run), "--stage", "admm"]]
-    if not (run / "sparse" / "manifest.json").is_file():
-        if not (run / "dense" / "manifest.json").is_file():
+    if not (REPO / run / "sparse" / "manifest.json").is_file():
+        if not (REPO / run / "dense" / "manifest.json").is_file():
             cli(*cmds[0], log=log)
         cli(*cmds[1], log=log)
     return run, cmds
@@ -90,9 +92,9 @@ def run_cell(root: Path, task: str, cell: str, base: Path, glue: list[str], cell
     args = cell_args(root, task, cell, base, glue)
     start = time.perf_counter()
     cli(*args, log=log)
-    qat = read_json(root / task / cell / "qat" / "manifest.json")
-    quant = read_json(root / task / cell / "qat" / "quant.json")
-    sparse = read_json(base / "sparse" / "manifest.json")
+    qat = read_json(REPO / root / task / cell / "qat" / "manifest.json")
+    quant = read_json(REPO / root / task / cell / "qat" / "quant.json")
+    sparse = read_json(REPO / base / "sparse" / "manifest.json")
     result = {
         "task": task, "cell": cell, "quantizers": dict(zip(("gemm_outputs", "attention"), CELLS[cell])),
         "command": "nxm-deploy " + shlex.join(args),
@@ -116,9 +118,9 @@ def latency(root: Path, task: str, cells: list[str], runs: int, threads: int, lo
 
     runners = {}
     for cell in cells:
-        run = root / task / cell
+        run = REPO / root / task / cell
         if not (run / "onnx" / "manifest.json").is_file():
-            cli("export", str(run), log=log)
+            cli("export", str(root / task / cell), log=log)
         runners[f"{cell}/qdq"] = OnnxRuntimeRunner(run / "onnx" / "sparse_int8_qdq.onnx", f"{cell}/qdq",
                                                    intra_op_threads=threads)
         runners[f"{cell}/cpu_int8"] = OnnxRuntimeRunner(run / "onnx" / "sparse_int8_cpu.onnx", f"{cell}/cpu_int8",
@@ -206,11 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--notes", default=None, help="markdown file with the findings, appended to the report")
     p.add_argument("--report-only", action="store_true", help="tabulate finished cells; run nothing")
     args = p.parse_args(argv)
-    root, out = REPO / args.root, REPO / args.out_dir
+    root, out = Path(args.root), REPO / args.out_dir  # root stays relative: it appears in published commands
     cells_dir = out / "qat_quantizer_groups_cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
-    root.mkdir(parents=True, exist_ok=True)
-    log = root / "bench.log"
+    (REPO / root).mkdir(parents=True, exist_ok=True)
+    log = REPO / root / "bench.log"
     glue = ["--glue-dir", args.glue_dir] if args.glue_dir else []
     doc = {"command": "python tools/bench_quantizer_groups.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -232,8 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             doc["tasks"][task][cell] = run_cell(root, task, cell, base, glue, cells_dir, log)
         if base_cmds and not doc["reproduce"]:
             doc["reproduce"] = ["nxm-deploy " + shlex.join(c) for c in base_cmds] + \
-                ["nxm-deploy " + shlex.join(cell_args(Path(args.root), task, DEFAULT_CELL, Path(args.root) / task /
-                                                      "bench_quantizer_groups", glue))]
+                ["nxm-deploy " + shlex.join(cell_args(root, task, DEFAULT_CELL, base, glue))]
     latency_path = cells_dir / f"latency__{args.latency_task}.json"
     if args.latency_task and not args.report_only:
         wanted = ["inputs_weights", DEFAULT_CELL]

@@ -125,3 +125,18 @@ def test_float_model_cannot_be_converted(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
     with pytest.raises(ConfigError):
         make_cpu_int8(model, tmp_path / "out.onnx", form="qlinear")
+
+
+def test_grouped_qdq_model_keeps_the_gelu_fused_and_the_logits(tmp_path):
+    """INT8 GEMM outputs + INT8 attention: the output Q/DQ pairs stay (the trained numerics), the erf GELU behind
+    a dequantized GEMM output becomes one Gelu (ORT would dequantize it twice and run five ops), logits agree."""
+    qdq = tmp_path / "grouped.onnx"
+    build_tiny_qdq(qdq, gemm_outputs=True, attention=True)
+    info = make_cpu_int8(qdq, tmp_path / "cpu.onnx")
+    assert info["converted"] == 12 and info["gelu_fused"] == 2  # one GELU per layer
+    assert info["ops"].get("Gelu") == 2 and "Erf" not in info["ops"]
+    assert info["remaining_qdq"]["DequantizeLinear"] == 2 * (3 + 4)  # per layer: 3 GEMM outputs + 4 attention inputs
+    result = compare_logits(qdq, info["path"], random_feeds())
+    assert result["argmax_agreement"] == 1.0 and result["max_abs_diff"] < 1e-4, result
+    plain = make_cpu_int8(qdq, tmp_path / "cpu_std.onnx", form="standard")
+    assert plain["gelu_fused"] == 0 and "Erf" in plain["ops"]  # standard form: plain ONNX ops only
