@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from nxm_deploy._io import atomic_dir, atomic_write_json, file_hashes, read_json, verify_stage_files
-from nxm_deploy.config.recipe import Recipe
+from nxm_deploy._io import atomic_dir, atomic_write_json, file_hashes, read_json, sha256_file, verify_stage_files
+from nxm_deploy.config.recipe import Recipe, load_recipe
 from nxm_deploy.data import TaskData, get_task
-from nxm_deploy.errors import RunDirError, SparsityVerificationError
+from nxm_deploy.errors import ConfigError, RunDirError, SparsityVerificationError
 from nxm_deploy.models import load_base_model, load_saved_model
 from nxm_deploy.quantization import calibrate, quantize_model_, quantized_modules
 from nxm_deploy.quantization.placement import place_quantizers_
@@ -145,10 +145,6 @@ def adopt_stages(recipe: Recipe, run_dir: str | Path, source: str | Path, stages
         RunDirError: ``source`` is not a run directory, a stage has not finished there, or its files changed.
         ConfigError: the two recipes differ on a key the adopted stages read (every such key is named).
     """
-    from nxm_deploy._io import sha256_file
-    from nxm_deploy.config.recipe import load_recipe
-    from nxm_deploy.errors import ConfigError
-
     run_dir, source = Path(run_dir), Path(source)
     if not (source / "recipe.yaml").is_file():
         raise RunDirError(f"--from-run {source} is not a run directory (no recipe.yaml).",
