@@ -13,6 +13,19 @@ FP32 behind Cast nodes. Constants below/above the FP16 range are clamped (the at
 the end of the node list, so the graph is re-sorted topologically before the ONNX checker runs.
 
 :func:`fp16_parity` runs both graphs in ONNX Runtime (CPU) on seeded inputs with padding and compares logits.
+
+**INT8 graphs (the FP16 remainder).** A Q/DQ graph converts the same way, with the Q/DQ nodes *not* blocked: their
+scales become FP16, so every DequantizeLinear outputs FP16 and every QuantizeLinear reads FP16 (TensorRT's ONNX
+parser takes a DequantizeLinear's output type from its scale, ``IDequantizeLayer::setToType``), and no Cast sits
+between a DequantizeLinear and its GEMM. FP16 scales need opset 19, so the default-domain opset is raised to 19; the
+ops of an exported encoder (MatMul, Add, Mul, Div, Erf, Softmax, LayerNormalization, Gather, Reshape, Transpose,
+Shape, Concat, Unsqueeze, Where, Cast, Q/DQ) mean the same at 17 and 19 for non-FP8 types. Parity uses the INT8
+rule (:mod:`nxm_deploy.export.parity`): class agreement on the examples that are not numerical ties.
+
+**Range check.** Before converting, the FP32 graph runs in ONNX Runtime on the parity inputs with every float
+intermediate as an output; a node whose output reaches ``FP16_RANGE_LIMIT`` (a quarter of the FP16 maximum
+65504) stays in FP32 (``range_fp32_nodes`` in the record), besides the ``keep_fp32_ops`` types. The
+attention-mask fill value (``finfo(float32).min``) is a sentinel, not a range, and is left out of the check.
 """
 
 from __future__ import annotations
@@ -34,7 +47,13 @@ log = logging.getLogger("nxm_deploy.engine")
 FP16_PARITY_ATOL = 1e-2
 FP16_PARITY_RTOL = 1e-2
 #: bump when the conversion changes, so existing FP16 files are rebuilt
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
+#: a node whose FP32 output reaches this |value| on the parity inputs stays FP32 (FP16 max 65504, 4x headroom)
+FP16_RANGE_LIMIT = 16384.0
+#: |values| at or above this are the attention-mask fill (finfo(float32).min), ignored by the range check
+MASK_SENTINEL = 1e38
+#: Q/DQ with FP16 scales need this default-domain opset
+QDQ_FP16_OPSET = 19
 
 
 @dataclass
@@ -52,6 +71,8 @@ class Fp16Conversion:
         converter: ``onnxruntime.transformers.float16`` and its onnxruntime version.
         seconds: conversion + parity time.
         reused: True when an up-to-date conversion was found and nothing was written.
+        int8: the source is a Q/DQ graph (FP16 scales, opset 19, INT8 parity rule).
+        range_fp32_nodes: nodes kept FP32 by the range check, with their max |output| on the parity inputs.
     """
 
     file: str
@@ -67,6 +88,8 @@ class Fp16Conversion:
     seconds: float = 0.0
     reused: bool = False
     notes: list[str] = field(default_factory=list)
+    int8: bool = False  # a Q/DQ graph: FP16 scales (opset 19), INT8 parity rule
+    range_fp32_nodes: dict[str, float] = field(default_factory=dict)  # node -> max |output| on the parity inputs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,20 +122,72 @@ def _toposort(graph) -> None:
     graph.node.extend(ordered)
 
 
-def convert_model_to_fp16(model, keep_fp32_ops: list[str] | tuple[str, ...]):
-    """Convert a loaded FP32 ``onnx.ModelProto`` (modified in place) and return ``(model, fp32_nodes, ops)``."""
+def is_qdq_graph(model) -> bool:
+    """True when the graph holds QuantizeLinear/DequantizeLinear nodes (an explicitly quantized INT8 graph)."""
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+def convert_model_to_fp16(model, keep_fp32_ops: list[str] | tuple[str, ...], fp32_node_names=()):
+    """Convert a loaded FP32 ``onnx.ModelProto`` (modified in place) and return ``(model, fp32_nodes, ops)``.
+
+    ``fp32_node_names``: nodes kept FP32 besides the ``keep_fp32_ops`` types (the range check's). A Q/DQ graph
+    gets FP16 scales and opset :data:`QDQ_FP16_OPSET` (module docstring).
+    """
     import onnx
     from onnxruntime.transformers import float16
 
     block = list(dict.fromkeys([*float16.DEFAULT_OP_BLOCK_LIST, *keep_fp32_ops]))
+    if is_qdq_graph(model):
+        for opset in model.opset_import:
+            if opset.domain in ("", "ai.onnx") and opset.version < QDQ_FP16_OPSET:
+                opset.version = QDQ_FP16_OPSET
     model = onnx.shape_inference.infer_shapes(model)
-    fp32_nodes = [n.name for n in model.graph.node if n.op_type in block]
+    extra = set(fp32_node_names)
+    fp32_nodes = [n.name for n in model.graph.node if n.op_type in block or n.name in extra]
     ops = sorted({n.op_type for n in model.graph.node if n.op_type in block})
     model = float16.convert_float_to_float16(
-        model, keep_io_types=True, disable_shape_infer=True, op_block_list=block,
+        model, keep_io_types=True, disable_shape_infer=True, op_block_list=block, node_block_list=sorted(extra),
     )
     _toposort(model.graph)
     return model, fp32_nodes, ops
+
+
+def range_check(model_path: str | Path, feeds: dict[str, np.ndarray], limit: float = FP16_RANGE_LIMIT) -> dict[str, float]:
+    """Nodes of an FP32 graph whose float output reaches ``limit`` in |value| on ``feeds`` (ONNX Runtime CPU).
+
+    Returns:
+        dict: node name -> max |output| (only the nodes at or above ``limit``).
+    """
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path)))
+    floats = {v.name for v in model.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    outputs = {o.name for o in model.graph.output}
+    producer = {}
+    for node in model.graph.node:
+        for name in node.output:
+            if name in floats and name not in outputs:
+                producer[name] = node.name
+                model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # every tensor as in the graph
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = list(producer)
+    values = session.run(names, feeds) if names else []
+    out: dict[str, float] = {}
+    for name, value in zip(names, values):
+        magnitude = np.abs(np.asarray(value, np.float32))
+        if not np.all(np.isfinite(magnitude)):
+            out[producer[name]] = float("inf")
+            continue
+        # the attention-mask fill value finfo(float32).min (and its sums) is a sentinel, not a range: the
+        # converter clamps it to -65504, which still gives a softmax weight of exactly 0
+        peak = float(np.max(magnitude[magnitude < MASK_SENTINEL], initial=0.0))
+        if peak >= limit:
+            out[producer[name]] = max(out.get(producer[name], 0.0), peak)
+    return out
 
 
 def _vocab_sizes(model) -> dict[str, int]:
@@ -126,7 +201,8 @@ def _vocab_sizes(model) -> dict[str, int]:
 
 
 def parity_feeds(model_path: str | Path, batch: int = 3, seq: int = 24, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded int64 inputs for a BERT-style graph: ids inside the embedding tables, padding in the mask."""
+    """Seeded inputs: for a BERT-style graph int64 ids inside the embedding tables and padding in the mask; float
+    inputs get standard-normal values (unknown dimensions: ``batch`` first, then ``seq``)."""
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
@@ -135,7 +211,10 @@ def parity_feeds(model_path: str | Path, batch: int = 3, seq: int = 24, seed: in
     feeds = {}
     for inp in model.graph.input:
         name = inp.name
-        if name == "attention_mask" or "mask" in name:
+        if inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:  # a float input: seeded normal values
+            dims = [d.dim_value or (batch if i == 0 else seq) for i, d in enumerate(inp.type.tensor_type.shape.dim)]
+            feeds[name] = rng.standard_normal(dims).astype(np.float32)
+        elif name == "attention_mask" or "mask" in name:
             mask = np.ones((batch, seq), np.int64)
             for row in range(1, batch):
                 mask[row, seq - row * (seq // (batch + 1)):] = 0
@@ -146,14 +225,21 @@ def parity_feeds(model_path: str | Path, batch: int = 3, seq: int = 24, seed: in
 
 
 def fp16_parity(fp32_path: str | Path, fp16_path: str | Path, feeds: dict[str, np.ndarray] | None = None,
-                atol: float = FP16_PARITY_ATOL, rtol: float = FP16_PARITY_RTOL) -> dict:
+                atol: float = FP16_PARITY_ATOL, rtol: float = FP16_PARITY_RTOL, int8: bool = False) -> dict:
     """Run both graphs in ONNX Runtime (CPU) and compare every output.
+
+    ``int8``: the graphs are Q/DQ graphs, judged by the INT8 rule (:mod:`nxm_deploy.export.parity`: argmax
+    agreement >= ``INT8_MIN_AGREEMENT`` on the rows that are not ties), since an FP16 remainder moves some
+    activations across an INT8 rounding boundary and a logit bound would then be brittle.
 
     Returns:
         dict: ``max_abs_diff``, ``max_rel_excess`` (max of ``|d| - atol - rtol*|ref|``, <= 0 passes),
-        ``argmax_agreement`` (for 2-D outputs), ``atol``, ``rtol``, ``inputs`` and ``ok``.
+        ``argmax_agreement`` (for 2-D outputs), ``atol``, ``rtol``, ``inputs`` and ``ok``; with ``int8`` also
+        ``near_ties``, ``tie_margin``, ``argmax_agreement_decisive``, ``rule``.
     """
     import onnxruntime as ort
+
+    from nxm_deploy.export.parity import INT8_MIN_AGREEMENT, INT8_TIE_MARGIN, argmax_agreement_stats
 
     feeds = feeds if feeds is not None else parity_feeds(fp32_path)
     options = ort.SessionOptions()
@@ -175,8 +261,15 @@ def fp16_parity(fp32_path: str | Path, fp16_path: str | Path, feeds: dict[str, n
         excess = max(excess, float((diff - atol - rtol * np.abs(a)).max(initial=-np.inf)))
         if a.ndim == 2 and a.shape[1] > 1:
             agree = float(np.mean(a.argmax(1) == b.argmax(1)))
-    return {"max_abs_diff": max_abs, "max_rel_excess": excess, "argmax_agreement": agree, "atol": atol,
-            "rtol": rtol, "inputs": _describe(feeds), "ok": bool(excess <= 0.0)}
+            if int8:
+                stats = argmax_agreement_stats(a, b, INT8_TIE_MARGIN)
+    result = {"max_abs_diff": max_abs, "max_rel_excess": excess, "argmax_agreement": agree, "atol": atol,
+              "rtol": rtol, "inputs": _describe(feeds), "ok": bool(excess <= 0.0)}
+    if int8:
+        decisive = stats["argmax_agreement_decisive"] if agree is not None else None
+        result.update(stats if agree is not None else {}, rule="int8: argmax agreement on non-ties",
+                      ok=decisive is None or decisive >= INT8_MIN_AGREEMENT)
+    return result
 
 
 def _describe(feeds: dict[str, np.ndarray]) -> str:
@@ -224,7 +317,10 @@ def _convert_locked(source: Path, target: Path, keep: list[str], check_parity: b
         model = onnx.load(str(source))
     except Exception as exc:
         raise ExportError(f"Cannot read {source} for FP16 conversion: {type(exc).__name__}: {exc}") from exc
-    model, fp32_nodes, ops = convert_model_to_fp16(model, keep)
+    int8 = is_qdq_graph(model)
+    feeds = parity_feeds(source)
+    ranged = range_check(source, feeds)
+    model, fp32_nodes, ops = convert_model_to_fp16(model, keep, fp32_node_names=ranged)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         save_onnx(model, tmp, target.name)
@@ -234,13 +330,13 @@ def _convert_locked(source: Path, target: Path, keep: list[str], check_parity: b
         tmp.unlink(missing_ok=True)
         raise ExportError(f"FP16 conversion of {source} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     del model
-    parity = fp16_parity(source, target) if check_parity else {"ok": None, "skipped": True}
+    parity = fp16_parity(source, target, feeds, int8=int8) if check_parity else {"ok": None, "skipped": True}
     casts = sum(1 for n in onnx.load(str(target), load_external_data=False).graph.node if n.op_type == "Cast")
     result = Fp16Conversion(
         file=target.name, sha256=sha256_file(target), source=source.name, source_sha256=source_sha,
         keep_fp32_ops=ops, fp32_nodes=fp32_nodes, cast_nodes=casts, parity=parity,
         converter=f"onnxruntime.transformers.float16 (onnxruntime {onnxruntime.__version__})",
-        seconds=round(time.perf_counter() - start, 3),
+        seconds=round(time.perf_counter() - start, 3), int8=int8, range_fp32_nodes=ranged,
     )
     atomic_write_json(record_path, {**result.to_dict(), "keep_fp32_ops_requested": keep})
     if parity.get("ok") is False:

@@ -101,7 +101,11 @@ class EngineSpec(BaseModel):
         tf32: allow TF32 tensor-core math for the FP32 layers (``BuilderFlag.TF32``; default true).
         timing_cache: timing cache file (loaded and saved), relative to the run directory or absolute;
             ``{trt}`` and ``{sm}`` are replaced by the TensorRT version and the GPU's SM.
-        keep_fp32_ops: ONNX op types kept in FP32 by the FP16 graph conversion (``fp16`` only).
+        keep_fp32_ops: ONNX op types kept in FP32 by the FP16 graph conversion (``fp16``, and ``int8-qdq`` with
+            ``remainder: fp16``).
+        remainder: ``int8-qdq`` only: precision of everything outside the Q/DQ pairs. ``fp16`` (default) converts
+            the graph first (FP16 scales, opset 19, ops whose FP32 range exceeds FP16's kept FP32; parity with
+            the FP32-remainder graph by the INT8 rule); ``fp32`` builds the graph as exported.
         require_sparse: torch module patterns (fnmatch) that must run sparse tactics; a miss fails the
             post-build check (exit 5). Other trained-sparse layers that run dense are reported as warnings.
             The entry ``eligible`` stands for every n:m layer that the graph makes eligible for TensorRT's
@@ -124,6 +128,7 @@ class EngineSpec(BaseModel):
     tf32: bool = True
     timing_cache: str = DEFAULT_TIMING_CACHE
     keep_fp32_ops: list[str] = Field(default_factory=lambda: list(DEFAULT_KEEP_FP32_OPS))
+    remainder: Literal["fp16", "fp32"] = "fp16"
     require_sparse: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -135,11 +140,18 @@ class EngineSpec(BaseModel):
                 raise ValueError(f"per_input.{name}.batch_size: 'auto' is only allowed for sequence_length")
         if self.require_sparse and not self.sparse_weights:
             raise ValueError("require_sparse needs sparse_weights: true")
-        if self.precision != "fp16" and self.keep_fp32_ops != list(DEFAULT_KEEP_FP32_OPS):
-            raise ValueError("keep_fp32_ops applies to precision: fp16 only")
+        if not self.converts_to_fp16 and self.keep_fp32_ops != list(DEFAULT_KEEP_FP32_OPS):
+            raise ValueError("keep_fp32_ops applies to precision: fp16, or int8-qdq with remainder: fp16")
+        if self.precision != "int8-qdq" and self.remainder != "fp16":
+            raise ValueError("remainder applies to precision: int8-qdq only")
         if "/" in self.onnx and not Path(self.onnx).is_absolute():
             raise ValueError(f"onnx: give a file name inside the run's onnx/ directory or an absolute path, got {self.onnx!r}")
         return self
+
+    @property
+    def converts_to_fp16(self) -> bool:
+        """The graph is converted to FP16 on the CPU before the build (``fp16``, or INT8 with an FP16 remainder)."""
+        return self.precision == "fp16" or (self.precision == "int8-qdq" and self.remainder == "fp16")
 
     @property
     def kind(self) -> str:

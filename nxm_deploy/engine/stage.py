@@ -199,7 +199,7 @@ def prepare_inputs(spec: EngineSpec, run_dir: str | Path, spec_path: str | Path 
     sparse_modules = list(manifest.get("sparse_modules") or []) if from_sparse_export else []
     eligible = _sparse_int8_eligible(spec, source, layer_map, sparse_modules)
     graph, graph_sha, fp16 = source, source_sha, None
-    if spec.precision == "fp16":
+    if spec.converts_to_fp16:
         from nxm_deploy.engine.fp16 import convert_to_fp16
 
         conversion = convert_to_fp16(source, keep_fp32_ops=spec.keep_fp32_ops)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from nxm_deploy._io import EXTERNAL_DATA_BYTES, save_onnx, sha256_file
+from nxm_deploy.export.parity import argmax_agreement_stats
 from nxm_deploy.errors import ExportError
 
 log = logging.getLogger("nxm_deploy.export")
@@ -213,11 +214,7 @@ def onnx_parity(path: str | Path, model: nn.Module, loader, input_names: list[st
         "metric_ort": compute_metrics(task, a, y),
     }
     if a.shape[-1] > 1:
-        top2 = np.sort(b, axis=-1)[:, -2:]
-        decisive = (top2[:, 1] - top2[:, 0]) > tie_margin
-        agree = a.argmax(-1) == b.argmax(-1)
-        out.update(argmax_agreement=float(np.mean(agree)), tie_margin=tie_margin, near_ties=int((~decisive).sum()),
-                   argmax_agreement_decisive=float(np.mean(agree[decisive])) if decisive.any() else None)
+        out.update(argmax_agreement_stats(b, a, tie_margin))
     return out
 
 

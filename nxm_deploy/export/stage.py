@@ -21,6 +21,7 @@ from nxm_deploy.export.onnx import (
 )
 from nxm_deploy.export.int8_weights import store_int8_weights
 from nxm_deploy.export.cpu_int8 import CPU_INT8_ONNX, compare_logits, make_cpu_int8
+from nxm_deploy.export.parity import INT8_MIN_AGREEMENT, INT8_TIE_MARGIN
 from nxm_deploy.export.qdq_lint import lint_qdq, sparse_int8_summary, verify_qdq
 from nxm_deploy.export.verify import verify_onnx_sparsity, write_sparsity_metadata
 from nxm_deploy.models import load_saved_model
@@ -30,16 +31,8 @@ from nxm_deploy.training.stage import check_masks, load_masks, load_qat_model, r
 
 log = logging.getLogger("nxm_deploy.export")
 
-#: parity limits, ORT vs PyTorch on real dev inputs. Dense: max |logit difference|. INT8: argmax agreement with
-#: the fake-quant twin (an input that lands on a rounding boundary can flip one INT8 code between kernels, so
-#: a logit bound alone would be brittle; the argmax must agree on >= 99.5% of examples).
+#: dense parity limit, ORT vs PyTorch on real dev inputs: max |logit difference| (INT8: export/parity.py).
 DENSE_PARITY_ATOL = 1e-3
-INT8_MIN_AGREEMENT = 0.995
-#: INT8 examples whose fake-quant twin has a top-2 logit margin at or below this are numerical ties: ONNX Runtime
-#: and PyTorch round an activation on a code boundary apart now and then (max |Δlogit| 0.02-0.03 measured on MiniLM),
-#: which flips the class of such an example without any error in the graph. They are counted and reported, and
-#: left out of the agreement gate.
-INT8_TIE_MARGIN = 0.05
 PARITY_EXAMPLES = 256
 CPU_INT8_PARITY_ATOL = 1e-3
 

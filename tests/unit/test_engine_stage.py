@@ -112,7 +112,7 @@ def test_prepare_inputs_derives_profile_from_the_runs_recipe(tmp_path, run):
     inputs = prepare_inputs(spec, run_dir)
     assert inputs.input_names == manifest["inputs"]
     assert inputs.profile["input_ids"] == {"min": [1, 8], "opt": [4, 48], "max": [8, 48]}  # recipe max_seq 48
-    assert inputs.graph_onnx == inputs.source_onnx and inputs.sparse_modules == manifest["sparse_modules"]
+    assert inputs.graph_onnx.name == "sparse_int8_qdq_fp16.onnx" and inputs.sparse_modules == manifest["sparse_modules"]
     assert inputs.layer_map == manifest["layer_map"]
     dense = prepare_inputs(EngineSpec(**DENSE16, name="d"), run_dir)
     assert dense.graph_onnx.name == "dense_fp16.onnx" and dense.fp16["parity"]["ok"]
@@ -147,6 +147,54 @@ def test_require_sparse_is_checked_against_the_graphs_sparse_int8_eligibility(tm
     with pytest.raises(ConfigError, match=r"intermediate\.dense.*no QuantizeLinear on the output") as exc:
         prepare_inputs(EngineSpec(**SPARSE, name="s", require_sparse=["*.intermediate.dense"]), plain)
     assert "gemm_outputs" in exc.value.hint
+
+
+def test_int8_graph_gets_an_fp16_remainder_that_keeps_the_sparse_int8_layout(run):
+    import onnx
+
+    from nxm_deploy.export.qdq_lint import lint_qdq
+
+    run_dir, manifest = run
+    inputs = prepare_inputs(EngineSpec(**SPARSE, name="s"), run_dir)  # remainder: fp16 is the default
+    assert inputs.graph_onnx.name == "sparse_int8_qdq_fp16.onnx" and inputs.source_onnx.name == "sparse_int8_qdq.onnx"
+    record = inputs.fp16
+    assert record["int8"] and record["parity"]["ok"] and record["parity"]["rule"].startswith("int8")
+    model = onnx.load(str(inputs.graph_onnx))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    consts = {n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant"}
+    inits = {i.name: i for i in model.graph.initializer}
+    scale_types = {(consts.get(n.input[1]) or inits.get(n.input[1])).data_type
+                   for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    assert scale_types == {onnx.TensorProto.FLOAT16}  # every DequantizeLinear outputs FP16, no Cast before a GEMM
+    assert any(n.op_type == "LayerNormalization" for n in model.graph.node)
+    assert set(record["fp32_nodes"]) >= {n.name for n in model.graph.node if n.op_type == "LayerNormalization"}
+    report = lint_qdq(inputs.graph_onnx, layer_map=manifest["layer_map"], expected=manifest["sparse_modules"])
+    assert report.ok and all(g.eligible for g in report.gemms)  # still INT8-in/INT8-out everywhere
+    plain = prepare_inputs(EngineSpec(**SPARSE, name="s", remainder="fp32"), run_dir)
+    assert plain.graph_onnx == plain.source_onnx and plain.fp16 is None
+
+
+def test_range_check_keeps_out_of_fp16_range_nodes_in_fp32(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from nxm_deploy.engine.fp16 import FP16_PARITY_ATOL, convert_to_fp16, range_check
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "big"], ["h"], name="blow_up"),
+         helper.make_node("Div", ["h", "big"], ["y0"], name="shrink"),
+         helper.make_node("Add", ["y0", "x"], ["y"], name="add")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(np.array(1e5, np.float32), "big")])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    feeds = {"x": np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)}
+    assert set(range_check(path, feeds)) == {"blow_up"}  # |h| reaches 1e5 > 16384; y stays small
+    conversion = convert_to_fp16(path)
+    assert conversion.range_fp32_nodes.keys() == {"blow_up"} and "blow_up" in conversion.fp32_nodes
+    assert not conversion.int8 and conversion.parity["max_abs_diff"] <= FP16_PARITY_ATOL
 
 
 # ------------------------------------------------------------------------------------------- naming, manifest, idempotence
