@@ -451,7 +451,7 @@ def _sparse_reason(gemm: GemmNode, layer: EngineLayer | None, precision: str, el
 
 def check_engine(info: EngineInfo, *, precision: str, sparse_weights: bool, gemms: list[GemmNode],
                  sparse_modules: list[str] | None = None, require_sparse=None, fp32_nodes: list[str] | None = None,
-                 sparsity_log: list[str] | None = None, pattern: str = "2:4") -> EngineCheck:
+                 sparsity_log: list[str] | None = None, pattern: str = "2:4", fp16_remainder: bool = False) -> EngineCheck:
     """Join engine layers to the ONNX GEMMs and check precision and sparsity (see the module docstring).
 
     Args:
@@ -460,7 +460,10 @@ def check_engine(info: EngineInfo, *, precision: str, sparse_weights: bool, gemm
         sparse_modules: torch modules trained n:m (the export manifest's ``sparse_modules``).
         require_sparse: callable ``module -> bool`` (the spec's ``require_sparse`` patterns), None when the
             spec has none; it must match at least one GEMM, and each match must run sparse.
-        fp32_nodes: nodes the FP16 conversion left in FP32 (``fp16`` only; FP32 is allowed there).
+        fp32_nodes: nodes the FP16 conversion left in FP32 (``fp16``, or INT8 with an FP16 remainder; FP32 is
+            allowed there).
+        fp16_remainder: an ``int8-qdq`` engine built from the FP16-remainder graph: every other float layer made
+            only of converted nodes must run FP16, as in an ``fp16`` engine.
         sparsity_log: the builder's ``(Sparsity)`` lines.
     """
     sparse_modules = set(sparse_modules or [])
@@ -520,7 +523,8 @@ def check_engine(info: EngineInfo, *, precision: str, sparse_weights: bool, gemm
             if missing:
                 check.warnings.append(f"{len(missing)} GEMMs not found by name in the engine (precision unverified): "
                                       + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
-    if precision == "fp16":
+    if precision == "fp16" or fp16_remainder:
+        engine_kind = "an FP16 engine" if precision == "fp16" else "an INT8 engine with an FP16 remainder"
         for layer in info.layers:
             nodes = [n for n in layer.onnx_nodes if n not in gemm_names]
             if layer.skipped or layer.opaque or not nodes or set(layer.onnx_nodes) & (fp32_nodes | gemm_names):
@@ -531,7 +535,7 @@ def check_engine(info: EngineInfo, *, precision: str, sparse_weights: bool, gemm
             if layer.precision == "FP32":
                 check.other_mismatches.append({"engine_layer": layer.name, "onnx_nodes": layer.onnx_nodes,
                                                "precision": "FP32", "expected": "FP16"})
-                check.errors.append(f"engine layer '{_short(layer.name, 80)}' runs FP32 in an FP16 engine "
+                check.errors.append(f"engine layer '{_short(layer.name, 80)}' runs FP32 in {engine_kind} "
                                     "(its ONNX nodes were converted to FP16)")
     if sparse_weights and check.rows and not any(r.ran_sparse for r in check.rows):
         check.warnings.append("no GEMM runs a sparse tactic although SPARSE_WEIGHTS was set")

@@ -284,6 +284,7 @@ def _check_built(inputs: EngineInputs, layer_json: str, sparsity_log: list[str])
         sparse_modules=inputs.sparse_modules,
         require_sparse=(lambda m: spec.requires_sparse(m, inputs.eligible)) if spec.require_sparse else None,
         fp32_nodes=(inputs.fp16 or {}).get("fp32_nodes"), sparsity_log=sparsity_log, pattern=inputs.pattern,
+        fp16_remainder=spec.precision == "int8-qdq" and inputs.fp16 is not None,
     )
 
 

@@ -223,6 +223,23 @@ def test_silent_fp32_fp16_engine_fails(run):
     assert [m["onnx_nodes"] for m in check.other_mismatches] == [["/model/bert/encoder/layer.0/attention/output/Add"]]
 
 
+def test_int8_engine_with_fp16_remainder_flags_fp32_layers_outside_the_kept_ops(run):
+    gemms = gemm_nodes(run["dir"] / "onnx" / "sparse_int8_qdq.onnx", run["manifest"]["layer_map"])
+    info = parse_layer_json(TRT10_INT8)  # the GELU and the attention products run FP32 ("Float") in this engine
+    kept = [layer.onnx_nodes[0] for layer in info.layers if "Softmax" in layer.name or "LayerNorm" in layer.name]
+
+    def check(remainder):
+        return check_engine(info, precision="int8-qdq", sparse_weights=True, gemms=gemms,
+                            sparse_modules=run["manifest"]["sparse_modules"], fp32_nodes=kept,
+                            fp16_remainder=remainder)
+
+    flagged = [m["onnx_nodes"] for m in check(True).other_mismatches]
+    assert any("intermediate_act_fn/Div" in n for nodes in flagged for n in nodes)
+    assert not any("Softmax" in n or "LayerNorm" in n for nodes in flagged for n in nodes)  # kept FP32 by design
+    assert any("an INT8 engine with an FP16 remainder" in e for e in check(True).errors)
+    assert not check(False).other_mismatches  # an FP32-remainder INT8 engine may run its remainder in FP32
+
+
 def test_engine_without_visible_gemms_cannot_be_verified(run):
     data = {"Layers": [{"Name": "{ForeignNode[/model/bert/embeddings/Shape.../model/classifier/Gemm]}",
                         "LayerType": "Myelin", "Inputs": [], "Outputs": []}], "Bindings": []}
