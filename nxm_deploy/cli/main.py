@@ -239,16 +239,21 @@ def _dispatch(args) -> int:
         print(f"report: {run_dir / 'report.md'}  ({run_dir / 'report.json'})")
         return 0 if (report.get("sparsity_check") or {}).get("ok") else 1
     if args.command == "train":
-        from nxm_deploy.training.stage import STAGES, adopt_stages, train_stage
+        from nxm_deploy.training.stage import STAGES, adopt_stages, check_adoption, train_stage
         from nxm_deploy.training.trainer import is_main_process
 
-        recipe, run_dir, glue_dir, _ = _resolve(args, create=not Path(args.target).is_dir(), distributed=True)
         stages = STAGES if args.stage == "all" else (args.stage,)
+        before = STAGES[:STAGES.index(stages[0])]
         if args.from_run:
-            before = STAGES[:STAGES.index(stages[0])]
             if not before:
                 raise ConfigError("--from-run copies the stages before --stage; with --stage dense/all there are none.",
                                   hint="e.g. nxm-deploy train RECIPE --stage qat --from-run runs/<base run>")
+            if not Path(args.target).is_dir():  # refuse before the run directory is created
+                from nxm_deploy.config.recipe import load_recipe
+
+                check_adoption(load_recipe(args.target, args.overrides), args.from_run, before)
+        recipe, run_dir, glue_dir, _ = _resolve(args, create=not Path(args.target).is_dir(), distributed=True)
+        if args.from_run:
             adopted = adopt_stages(recipe, run_dir, args.from_run, before)
             if is_main_process():
                 for stage, digest in adopted.items():

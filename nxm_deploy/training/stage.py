@@ -146,6 +146,28 @@ def adopt_stages(recipe: Recipe, run_dir: str | Path, source: str | Path, stages
         ConfigError: the two recipes differ on a key the adopted stages read (every such key is named).
     """
     run_dir, source = Path(run_dir), Path(source)
+    check_adoption(recipe, source, stages)
+    adopted = {}
+    for stage in stages:
+        if (_stage_dir(run_dir, stage) / "manifest.json").is_file():
+            continue
+        if is_main_process():
+            with atomic_dir(_stage_dir(run_dir, stage)) as tmp:
+                shutil.copytree(_stage_dir(source, stage), tmp, dirs_exist_ok=True)
+        barrier()
+        adopted[stage] = sha256_file(_stage_dir(run_dir, stage) / "manifest.json")
+        log.info("stage %s adopted from %s", stage, source)
+    return adopted
+
+
+def check_adoption(recipe: Recipe, source: str | Path, stages: tuple[str, ...] = ("dense", "admm")) -> None:
+    """The checks of :func:`adopt_stages`, without copying (so a refused ``--from-run`` creates nothing).
+
+    Raises:
+        RunDirError: ``source`` is not a run directory, a stage has not finished there, or its files changed.
+        ConfigError: the two recipes differ on a key the stages read.
+    """
+    source = Path(source)
     if not (source / "recipe.yaml").is_file():
         raise RunDirError(f"--from-run {source} is not a run directory (no recipe.yaml).",
                           hint="Pass the run directory that holds the finished dense/ and sparse/ stages.")
@@ -161,18 +183,8 @@ def adopt_stages(recipe: Recipe, run_dir: str | Path, source: str | Path, stages
                           f"{' ...' if len(differ) > 4 else ''}.",
                           hint="Use the same recipe (up to train.qat, export, engine, validate), or train these "
                                "stages in this run.")
-    adopted = {}
     for stage in stages:
-        if (_stage_dir(run_dir, stage) / "manifest.json").is_file():
-            continue
         read_stage_manifest(source, stage)  # every recorded file as its stage wrote it
-        if is_main_process():
-            with atomic_dir(_stage_dir(run_dir, stage)) as tmp:
-                shutil.copytree(_stage_dir(source, stage), tmp, dirs_exist_ok=True)
-        barrier()
-        adopted[stage] = sha256_file(_stage_dir(run_dir, stage) / "manifest.json")
-        log.info("stage %s adopted from %s", stage, source)
-    return adopted
 
 
 def verify_finished_stages(run_dir: str | Path) -> list[str]:

@@ -248,6 +248,7 @@ def test_qat_variant_from_run_adopts_dense_and_sparse(run, tmp_path, tiny_recipe
     assert main(["-q", "train", str(recipe), "--set", "name=other", "--set", "train.admm.rho=0.5", *common]) == 2
     _, errors = _errors(capsys)
     assert len(errors) == 1 and "train.admm.rho" in errors[0]
+    assert not (tmp_path / "runs" / "other").exists()  # refused before the run directory was created
 
 
 def test_from_run_refuses_a_changed_source(run_copy, tmp_path, tiny_recipe_dict_module, glue_dir, capsys):
