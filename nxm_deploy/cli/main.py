@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="run directory, or a recipe YAML")
     p.add_argument("--stage", choices=["dense", "admm", "qat", "all"], default="all")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--run-dir", default=None, help="run directory when a recipe is given (default: <runs-root>/<recipe name>)")
     p.add_argument("--from-run", default=None, metavar="RUN_DIR",
                    help="copy the finished stages before --stage (dense, sparse) from this run, checked by hash, "
                    "when its recipe agrees on every key they read; e.g. QAT variants of one sparse model")
@@ -124,7 +125,7 @@ def _resolve(args, *, create: bool = False, distributed: bool = False):
             from nxm_deploy.training.trainer import init_distributed
 
             init_distributed(recipe.train)
-        run_dir = Path(args.runs_root) / recipe.name
+        run_dir = Path(getattr(args, "run_dir", None) or Path(args.runs_root) / recipe.name)
         stored = read_run_info(run_dir).get("recipe_sha256")
         if create:  # every torchrun rank checks the inputs; rank 0 alone writes the run directory
             prepare_run_dir(recipe, run_dir, getattr(args, "overwrite", False), preflight(recipe, args.glue_dir, path))

@@ -250,6 +250,12 @@ def test_qat_variant_from_run_adopts_dense_and_sparse(run, tmp_path, tiny_recipe
     assert len(errors) == 1 and "train.admm.rho" in errors[0]
     assert not (tmp_path / "runs" / "other").exists()  # refused before the run directory was created
 
+    # --run-dir names the variant's directory directly
+    assert main(["-q", "train", str(recipe), "--set", "name=noattn", "--set", "train.qat.quantizers.attention=false",
+                 "--glue-dir", str(glue_dir), "--run-dir", str(tmp_path / "elsewhere"), "--stage", "qat",
+                 "--from-run", str(run)]) == 0
+    assert (tmp_path / "elsewhere" / "qat" / "manifest.json").is_file()
+
 
 def test_from_run_refuses_a_changed_source(run_copy, tmp_path, tiny_recipe_dict_module, glue_dir, capsys):
     data = json.loads(json.dumps(tiny_recipe_dict_module))
