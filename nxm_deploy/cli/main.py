@@ -249,13 +249,15 @@ def _dispatch(args) -> int:
             if not before:
                 raise ConfigError("--from-run copies the stages before --stage; with --stage dense/all there are none.",
                                   hint="e.g. nxm-deploy train RECIPE --stage qat --from-run runs/<base run>")
-            if not Path(args.target).is_dir():  # refuse before the run directory is created
-                from nxm_deploy.config.recipe import load_recipe
+            from nxm_deploy.config.recipe import load_recipe
+            from nxm_deploy.pipeline import open_run_dir
 
-                check_adoption(load_recipe(args.target, args.overrides), args.from_run, before)
+            target = Path(args.target)  # checked before the run directory is created
+            check_adoption(open_run_dir(target) if target.is_dir() else load_recipe(target, args.overrides),
+                           args.from_run, before)
         recipe, run_dir, glue_dir, _ = _resolve(args, create=not Path(args.target).is_dir(), distributed=True)
         if args.from_run:
-            adopted = adopt_stages(recipe, run_dir, args.from_run, before)
+            adopted = adopt_stages(recipe, run_dir, args.from_run, before, checked=True)
             if is_main_process():
                 for stage, digest in adopted.items():
                     print(f"{stage}: adopted from {args.from_run} (manifest sha256 {digest[:12]})")

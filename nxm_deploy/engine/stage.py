@@ -24,7 +24,6 @@ recorded hash. Files are written to a temporary name and renamed; one lock file 
 
 from __future__ import annotations
 
-
 import argparse
 import contextlib
 import hashlib

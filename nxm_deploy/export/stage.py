@@ -22,7 +22,7 @@ from nxm_deploy.export.onnx import (
 from nxm_deploy.export.int8_weights import store_int8_weights
 from nxm_deploy.export.cpu_int8 import CPU_INT8_ONNX, compare_logits, make_cpu_int8
 from nxm_deploy.export.parity import INT8_MIN_AGREEMENT, INT8_TIE_MARGIN
-from nxm_deploy.export.qdq_lint import lint_qdq, sparse_int8_summary, verify_qdq
+from nxm_deploy.export.qdq_lint import sparse_int8_summary, verify_qdq
 from nxm_deploy.export.verify import verify_onnx_sparsity, write_sparsity_metadata
 from nxm_deploy.models import load_saved_model
 from nxm_deploy.quantization import export_mode
@@ -94,8 +94,10 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
                           1, int8_store["int8_weight_bytes"] + embedding_bytes), 3))
 
     qdq = guard_qdq(sparse_proto, expected_quantized=len(quant_info["quantized_modules"]))
-    qdq_lint = verify_qdq(sparse_proto, sparse_rule=False)  # ExportError naming every node that breaks a TensorRT rule
-    eligibility = sparse_int8_summary(lint_qdq(sparse_proto).gemms or [])
+    # ExportError naming every node that breaks a TensorRT rule; an n:m layer that is not eligible for sparse INT8
+    # kernels (quantizer groups off) is reported, not fatal
+    qdq_lint = verify_qdq(sparse_proto, allowed_rules=("sparse-int8",))
+    eligibility = sparse_int8_summary(qdq_lint.gemms or [])
     if eligibility["not_eligible"]:
         log.warning("%d of %d n:m layers are not eligible for TensorRT's sparse INT8 kernels (first: %s); "
                     "`nxm-deploy inspect qdq %s` names the missing Q/DQ", len(eligibility["not_eligible"]),

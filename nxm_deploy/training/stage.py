@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nxm_deploy._io import atomic_dir, atomic_write_json, file_hashes, read_json, sha256_file, verify_stage_files
-from nxm_deploy.config.recipe import Recipe, load_recipe
+from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.data import TaskData, get_task
 from nxm_deploy.errors import ConfigError, RunDirError, SparsityVerificationError
 from nxm_deploy.models import load_base_model, load_saved_model
@@ -48,6 +48,8 @@ from nxm_deploy.training.trainer import (
 log = logging.getLogger("nxm_deploy.training")
 
 STAGES = ("dense", "admm", "qat")
+#: ``train`` settings that change speed, not results (left out of checkpoint fingerprints and adoption checks)
+SPEED_ONLY_TRAIN_KEYS = ("num_threads", "checkpoint_every_steps", "dataloader_workers")
 CHECKPOINTS_DIR = "checkpoints"
 
 
@@ -71,7 +73,7 @@ def _fingerprint(recipe: Recipe, stage: str, phase: str) -> str:
     A checkpoint left by another recipe is refused (:func:`~nxm_deploy.training.trainer.check_fingerprint`).
     """
     data = recipe.to_dict()
-    for key in ("num_threads", "checkpoint_every_steps", "dataloader_workers"):
+    for key in SPEED_ONLY_TRAIN_KEYS:
         data["train"].pop(key, None)
     digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
     return f"{digest}:{stage}:{phase}"
@@ -113,8 +115,8 @@ def read_stage_manifest(run_dir: str | Path, stage: str) -> dict:
 
 #: recipe keys that the dense and sparse stages do not read: the run's name, what comes after the sparse model
 #: (QAT, export, engines, validation) and settings that change speed, not results.
-_AFTER_SPARSE = ("name", "description", "export", "engine", "validate", "train.qat", "train.num_threads",
-                 "train.checkpoint_every_steps", "train.dataloader_workers")
+_AFTER_SPARSE = ("name", "description", "export", "engine", "validate", "train.qat",
+                 *(f"train.{key}" for key in SPEED_ONLY_TRAIN_KEYS))
 
 
 def _flat(data: dict, prefix: str = "") -> dict:
@@ -129,7 +131,7 @@ def _flat(data: dict, prefix: str = "") -> dict:
 
 
 def adopt_stages(recipe: Recipe, run_dir: str | Path, source: str | Path, stages: tuple[str, ...] = ("dense", "admm"),
-                 ) -> dict[str, str]:
+                 *, checked: bool = False) -> dict[str, str]:
     """Copy finished training stages from another run directory (``nxm-deploy train ... --from-run SOURCE``).
 
     One dense and sparse model can then serve many QAT variants: each variant is its own run (its recipe, its
@@ -137,6 +139,8 @@ def adopt_stages(recipe: Recipe, run_dir: str | Path, source: str | Path, stages
     file its manifest records still has its sha256, and only when ``recipe`` agrees with the source run's
     recipe on every key those stages read (all but ``name``, ``description``, ``train.qat``, ``export``,
     ``engine``, ``validate`` and the speed-only train settings). A stage already finished in ``run_dir`` is kept.
+    ``checked``: :func:`check_adoption` already passed for these arguments (the CLI runs it before creating the
+    run directory), so the source files are not hashed a second time.
 
     Returns:
         dict: ``{stage: sha256 of the adopted manifest.json}`` for the stages copied now.
@@ -146,7 +150,8 @@ def adopt_stages(recipe: Recipe, run_dir: str | Path, source: str | Path, stages
         ConfigError: the two recipes differ on a key the adopted stages read (every such key is named).
     """
     run_dir, source = Path(run_dir), Path(source)
-    check_adoption(recipe, source, stages)
+    if not checked:
+        check_adoption(recipe, source, stages)
     adopted = {}
     for stage in stages:
         if (_stage_dir(run_dir, stage) / "manifest.json").is_file():
@@ -167,11 +172,10 @@ def check_adoption(recipe: Recipe, source: str | Path, stages: tuple[str, ...] =
         RunDirError: ``source`` is not a run directory, a stage has not finished there, or its files changed.
         ConfigError: the two recipes differ on a key the stages read.
     """
+    from nxm_deploy.pipeline import open_run_dir  # the run layout's reader (pipeline imports this module lazily)
+
     source = Path(source)
-    if not (source / "recipe.yaml").is_file():
-        raise RunDirError(f"--from-run {source} is not a run directory (no recipe.yaml).",
-                          hint="Pass the run directory that holds the finished dense/ and sparse/ stages.")
-    theirs, ours = _flat(load_recipe(source / "recipe.yaml").to_dict()), _flat(recipe.to_dict())
+    theirs, ours = _flat(open_run_dir(source).to_dict()), _flat(recipe.to_dict())
 
     def after_sparse(key):
         return any(key == k or key.startswith(k + ".") for k in _AFTER_SPARSE)
