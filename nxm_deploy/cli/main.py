@@ -77,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", action="store_true", help="print each engine's post-build check")
     _add_common(p)
 
+    p = sub.add_parser("bench-gpu", help="GEMM and end-to-end speed of 2:4 / INT8 vs dense on this NVIDIA GPU through "
+                                         "PyTorch (cuSPARSELt); writes gpu_<gpu>.md/.json (exit 3 without a GPU)")
+    p.add_argument("run_dir", nargs="?", default=None, help="also bench this run's own encoder dims (dense/config.json)")
+    p.add_argument("--shapes", action="append", default=None, metavar="SET",
+                   help="shape set: minilm, bert-base or bert-large (repeatable or comma-separated; default: all "
+                        "three, or none when RUN_DIR is given)")
+    p.add_argument("--out", default="benchmarks", help="output folder (default: benchmarks)")
+    p.add_argument("--rounds", type=int, default=30, help="timed rounds per GEMM cell (end to end: 2/3 of it)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="time budget: end-to-end shape sets not started when it is spent are skipped (and say so)")
+
     p = sub.add_parser("predict", help="classify text with a run's deployed model; prints JSON lines")
     from nxm_deploy.client.cli import add_predict_arguments
 
@@ -218,6 +229,38 @@ def _inspect_qdq(args) -> int:
     return 0 if report.ok else 1
 
 
+def _bench_gpu(args) -> int:
+    from nxm_deploy.gpu.bench import SHAPE_SETS, goal_values, GOALS, run_bench
+
+    sets = [s.strip() for value in (args.shapes or []) for s in value.split(",") if s.strip()]
+    if not sets and args.run_dir is None:
+        sets = list(SHAPE_SETS)
+    unknown = [s for s in sets if s not in SHAPE_SETS]
+    if unknown:
+        raise ConfigError(f"Unknown shape set(s) {', '.join(unknown)}: bench-gpu --shapes takes "
+                          f"{', '.join(SHAPE_SETS)}.", hint="e.g. nxm-deploy bench-gpu --shapes bert-base")
+    if args.rounds < 5:
+        raise ConfigError(f"--rounds {args.rounds} is too few for a median: use 5 or more.")
+    command = "nxm-deploy bench-gpu" + (f" {args.run_dir}" if args.run_dir else "") + \
+        "".join(f" --shapes {s}" for s in sets) + (f" --out {args.out}" if args.out != "benchmarks" else "") + \
+        (f" --rounds {args.rounds}" if args.rounds != 30 else "")
+    if args.max_seconds is not None:
+        command += f" --max-seconds {args.max_seconds:g}"
+    results = run_bench(sets, args.run_dir, args.out, command=command, gemm_rounds=args.rounds,
+                        e2e_rounds=max(5, args.rounds * 2 // 3), max_seconds=args.max_seconds)
+    print(f"environment: {results['environment']['line']}")
+    values = goal_values(results)
+    for text, _set, key, target in GOALS:
+        value = values[key]
+        print(f"goal {text}: " + ("not run" if value is None else f"{value:.2f}x (target {target}x) "
+                                   + ("met" if value >= target else "MISSED")))
+    failed = [name for name, data in results["sets"].items() if data.get("error")]
+    for name in failed:
+        print(f"error: shape set {name}: {results['sets'][name]['error']}", file=sys.stderr)
+    print("wrote " + ", ".join(results["files"]))
+    return 1 if failed else 0
+
+
 def _dispatch(args) -> int:
     if args.command == "predict":
         from nxm_deploy.client.cli import predict_cli
@@ -225,6 +268,8 @@ def _dispatch(args) -> int:
         return predict_cli(args)
     if args.command == "inspect":
         return _inspect_qdq(args) if args.what == "qdq" else _inspect_sparsity(args)
+    if args.command == "bench-gpu":
+        return _bench_gpu(args)
     if args.command == "run":
         from nxm_deploy.config.recipe import load_recipe
         from nxm_deploy.pipeline import run_pipeline

@@ -243,9 +243,14 @@ def default_comparisons(runners: dict) -> list[Comparison]:
     add("torch_int8_fakequant", "torch_qat_fp32", "int8", gated=False,
         why="INT8 perturbation itself (same QAT weights, quantizers off): bounds the INT8 tolerance")
     for name, runner in runners.items():
-        if name in ("dense_fp32", "sparse_int8") or name.startswith("torch_"):
+        if name in ("dense_fp32", "sparse_int8") or runner.backend == "pytorch-cpu":
             continue
-        if runner.precision == "int8":
+        if runner.backend == "pytorch-cuda" and runner.precision == "int8":
+            add("sparse_int8", name, "int8", gated=False,
+                why="INT8 GEMMs with an FP16 remainder (PyTorch CUDA) vs the FP32-remainder Q/DQ reference: reported")
+        elif runner.backend == "pytorch-cuda" and runner.sparse:
+            add("dense_fp32", name, "gpu_float", gated=False, why="sparse FP16 vs dense FP32: different models, reported only")
+        elif runner.precision == "int8":
             add("sparse_int8", name, "int8", why=f"INT8 on {runner.backend} vs the ORT CPU Q/DQ reference")
         else:
             tol = "fp32" if runner.backend == "onnxruntime-cpu" else "gpu_float"

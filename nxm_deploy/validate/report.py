@@ -41,7 +41,10 @@ def runner_label(name: str, pattern: str) -> str:
         return f"TensorRT engine {name[4:]}"
     if name.startswith("torch_"):
         return {"torch_dense_fp32": "dense FP32 (PyTorch)", "torch_int8_fakequant": f"sparse {pattern} INT8 fake-quant (PyTorch)",
-                "torch_qat_fp32": f"sparse {pattern} QAT weights, quantizers off (PyTorch)"}.get(name, name)
+                "torch_qat_fp32": f"sparse {pattern} QAT weights, quantizers off (PyTorch)",
+                "torch_cuda_dense_fp16": "dense FP16 (PyTorch CUDA, CUDA graphs)",
+                "torch_cuda_sparse_fp16": f"sparse {pattern} FP16 (PyTorch CUDA, cuSPARSELt, CUDA graphs)",
+                "torch_cuda_sparse_int8": f"sparse {pattern} INT8 (PyTorch CUDA, cuSPARSELt, CUDA graphs)"}.get(name, name)
     base, _, suffix = name.partition("_cuda") if "_cuda" in name else name.partition("_trtep")
     label = {"dense_fp32": "dense FP32 ONNX", "sparse_int8": f"sparse {pattern} INT8 Q/DQ ONNX",
              "cpu_int8": f"sparse {pattern} INT8 CPU ONNX (U8S8 MatMulInteger)"}.get(base or name, name)

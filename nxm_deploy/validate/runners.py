@@ -280,6 +280,90 @@ class TorchRunner(_Labelled, BaseRunner):
         self.model = None
 
 
+class TorchCudaRunner(TorchRunner):
+    """A run's model on an NVIDIA GPU through PyTorch: FP16, with its 2:4 Linears on cuSPARSELt (FP16 or INT8 with
+    the learned scales) or dense INT8, replayed from CUDA graphs (:mod:`nxm_deploy.gpu`).
+
+    Args:
+        model: the ``nn.Module`` or a callable returning it (a float model for ``dense-fp16`` / ``sparse-fp16``,
+            the QAT model for ``sparse-int8`` / ``dense-int8``).
+        variant: one of :data:`nxm_deploy.gpu.kernels.VARIANTS`.
+        targets: fqns of the 2:4 Linears (the sparse stage's ``targets``).
+        graphs: replay CUDA graphs (one per input shape); False runs eagerly.
+        attention: attention implementation of float models (``sdpa``; a QAT model with INT8 attention keeps its
+            quantized eager attention, the graph form the Q/DQ ONNX model has).
+
+    After activation ``layers`` lists, per target, the kernel used or why it stayed dense.
+
+    Raises:
+        ValidationError (on activate): no CUDA device.
+    """
+
+    def __init__(self, model, name: str, input_names: list[str], *, variant: str, targets: list[str],
+                 graphs: bool = True, attention: str = "sdpa", source=None):
+        precision = "int8" if variant.endswith("int8") else "fp16"
+        super().__init__(model, name, input_names, device="cuda", precision=precision,
+                         sparse=variant.startswith("sparse"), source=source)
+        self.variant, self.targets, self.use_graphs, self.attention = variant, list(targets), graphs, attention
+        self.layers: list = []
+        self._forward = None
+
+    def activate_impl(self):
+        import torch
+
+        from nxm_deploy.gpu.graphs import GraphedForward
+        from nxm_deploy.gpu.kernels import convert_model
+        from nxm_deploy.quantization.placement import use_eager_attention, uses_int8_attention
+
+        if not torch.cuda.is_available():
+            raise ValidationError(f"Runner {self.name} needs a CUDA device: torch.cuda.is_available() is False.")
+        model = self._model() if callable(self._model) and not hasattr(self._model, "parameters") else self._model
+        if uses_int8_attention(model):
+            use_eager_attention(model)
+        elif hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(self.attention)
+        model.eval().to("cuda")
+        self.layers = convert_model(model, self.variant, self.targets)
+        self.model = model
+
+        def logits(**inputs):
+            return model(**inputs).logits
+
+        self._forward = GraphedForward(logits) if self.use_graphs else logits
+
+    def infer_impl(self, feed_dict):
+        import torch
+
+        with torch.no_grad():
+            inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to("cuda") for k, v in feed_dict.items()}
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            logits = self._forward(**inputs)
+            end.record()
+            end.synchronize()
+            self.inference_time = start.elapsed_time(end) / 1e3
+        return OrderedDict(logits=logits.float().cpu().numpy())
+
+    def describe(self) -> dict:
+        kernels: dict[str, int] = {}
+        for layer in self.layers:
+            kernels[layer.kernel] = kernels.get(layer.kernel, 0) + 1
+        return {**super().describe(), "variant": self.variant, "kernels": kernels,
+                "dense_layers": [{"name": l.name, "shape": list(l.shape), "reason": l.reason}
+                                 for l in self.layers if l.reason],
+                "execution": "cuda-graphs" if self.use_graphs else "eager", **self._graph_stats()}
+
+    def _graph_stats(self) -> dict:
+        forward = self._forward
+        if not hasattr(forward, "graphs"):
+            return getattr(self, "_last_graph_stats", {})
+        return {"graphs": forward.graphs, "eager_calls": forward.eager_calls, "capture_error": forward.capture_error}
+
+    def deactivate_impl(self):
+        self._last_graph_stats = self._graph_stats()
+        self.model, self._forward = None, None
+
+
 @contextlib.contextmanager
 def quantizers_disabled(model):
     """Turn every fake-quant ``TensorQuantizer`` off (the QAT weights in FP32) for the duration of the block."""

@@ -30,14 +30,16 @@ from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.data import get_task, load_task_split, make_dataloader, resolve_glue_dir
 from nxm_deploy.data.loader import encode_fixed
 from nxm_deploy.data.metrics import compute_metrics
-from nxm_deploy.errors import RunDirError
+from nxm_deploy.errors import ConfigError, RunDirError
 from nxm_deploy.export.onnx import DENSE_ONNX, SPARSE_ONNX
 from nxm_deploy.validate.diff import DEFAULT_TOLERANCE_FACTOR, DIFF_DIR, make_feeds, run_diff
 from nxm_deploy.validate.errors import ValidationError
 from nxm_deploy.validate.gates import delta_pt, evaluate_gates, gate_settings, raise_for_gates
 from nxm_deploy.machine import machine_line
 from nxm_deploy.validate.latency import measure_ab
-from nxm_deploy.validate.runners import OnnxRuntimeRunner, TorchRunner, check_io, ort_gpu_backends, quantizers_disabled
+from nxm_deploy.validate.runners import (
+    OnnxRuntimeRunner, TorchCudaRunner, TorchRunner, check_io, ort_gpu_backends, quantizers_disabled,
+)
 
 log = logging.getLogger("nxm_deploy.validate")
 
@@ -115,7 +117,35 @@ def make_runners(run_dir: Path, manifest: dict, grid: list[tuple[int, int]], thr
     engines, engine_skips = engine_runners(run_dir, grid)
     runners.update(engines)
     skipped += engine_skips
+    cuda, cuda_skips = cuda_torch_runners(run_dir, list(manifest["inputs"]))
+    runners.update(cuda)
+    skipped += cuda_skips
     return runners, skipped
+
+
+#: PyTorch CUDA runners: name -> (training stage whose model it runs, variant); the dense FP16 one is their latency baseline
+CUDA_RUNNERS = {"torch_cuda_dense_fp16": ("dense", "dense-fp16"), "torch_cuda_sparse_fp16": ("admm", "sparse-fp16"),
+                "torch_cuda_sparse_int8": ("qat", "sparse-int8")}
+
+
+def cuda_torch_runners(run_dir: Path, names: list[str]) -> tuple[dict, list[dict]]:
+    """The run's models on the GPU through PyTorch (:class:`TorchCudaRunner`, inactive) when CUDA is available:
+    dense FP16 (the baseline), 2:4 FP16 and 2:4 INT8 (cuSPARSELt, the QAT model's learned scales); else
+    ``({}, [skipped entry])``."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}, [{"name": "pytorch CUDA runners", "reason": "no CUDA device (torch.cuda.is_available() is False)"}]
+    from nxm_deploy.models import load_saved_model
+    from nxm_deploy.training.stage import _stage_dir, load_qat_model, read_stage_manifest
+
+    targets = list(read_stage_manifest(run_dir, "admm")["targets"])
+    loaders = {"dense": lambda: load_saved_model(_stage_dir(run_dir, "dense"))[0],
+               "admm": lambda: load_saved_model(_stage_dir(run_dir, "admm"))[0],
+               "qat": lambda: load_qat_model(run_dir)[0]}
+    return {name: TorchCudaRunner(loaders[stage], name, names, variant=variant, targets=targets,
+                                  source=_stage_dir(run_dir, stage))
+            for name, (stage, variant) in CUDA_RUNNERS.items()}, []
 
 
 def fit_to_profile(feed: dict[str, np.ndarray], lo: tuple[int, int] | None, hi: tuple[int, int] | None) -> list[tuple[dict, int]]:
@@ -232,6 +262,12 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
                     skipped.append({"name": name, "reason": exc.message})
                     continue
                 raise
+            except (RuntimeError, ConfigError) as exc:  # a GPU kernel this torch / GPU refuses: the rest still runs
+                if runner.backend != "pytorch-cuda":
+                    raise
+                log.error("%s not run: %s", name, exc)
+                skipped.append({"name": name, "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+                continue
             stack.callback(runner.deactivate)
             check_io(runner, names, task.num_labels, probe)
             active[name] = runner

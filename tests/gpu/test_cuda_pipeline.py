@@ -7,6 +7,7 @@ Marked ``gpu``: skipped, with the reason, where ``torch.cuda.is_available()`` is
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -27,6 +28,8 @@ def cuda_run(tmp_path_factory, tiny_recipe_dict_module, glue_dir):
     tmp = tmp_path_factory.mktemp("cuda_run")
     data = json.loads(json.dumps(tiny_recipe_dict_module))
     data["train"].update(device="cuda", precision="auto")
+    if os.environ.get("NXM_TINY_MODEL_SOURCE"):  # a machine without the embedded package: MiniLM's config + tokenizer
+        data["model"]["source"] = os.environ["NXM_TINY_MODEL_SOURCE"]
     data["engine"] = {"specs": []}
     recipe = tmp / "tiny_cuda.yaml"
     recipe.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -60,3 +63,23 @@ def test_onnx_parity_and_verified_sparsity(cuda_run):
     assert manifest["parity"]["ok"] is True
     assert manifest["sparsity_check"]["ok"] and manifest["sparsity_check"]["sparse_layers"] == len(
         json.loads((run / "sparse" / "manifest.json").read_text())["targets"])
+
+
+def test_validate_runs_the_pytorch_cuda_runners(cuda_run):
+    """On CUDA, `validate` measures the run's models through PyTorch: dev metric, output diff and latency, with
+    the dense FP16 model as the latency baseline of the 2:4 ones."""
+    _, run = cuda_run
+    validation = json.loads((run / "validation.json").read_text())
+    targets = json.loads((run / "sparse" / "manifest.json").read_text())["targets"]
+    for name in ("torch_cuda_dense_fp16", "torch_cuda_sparse_fp16", "torch_cuda_sparse_int8"):
+        assert name in validation["metrics"], name
+        assert validation["runners"][name]["backend"] == "pytorch-cuda"
+        assert validation["latency_method"]["baselines"][name] == "torch_cuda_dense_fp16"
+    int8 = validation["runners"]["torch_cuda_sparse_int8"]
+    assert int8["kernels"] == {"cusparselt-int8": len(targets)}, int8
+    assert validation["runners"]["torch_cuda_sparse_fp16"]["kernels"] == {"cusparselt-fp16": len(targets)}
+    assert int8["execution"] == "cuda-graphs" and int8["capture_error"] is None and int8["graphs"] >= 1
+    rows = [r for r in validation["diff"]["comparisons"] if r["candidate"] == "torch_cuda_sparse_int8"]
+    assert rows and rows[0]["reference"] == "sparse_int8"
+    print("torch_cuda_sparse_int8 vs sparse_int8:", {k: rows[0].get(k) for k in ("passed", "max_abs_diff")},
+          "metrics:", validation["metrics"]["torch_cuda_sparse_int8"], validation["metrics"]["sparse_int8"])
