@@ -3,10 +3,11 @@
 #
 #   tools/gpu_check.sh OUT_DIR
 #
-# 1. environment (nvidia-smi, torch, CUDA, cuSPARSELt)                        -> summary.txt
+# 1. environment (nvidia-smi, torch, CUDA, cuSPARSELt) and a probe: the host cost of one cuSPARSELt call, and
+#    whether CUDA graphs record it and a BERT forward                            -> summary.txt
 # 2. nxm-deploy bench-gpu for the minilm, bert-base and bert-large shape sets  -> gpu_<gpu>.json, gpu_<gpu>.md
-# 3. the GPU tests (pytest -m gpu tests/gpu: kernels, CUDA runner, the tiny recipe trained and validated on CUDA)
-#                                                                               -> pytest_gpu.log
+# 3. the GPU tests (pytest -m gpu tests/gpu): kernels and the CUDA runner first, alone  -> pytest_kernels.log;
+#    then the tiny recipe trained and validated on CUDA, and a short bench-gpu          -> pytest_gpu.log
 # 4. recipes/gpu_sst2_small.yaml trained, exported and validated on CUDA (PyTorch CUDA 2:4 INT8 vs the ONNX Q/DQ
 #    model on the full SST-2 dev set)                                          -> sst2_validation.json, sst2_report.md
 # Steps 3 and 4 run side by side (their latency tables are not the benchmark: bench-gpu runs alone first).
@@ -58,35 +59,51 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to logs/NAM
   "$py" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuSPARSELt', torch.backends.cusparselt.version(), 'GPU', torch.cuda.get_device_name(0))"
   echo "glue: ${glue:-none}"; } >> "$out/summary.txt" 2>&1
 
-# probe: one cuSPARSELt call's host cost, and whether CUDA graphs capture it (global and relaxed error modes)
-step probe 30 "$py" - <<'PY'
-import time, torch
+# probe: one cuSPARSELt call's host cost (both output layouts), and whether CUDA graphs record it and a BERT forward
+step probe 40 "$py" - <<'PY'
+import time, torch, transformers
+from nxm_deploy.gpu.graphs import GraphedForward, hf_forward
 from nxm_deploy.gpu.kernels import SemiSparseLinear
 from nxm_deploy.sparsity import nm_mask
 w = torch.randn(3072, 768, device="cuda"); w = w * nm_mask(w, "2:4"); x = torch.randn(1024, 768, device="cuda").half()
 layer = SemiSparseLinear(w, None)
-for label, fn in (("cslt fp16", lambda: layer._kernel(x)), ("cublas fp16", lambda: x @ w.half().t())):
+s8 = SemiSparseLinear(w, None, input_scale=x.float().abs().amax() / 127, weight_scale=w.abs().amax(1) / 127)
+calls = {"cslt fp16 transpose_result": lambda: layer._kernel(x),
+         "cslt fp16 plain": lambda: torch._cslt_sparse_mm(layer.packed, x.t()),
+         "cslt int8 transpose_result": lambda: s8._kernel(x), "cublas fp16": lambda: x @ w.half().t()}
+for label, fn in calls.items():
     fn(); torch.cuda.synchronize(); t = []
-    for _ in range(5):
+    for _ in range(3):
         s = time.perf_counter(); fn(); torch.cuda.synchronize(); t.append(time.perf_counter() - s)
-    print(f"{label}: one synchronized call {sorted(t)[2] * 1e3:.3f} ms")
+    print(f"{label}: one synchronized call {sorted(t)[1] * 1e3:.3f} ms")
 for mode in ("global", "relaxed"):
     g = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(g, capture_error_mode=mode):
-            y = layer._kernel(x)
+            y = s8._kernel(x)
         g.replay(); torch.cuda.synchronize()
-        print(f"capture {mode}: ok, replay max|diff| {float((y.float() - layer._kernel(x).float()).abs().max()):.3g}")
+        print(f"capture {mode} (int8 layer): ok, replay max|diff| {float((y.float() - s8._kernel(x).float()).abs().max()):.3g}")
     except Exception as exc:
-        print(f"capture {mode}: failed: {str(exc).splitlines()[0][:300]}")
-        torch.cuda.synchronize()
+        print(f"capture {mode} (int8 layer): failed: {str(exc).splitlines()[0][:300]}"); torch.cuda.synchronize()
+config = transformers.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+model = transformers.BertForSequenceClassification(config).cuda().eval()
+ids = torch.randint(0, 1000, (4, 32), device="cuda"); mask = torch.ones_like(ids)
+for label, fn in (("2-D mask", lambda **kw: model(**kw).logits), ("4-D mask (hf_forward)", hf_forward(model, "logits", torch.float32))):
+    graphed = GraphedForward(fn)
+    with torch.no_grad():
+        graphed(input_ids=ids, attention_mask=mask)
+    print(f"BERT forward, {label}: capture error {graphed.capture_error}")
+print("transformers", transformers.__version__)
 PY
 cat "$logs/probe.log" >> "$out/summary.txt"
+step pytest_kernels "${KERNEL_LIMIT:-90}" "$py" -m pytest tests/gpu/test_cuda_kernels.py -q -rA -s -p no:cacheprovider --timeout 60
+cp "$logs/pytest_kernels.log" "$out/pytest_kernels.log"
 
-step bench "${BENCH_LIMIT:-100}" "$py" -m nxm_deploy.cli bench-gpu --shapes bert-base,minilm,bert-large --out "$out" \
-  --max-seconds "${BENCH_SECONDS:-65}"
-step pytest_gpu "${TEST_LIMIT:-170}" "$py" -m pytest -m gpu tests/gpu -q -rA -s -p no:cacheprovider --timeout 150 &
-step sst2 "${SST2_LIMIT:-170}" "$py" -m nxm_deploy.cli run recipes/gpu_sst2_small.yaml --runs-root "$work/runs" \
+step bench "${BENCH_LIMIT:-170}" "$py" -m nxm_deploy.cli bench-gpu --shapes bert-base,minilm,bert-large --out "$out" \
+  --max-seconds "${BENCH_SECONDS:-140}"
+step pytest_gpu "${TEST_LIMIT:-200}" "$py" -m pytest -m gpu tests/gpu/test_cuda_pipeline.py tests/gpu/test_gpu_bench.py -q -rA -s \
+  -p no:cacheprovider --timeout 180 &
+step sst2 "${SST2_LIMIT:-200}" "$py" -m nxm_deploy.cli run recipes/gpu_sst2_small.yaml --runs-root "$work/runs" \
   --glue-dir "$glue" "${model_set[@]}" &
 wait
 # the background steps ran in subshells: count their failures from the summary

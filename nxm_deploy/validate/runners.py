@@ -282,7 +282,8 @@ class TorchRunner(_Labelled, BaseRunner):
 
 class TorchCudaRunner(TorchRunner):
     """A run's model on an NVIDIA GPU through PyTorch: FP16, with its 2:4 Linears on cuSPARSELt (FP16 or INT8 with
-    the learned scales) or dense INT8, replayed from CUDA graphs (:mod:`nxm_deploy.gpu`).
+    the learned scales) or dense INT8, replayed from CUDA graphs (:mod:`nxm_deploy.gpu`; one graph per bucket
+    shape: sequence length padded to a multiple of 32, batch to a power of two).
 
     Args:
         model: the ``nn.Module`` or a callable returning it (a float model for ``dense-fp16`` / ``sparse-fp16``,
@@ -311,7 +312,7 @@ class TorchCudaRunner(TorchRunner):
     def activate_impl(self):
         import torch
 
-        from nxm_deploy.gpu.graphs import GraphedForward
+        from nxm_deploy.gpu.graphs import GraphedForward, hf_forward
         from nxm_deploy.gpu.kernels import convert_model
         from nxm_deploy.quantization.placement import use_eager_attention, uses_int8_attention
 
@@ -325,24 +326,26 @@ class TorchCudaRunner(TorchRunner):
         model.eval().to("cuda")
         self.layers = convert_model(model, self.variant, self.targets)
         self.model = model
-
-        def logits(**inputs):
-            return model(**inputs).logits
-
-        self._forward = GraphedForward(logits) if self.use_graphs else logits
+        forward = hf_forward(model, "logits")
+        self._forward = GraphedForward(forward) if self.use_graphs else forward
 
     def infer_impl(self, feed_dict):
+        """Logits of the feed; with graphs, the feed is padded to a bucket shape first (:func:`bucket_feed`) and
+        the CUDA-event time covers the padded forward."""
         import torch
 
+        from nxm_deploy.gpu.graphs import bucket_feed
+
+        feed, rows = bucket_feed(feed_dict) if self.use_graphs else (feed_dict, None)
         with torch.no_grad():
-            inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to("cuda") for k, v in feed_dict.items()}
+            inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to("cuda") for k, v in feed.items()}
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             logits = self._forward(**inputs)
             end.record()
             end.synchronize()
             self.inference_time = start.elapsed_time(end) / 1e3
-        return OrderedDict(logits=logits.float().cpu().numpy())
+        return OrderedDict(logits=logits[:rows].float().cpu().numpy())
 
     def describe(self) -> dict:
         kernels: dict[str, int] = {}
@@ -357,7 +360,8 @@ class TorchCudaRunner(TorchRunner):
         forward = self._forward
         if not hasattr(forward, "graphs"):
             return getattr(self, "_last_graph_stats", {})
-        return {"graphs": forward.graphs, "eager_calls": forward.eager_calls, "capture_error": forward.capture_error}
+        return {"graphs": forward.graphs, "eager_calls": forward.eager_calls, "capture_error": forward.capture_error,
+                "replay_checked": forward.replay_checked}
 
     def deactivate_impl(self):
         self._last_graph_stats = self._graph_stats()

@@ -97,21 +97,22 @@ def test_convert_tiny_qat_model_matches_fake_quant(tmp_path):
 
 
 def test_graphed_forward_replays_per_shape(tmp_path):
-    from nxm_deploy.gpu.graphs import GraphedForward
+    from nxm_deploy.gpu.graphs import GraphedForward, hf_forward
     from nxm_deploy.gpu.kernels import convert_model
 
     model, names = _tiny_qat(tmp_path)
     model.cuda().eval()
     convert_model(model, "sparse-int8", names)
-    graphed = GraphedForward(lambda **kw: model(**kw).logits)
+    graphed = GraphedForward(hf_forward(model, "logits"))
     with torch.no_grad():
         for batch, seq in ((4, 32), (8, 16), (4, 32)):
             ids = torch.randint(0, 1000, (batch, seq), device="cuda")
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             eager = model(**inputs).logits
-            assert torch.allclose(graphed(**inputs).float(), eager.float(), atol=1e-3), (batch, seq)
-    assert graphed.capture_error is None
-    assert graphed.graphs == 2 and graphed.eager_calls == 0
+            got = graphed(**inputs)
+            assert graphed.capture_error is None, graphed.capture_error
+            assert torch.allclose(got.float(), eager.float(), atol=1e-3), (batch, seq, (got - eager).abs().max())
+    assert graphed.graphs == 2 and graphed.eager_calls == 0 and graphed.replay_checked
 
 
 def test_torch_cuda_runner_labels_and_timing(tmp_path):
@@ -126,5 +127,6 @@ def test_torch_cuda_runner_labels_and_timing(tmp_path):
         assert out["logits"].shape == (4, 2) and out["logits"].dtype == np.float32
         assert runner.last_inference_s > 0
     info = runner.describe()
+    assert info["capture_error"] is None, info
     assert info["backend"] == "pytorch-cuda" and info["precision"] == "int8" and info["sparse"] is True
     assert info["kernels"] == {"cusparselt-int8": len(names)} and info["graphs"] == 1

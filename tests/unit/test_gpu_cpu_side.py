@@ -173,3 +173,51 @@ def test_diff_pairs_the_cuda_runners_with_their_onnx_twins():
     assert pairs[("dense_fp32", "torch_cuda_dense_fp16")] == ("gpu_float", True)
     assert pairs[("dense_fp32", "torch_cuda_sparse_fp16")] == ("gpu_float", False)
     assert not any(cand == "torch_int8_fakequant" and ref == "sparse_int8" for ref, cand in pairs)
+
+
+def test_hf_forward_4d_mask_gives_the_2d_mask_logits(tmp_path):
+    """The graph-capturable forward passes transformers a 4-D additive mask; it must equal the 2-D mask's result
+    (eager INT8 attention of a QAT model, and SDPA of a float model)."""
+    from tiny_models import build_tiny_qdq, tiny_classifier
+
+    from nxm_deploy.gpu.graphs import additive_mask, hf_forward
+
+    ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    mask[2, 3:] = 0
+    qat, _ = build_tiny_qdq(tmp_path / "tiny.onnx", gemm_outputs=True, attention=True)
+    float_model = tiny_classifier("bert").eval()
+    float_model.set_attn_implementation("sdpa")
+    for model in (qat, float_model):
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask).logits
+            got = hf_forward(model, "logits", dtype=torch.float32)(input_ids=ids, attention_mask=mask)
+        assert torch.allclose(ref, got, atol=1e-5), (ref - got).abs().max()
+    four_d = additive_mask(mask, torch.float16)
+    assert four_d.shape == (3, 1, 12, 12) and four_d.dtype == torch.float16
+    assert float(four_d[0, 0, 5, 8]) == float(torch.finfo(torch.float16).min) and float(four_d[0, 0, 5, 6]) == 0.0
+
+
+def test_bucket_feed_pads_to_few_shapes_and_keeps_rows():
+    from nxm_deploy.gpu.graphs import bucket_feed
+
+    feed = {"input_ids": np.arange(5 * 37).reshape(5, 37), "attention_mask": np.ones((5, 37), np.int64)}
+    padded, rows = bucket_feed(feed)
+    assert rows == 5 and padded["input_ids"].shape == (8, 64) and padded["attention_mask"].shape == (8, 64)
+    assert (padded["attention_mask"][:, 37:] == 0).all() and (padded["input_ids"][:5, :37] == feed["input_ids"]).all()
+    assert (padded["input_ids"][5:, :37] == feed["input_ids"][-1]).all()  # extra rows repeat the last real one
+    same, rows = bucket_feed({"input_ids": np.ones((32, 64), np.int64), "attention_mask": np.ones((32, 64), np.int64)})
+    assert rows == 32 and same["input_ids"].shape == (32, 64)
+    no_mask, _ = bucket_feed({"input_ids": np.ones((3, 37), np.int64)})
+    assert no_mask["input_ids"].shape == (4, 37)  # without a mask, padding positions would change the result
+
+
+def test_predicted_eager_cost_from_the_gemm_table():
+    from nxm_deploy.gpu.bench import SHAPE_SETS, predicted_eager_s
+
+    rows = [{"layer": layer, "m": 1024, "call_wall_ms": {"sparse-fp16": ms, "dense-fp16": 0.1}}
+            for layer, ms in (("attention HxH", 200.0), ("FFN up", 250.0), ("FFN down", 300.0))]
+    assert predicted_eager_s(SHAPE_SETS["bert-base"], rows, "sparse-fp16") == pytest.approx(12 * 1.35)
+    assert predicted_eager_s(SHAPE_SETS["bert-base"], rows, "dense-fp16") == pytest.approx(12 * 0.6e-3)
+    assert predicted_eager_s(SHAPE_SETS["bert-base"], [], "sparse-fp16") is None
