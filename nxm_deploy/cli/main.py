@@ -5,6 +5,7 @@ run directory); 3 a missing optional dependency; 4 accuracy gate failed (validat
 5 latency gate failed (validate.min_speedup); 130 interrupted. ``build-engine`` (a CI build, see
 :mod:`nxm_deploy.engine.stage`): 0 built or up to date; 2 bad spec or input; 3 no TensorRT or no GPU (one
 line: what is missing, how to install ``nxm-deploy[trt]``); 4 build failed; 5 post-build check failed.
+``bench-gpu``: 0 every shape set measured; 1 a set failed (the others are written); 2 bad arguments; 3 no GPU.
 """
 
 from __future__ import annotations
