@@ -50,16 +50,19 @@ def preflight(recipe: Recipe, glue_dir: str | None = None, recipe_path: str | Pa
     Raises:
         DataError: GLUE files missing. ConfigError: bad model source or engine spec.
     """
-    from nxm_deploy.data import get_task, load_task_split, resolve_glue_dir
+    from nxm_deploy.data import load_task_split, resolve_glue_dir
     from nxm_deploy.engine.spec import load_engine_spec
     from nxm_deploy.models import resolve_source
 
     from nxm_deploy.training.trainer import check_train_settings
 
     check_train_settings(recipe.train)  # device, precision, torchrun world size vs batch: before any work
-    task = get_task(recipe.task.name)
+    task = recipe.task.spec()
     root = resolve_glue_dir(glue_dir or recipe.task.glue_dir)
-    if root is not None:
+    if task.source == "files":  # own data: every row of both files now (columns, labels), before training
+        for split in ("train", "dev"):
+            load_task_split(task, split)
+    elif root is not None:
         for split in ("train", "dev"):
             load_task_split(task, split, root, max_examples=1)
     resolve_source(recipe.model.source)

@@ -49,20 +49,72 @@ class ModelConfig(_Strict):
 
 
 class TaskConfig(_Strict):
-    """GLUE task and data limits."""
+    """The task: a GLUE preset by name, or your own data files (``train_file`` + ``eval_file``,
+    :mod:`nxm_deploy.data.files`)."""
 
     name: str = "rte"
     glue_dir: str | None = Field(None, description="GLUE TSV root; else --glue-dir, NXM_GLUE_DIR, or HF datasets")
     max_seq_length: int = Field(128, ge=8, le=512)
     max_train_examples: int | None = Field(None, ge=1)
     max_eval_examples: int | None = Field(None, ge=1)
+    train_file: str | None = Field(None, description="your own training data: .csv, .tsv, .jsonl/.json or .parquet")
+    eval_file: str | None = Field(None, description="your own evaluation data (same columns as train_file)")
+    text_columns: list[str] | None = Field(None, min_length=1, max_length=2,
+                                           description="one text column, or two for text pairs")
+    label_column: str = "label"
+    labels: list[str] | None = Field(None, min_length=2, description="class names in class-id order; "
+                                     "default: the sorted distinct labels of train_file")
+    metric: Literal["accuracy", "f1", "matthews_corr", "pearson", "spearman"] | None = Field(
+        None, description="primary metric of own data (default accuracy; pearson/spearman make it regression)")
 
-    @field_validator("name")
+    @model_validator(mode="before")
     @classmethod
-    def _known_task(cls, value: str) -> str:
-        from nxm_deploy.data.tasks import get_task
+    def _preset_name(cls, data):
+        """A GLUE preset's canonical name ("RTE", "sst-2" -> "rte", "sst2")."""
+        if isinstance(data, dict) and data.get("train_file") is None and isinstance(data.get("name"), str):
+            from nxm_deploy.data.tasks import get_task
 
-        return get_task(value).name  # raises ConfigError listing the known tasks
+            data = {**data, "name": get_task(data["name"]).name}  # raises ConfigError listing the known tasks
+        return data
+
+    @model_validator(mode="after")
+    def _preset_or_files(self):
+        from nxm_deploy.data.tasks import TASKS, _normalize, get_task
+
+        own = {k: getattr(self, k) for k in ("train_file", "eval_file", "text_columns", "labels", "metric")
+               if getattr(self, k) is not None}
+        if self.train_file is None:
+            if own:
+                raise ConfigError(f"task.{', task.'.join(own)} describe your own data, but task.train_file is not set.",
+                                  hint="Give task.train_file and task.eval_file, or drop those keys for a GLUE task.")
+            get_task(self.name)  # raises ConfigError listing the known tasks
+            return self
+        missing = [k for k in ("eval_file", "text_columns") if getattr(self, k) is None]
+        if missing:
+            raise ConfigError(f"Own data needs task.{' and task.'.join(missing)} next to task.train_file.",
+                              hint="e.g. eval_file: data/dev.csv, text_columns: [question, answer]")
+        if _normalize(self.name) in TASKS:
+            raise ConfigError(f"task.name {self.name!r} is a GLUE preset; your own data needs its own name.",
+                              hint="e.g. task.name: support_tickets")
+        if self.metric in ("pearson", "spearman") and self.labels is not None:
+            raise ConfigError(f"task.metric {self.metric} is a regression metric, but task.labels lists classes.",
+                              hint="Drop task.labels for a regression target, or use a classification metric.")
+        return self
+
+    def spec(self):
+        """The task's :class:`~nxm_deploy.data.tasks.TaskSpec`: the GLUE preset, or one built from the data files
+        (labels inferred from ``train_file`` unless given).
+
+        Raises:
+            ConfigError / DataError: see :func:`nxm_deploy.data.files.file_task_spec`.
+        """
+        if self.train_file is None:
+            from nxm_deploy.data.tasks import get_task
+
+            return get_task(self.name)
+        from nxm_deploy.data.files import file_task_spec
+
+        return file_task_spec(self)
 
 
 class SparsityConfig(_Strict):
@@ -250,9 +302,33 @@ class Recipe(_Strict):
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)
 
+    def data_digests(self) -> dict[str, str]:
+        """sha256 of your own data files (``task.train_file`` / ``task.eval_file``; ``missing`` when absent); {} for
+        a GLUE preset, whose data are fixed. Part of :meth:`sha256`: a run of changed data is another run."""
+        out = {}
+        for key in ("train_file", "eval_file"):
+            name = getattr(self.task, key)
+            if name is None:
+                continue
+            path = Path(name).expanduser()
+            if not path.is_file():
+                out[key] = "missing"
+                continue
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            out[key] = digest.hexdigest()
+        return out
+
     def sha256(self) -> str:
-        """Hash of the normalised recipe (key order and YAML formatting do not matter)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        """Hash of the normalised recipe (key order and YAML formatting do not matter) and of its own data files
+        (:meth:`data_digests`)."""
+        data = self.to_dict()
+        digests = self.data_digests()
+        if digests:
+            data = {**data, "data_sha256": digests}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def _format_validation_error(path: str, exc: ValidationError) -> tuple[str, str | None]:

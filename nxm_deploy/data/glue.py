@@ -142,6 +142,10 @@ def load_task_split(
             f"max_examples={max_examples!r} must be an integer >= 1 (or None for all examples).",
             hint="Drop the limit, or pass a positive count.",
         )
+    if spec.source == "files":
+        from nxm_deploy.data.files import load_file_split
+
+        return load_file_split(spec, split, max_examples)
     root = resolve_glue_dir(glue_dir)
     if root is None:
         return _load_hf(spec, split, max_examples)

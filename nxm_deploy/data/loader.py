@@ -268,9 +268,8 @@ class TaskData:
             DataError: missing or malformed task files.
         """
         from nxm_deploy.data.glue import load_task_split, resolve_glue_dir
-        from nxm_deploy.data.tasks import get_task
 
-        task = get_task(recipe.task.name)
+        task = recipe.task.spec()
         root = resolve_glue_dir(glue_dir or recipe.task.glue_dir)
         cfg = recipe.task
         train = load_task_split(task, "train", root, cfg.max_train_examples)

@@ -48,6 +48,8 @@ class TaskSpec:
         hf_text_b (str | None): HF dataset column of the second sentence.
         train_file (str): train file name inside the task folder.
         hf_dev_split (str): HF split used for ``"dev"`` (MNLI: ``"validation_matched"``).
+        source (str): ``"glue"`` (a preset, read from the GLUE dir or HF) or ``"files"`` (your own data:
+            ``train_file`` and ``dev_file`` are paths, :mod:`nxm_deploy.data.files`).
 
     Raises:
         ConfigError: when the spec is inconsistent (primary metric not first, unknown metric, column
@@ -70,6 +72,7 @@ class TaskSpec:
     hf_text_b: str | None = "sentence2"
     train_file: str = "train.tsv"
     hf_dev_split: str = "validation"
+    source: str = "glue"
 
     def __post_init__(self) -> None:
         if not self.metrics or self.primary_metric != self.metrics[0]:

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from nxm_deploy import __version__
 from nxm_deploy._io import atomic_write_json, sha256_file
 from nxm_deploy.config.recipe import Recipe
-from nxm_deploy.data import get_task, load_task_split, resolve_glue_dir
+from nxm_deploy.data import load_task_split, resolve_glue_dir
 from nxm_deploy.data.loader import encode_fixed, make_dataloader
 from nxm_deploy.errors import ExportError
 from nxm_deploy.export.onnx import (
@@ -65,7 +65,7 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
         model.eval()
     names = model_input_names(tokenizer)
 
-    task = get_task(recipe.task.name)
+    task = recipe.task.spec()
     dev = load_task_split(task, "dev", resolve_glue_dir(glue_dir or recipe.task.glue_dir), PARITY_EXAMPLES)
     sample = {k: v for k, v in encode_fixed(tokenizer, dev, recipe.task.max_seq_length, 2).items() if k in names}
     sample_t = {k: torch.from_numpy(sample[k][:, :32]) for k in names}

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from nxm_deploy._io import atomic_dir, atomic_write_json, file_hashes, read_json, sha256_file, verify_stage_files
 from nxm_deploy.config.recipe import Recipe
-from nxm_deploy.data import TaskData, get_task
+from nxm_deploy.data import TaskData
 from nxm_deploy.errors import ConfigError, RunDirError, SparsityVerificationError
 from nxm_deploy.models import load_base_model, load_saved_model
 from nxm_deploy.quantization import calibrate, quantize_model_, quantized_modules
@@ -73,6 +73,8 @@ def _fingerprint(recipe: Recipe, stage: str, phase: str) -> str:
     A checkpoint left by another recipe is refused (:func:`~nxm_deploy.training.trainer.check_fingerprint`).
     """
     data = recipe.to_dict()
+    if recipe.data_digests():  # own data files: changed data is another run (a GLUE preset's data are fixed)
+        data["data_sha256"] = recipe.data_digests()
     for key in SPEED_ONLY_TRAIN_KEYS:
         data["train"].pop(key, None)
     digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
@@ -263,8 +265,11 @@ def train_dense(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> d
     """
     run_dir = Path(run_dir)
     _setup(recipe)
-    task = get_task(recipe.task.name)
+    task = recipe.task.spec()
     model, tokenizer = load_base_model(recipe.model.source, task.num_labels, recipe.model.random_init, recipe.train.seed)
+    if task.source == "files" and task.label_list is not None:  # own data: the label names travel with the model
+        model.config.id2label = dict(enumerate(task.label_list))
+        model.config.label2id = {label: i for i, label in enumerate(task.label_list)}
     data = TaskData.from_recipe(recipe, tokenizer, glue_dir)
     cfg = recipe.train
     log.info("dense fine-tune: %s epochs at lr %g", cfg.dense.epochs, cfg.dense.learning_rate)
@@ -326,7 +331,7 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
     run_dir = Path(run_dir)
     _setup(recipe)
     read_stage_manifest(run_dir, "dense")
-    task = get_task(recipe.task.name)
+    task = recipe.task.spec()
     cfg, acfg = recipe.train, recipe.train.admm
     pattern = recipe.pattern
     teacher, tokenizer = load_saved_model(_stage_dir(run_dir, "dense"))
@@ -420,7 +425,7 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
     _setup(recipe)
     run_dir = Path(run_dir)
     sparse_manifest = read_stage_manifest(run_dir, "admm")
-    task = get_task(recipe.task.name)
+    task = recipe.task.spec()
     cfg, qcfg = recipe.train, recipe.train.qat
     pattern = recipe.pattern
     sparse_fp, tokenizer = load_saved_model(_stage_dir(run_dir, "admm"))

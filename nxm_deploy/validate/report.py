@@ -62,7 +62,6 @@ def _runners(validation: dict) -> dict[str, dict]:
 
 def build_report(recipe: Recipe, run_dir: str | Path) -> dict:
     """Collect every stage's results; write ``report.json``, ``report.md`` and ``plots/*.png``; return the JSON."""
-    from nxm_deploy.data import get_task
     from nxm_deploy.validate.plots import write_plots
 
     run_dir = Path(run_dir)
@@ -73,7 +72,7 @@ def build_report(recipe: Recipe, run_dir: str | Path) -> dict:
     sparsity = _maybe(run_dir / "onnx" / "sparsity_report.json")
     engines = _maybe(run_dir / "engines" / "status.json")
     validation = _maybe(run_dir / "validation.json") or {}
-    task = get_task(recipe.task.name)
+    task = recipe.task.spec()
     primary = task.primary_metric
     pattern = recipe.sparsity.pattern
     runners = _runners(validation)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from nxm_deploy._io import atomic_write_json, check_recorded_file, read_json
 from nxm_deploy.config.recipe import Recipe
-from nxm_deploy.data import get_task, load_task_split, make_dataloader, resolve_glue_dir
+from nxm_deploy.data import load_task_split, make_dataloader, resolve_glue_dir
 from nxm_deploy.data.loader import encode_fixed
 from nxm_deploy.data.metrics import compute_metrics
 from nxm_deploy.errors import ConfigError, RunDirError
@@ -232,7 +232,7 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
     verify_finished_stages(run_dir)  # the training artifacts behind the models (tokenizer, PyTorch rows) as written
     manifest = read_json(onnx_dir / "manifest.json")
     names = list(manifest["inputs"])
-    task = get_task(recipe.task.name)
+    task = recipe.task.spec()
     vcfg = recipe.validate_
     settings = settings_of(recipe)
     grid = [(int(b), int(s)) for b, s in vcfg.latency_shapes]

@@ -1,0 +1,206 @@
+"""Your own classification or regression data: CSV, TSV, JSON Lines or Parquet files named in the recipe.
+
+A recipe's ``task`` section with ``train_file`` and ``eval_file`` (:class:`~nxm_deploy.config.recipe.TaskConfig`)
+describes a task as the GLUE presets do, and becomes the same :class:`~nxm_deploy.data.tasks.TaskSpec`
+(:func:`file_task_spec`), so every stage reads it through :func:`~nxm_deploy.data.glue.load_task_split`:
+
+* ``text_columns``: one column (single texts) or two (text pairs);
+* ``label_column`` (default ``label``): class names (any strings; numbers are read as their text) or, with a
+  regression metric (``pearson`` / ``spearman``), float scores;
+* ``labels``: the class names in class-id order; when omitted, the sorted distinct labels of the train file. The
+  training stage stores them in the model's ``config.json`` (``id2label``), where the client reads them;
+* ``metric``: ``accuracy`` (default for classes), ``f1`` (binary), ``matthews_corr``, ``pearson`` (default for
+  regression) or ``spearman``.
+
+Files are read with Hugging Face ``datasets`` (``csv`` builder, tab-separated for ``.tsv``; ``json`` for
+``.jsonl``/``.json``; ``parquet``), which is the ``[data]`` extra. Relative paths are relative to the current
+directory, as ``--glue-dir`` is.
+
+This module imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+
+from nxm_deploy.errors import ConfigError, DataError, MissingDependencyError
+
+#: file suffix -> (datasets builder, builder kwargs)
+FORMATS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".jsonl": ("json", {}), ".json": ("json", {}),
+           ".parquet": ("parquet", {})}
+REGRESSION_METRICS = ("pearson", "spearman")
+CLASS_METRICS = ("accuracy", "f1", "matthews_corr")
+
+
+def _path(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"Data file {p.resolve()} does not exist.",
+                        hint="Check task.train_file / task.eval_file in the recipe (relative paths start at the "
+                             "current directory).")
+    if p.suffix.lower() not in FORMATS:
+        raise DataError(f"Data file {p}: unknown format {p.suffix or '(no suffix)'}.",
+                        hint=f"Use one of {', '.join(FORMATS)}.")
+    return p
+
+
+@functools.lru_cache(maxsize=16)
+def _read(path: str, mtime_ns: int) -> dict[str, list]:
+    """The columns of a data file as lists (cached per path and modification time)."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise MissingDependencyError("Reading your own data files needs Hugging Face `datasets`.",
+                                     hint='pip install "nxm-deploy[data]"') from exc
+    p = Path(path)
+    builder, kwargs = FORMATS[p.suffix.lower()]
+    try:
+        with p.open("rb") as handle:
+            head = handle.read(1 << 20)
+        if builder != "parquet":
+            head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"Data file {p} is not UTF-8 text (byte {exc.start} of the file).",
+                        hint="Save the file as UTF-8.") from exc
+    if not head.strip():
+        raise DataError(f"Data file {p} is empty.", hint="Give a file with a header (CSV/TSV) and at least one row.")
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(builder, data_files=str(p), split="train", **kwargs)
+    except Exception as exc:  # noqa: BLE001 - pyarrow / datasets raise many kinds for a malformed file
+        raise DataError(f"Data file {p} cannot be read as {builder}: {str(exc).splitlines()[0][:200]}",
+                        hint="Check the file's format (a header line for CSV/TSV, one JSON object per line).") from exc
+    if table.num_rows == 0:
+        raise DataError(f"Data file {p} has no rows.", hint="Give at least one example.")
+    return {name: table[name] for name in table.column_names}
+
+
+def read_columns(path: str | os.PathLike) -> dict[str, list]:
+    """Every column of a data file: ``{name: [values]}``.
+
+    Raises:
+        DataError: missing, empty, not UTF-8, unknown suffix, or unreadable. MissingDependencyError: no ``datasets``.
+    """
+    p = _path(path)
+    return _read(str(p.resolve()), p.stat().st_mtime_ns)
+
+
+def _column(columns: dict[str, list], name: str, path) -> list:
+    if name not in columns:
+        raise DataError(f"Data file {path} has no column {name!r} (columns: {', '.join(columns)}).",
+                        hint="Set task.text_columns / task.label_column to columns of the file.")
+    return columns[name]
+
+
+def _label_text(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def infer_labels(train_file: str | os.PathLike, label_column: str) -> tuple[str, ...]:
+    """The sorted distinct labels of the train file, as strings (numbers as their text: ``1``, not ``1.0``).
+
+    Raises:
+        DataError: the column is missing or a label is empty.
+    """
+    columns = read_columns(train_file)
+    values = _column(columns, label_column, train_file)
+    labels = set()
+    for row, value in enumerate(values):
+        if value is None or _label_text(value) == "":
+            raise DataError(f"Data file {train_file}, row {row + 1}: empty label in column {label_column!r}.",
+                            hint="Every training example needs a label.")
+        labels.add(_label_text(value))
+    return tuple(sorted(labels))
+
+
+def file_task_spec(config):
+    """The :class:`TaskSpec` of a recipe ``task`` section with ``train_file`` (see the module docstring).
+
+    Raises:
+        ConfigError: a classification metric without class labels, or fewer than 2 classes.
+        DataError: the train file cannot be read or lacks the label column.
+    """
+    from nxm_deploy.data.tasks import TaskSpec
+
+    metric = config.metric or "accuracy"
+    regression = metric in REGRESSION_METRICS
+    if regression:
+        label_list, metrics = None, (metric, *[m for m in REGRESSION_METRICS if m != metric])
+    else:
+        label_list = tuple(config.labels) if config.labels else infer_labels(config.train_file, config.label_column)
+        if len(label_list) < 2:
+            raise ConfigError(f"Task '{config.name}': the train file {config.train_file} has one label "
+                              f"({label_list[0]!r}); classification needs at least 2.",
+                              hint="Check task.label_column, or set task.metric: pearson for a regression target.")
+        if metric == "f1" and len(label_list) != 2:
+            raise ConfigError(f"Task '{config.name}': metric f1 is binary, but there are {len(label_list)} labels.",
+                              hint="Use task.metric: accuracy or matthews_corr.")
+        metrics = (metric, "accuracy") if metric != "accuracy" else ("accuracy",)
+    texts = list(config.text_columns)
+    return TaskSpec(
+        name=config.name, glue_dir_name="", hf_config="", label_list=label_list, metrics=metrics,
+        primary_metric=metric, dev_file=str(config.eval_file), has_header=True, text_a_col=texts[0],
+        text_b_col=texts[1] if len(texts) > 1 else None, label_col=config.label_column,
+        train_file=str(config.train_file), source="files",
+    )
+
+
+def load_file_split(spec, split: str, max_examples: int | None):
+    """One split (``train`` or ``dev``) of a file task as :class:`~nxm_deploy.data.glue.TaskExamples`.
+
+    Raises:
+        DataError: missing column, empty text, an eval label the train file never had (or a non-number score
+            for regression), naming the file and row.
+    """
+    from nxm_deploy.data.glue import TaskExamples
+
+    path = spec.train_file if split == "train" else spec.dev_file
+    columns = read_columns(path)
+    n = len(next(iter(columns.values())))
+    keep = n if max_examples is None else min(n, max_examples)
+    texts = []
+    for col in (spec.text_a_col, spec.text_b_col):
+        if col is None:
+            texts.append(None)
+            continue
+        values = _column(columns, col, path)[:keep]
+        for row, value in enumerate(values):
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise DataError(f"Data file {path}, row {row + 1}: empty text in column {col!r}.",
+                                hint="Every example needs its text(s).")
+        texts.append([str(v) for v in values])
+    raw = _column(columns, spec.label_col, path)[:keep]
+    if spec.is_regression:
+        try:
+            labels = np.asarray([float(v) for v in raw], dtype=np.float32)
+        except (TypeError, ValueError):
+            bad = next(i for i, v in enumerate(raw) if not _is_number(v))
+            raise DataError(f"Data file {path}, row {bad + 1}: label {raw[bad]!r} in column {spec.label_col!r} is "
+                            f"not a number, but metric {spec.primary_metric} is a regression metric.",
+                            hint="Use a classification metric (accuracy, f1, matthews_corr) for class labels.") from None
+    else:
+        index = {label: i for i, label in enumerate(spec.label_list)}
+        ids = []
+        for row, value in enumerate(raw):
+            text = None if value is None else _label_text(value)
+            if text not in index:
+                raise DataError(f"Data file {path}, row {row + 1}: label {text!r} is not one of the task's labels "
+                                f"{list(spec.label_list)} (from {'task.labels' if spec.label_list else 'the train file'}).",
+                                hint="Fix the row, or list every label in task.labels.")
+            ids.append(index[text])
+        labels = np.asarray(ids, dtype=np.int64)
+    return TaskExamples(texts_a=texts[0], texts_b=texts[1], labels=labels)
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
