@@ -151,3 +151,37 @@ def plant_third_nonzero(proto, init_name: str, axis: int) -> tuple[int, int]:
     assert np.count_nonzero(array) == np.count_nonzero(numpy_helper.to_array(init)) + 1
     init.CopyFrom(numpy_helper.from_array(array, init_name))
     return (other, group * 4) if axis == 1 else (group * 4, other)
+
+
+#: tiny random configs per model type (2 blocks, width 64): what tests/integration/test_architectures.py runs
+TINY_CONFIGS = {
+    "bert": {}, "roberta": {}, "electra": {"embedding_size": 64}, "mpnet": {},
+    "distilbert": {"n_layers": 2, "dim": 64, "n_heads": 4, "hidden_dim": 128},
+    # DeBERTa-v2 with its relative-position projections (pos_key_proj / pos_query_proj)
+    "deberta-v2": {"relative_attention": True, "pos_att_type": ["p2c", "c2p"], "share_att_key": False,
+                   "max_relative_positions": 64, "position_buckets": 16},
+}
+
+
+def save_tiny_model_dir(model_type: str, path):
+    """A directory ``model.source`` can name: a tiny random ``model_type`` config (2 blocks, width 64) with the
+    embedded MiniLM tokenizer, for ``random_init`` recipes. Returns the path."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from nxm_deploy.models import embedded_model_dir
+
+    kwargs = dict(vocab_size=30522, max_position_embeddings=128)
+    extra = TINY_CONFIGS.get(model_type, {})
+    if model_type != "distilbert":
+        kwargs.update(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128)
+    kwargs.update(extra)
+    path = Path(path)
+    AutoConfig.for_model(model_type, **kwargs).save_pretrained(path)
+    tokenizer = embedded_model_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer / name).is_file():
+            shutil.copy(tokenizer / name, path / name)
+    return path

@@ -121,7 +121,9 @@ class SparsityConfig(_Strict):
     """n:m pattern and which Linear layers get it (fnmatch globs over module names)."""
 
     pattern: str = "2:4"
-    include: list[str] = Field(default_factory=lambda: ["*.layer.*"])
+    include: list[str] | None = Field(
+        None, min_length=1, description="fnmatch globs over Linear module names; default (None): the architecture "
+        "registry's Q/K/V/O and MLP projections (nxm_deploy.architectures)")
     exclude: list[str] = Field(default_factory=list)
 
     @field_validator("pattern")

@@ -38,10 +38,16 @@ class _LogitsOnly(nn.Module):
         return self.model(**dict(zip(self.input_names, args))).logits
 
 
-def model_input_names(tokenizer) -> list[str]:
-    """``input_ids``, ``attention_mask`` and, when the tokenizer makes them, ``token_type_ids``."""
+def model_input_names(tokenizer, model: nn.Module | None = None) -> list[str]:
+    """``input_ids``, ``attention_mask`` and, when the tokenizer makes them and ``model`` uses them, ``token_type_ids``
+    (DistilBERT's forward does not take them; DeBERTa-v2 with ``type_vocab_size`` 0 ignores them, so the exported
+    graph has no such input)."""
+    import inspect
+
     names = ["input_ids", "attention_mask"]
-    if "token_type_ids" in getattr(tokenizer, "model_input_names", []):
+    takes = model is None or ("token_type_ids" in inspect.signature(model.forward).parameters
+                              and getattr(model.config, "type_vocab_size", 1) != 0)
+    if "token_type_ids" in getattr(tokenizer, "model_input_names", []) and takes:
         names.append("token_type_ids")
     return names
 

@@ -63,7 +63,7 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     for model in (dense, qat):
         use_eager_attention(model)
         model.eval()
-    names = model_input_names(tokenizer)
+    names = model_input_names(tokenizer, dense)
 
     task = recipe.task.spec()
     dev = load_task_split(task, "dev", resolve_glue_dir(glue_dir or recipe.task.glue_dir), PARITY_EXAMPLES)

@@ -22,6 +22,7 @@ math unquantized. It uses transformers' eager (additive float) attention mask.
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import torch
@@ -34,8 +35,7 @@ from nxm_deploy.quantization.fake_quant import QuantLinear, TensorQuantizer
 INT8_ATTENTION = "nxm_int8_eager"
 #: per-module attention quantizer names (ModelOpt's HF attention plugin uses the same).
 ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "softmax_quantizer", "v_bmm_quantizer")
-#: the projections of a BERT-style self-attention module, in ``q, k, v`` order.
-_QKV = ("query", "key", "value")
+log = logging.getLogger("nxm_deploy.quantization")
 
 
 def int8_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -69,13 +69,28 @@ def _register() -> None:
     AttentionMaskInterface.register(INT8_ATTENTION, eager_mask)
 
 
-def _attention_modules(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Module]:
-    """Self-attention modules whose query, key and value projections are all quantized targets, by fqn."""
+def attention_support(model: nn.Module) -> tuple[tuple[str, str, str] | None, str]:
+    """``(q, k, v child names, "")`` where the model's attention runs through transformers' ``AttentionInterface``
+    (so INT8 attention can be placed), else ``(None, why not)`` (:mod:`nxm_deploy.architectures`)."""
+    from nxm_deploy.architectures import architecture_of
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    arch = architecture_of(model_type)
+    if arch is None:
+        return None, f"model type {model_type!r} is not in the architecture registry"
+    if arch.attention is None:
+        return None, arch.attention_note or f"{arch.name} attention is not known to nxm-deploy"
+    return arch.attention, ""
+
+
+def _attention_modules(model: nn.Module, targets: Iterable[str], qkv: tuple[str, str, str]) -> dict[str, nn.Module]:
+    """Self-attention modules whose query, key and value projections (child names ``qkv``) are all quantized
+    targets, by fqn."""
     targets = set(targets)
     out = {}
     for name in targets:
         parent, _, child = name.rpartition(".")
-        if child == "query" and all(f"{parent}.{p}" in targets for p in _QKV):
+        if child == qkv[0] and all(f"{parent}.{p}" in targets for p in qkv):
             out[parent] = model.get_submodule(parent)
     return dict(sorted(out.items()))
 
@@ -93,20 +108,27 @@ def place_quantizers_(model: nn.Module, targets: list[str], gemm_outputs: bool, 
         learn_amax: LSQ-learned scales (as the other quantizers of the run).
 
     Returns:
-        dict: ``{"gemm_outputs": [linear fqns], "attention": [attention module fqns]}``.
+        dict: ``{"gemm_outputs": [linear fqns], "attention": [attention module fqns]}``, plus
+        ``"attention_skipped": why`` when the architecture's attention cannot take the quantizers (it does not run
+        through transformers' ``AttentionInterface``, :mod:`nxm_deploy.architectures`); its Q/K/V outputs then get
+        output quantizers like any other GEMM.
 
     Raises:
-        ConfigError: ``attention`` requested but no target triple ``<m>.query/.key/.value`` exists (the model is
-            not a BERT-style encoder, or Q/K/V are excluded from the n:m targets); a target is not a QuantLinear.
+        ConfigError: ``attention`` requested on an architecture that supports it, but no Q/K/V target triple exists
+            (Q/K/V are excluded from the n:m targets); a target is not a QuantLinear.
     """
-    placed: dict[str, list[str]] = {"gemm_outputs": [], "attention": []}
+    placed: dict = {"gemm_outputs": [], "attention": []}
     covered: set[str] = set()
-    if attention:
-        modules = _attention_modules(model, targets)
+    qkv, why_not = attention_support(model) if attention else (None, "")
+    if attention and qkv is None:  # the architecture's attention has no hook: it stays unquantized, said so
+        log.warning("INT8 attention not placed: %s; the attention matmuls stay in floating point", why_not)
+        placed["attention_skipped"] = why_not
+    elif attention:
+        modules = _attention_modules(model, targets, qkv)
         if not modules:
             raise ConfigError(
-                "INT8 attention needs BERT-style self-attention modules whose query, key and value Linears are all "
-                "n:m targets; this model/recipe has none.",
+                f"INT8 attention needs self-attention modules whose {', '.join(qkv)} Linears are all n:m targets; "
+                "this model/recipe has none.",
                 hint="Set train.qat.quantizers.attention: false, or include the Q/K/V projections in sparsity.include.")
         _register()
         device = next(model.parameters()).device
@@ -116,7 +138,7 @@ def place_quantizers_(model: nn.Module, targets: list[str], gemm_outputs: bool, 
                     module.add_module(name, TensorQuantizer(
                         axis=None, learn_amax=learn_amax,
                         calib_method="max" if name == "softmax_quantizer" else None).to(device))
-            covered.update(f"{fqn}.{p}" for p in _QKV)
+            covered.update(f"{fqn}.{p}" for p in qkv)
             placed["attention"].append(fqn)
         model.set_attn_implementation(INT8_ATTENTION)
     if gemm_outputs:

@@ -1,19 +1,23 @@
-"""Which ``nn.Linear`` weights are sparsified: glob rules over module names, every skip recorded."""
+"""Which ``nn.Linear`` weights are sparsified: the architecture registry's roles (default) or glob rules over module
+names (a recipe's ``sparsity.include``), every skip recorded."""
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from nxm_deploy.architectures import FALLBACK_BLOCKS, architecture_of
 from nxm_deploy.errors import ConfigError
 from nxm_deploy.sparsity.pattern import NMPattern
 
-#: Default rule: every Linear inside the transformer layer stack, i.e. Q, K, V, attention output, FFN1 and
-#: FFN2 of each encoder layer (BERT/RoBERTa/ELECTRA ``*.encoder.layer.<i>.*``, DistilBERT
-#: ``*.transformer.layer.<i>.*``). Pooler and classifier stay dense (NxMTransformer Fig. 1).
-DEFAULT_INCLUDE = ("*.layer.*",)
+log = logging.getLogger("nxm_deploy.sparsity")
+
+#: ``include=None``: the architecture registry decides (Q, K, V, attention output, MLP up and down of every block;
+#: embeddings, pooler, classifier and the registry's dense rules stay dense, NxMTransformer Fig. 1).
+DEFAULT_INCLUDE = None
 
 
 @dataclass(frozen=True)
@@ -36,35 +40,56 @@ class LayerDecision:
         return asdict(self)
 
 
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
 def select_targets(
     model: nn.Module,
     pattern: NMPattern,
-    include: tuple[str, ...] | list[str] = DEFAULT_INCLUDE,
+    include: tuple[str, ...] | list[str] | None = DEFAULT_INCLUDE,
     exclude: tuple[str, ...] | list[str] = (),
 ) -> list[LayerDecision]:
     """Decide, for every ``nn.Linear`` in ``model``, whether it gets the n:m pattern.
 
-    A Linear is a target when its fqn matches an ``include`` glob, matches no ``exclude`` glob, and its
-    ``in_features`` (the reduction axis) is a multiple of ``pattern.m_group``. Every other Linear is
-    listed with the reason it was skipped: nothing is skipped silently.
+    With ``include=None`` a Linear is a target when the architecture registry (:mod:`nxm_deploy.architectures`,
+    by ``model.config.model_type``) gives it a role (q, k, v, o, up, down) and no dense rule; a model type without
+    an entry takes every Linear inside its blocks (:data:`~nxm_deploy.architectures.FALLBACK_BLOCKS`) and logs a
+    warning listing them. With ``include`` globs, a Linear is a target when its fqn matches one. Either way it must
+    match no ``exclude`` glob, and its ``in_features`` (the reduction axis) must be a multiple of
+    ``pattern.m_group``. Every other Linear is listed with the reason it was skipped: nothing is skipped silently.
 
     Args:
         model (nn.Module): the model to scan.
         pattern (NMPattern): the pattern (only ``m_group`` matters here).
-        include, exclude: ``fnmatch`` globs over module fqns.
+        include: ``fnmatch`` globs over module fqns, or None for the registry.
+        exclude: ``fnmatch`` globs over module fqns.
 
     Returns:
         list[LayerDecision]: in module order, targets and skips alike.
     """
+    arch = architecture_of(_model_type(model)) if include is None else None
+    fallback = include is None and arch is None
     decisions = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         shape = (module.out_features, module.in_features)
-        matched = next((g for g in include if fnmatch.fnmatchcase(name, g)), None)
+        if arch is not None:
+            role, dense = arch.role_of(name), arch.dense_reason(name)
+            matched = f"{role} of {arch.name}" if role and not dense else None
+            skip = (f"skipped: left dense ({arch.name}): {dense}" if dense else
+                    f"skipped: not an attention or MLP projection of a {arch.name} block")
+        else:
+            globs = FALLBACK_BLOCKS if fallback else include
+            probe = "." + name if fallback else name  # a bare model's "layers.0.fc" is inside "*.layers.*" too
+            glob = next((g for g in globs if fnmatch.fnmatchcase(probe, g)), None)
+            matched = None if glob is None else f"matches '{glob}'"
+            skip = (f"skipped: outside the blocks {list(FALLBACK_BLOCKS)} of an unknown architecture" if fallback
+                    else f"skipped: matches no include rule {list(include)}")
         excluded = next((g for g in exclude if fnmatch.fnmatchcase(name, g)), None)
         if matched is None:
-            decisions.append(LayerDecision(name, shape, False, f"skipped: matches no include rule {list(include)}"))
+            decisions.append(LayerDecision(name, shape, False, skip))
         elif excluded is not None:
             decisions.append(LayerDecision(name, shape, False, f"skipped: excluded by rule '{excluded}'"))
         elif module.in_features % pattern.m_group:
@@ -75,14 +100,19 @@ def select_targets(
                 )
             )
         else:
-            decisions.append(LayerDecision(name, shape, True, f"target: matches '{matched}'"))
+            decisions.append(LayerDecision(name, shape, True, f"target: {matched}"))
+    if fallback:
+        chosen = [d.module for d in decisions if d.target]
+        log.warning("model type %r is not in the architecture registry: every Linear inside its blocks is an n:m "
+                    "target (%d: %s%s); set sparsity.include to choose", _model_type(model), len(chosen),
+                    ", ".join(chosen[:6]), " ..." if len(chosen) > 6 else "")
     return decisions
 
 
 def require_targets(
     model: nn.Module,
     pattern: NMPattern,
-    include: tuple[str, ...] | list[str] = DEFAULT_INCLUDE,
+    include: tuple[str, ...] | list[str] | None = DEFAULT_INCLUDE,
     exclude: tuple[str, ...] | list[str] = (),
 ) -> list[LayerDecision]:
     """:func:`select_targets`, refusing rules that cannot be what the user meant.
@@ -92,7 +122,7 @@ def require_targets(
             for another architecture), or no Linear is eligible at all (every one skipped; the reasons are listed).
     """
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for kind, globs in (("include", include), ("exclude", exclude)):
+    for kind, globs in (("include", include or ()), ("exclude", exclude)):
         unmatched = [g for g in globs if not any(fnmatch.fnmatchcase(n, g) for n in linear_names)]
         if unmatched:
             raise ConfigError(
@@ -105,8 +135,9 @@ def require_targets(
     if not target_names(decisions):
         reasons = sorted({d.reason for d in decisions}) or ["the model has no nn.Linear module"]
         raise ConfigError(
-            f"No nn.Linear of {type(model).__name__} is eligible for {pattern} (include {list(include)}, "
-            f"exclude {list(exclude)}): {'; '.join(reasons)}.",
+            f"No nn.Linear of {type(model).__name__} is eligible for {pattern} (include "
+            f"{'the architecture registry' if include is None else list(include)}, exclude {list(exclude)}): "
+            f"{'; '.join(reasons)}.",
             hint="Loosen the exclude rules, or pick a pattern whose group size divides the layers' in_features.",
         )
     return decisions

@@ -464,7 +464,8 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
         "activations": "per tensor: input of each quantized Linear, plus the groups below",
         "quantizer_groups": qcfg.quantizers.model_dump(),
         "placement": {"gemm_outputs": placed["gemm_outputs"], "attention": placed["attention"],
-                      "softmax_calibration": "max"},
+                      "softmax_calibration": "max",
+                      **({"attention_skipped": placed["attention_skipped"]} if "attention_skipped" in placed else {})},
         "calibration": {"method": qcfg.calibration_method, "percentile": qcfg.percentile, "batches": qcfg.calibration_batches},
         "learn_amax": qcfg.learn_amax,
     }

@@ -123,9 +123,10 @@ class ADMMCallback(TrainerCallback):
         penalty_mode (str | None): ``"gradient"`` (penalty in the loss; needs :class:`ADMMTrainer`) or
             ``"proximal"`` (prox step after each optimizer step, by this callback; any Trainer). Defaults to the
             sparsifier's default, ``"gradient"``.
-        include (Iterable[str]): fnmatch globs over module fqns of the (unwrapped) model; every glob must match at
-            least one ``nn.Linear``. Defaults to ``("*.layer.*",)``: Q, K, V, attention output, FFN1, FFN2 of
-            every encoder layer; pooler and classifier stay dense.
+        include (Iterable[str] | None): fnmatch globs over module fqns of the (unwrapped) model; every glob must
+            match at least one ``nn.Linear``. Defaults to None: the architecture registry's Q, K, V, attention
+            output, MLP up and down of every block (:mod:`nxm_deploy.architectures`); pooler and classifier stay
+            dense.
         exclude (Iterable[str]): globs removed from the targets. Defaults to none.
         update_interval (str | int): ``"epoch"`` (Z/U update after the optimizer step that completes each epoch,
             the authors' schedule) or a number of optimizer steps >= 1. Defaults to ``"epoch"``.
@@ -158,7 +159,7 @@ class ADMMCallback(TrainerCallback):
         rho_max: float | None = None,
         u_init: str | None = None,
         penalty_mode: str | None = None,
-        include: Iterable[str] = DEFAULT_INCLUDE,
+        include: Iterable[str] | None = DEFAULT_INCLUDE,
         exclude: Iterable[str] = (),
         update_interval: str | int = "epoch",
         squash_at_end: bool = True,
@@ -194,11 +195,11 @@ class ADMMCallback(TrainerCallback):
         if ddp_sync not in _SYNC_MODES:
             raise ConfigError(f"ADMMCallback ddp_sync={ddp_sync!r} is not one of {list(_SYNC_MODES)}.")
         self.sparsifier = sparsifier
-        self.include = _globs(include, "include")
+        self.include = None if include is None else _globs(include, "include")
         self.exclude = _globs(exclude, "exclude")
-        if not self.include:
+        if self.include is not None and not self.include:
             raise ConfigError("ADMMCallback include=[]: at least one include glob is needed to select targets.",
-                              hint=f"The default is {list(DEFAULT_INCLUDE)}.")
+                              hint="Leave include out (None) for the architecture registry's projections.")
         self.update_interval = update_interval
         self.squash_at_end = bool(squash_at_end)
         self.ddp_sync = ddp_sync
@@ -219,7 +220,7 @@ class ADMMCallback(TrainerCallback):
         if acfg.method != "admm":
             raise ConfigError(f"train.admm.method={acfg.method!r}: ADMMCallback runs method 'admm' only.")
         kwargs = dict(pattern=recipe.sparsity.pattern, rho=acfg.rho, rho_factor=acfg.rho_factor,
-                      rho_max=acfg.rho_max, u_init=acfg.u_init, include=list(recipe.sparsity.include),
+                      rho_max=acfg.rho_max, u_init=acfg.u_init, include=recipe.sparsity.include,
                       exclude=list(recipe.sparsity.exclude), update_interval=acfg.update_interval)
         if getattr(acfg, "penalty_mode", "gradient") != "gradient":
             kwargs["penalty_mode"] = acfg.penalty_mode
@@ -309,7 +310,7 @@ class ADMMCallback(TrainerCallback):
             "sparsifier": _to_cpu(self.sparsifier.state_dict()),
             "epochs_done": self._epochs_done,
             "update_interval": self.update_interval,
-            "include": list(self.include),
+            "include": None if self.include is None else list(self.include),
             "exclude": list(self.exclude),
             "warned": self._warned,
         }

@@ -213,7 +213,7 @@ def test_int8_attention_matches_eager_attention_when_disabled_and_quantizes_when
 
 
 def test_int8_attention_needs_quantized_qkv():
-    with pytest.raises(ConfigError, match="query, key and value"):
+    with pytest.raises(ConfigError, match="query, key, value Linears"):
         _tiny_bert_quantized(False, True, targets=["bert.encoder.layer.0.intermediate.dense"])
 
 
