@@ -27,11 +27,12 @@ class Architecture:
         model_types: the ``config.model_type`` values it covers.
         block: fnmatch glob of the modules inside one transformer block (e.g. ``*.encoder.layer.*``).
         roles: role -> module-name suffix (relative to the block) of that projection: ``q``, ``k``, ``v``, ``o``
-            (attention output), ``up``, ``down`` (MLP).
+            (attention output), ``up``, ``down`` (MLP), ``gate`` (gated MLP).
         dense: fnmatch glob -> why a Linear it matches stays dense even inside a block.
         attention: the ``(q, k, v)`` child names of the self-attention module, where the attention goes through
             transformers' ``AttentionInterface`` (so INT8 attention can be placed), else None.
         attention_note: why INT8 attention is not available (when ``attention`` is None).
+        unsupported: when set, the architecture is known but not supported yet, and why.
     """
 
     name: str
@@ -41,6 +42,7 @@ class Architecture:
     dense: dict[str, str] = field(default_factory=dict)
     attention: tuple[str, str, str] | None = None
     attention_note: str = ""
+    unsupported: str = ""
 
     def role_of(self, fqn: str) -> str | None:
         """The role of a module fqn inside a block (``q``, ``k``, ...), or None."""
@@ -81,6 +83,23 @@ REGISTRY: tuple[Architecture, ...] = (
                  attention_note="DeBERTa's disentangled attention is its own code, not transformers' AttentionInterface"),
 )
 
+_DECODER_ATTENTION = ("q_proj", "k_proj", "v_proj")
+
+REGISTRY = REGISTRY + (
+    Architecture("OPT", ("opt",), "*.decoder.layers.*",
+                 {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
+                  "up": "fc1", "down": "fc2"}, attention=_DECODER_ATTENTION),
+    Architecture("Llama family", ("llama", "mistral", "qwen2"), "*.layers.*",
+                 {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                  "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}, attention=_DECODER_ATTENTION),
+)
+
+REGISTRY = REGISTRY + (
+    Architecture("GPT-2", ("gpt2",), "*.h.*", {}, unsupported=(
+        "GPT-2's projections are transformers Conv1D modules (weight stored [in, out]), which the n:m masks, "
+        "QAT and export do not handle yet")),
+)
+
 #: blocks of an unknown architecture: every Linear inside one is a target (with a warning)
 FALLBACK_BLOCKS = ("*.layer.*", "*.layers.*", "*.h.*", "*.block.*", "*.blocks.*")
 
@@ -91,5 +110,5 @@ def architecture_of(model_type: str | None) -> Architecture | None:
 
 
 def supported_model_types() -> list[str]:
-    """Every ``model_type`` with a registry entry."""
-    return [t for a in REGISTRY for t in a.model_types]
+    """Every ``model_type`` the registry supports."""
+    return [t for a in REGISTRY if not a.unsupported for t in a.model_types]

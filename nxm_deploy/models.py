@@ -106,6 +106,11 @@ def load_base_model(source: str, num_labels: int, random_init: dict | None = Non
         ) from exc
     if num_labels == 1:
         model.config.problem_type = "regression"
+    # decoder classifiers pool the last token that is not padding: the model must know the tokenizer's pad id
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 / Llama tokenizers have none (HF's usual choice)
+    if tokenizer.pad_token_id is not None and getattr(model.config, "pad_token_id", None) != tokenizer.pad_token_id:
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 

@@ -160,6 +160,8 @@ TINY_CONFIGS = {
     # DeBERTa-v2 with its relative-position projections (pos_key_proj / pos_query_proj)
     "deberta-v2": {"relative_attention": True, "pos_att_type": ["p2c", "c2p"], "share_att_key": False,
                    "max_relative_positions": 64, "position_buckets": 16},
+    "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
+    "llama": {"num_key_value_heads": 2},  # grouped-query attention, as Llama 3 / Qwen2 / Mistral
 }
 
 
@@ -176,7 +178,9 @@ def save_tiny_model_dir(model_type: str, path):
     kwargs = dict(vocab_size=30522, max_position_embeddings=128)
     extra = TINY_CONFIGS.get(model_type, {})
     if model_type != "distilbert":
-        kwargs.update(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128)
+        kwargs.update(num_hidden_layers=2, hidden_size=64, num_attention_heads=4)
+    if model_type not in ("distilbert", "opt"):
+        kwargs["intermediate_size"] = 128
     kwargs.update(extra)
     path = Path(path)
     AutoConfig.for_model(model_type, **kwargs).save_pretrained(path)

@@ -43,7 +43,8 @@ def int8_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
                          **kwargs):
     """Eager scaled dot-product attention with INT8 fake-quantized matmul inputs when ``module`` carries them.
 
-    Shapes: ``query``/``key``/``value`` float ``[batch, heads, seq, head_dim]``; ``attention_mask`` additive
+    Shapes: ``query`` float ``[batch, heads, seq, head_dim]``, ``key``/``value`` ``[batch, kv_heads, seq,
+    head_dim]`` (``kv_heads = heads / module.num_key_value_groups``, grouped-query attention); ``attention_mask`` additive
     float ``[batch, 1, seq_q, seq_k]`` or None. Returns ``(output [batch, seq, heads, head_dim], probs
     [batch, heads, seq_q, seq_k])``, the contract of transformers' attention functions.
     """
@@ -52,6 +53,9 @@ def int8_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     quantized = getattr(module, "softmax_quantizer", None) is not None
     if quantized:
         query, key, value = module.q_bmm_quantizer(query), module.k_bmm_quantizer(key), module.v_bmm_quantizer(value)
+    groups = int(getattr(module, "num_key_value_groups", 1) or 1)
+    if groups > 1:  # grouped-query attention (Llama-style): each K/V head serves `groups` query heads
+        key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
@@ -59,6 +63,12 @@ def int8_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(module.softmax_quantizer(probs) if quantized else probs, value)
     return out.transpose(1, 2).contiguous(), probs
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[batch, kv_heads, seq, dim]`` -> ``[batch, kv_heads * groups, seq, dim]`` (transformers' ``repeat_kv``)."""
+    batch, heads, seq, dim = x.shape
+    return x[:, :, None].expand(batch, heads, groups, seq, dim).reshape(batch, heads * groups, seq, dim)
 
 
 def _register() -> None:

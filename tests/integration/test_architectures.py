@@ -1,5 +1,6 @@
-"""Every architecture of the registry (:mod:`nxm_deploy.architectures`) through the whole tiny pipeline on real RTE:
-targets by role, layers left dense with their reason, INT8 attention where the architecture allows it, and the
+"""Every architecture of the registry (:mod:`nxm_deploy.architectures`) through the whole tiny pipeline on real RTE
+(sequence classification; decoder models pool their last non-pad token): targets by role, layers left dense with
+their reason, INT8 attention where the architecture allows it (grouped-query attention included), and the
 exported graph verified 2:4 layer by layer under the torch module names."""
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import yaml
 from nxm_deploy.cli.main import main
 from tiny_models import TINY_CONFIGS, save_tiny_model_dir
 
-#: model type -> (INT8 attention placed, Linears left dense inside the blocks, with a reason)
-EXPECTED = {"bert": (True, 0), "roberta": (True, 0), "electra": (True, 0), "distilbert": (True, 0),
-            "mpnet": (False, 0), "deberta-v2": (False, 4)}
+#: model type -> (INT8 attention placed, Linears left dense inside the blocks with a reason, n:m targets)
+EXPECTED = {"bert": (True, 0, 12), "roberta": (True, 0, 12), "electra": (True, 0, 12), "distilbert": (True, 0, 12),
+            "mpnet": (False, 0, 12), "deberta-v2": (False, 4, 12), "opt": (True, 0, 12),
+            "llama": (True, 0, 14)}  # Llama: q, k, v, o, gate, up, down
 
 
 @pytest.mark.slow
@@ -31,9 +33,9 @@ def test_architecture_end_to_end(model_type, tmp_path, tiny_recipe_dict, glue_di
     assert main(["-q", "run", str(recipe), "--glue-dir", str(glue_dir), "--runs-root", str(tmp_path / "runs")]) == 0
     run = tmp_path / "runs" / data["name"]
     sparse = json.loads((run / "sparse" / "manifest.json").read_text())
-    assert len(sparse["targets"]) == 12  # 2 blocks x (q, k, v, o, up, down)
+    attention, n_dense, n_targets = EXPECTED[model_type]
+    assert len(sparse["targets"]) == n_targets  # 2 blocks x (q, k, v, o, up, down[, gate])
     left_dense = [d for d in sparse["layers"] if not d["target"] and "left dense" in d["reason"]]
-    attention, n_dense = EXPECTED[model_type]
     assert len(left_dense) == n_dense, left_dense
     if n_dense:
         assert all("pos_" in d["module"] and "relative-position" in d["reason"] for d in left_dense)
@@ -44,4 +46,4 @@ def test_architecture_end_to_end(model_type, tmp_path, tiny_recipe_dict, glue_di
     assert onnx["sparsity_check"]["ok"] and onnx["parity"]["ok"]
     assert set(sparse["targets"]) <= set(onnx["layer_map"].values())  # verified under the torch module names
     # DistilBERT's forward takes no token types, DeBERTa-v2 (type_vocab_size 0) ignores them: not graph inputs
-    assert ("token_type_ids" in onnx["inputs"]) is (model_type not in ("distilbert", "deberta-v2", "mpnet"))
+    assert ("token_type_ids" in onnx["inputs"]) is (model_type in ("bert", "roberta", "electra"))

@@ -58,7 +58,8 @@ def test_unknown_architecture_falls_back_to_every_block_linear_with_a_warning(ca
 
 
 def test_supported_types_are_listed():
-    assert {"bert", "roberta", "distilbert", "electra", "mpnet", "deberta-v2"} <= set(supported_model_types())
+    assert {"bert", "roberta", "distilbert", "electra", "mpnet", "deberta-v2", "opt", "llama"} <= set(supported_model_types())
+    assert "gpt2" not in supported_model_types()
 
 
 def test_int8_attention_is_skipped_with_the_reason_where_the_architecture_has_no_hook(tmp_path):
@@ -77,3 +78,13 @@ def test_int8_attention_is_skipped_with_the_reason_where_the_architecture_has_no
     assert len(placed["gemm_outputs"]) == 12  # Q/K/V outputs get output quantizers instead
     with torch.no_grad():
         model(input_ids=torch.randint(0, 100, (2, 8)))
+
+
+def test_gpt2_is_refused_with_the_reason():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from nxm_deploy.errors import ConfigError
+
+    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(ConfigError, match="GPT-2 .* not supported yet: .*Conv1D"):
+        select_targets(model, PATTERN)
