@@ -27,12 +27,11 @@ class Architecture:
         model_types: the ``config.model_type`` values it covers.
         block: fnmatch glob of the modules inside one transformer block (e.g. ``*.encoder.layer.*``).
         roles: role -> module-name suffix (relative to the block) of that projection: ``q``, ``k``, ``v``, ``o``
-            (attention output), ``up``, ``down`` (MLP), ``gate`` (gated MLP).
+            (attention output), ``up``, ``down`` (MLP), ``gate`` (gated MLP), ``qkv`` (fused Q/K/V).
         dense: fnmatch glob -> why a Linear it matches stays dense even inside a block.
         attention: the ``(q, k, v)`` child names of the self-attention module, where the attention goes through
             transformers' ``AttentionInterface`` (so INT8 attention can be placed), else None.
         attention_note: why INT8 attention is not available (when ``attention`` is None).
-        unsupported: when set, the architecture is known but not supported yet, and why.
     """
 
     name: str
@@ -42,7 +41,6 @@ class Architecture:
     dense: dict[str, str] = field(default_factory=dict)
     attention: tuple[str, str, str] | None = None
     attention_note: str = ""
-    unsupported: str = ""
 
     def role_of(self, fqn: str) -> str | None:
         """The role of a module fqn inside a block (``q``, ``k``, ...), or None."""
@@ -95,9 +93,11 @@ REGISTRY = REGISTRY + (
 )
 
 REGISTRY = REGISTRY + (
-    Architecture("GPT-2", ("gpt2",), "*.h.*", {}, unsupported=(
-        "GPT-2's projections are transformers Conv1D modules (weight stored [in, out]), which the n:m masks, "
-        "QAT and export do not handle yet")),
+    # GPT-2's Conv1D projections are loaded as the equal nn.Linear (nxm_deploy.models.conv1d_to_linear_)
+    Architecture("GPT-2", ("gpt2",), "*.h.*",
+                 {"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
+                 attention_note="GPT-2 computes Q, K and V in one fused GEMM (c_attn); INT8 attention needs the "
+                                "three projections apart"),
 )
 
 #: blocks of an unknown architecture: every Linear inside one is a target (with a warning)
@@ -111,4 +111,4 @@ def architecture_of(model_type: str | None) -> Architecture | None:
 
 def supported_model_types() -> list[str]:
     """Every ``model_type`` the registry supports."""
-    return [t for a in REGISTRY if not a.unsupported for t in a.model_types]
+    return [t for a in REGISTRY for t in a.model_types]

@@ -104,6 +104,7 @@ def load_base_model(source: str, num_labels: int, random_init: dict | None = Non
             f"Cannot load model '{source}': {str(exc).splitlines()[0]}",
             hint="Use 'minilm', a local model directory, or a hub id with network access.",
         ) from exc
+    conv1d_to_linear_(model)
     if num_labels == 1:
         model.config.problem_type = "regression"
     # decoder classifiers pool the last token that is not padding: the model must know the tokenizer's pad id
@@ -114,8 +115,54 @@ def load_base_model(source: str, num_labels: int, random_init: dict | None = Non
     return model, tokenizer
 
 
+#: model attribute listing the modules :func:`conv1d_to_linear_` converted (their saved layout is Conv1D's)
+CONV1D_ATTR = "_nxm_conv1d_modules"
+
+
+def conv1d_to_linear_(model) -> list[str]:
+    """In place: replace every transformers ``Conv1D`` (GPT-2's projections: ``y = x @ W + b``, ``W`` stored
+    ``[in, out]``) by the equal ``nn.Linear`` (weight ``Wᵀ``, ``[out, in]``), so n:m groups, masks, QAT and export
+    see one layout whose reduction axis is dim 1. Returns the converted fqns (also kept on the model, so
+    :func:`save_model_dir` writes them back in Conv1D layout)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    converted = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, Conv1D):
+            continue
+        in_features, out_features = module.weight.shape
+        linear = torch.nn.Linear(in_features, out_features, bias=module.bias is not None,
+                                 device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight.t())
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+        converted.append(name)
+    if converted:
+        setattr(model, CONV1D_ATTR, sorted(set(getattr(model, CONV1D_ATTR, [])) | set(converted)))
+    return converted
+
+
+def save_model_dir(model, tokenizer, path: str | Path) -> None:
+    """``save_pretrained`` of model and tokenizer, with converted Conv1D modules written back in their own
+    ``[in, out]`` layout, so the directory loads with plain ``from_pretrained`` too."""
+    converted = set(getattr(model, CONV1D_ATTR, []))
+    state_dict = None
+    if converted:
+        state_dict = {k: (v.t().contiguous() if k.endswith(".weight") and k[:-len(".weight")] in converted else v)
+                      for k, v in model.state_dict().items()}
+    model.save_pretrained(str(path), state_dict=state_dict)
+    tokenizer.save_pretrained(str(path))
+
+
 def load_saved_model(path: str | Path):
-    """Load ``(model, tokenizer)`` saved by a training stage (``save_pretrained`` layout)."""
+    """Load ``(model, tokenizer)`` saved by a training stage (``save_pretrained`` layout); Conv1D projections come
+    back as ``nn.Linear`` (:func:`conv1d_to_linear_`)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    return AutoModelForSequenceClassification.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForSequenceClassification.from_pretrained(str(path))
+    conv1d_to_linear_(model)
+    return model, AutoTokenizer.from_pretrained(str(path))

@@ -162,6 +162,7 @@ TINY_CONFIGS = {
                    "max_relative_positions": 64, "position_buckets": 16},
     "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
     "llama": {"num_key_value_heads": 2},  # grouped-query attention, as Llama 3 / Qwen2 / Mistral
+    "gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 128},  # Conv1D projections
 }
 
 
@@ -175,11 +176,13 @@ def save_tiny_model_dir(model_type: str, path):
 
     from nxm_deploy.models import embedded_model_dir
 
-    kwargs = dict(vocab_size=30522, max_position_embeddings=128)
+    kwargs = dict(vocab_size=30522)
     extra = TINY_CONFIGS.get(model_type, {})
-    if model_type != "distilbert":
+    if model_type != "gpt2":
+        kwargs["max_position_embeddings"] = 128
+    if model_type not in ("distilbert", "gpt2"):
         kwargs.update(num_hidden_layers=2, hidden_size=64, num_attention_heads=4)
-    if model_type not in ("distilbert", "opt"):
+    if model_type not in ("distilbert", "opt", "gpt2"):
         kwargs["intermediate_size"] = 128
     kwargs.update(extra)
     path = Path(path)

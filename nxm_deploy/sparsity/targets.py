@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from nxm_deploy.architectures import FALLBACK_BLOCKS, REGISTRY, architecture_of
+from nxm_deploy.architectures import FALLBACK_BLOCKS, architecture_of
 from nxm_deploy.errors import ConfigError
 from nxm_deploy.sparsity.pattern import NMPattern
 
@@ -68,12 +68,7 @@ def select_targets(
     Returns:
         list[LayerDecision]: in module order, targets and skips alike.
     """
-    known = architecture_of(_model_type(model))
-    if known is not None and known.unsupported:
-        raise ConfigError(f"{known.name} (model type {_model_type(model)!r}) is not supported yet: {known.unsupported}.",
-                          hint="Supported model types: " + ", ".join(t for a in REGISTRY if not a.unsupported
-                                                                      for t in a.model_types) + ".")
-    arch = known if include is None else None
+    arch = architecture_of(_model_type(model)) if include is None else None
     fallback = include is None and arch is None
     decisions = []
     for name, module in model.named_modules():

@@ -34,7 +34,7 @@ from nxm_deploy._io import atomic_dir, atomic_write_json, file_hashes, read_json
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.data import TaskData
 from nxm_deploy.errors import ConfigError, RunDirError, SparsityVerificationError
-from nxm_deploy.models import load_base_model, load_saved_model
+from nxm_deploy.models import load_base_model, load_saved_model, save_model_dir
 from nxm_deploy.quantization import calibrate, quantize_model_, quantized_modules
 from nxm_deploy.quantization.placement import place_quantizers_
 from nxm_deploy.sparsity import count_nm_violations, nm_mask
@@ -286,8 +286,7 @@ def train_dense(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> d
     }
 
     def write(tmp):
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_model_dir(model, tokenizer, tmp)
         manifest["files"] = file_hashes(tmp)
         atomic_write_json(tmp / "manifest.json", manifest)
 
@@ -375,8 +374,7 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
     }
 
     def write(tmp):
-        student.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_model_dir(student, tokenizer, tmp)
         save_file({k: v.cpu().contiguous() for k, v in masks.items()}, str(tmp / "masks.safetensors"))
         manifest["files"] = file_hashes(tmp)
         atomic_write_json(tmp / "manifest.json", manifest)

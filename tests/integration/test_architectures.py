@@ -16,7 +16,8 @@ from tiny_models import TINY_CONFIGS, save_tiny_model_dir
 #: model type -> (INT8 attention placed, Linears left dense inside the blocks with a reason, n:m targets)
 EXPECTED = {"bert": (True, 0, 12), "roberta": (True, 0, 12), "electra": (True, 0, 12), "distilbert": (True, 0, 12),
             "mpnet": (False, 0, 12), "deberta-v2": (False, 4, 12), "opt": (True, 0, 12),
-            "llama": (True, 0, 14)}  # Llama: q, k, v, o, gate, up, down
+            "llama": (True, 0, 14),  # Llama: q, k, v, o, gate, up, down
+            "gpt2": (False, 0, 8)}  # GPT-2: fused c_attn, c_proj, c_fc, mlp.c_proj (Conv1D, loaded as Linear)
 
 
 @pytest.mark.slow
@@ -46,4 +47,4 @@ def test_architecture_end_to_end(model_type, tmp_path, tiny_recipe_dict, glue_di
     assert onnx["sparsity_check"]["ok"] and onnx["parity"]["ok"]
     assert set(sparse["targets"]) <= set(onnx["layer_map"].values())  # verified under the torch module names
     # DistilBERT's forward takes no token types, DeBERTa-v2 (type_vocab_size 0) ignores them: not graph inputs
-    assert ("token_type_ids" in onnx["inputs"]) is (model_type in ("bert", "roberta", "electra"))
+    assert ("token_type_ids" in onnx["inputs"]) is (model_type in ("bert", "roberta", "electra", "gpt2"))

@@ -58,8 +58,8 @@ def test_unknown_architecture_falls_back_to_every_block_linear_with_a_warning(ca
 
 
 def test_supported_types_are_listed():
-    assert {"bert", "roberta", "distilbert", "electra", "mpnet", "deberta-v2", "opt", "llama"} <= set(supported_model_types())
-    assert "gpt2" not in supported_model_types()
+    assert {"bert", "roberta", "distilbert", "electra", "mpnet", "deberta-v2", "opt", "llama", "gpt2"} <= set(
+        supported_model_types())
 
 
 def test_int8_attention_is_skipped_with_the_reason_where_the_architecture_has_no_hook(tmp_path):
@@ -80,11 +80,29 @@ def test_int8_attention_is_skipped_with_the_reason_where_the_architecture_has_no
         model(input_ids=torch.randint(0, 100, (2, 8)))
 
 
-def test_gpt2_is_refused_with_the_reason():
-    from transformers import GPT2Config, GPT2ForSequenceClassification
+def test_gpt2_conv1d_becomes_the_equal_linear_and_saves_back_in_conv1d_layout(tmp_path):
+    """GPT-2's Conv1D projections ([in, out]) are loaded as nn.Linear ([out, in]): same outputs, n:m groups along
+    the reduction axis; the saved directory keeps Conv1D's layout, so plain from_pretrained still loads it."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
-    from nxm_deploy.errors import ConfigError
+    from nxm_deploy.models import conv1d_to_linear_, embedded_model_dir, load_saved_model, save_model_dir
 
-    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
-    with pytest.raises(ConfigError, match="GPT-2 .* not supported yet: .*Conv1D"):
-        select_targets(model, PATTERN)
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100,
+                                                     pad_token_id=0)).eval()
+    ids = torch.randint(1, 100, (2, 7))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        converted = conv1d_to_linear_(model)
+        assert converted == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                             "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+        assert torch.allclose(model(input_ids=ids).logits, ref, atol=1e-6)
+    c_fc = model.get_submodule("transformer.h.0.mlp.c_fc")
+    assert isinstance(c_fc, nn.Linear) and tuple(c_fc.weight.shape) == (128, 32)  # [out, in]
+    assert len(target_names(select_targets(model, PATTERN))) == 4  # c_attn (fused Q/K/V), c_proj, c_fc, c_proj
+    save_model_dir(model, AutoTokenizer.from_pretrained(embedded_model_dir()), tmp_path / "m")
+    plain = GPT2ForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    again, _ = load_saved_model(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, ref, atol=1e-6)
+        assert torch.allclose(again.eval()(input_ids=ids).logits, ref, atol=1e-6)
