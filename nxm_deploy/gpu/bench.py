@@ -435,6 +435,17 @@ def _f(x, digits=2):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _timing_rows(row: dict, label: str, digits: int) -> list[str]:
+    """The eager and graphed Markdown rows of one GEMM or end-to-end cell: medians per variant, then the ratios."""
+    out = []
+    for mode in ("eager", "graphed"):
+        t, s = row[mode], row[mode + "_speedups"]
+        cells = [_f(t.get(v, {}).get("p50_ms"), digits) for v in GEMM_VARIANTS]
+        out.append(f"| {label} | {mode} | {' | '.join(cells)} | {_f(s['sparse_fp16_vs_dense_fp16'])}× | "
+                   f"{_f(s['sparse_int8_vs_dense_int8'])}× | {_f(s['sparse_int8_vs_dense_fp16'])}× |")
+    return out
+
+
 def render_markdown(results: dict) -> str:
     """The human report of a :func:`run_bench` result: command, environment, goals, GEMM and end-to-end tables."""
     lines = [f"# GPU speed of 2:4 and INT8 through PyTorch: {results['environment']['gpu']}", "",
@@ -457,12 +468,7 @@ def render_markdown(results: dict) -> str:
                       "| layer | N×K | M | mode | dense FP16 | 2:4 FP16 | dense INT8 | 2:4 INT8 | 2:4 FP16 / dense FP16 "
                       "| 2:4 INT8 / dense INT8 | 2:4 INT8 / dense FP16 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
             for r in data["gemm"]:
-                for mode in ("eager", "graphed"):
-                    t, s = r[mode], r[mode + "_speedups"]
-                    cells = [_f(t.get(v, {}).get("p50_ms"), 4) for v in GEMM_VARIANTS]
-                    lines.append(f"| {r['layer']} | {r['n']}×{r['k']} | {r['m']} | {mode} | {' | '.join(cells)} | "
-                                 f"{_f(s['sparse_fp16_vs_dense_fp16'])}× | {_f(s['sparse_int8_vs_dense_int8'])}× | "
-                                 f"{_f(s['sparse_int8_vs_dense_fp16'])}× |")
+                lines += _timing_rows(r, f"{r['layer']} | {r['n']}×{r['k']} | {r['m']}", digits=4)
                 if r.get("graph_capture_failed"):
                     lines.append(f"| {r['layer']} | {r['n']}×{r['k']} | {r['m']} | graph capture failed | "
                                  + ", ".join(r["graph_capture_failed"]) + " | | | | | | |")
@@ -484,12 +490,7 @@ def render_markdown(results: dict) -> str:
                       "| batch×seq | mode | dense FP16 | 2:4 FP16 | dense INT8 | 2:4 INT8 | 2:4 FP16 / dense FP16 | "
                       "2:4 INT8 / dense INT8 | 2:4 INT8 / dense FP16 |", "|---|---|---|---|---|---|---|---|---|"]
             for r in data["e2e"]:
-                for mode in ("eager", "graphed"):
-                    t, s = r[mode], r[mode + "_speedups"]
-                    cells = [_f(t.get(v, {}).get("p50_ms"), 3) for v in GEMM_VARIANTS]
-                    lines.append(f"| {r['batch']}×{r['seq']} | {mode} | {' | '.join(cells)} | "
-                                 f"{_f(s['sparse_fp16_vs_dense_fp16'])}× | {_f(s['sparse_int8_vs_dense_int8'])}× | "
-                                 f"{_f(s['sparse_int8_vs_dense_fp16'])}× |")
+                lines += _timing_rows(r, f"{r['batch']}×{r['seq']}", digits=3)
             cos = "; ".join(f"{r['batch']}×{r['seq']}: " + ", ".join(f"{v} {c:.4f}" for v, c in r["cosine_vs_dense_fp16"].items())
                             for r in data["e2e"])
             walls = "; ".join(f"{r['batch']}×{r['seq']}: " + ", ".join(f"{v} {t * 1e3:.1f}" for v, t in r.get("eager_call_s", {}).items())
