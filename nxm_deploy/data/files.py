@@ -151,15 +151,14 @@ def file_task_spec(config):
     )
 
 
-def load_file_split(spec, split: str, max_examples: int | None):
-    """One split (``train`` or ``dev``) of a file task as :class:`~nxm_deploy.data.glue.TaskExamples`.
+def load_file_split(spec, split: str, max_examples: int | None) -> tuple[list[str], list[str] | None, np.ndarray]:
+    """One split (``train`` or ``dev``) of a file task: ``(texts_a, texts_b or None, labels)``, labels int64 class
+    ids or float32 scores (:func:`~nxm_deploy.data.glue.load_task_split` makes them a ``TaskExamples``).
 
     Raises:
         DataError: missing column, empty text, an eval label the train file never had (or a non-number score
             for regression), naming the file and row.
     """
-    from nxm_deploy.data.glue import TaskExamples
-
     path = spec.train_file if split == "train" else spec.dev_file
     columns = read_columns(path)
     n = len(next(iter(columns.values())))
@@ -195,7 +194,7 @@ def load_file_split(spec, split: str, max_examples: int | None):
                                 hint="Fix the row, or list every label in task.labels.")
             ids.append(index[text])
         labels = np.asarray(ids, dtype=np.int64)
-    return TaskExamples(texts_a=texts[0], texts_b=texts[1], labels=labels)
+    return texts[0], texts[1], labels
 
 
 def _is_number(value) -> bool:

@@ -145,7 +145,8 @@ def load_task_split(
     if spec.source == "files":
         from nxm_deploy.data.files import load_file_split
 
-        return load_file_split(spec, split, max_examples)
+        texts_a, texts_b, labels = load_file_split(spec, split, max_examples)
+        return TaskExamples(texts_a=texts_a, texts_b=texts_b, labels=labels)
     root = resolve_glue_dir(glue_dir)
     if root is None:
         return _load_hf(spec, split, max_examples)

@@ -29,15 +29,16 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TextIO
 
 
-from nxm_deploy._io import atomic_write_json, atomic_write_text, check_recorded_file, read_json, sha256_file
+from nxm_deploy._io import (
+    atomic_write_bytes, atomic_write_json, atomic_write_text, check_recorded_file, file_lock, read_json, sha256_file,
+)
 from nxm_deploy.engine.spec import EngineSpec, derive_profile, load_engine_spec, resolve_run_dir
 from nxm_deploy.errors import (
     ConfigError, DataError, EngineBuildError, ExportError, MissingDependencyError, NxmError, RunDirError,
@@ -56,39 +57,6 @@ EXIT_CODES = {
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``path`` (created) for the duration of the block (POSIX ``flock``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no cross-process lock
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _sha256_json(obj) -> str:
