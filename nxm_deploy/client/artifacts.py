@@ -45,6 +45,7 @@ class RunArtifacts:
         tokenizer_config: ``tokenizer_config.json`` next to it (``{}`` when absent).
         engine_path: a built TensorRT plan made from ``onnx_path`` (same ONNX hash), or ``None``.
         engine_record: the ``engines/status.json`` record of that plan, or ``None``.
+        text_columns: your own data's number of text columns (1 or 2), ``None`` for a GLUE preset.
     """
 
     run_dir: Path
@@ -59,6 +60,7 @@ class RunArtifacts:
     tokenizer_config: dict = field(default_factory=dict)
     engine_path: Path | None = None
     engine_record: dict | None = None
+    text_columns: int | None = None
 
     @property
     def is_regression(self) -> bool:
@@ -67,7 +69,10 @@ class RunArtifacts:
 
     @property
     def is_pair_task(self) -> bool | None:
-        """True/False for a registered GLUE task (pairs / single texts); ``None`` when unknown."""
+        """True/False for a registered GLUE task or your own data (``task.text_columns``): pairs / single texts;
+        ``None`` when unknown."""
+        if self.text_columns is not None:
+            return self.text_columns == 2
         if self.task is None:
             return None
         spec = _task_spec(self.task)
@@ -234,4 +239,5 @@ def load_artifacts(run_dir: str | Path, model: str = "sparse_int8") -> RunArtifa
         onnx_path=onnx_path, onnx_sha256=str(record["sha256"]), tokenizer_json=tokenizer_json,
         tokenizer_config=tokenizer_config, engine_path=None if engine is None else engine[0],
         engine_record=None if engine is None else engine[1],
+        text_columns=len(task_cfg["text_columns"]) if task_cfg.get("text_columns") else None,
     )

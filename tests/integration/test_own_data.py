@@ -80,6 +80,8 @@ def test_pipeline_on_own_csv_and_jsonl_then_predict_the_labels(tickets_run, caps
     assert main(["predict", str(run), "refund card invoice", "ticket 7 charge"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["label"] in LABELS and set(out["scores"]) == set(LABELS)
+    assert main(["predict", str(run), "refund card invoice"]) == 2  # a pair task: one text is refused
+    assert "pair" in capsys.readouterr().err
 
 
 def test_recipe_rules_for_own_data(tmp_path, tiny_recipe_dict):
