@@ -8,7 +8,7 @@ import os
 import zipfile
 from pathlib import Path
 
-from nxm_deploy._io import atomic_dir
+from nxm_deploy.fileio import atomic_dir
 from nxm_deploy.errors import ConfigError, MissingDependencyError
 
 log = logging.getLogger("nxm_deploy.models")

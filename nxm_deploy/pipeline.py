@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from nxm_deploy._io import atomic_write_json, atomic_write_text, read_json
+from nxm_deploy.fileio import atomic_write_json, atomic_write_text, read_json
 from nxm_deploy.config.recipe import Recipe, load_recipe
 from nxm_deploy.errors import ConfigError, RunDirError
 

@@ -68,7 +68,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from nxm_deploy._io import atomic_write_json, atomic_write_text, read_json  # noqa: E402  (no torch import)
+from nxm_deploy.fileio import atomic_write_json, atomic_write_text, read_json  # noqa: E402  (no torch import)
 from nxm_deploy.machine import machine  # noqa: E402
 
 

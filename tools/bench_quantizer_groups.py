@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 from bench_sparsity import score_definition, task_score  # noqa: E402  (tools' score convention)
-from nxm_deploy._io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from nxm_deploy.fileio import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from nxm_deploy.machine import machine  # noqa: E402
 
 RECIPE = "recipes/bench_quantizer_groups.yaml"

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import bench_sparsity as bs  # noqa: E402
-from nxm_deploy._io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from nxm_deploy.fileio import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from nxm_deploy.errors import ConfigError  # noqa: E402
 from nxm_deploy.machine import machine_line  # noqa: E402
 

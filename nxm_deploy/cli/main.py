@@ -156,7 +156,7 @@ def _resolve(args, *, create: bool = False, distributed: bool = False):
 
 
 def _inspect_sparsity(args) -> int:
-    from nxm_deploy._io import read_json, sha256_file
+    from nxm_deploy.fileio import read_json, sha256_file
     from nxm_deploy.errors import ExportError
     from nxm_deploy.export.verify import check_onnx_sparsity, read_sparsity_metadata
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from nxm_deploy._io import check_recorded_file, check_sha256
+from nxm_deploy.fileio import check_recorded_file, check_sha256
 from nxm_deploy.errors import ConfigError, RunDirError
 
 #: model name -> (manifest key, tokenizer directories in order of preference)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nxm_deploy._io import atomic_write_json, read_json, save_onnx, sha256_file
+from nxm_deploy.fileio import atomic_write_json, read_json, save_onnx, sha256_file
 from nxm_deploy.errors import ExportError
 
 log = logging.getLogger("nxm_deploy.engine")
@@ -288,7 +288,7 @@ def convert_to_fp16(source: str | Path, target: str | Path | None = None,
     Raises:
         ExportError: the source cannot be read, or the converted graph fails the ONNX checker.
     """
-    from nxm_deploy._io import file_lock
+    from nxm_deploy.fileio import file_lock
 
     source = Path(source)
     target = Path(target) if target is not None else fp16_path_for(source)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TextIO
 
 
-from nxm_deploy._io import (
+from nxm_deploy.fileio import (
     atomic_write_bytes, atomic_write_json, atomic_write_text, check_recorded_file, file_lock, read_json, sha256_file,
 )
 from nxm_deploy.engine.spec import EngineSpec, derive_profile, load_engine_spec, resolve_run_dir

@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from nxm_deploy._io import save_onnx
+from nxm_deploy.fileio import save_onnx
 from nxm_deploy.errors import ExportError
 from nxm_deploy.export.int8_weights import broadcast_scale, int8_codes
 from nxm_deploy.export.verify import _attr, _Graph, _load, _node_name, _reshape_target

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nxm_deploy._io import EXTERNAL_DATA_BYTES, save_onnx, sha256_file
+from nxm_deploy.fileio import EXTERNAL_DATA_BYTES, save_onnx, sha256_file
 from nxm_deploy.export.parity import argmax_agreement_stats
 from nxm_deploy.errors import ExportError
 

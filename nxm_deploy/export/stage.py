@@ -10,7 +10,7 @@ import torch
 from onnx import numpy_helper
 
 from nxm_deploy import __version__
-from nxm_deploy._io import atomic_write_json, sha256_file
+from nxm_deploy.fileio import atomic_write_json, sha256_file
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.data import load_task_split, resolve_glue_dir
 from nxm_deploy.data.loader import encode_fixed, make_dataloader

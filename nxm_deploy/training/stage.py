@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from nxm_deploy._io import atomic_dir, atomic_write_json, file_hashes, read_json, sha256_file, verify_stage_files
+from nxm_deploy.fileio import atomic_dir, atomic_write_json, file_hashes, read_json, sha256_file, verify_stage_files
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.data import TaskData
 from nxm_deploy.errors import ConfigError, RunDirError, SparsityVerificationError

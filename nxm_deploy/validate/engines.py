@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from nxm_deploy._io import read_json, sha256_file
+from nxm_deploy.fileio import read_json, sha256_file
 from nxm_deploy.validate.errors import ValidationError
 
 log = logging.getLogger("nxm_deploy.validate")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nxm_deploy._io import atomic_write_json, atomic_write_text, read_json
+from nxm_deploy.fileio import atomic_write_json, atomic_write_text, read_json
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.validate.gates import delta_pt
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from nxm_deploy._io import atomic_write_json, check_recorded_file, read_json
+from nxm_deploy.fileio import atomic_write_json, check_recorded_file, read_json
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.data import load_task_split, make_dataloader, resolve_glue_dir
 from nxm_deploy.data.loader import encode_fixed

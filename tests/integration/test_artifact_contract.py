@@ -169,7 +169,7 @@ def test_export_refuses_a_changed_training_artifact(run_copy, capsys, glue_dir, 
 
 def test_export_checks_the_saved_masks_against_the_weights(run_copy, capsys, glue_dir):
     """Masks replaced by other valid masks (manifest hash updated too): export still refuses them, exit 1."""
-    from nxm_deploy._io import file_hashes
+    from nxm_deploy.fileio import file_hashes
 
     masks = load_file(str(run_copy / "sparse" / "masks.safetensors"))
     key = f"{MODULE}.weight"

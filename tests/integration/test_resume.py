@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from nxm_deploy.config.recipe import recipe_from_dict
-from nxm_deploy._io import read_json
+from nxm_deploy.fileio import read_json
 from nxm_deploy.errors import RunDirError
 from nxm_deploy.training.stage import CHECKPOINTS_DIR, load_masks, train_admm, train_dense, train_qat
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nxm_deploy._io import read_json, sha256_file
+from nxm_deploy.fileio import read_json, sha256_file
 from nxm_deploy.engine.trt import probe_environment
 
 ENV = probe_environment()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nxm_deploy._io import atomic_write_json
+from nxm_deploy.fileio import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -128,7 +128,7 @@ def _fake_engine(run: Path, model_key: str = "sparse_int8") -> Path:
     plan = run / "engines" / "fake__trt10__sparse.plan"
     plan.parent.mkdir(exist_ok=True)
     plan.write_bytes(b"not really an engine")
-    from nxm_deploy._io import sha256_file
+    from nxm_deploy.fileio import sha256_file
 
     record = {"name": "fake", "status": "built", "engine": plan.name, "onnx_sha256": manifest[model_key]["sha256"],
               "engine_sha256": sha256_file(plan), "sparse_weights": True}

@@ -13,7 +13,7 @@ import pytest
 
 from tiny_models import demo_run_module
 
-from nxm_deploy._io import read_json, sha256_file
+from nxm_deploy.fileio import read_json, sha256_file
 from nxm_deploy.engine.spec import EngineSpec
 from nxm_deploy.engine.stage import (
     EXIT_BAD_INPUT, EXIT_NO_ENVIRONMENT, build_engine, build_engine_command, build_key, engine_paths,

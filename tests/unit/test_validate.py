@@ -259,7 +259,7 @@ def test_grid_outside_the_profile_is_named() -> None:
 
 
 def _engine_run(tmp_path, plan_bytes=b"plan", recorded=None):
-    from nxm_deploy._io import sha256_file
+    from nxm_deploy.fileio import sha256_file
 
     engines = tmp_path / "engines"
     engines.mkdir(parents=True)

@@ -1,4 +1,5 @@
-"""Atomic artifact writing: everything goes to a temporary name first and is renamed when complete."""
+"""Artifact files, public for the package and its tools: atomic writes (a temporary name, renamed when
+complete), advisory file locks, sha256 of files and their check against a stage manifest, JSON reading."""
 
 from __future__ import annotations
 
