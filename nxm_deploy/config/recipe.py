@@ -7,6 +7,7 @@ Every section forbids unknown keys (``extra="forbid"``) and every field has a de
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import re
@@ -310,17 +311,9 @@ class Recipe(_Strict):
         out = {}
         for key in ("train_file", "eval_file"):
             name = getattr(self.task, key)
-            if name is None:
-                continue
-            path = Path(name).expanduser()
-            if not path.is_file():
-                out[key] = "missing"
-                continue
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            out[key] = digest.hexdigest()
+            if name is not None:
+                path = Path(name).expanduser()
+                out[key] = _file_digest(str(path.resolve()), *_stamp(path)) if path.is_file() else "missing"
         return out
 
     def sha256(self) -> str:
@@ -331,6 +324,19 @@ class Recipe(_Strict):
         if digests:
             data = {**data, "data_sha256": digests}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=32)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    """sha256 of a data file, hashed once per (path, modification time, size): recipes hash often."""
+    from nxm_deploy.fileio import sha256_file
+
+    return sha256_file(path)
 
 
 def _format_validation_error(path: str, exc: ValidationError) -> tuple[str, str | None]:

@@ -190,7 +190,7 @@ def load_file_split(spec, split: str, max_examples: int | None) -> tuple[list[st
             text = None if value is None else _label_text(value)
             if text not in index:
                 raise DataError(f"Data file {path}, row {row + 1}: label {text!r} is not one of the task's labels "
-                                f"{list(spec.label_list)} (from {'task.labels' if spec.label_list else 'the train file'}).",
+                                f"{list(spec.label_list)} (task.labels, else those of the train file).",
                                 hint="Fix the row, or list every label in task.labels.")
             ids.append(index[text])
         labels = np.asarray(ids, dtype=np.int64)

@@ -73,8 +73,9 @@ def _fingerprint(recipe: Recipe, stage: str, phase: str) -> str:
     A checkpoint left by another recipe is refused (:func:`~nxm_deploy.training.trainer.check_fingerprint`).
     """
     data = recipe.to_dict()
-    if recipe.data_digests():  # own data files: changed data is another run (a GLUE preset's data are fixed)
-        data["data_sha256"] = recipe.data_digests()
+    digests = recipe.data_digests()
+    if digests:  # own data files: changed data is another run (a GLUE preset's data are fixed)
+        data["data_sha256"] = digests
     for key in SPEED_ONLY_TRAIN_KEYS:
         data["train"].pop(key, None)
     digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
