@@ -203,7 +203,8 @@ def _summary(samples: dict[str, list[float]]) -> dict[str, dict]:
 def gemm_operands(n: int, k: int, m: int, seed: int = 0) -> dict:
     """Random 2:4 weight ``[n, k]`` and activations ``[m, k]`` on the GPU, prepared for the four kernels."""
     torch = require_cuda()
-    from nxm_deploy.gpu.kernels import SemiSparseLinear, quantize
+    from nxm_deploy.gpu.kernels import SemiSparseLinear
+    from nxm_deploy.quantization.fake_quant import int8_codes
     from nxm_deploy.sparsity import nm_mask
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -212,7 +213,7 @@ def gemm_operands(n: int, k: int, m: int, seed: int = 0) -> dict:
     x = torch.randn(m, k, device="cuda", generator=gen)
     s_w = w.abs().amax(dim=1) / 127
     s_x = x.abs().amax() / 127
-    return {"w16": w.half(), "x16": x.half(), "xq": quantize(x, s_x), "wq_t": quantize(w, s_w.reshape(-1, 1)).t(),
+    return {"w16": w.half(), "x16": x.half(), "xq": int8_codes(x, s_x), "wq_t": int8_codes(w, s_w.reshape(-1, 1)).t(),
             "sparse16": SemiSparseLinear(w, None), "sparse8": SemiSparseLinear(w, None, input_scale=s_x, weight_scale=s_w)}
 
 

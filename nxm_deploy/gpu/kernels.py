@@ -10,7 +10,7 @@ The four inference variants of a model (:data:`VARIANTS`):
   dequantization scale ``alpha[n] = s_w[n] * s_x`` fused as cuSPARSELt's per-output-row alpha (vector scaling)
   and FP16 output.
 
-INT8 numerics are those of our Q/DQ graph (:mod:`nxm_deploy.quantization.fake_quant`, GPUSQ-TLM Eq. 1-2):
+INT8 numerics are those of our Q/DQ graph (:func:`nxm_deploy.quantization.fake_quant.int8_codes`, GPUSQ-TLM Eq. 1-2):
 symmetric, zero point 0, ``s = amax / 127``, ``q = clamp(round(x / s), -128, 127)`` (round half to even), activation
 scale per tensor, weight scale per output channel. Weights keep their exact zeros, so the INT8 codes of a 2:4
 weight are 2:4 too.
@@ -32,11 +32,11 @@ import torch
 from torch import nn
 
 from nxm_deploy.errors import ConfigError
+from nxm_deploy.quantization.fake_quant import QUANT_MAX, int8_codes
 
 log = logging.getLogger("nxm_deploy.gpu")
 
 VARIANTS = ("dense-fp16", "sparse-fp16", "dense-int8", "sparse-int8")
-QUANT_MIN, QUANT_MAX = -128, 127
 #: cuSPARSELt: multiple of both dimensions of the sparse operand, and of the dense operand's rows, per dtype
 SPARSE_MULTIPLE = {torch.int8: 32, torch.float16: 16, torch.bfloat16: 16}
 DENSE_ROW_MULTIPLE = {torch.int8: 16, torch.float16: 8, torch.bfloat16: 8}
@@ -74,11 +74,6 @@ def is_2of4(weight: torch.Tensor) -> bool:
     return bool(((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """INT8 codes ``clamp(round(x / scale), -128, 127)`` (computed in FP32), ``scale`` broadcastable to ``x``."""
-    return torch.clamp(torch.round(x.float() / scale), QUANT_MIN, QUANT_MAX).to(torch.int8)
-
-
 def _pad_rows(x2d: torch.Tensor, multiple: int, minimum: int = 0) -> torch.Tensor:
     rows = x2d.shape[0]
     target = max(-(-rows // multiple) * multiple, -(-minimum // multiple) * multiple)
@@ -94,7 +89,7 @@ class FakeQuant(nn.Module):
         self.register_buffer("scale", scale.detach().float().reshape(()).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (quantize(x, self.scale).float() * self.scale).to(x.dtype)
+        return (int8_codes(x, self.scale).float() * self.scale).to(x.dtype)
 
 
 class SemiSparseLinear(nn.Module):
@@ -125,7 +120,7 @@ class SemiSparseLinear(nn.Module):
             raise ConfigError(f"Cannot make a 2:4 sparse Linear of a {out_features}x{in_features} weight that is not 2:4.")
         self.in_features, self.out_features = in_features, out_features
         if self.int8:
-            codes = quantize(weight, weight_scale.float().reshape(-1, 1))
+            codes = int8_codes(weight, weight_scale.float().reshape(-1, 1))
             self.register_buffer("input_scale", input_scale.detach().float().reshape(()).clone())
             self.register_buffer("alpha", (weight_scale.float().reshape(-1) * self.input_scale).contiguous())
             self.register_buffer("packed", torch._cslt_compress(codes.contiguous()))
@@ -146,7 +141,7 @@ class SemiSparseLinear(nn.Module):
         """``[M, in]`` -> ``[M, out]`` FP16 (before the output quantizer)."""
         rows = x2d.shape[0]
         xp = _pad_rows(x2d, DENSE_ROW_MULTIPLE[self.dtype])
-        operand = quantize(xp, self.input_scale) if self.int8 else xp.half()
+        operand = int8_codes(xp, self.input_scale) if self.int8 else xp.half()
         if self.int8 and not self.fuse_alpha:
             acc = torch._cslt_sparse_mm(self.packed, operand.t(), out_dtype=torch.int32, transpose_result=True,
                                         alg_id=self.alg_id)[:rows]
@@ -186,14 +181,14 @@ class Int8Linear(nn.Module):
             raise ConfigError(f"Cannot make an INT8 Linear: {reason}.")
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("input_scale", input_scale.detach().float().reshape(()).clone())
-        self.register_buffer("codes_t", quantize(weight, weight_scale.float().reshape(-1, 1)).t())  # [K, N] column-major
+        self.register_buffer("codes_t", int8_codes(weight, weight_scale.float().reshape(-1, 1)).t())  # [K, N] column-major
         self.register_buffer("alpha", (weight_scale.float().reshape(-1) * self.input_scale).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.output_quant = output_quant
 
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
         rows = x2d.shape[0]
-        acc = torch._int_mm(quantize(_pad_rows(x2d, INT_MM_MULTIPLE, INT_MM_MIN_ROWS), self.input_scale), self.codes_t)
+        acc = torch._int_mm(int8_codes(_pad_rows(x2d, INT_MM_MULTIPLE, INT_MM_MIN_ROWS), self.input_scale), self.codes_t)
         y = acc[:rows].float() * self.alpha
         if self.bias is not None:
             y = y + self.bias
@@ -212,8 +207,8 @@ def reference_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.T
     x = x.float()
     if input_scale is not None:
         s_w = weight_scale.float().reshape(-1, 1)
-        w = quantize(weight, s_w).float() * s_w
-        x = quantize(x, input_scale.float()).float() * input_scale.float()
+        w = int8_codes(weight, s_w).float() * s_w
+        x = int8_codes(x, input_scale.float()).float() * input_scale.float()
     else:
         w = weight.half().float()
     y = x @ w.t()
@@ -377,7 +372,7 @@ class _DenseFakeQuantLinear(nn.Module):
     def __init__(self, q):
         super().__init__()
         s_w = q.weight_quantizer.scale().detach().float().reshape(-1, 1)
-        self.register_buffer("weight", (quantize(q.weight.detach(), s_w).float() * s_w).half())
+        self.register_buffer("weight", (int8_codes(q.weight.detach(), s_w).float() * s_w).half())
         self.register_buffer("bias", None if q.bias is None else q.bias.detach().half().clone())
         self.input_quant = FakeQuant(q.input_quantizer.scale())
         out_q = getattr(q, "output_quantizer", None)

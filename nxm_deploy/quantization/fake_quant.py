@@ -152,7 +152,13 @@ class TensorQuantizer(nn.Module):
             shape = [1] * x.ndim
             shape[self.axis] = -1
             scale = scale.reshape(shape)
-        return torch.clamp(torch.round(x / scale), QUANT_MIN, QUANT_MAX).to(torch.int8)
+        return int8_codes(x, scale)
+
+
+def int8_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """INT8 codes ``clamp(round(x / scale), -128, 127)`` (round half to even, computed in FP32) as ``torch.int8``;
+    ``scale`` broadcasts to ``x``. ONNX ``QuantizeLinear`` with zero point 0 (GPUSQ-TLM Eq. 1)."""
+    return torch.clamp(torch.round(x.float() / scale), QUANT_MIN, QUANT_MAX).to(torch.int8)
 
 
 class QuantLinear(nn.Linear):

@@ -32,7 +32,8 @@ def test_is_2of4_along_the_input_axis():
 
 
 def test_int8_linear_is_the_qdq_math():
-    from nxm_deploy.gpu.kernels import Int8Linear, quantize, reference_linear
+    from nxm_deploy.gpu.kernels import Int8Linear, reference_linear
+    from nxm_deploy.quantization.fake_quant import int8_codes as quantize
 
     gen = torch.Generator().manual_seed(0)
     w, b, x = torch.randn(32, 64, generator=gen), torch.randn(32, generator=gen), torch.randn(3, 5, 64, generator=gen)
