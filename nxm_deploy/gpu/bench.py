@@ -174,17 +174,14 @@ def _graph_of(fn, reps: int, warmup: int = 2):
     """A zero-argument function replaying one CUDA graph of ``reps`` calls of ``fn`` (None if capture fails)."""
     import torch
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
+    from nxm_deploy.gpu.graphs import capture
+
+    def calls():
+        for _ in range(reps):
             fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
+
     try:
-        with torch.cuda.graph(graph, capture_error_mode="relaxed"):  # see nxm_deploy.gpu.graphs
-            for _ in range(reps):
-                fn()
+        graph, _, _ = capture(calls, warmup)
     except RuntimeError as exc:
         log.warning("CUDA graph capture failed: %s", str(exc).splitlines()[0])
         torch.cuda.synchronize()

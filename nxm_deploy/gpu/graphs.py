@@ -53,6 +53,31 @@ def hf_forward(model: torch.nn.Module, output: str = "logits", dtype: torch.dtyp
     return forward
 
 
+CAPTURE_ERROR_MODE = "relaxed"  # see the module docstring
+
+
+def capture(fn: Callable[[], torch.Tensor | None], warmup: int = 1,
+            capture_error_mode: str = CAPTURE_ERROR_MODE) -> tuple[torch.cuda.CUDAGraph, object, object]:
+    """Record ``fn()`` in a CUDA graph: ``warmup`` eager calls on a side stream first (lazy library init off the
+    capture), then one captured call. Returns ``(graph, captured output, last warm-up output or None)``.
+
+    Raises:
+        RuntimeError: the call cannot be captured (e.g. a host synchronization inside).
+    """
+    ref = None
+    if warmup:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                ref = fn()
+        torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode=capture_error_mode):
+        out = fn()
+    return graph, out, ref
+
+
 class GraphedForward:
     """``fn(**inputs) -> Tensor`` replayed from a CUDA graph per input shape.
 
@@ -67,7 +92,7 @@ class GraphedForward:
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor], max_graphs: int = 32, warmup: int = 1,
-                 capture_error_mode: str = "relaxed"):
+                 capture_error_mode: str = CAPTURE_ERROR_MODE):
         self.fn, self.max_graphs, self.warmup, self.capture_error_mode = fn, max_graphs, warmup, capture_error_mode
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
         self.capture_error: str | None = None
@@ -81,17 +106,8 @@ class GraphedForward:
 
     def _capture(self, inputs: dict[str, torch.Tensor]):
         static = {k: v.clone() for k, v in inputs.items()}
-        ref = None
-        if self.warmup and not self._graphs:  # the first capture: lazy init off the capture, and a reference
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(self.warmup):
-                    ref = self.fn(**static)
-            torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode=self.capture_error_mode):
-            out = self.fn(**static)
+        warmup = self.warmup if not self._graphs else 0  # the first capture: lazy init off the capture, a reference
+        graph, out, ref = capture(lambda: self.fn(**static), warmup, self.capture_error_mode)
         graph.replay()
         torch.cuda.synchronize()
         if ref is not None:
