@@ -257,24 +257,32 @@ class TorchRunner(_Labelled, BaseRunner):
             meta.add(name, dtype=np.int64, shape=(None, None))
         return meta
 
+    def _feed(self, feed_dict) -> tuple[dict, int | None]:
+        """The arrays to run and how many leading rows of the logits to keep (None: all)."""
+        return feed_dict, None
+
+    def _logits(self, inputs):
+        return self.model(**inputs).logits
+
     def infer_impl(self, feed_dict):
         import torch
 
+        feed, rows = self._feed(feed_dict)
         context = self._context(self.model) if self._context is not None else contextlib.nullcontext()
         with torch.no_grad(), context:
-            inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self._device) for k, v in feed_dict.items()}
+            inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self._device) for k, v in feed.items()}
             if self._device.startswith("cuda"):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                logits = self.model(**inputs).logits
+                logits = self._logits(inputs)
                 end.record()
                 end.synchronize()
                 self.inference_time = start.elapsed_time(end) / 1e3
             else:
                 begin = time.perf_counter()
-                logits = self.model(**inputs).logits
+                logits = self._logits(inputs)
                 self.inference_time = time.perf_counter() - begin
-        return OrderedDict(logits=logits.detach().float().cpu().numpy())
+        return OrderedDict(logits=logits[:rows].detach().float().cpu().numpy())
 
     def deactivate_impl(self):
         self.model = None
@@ -329,23 +337,15 @@ class TorchCudaRunner(TorchRunner):
         forward = hf_forward(model, "logits")
         self._forward = GraphedForward(forward) if self.use_graphs else forward
 
-    def infer_impl(self, feed_dict):
-        """Logits of the feed; with graphs, the feed is padded to a bucket shape first (:func:`bucket_feed`) and
-        the CUDA-event time covers the padded forward."""
-        import torch
-
+    def _feed(self, feed_dict) -> tuple[dict, int | None]:
+        """With graphs, the feed padded to a bucket shape (:func:`~nxm_deploy.gpu.graphs.bucket_feed`); the CUDA-event
+        time then covers the padded forward."""
         from nxm_deploy.gpu.graphs import bucket_feed
 
-        feed, rows = bucket_feed(feed_dict) if self.use_graphs else (feed_dict, None)
-        with torch.no_grad():
-            inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to("cuda") for k, v in feed.items()}
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            logits = self._forward(**inputs)
-            end.record()
-            end.synchronize()
-            self.inference_time = start.elapsed_time(end) / 1e3
-        return OrderedDict(logits=logits[:rows].float().cpu().numpy())
+        return bucket_feed(feed_dict) if self.use_graphs else (feed_dict, None)
+
+    def _logits(self, inputs):
+        return self._forward(**inputs)
 
     def describe(self) -> dict:
         kernels: dict[str, int] = {}
