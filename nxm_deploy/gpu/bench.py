@@ -473,6 +473,10 @@ def render_markdown(results: dict) -> str:
                 if r.get("errors"):
                     lines.append(f"| {r['layer']} | {r['n']}×{r['k']} | {r['m']} | errors | "
                                  + "; ".join(f"{k}: {v}" for k, v in r["errors"].items()) + " | | | | | | |")
+        wall_only = sorted({v for r in data.get("gemm", []) for v, st in r["eager"].items() if st.get("host_wall")})
+        if wall_only:
+            lines += ["", f"Eager {', '.join(wall_only)}: no timing loop (over {SLOW_EAGER_MS:g} ms per call); the eager "
+                          "cell is the host wall time of one synchronized call (table below)."]
         if data.get("gemm"):
             lines += ["", "Host wall time of one synchronized eager call (ms; launch and cuSPARSELt set-up included):", "",
                       "| layer | M | " + " | ".join(GEMM_VARIANTS) + " |", "|---|---|" + "---|" * len(GEMM_VARIANTS)]
