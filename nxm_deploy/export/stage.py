@@ -24,10 +24,9 @@ from nxm_deploy.export.cpu_int8 import CPU_INT8_ONNX, compare_logits, make_cpu_i
 from nxm_deploy.export.parity import INT8_MIN_AGREEMENT, INT8_TIE_MARGIN
 from nxm_deploy.export.qdq_lint import sparse_int8_summary, verify_qdq
 from nxm_deploy.export.verify import verify_onnx_sparsity, write_sparsity_metadata
-from nxm_deploy.models import load_saved_model
 from nxm_deploy.quantization import export_mode
 from nxm_deploy.quantization.placement import use_eager_attention
-from nxm_deploy.training.stage import check_masks, load_masks, load_qat_model, read_stage_manifest
+from nxm_deploy.training.stage import check_masks, load_masks, load_qat_model, load_stage_model, read_stage_manifest
 
 log = logging.getLogger("nxm_deploy.export")
 
@@ -57,7 +56,7 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     targets = sparse_manifest["targets"]
     pattern = recipe.pattern
 
-    dense, tokenizer = load_saved_model(run_dir / "dense")
+    dense, tokenizer = load_stage_model(run_dir, "dense")
     qat, _, quant_info = load_qat_model(run_dir)
     check_masks(qat, load_masks(run_dir), pattern)  # the saved masks hold on the weights about to be exported
     for model in (dense, qat):

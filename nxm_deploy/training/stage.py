@@ -334,7 +334,7 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
     task = recipe.task.spec()
     cfg, acfg = recipe.train, recipe.train.admm
     pattern = recipe.pattern
-    teacher, tokenizer = load_saved_model(_stage_dir(run_dir, "dense"))
+    teacher, tokenizer = load_stage_model(run_dir, "dense")
     student = copy.deepcopy(teacher)
     data = TaskData.from_recipe(recipe, tokenizer, glue_dir)
 
@@ -384,6 +384,16 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
     return manifest
 
 
+def stage_dir(run_dir: str | Path, stage: str) -> Path:
+    """The directory of a training stage (``dense``, ``admm`` -> ``sparse/``, ``qat``) in a run."""
+    return _stage_dir(Path(run_dir), stage)
+
+
+def load_stage_model(run_dir: str | Path, stage: str):
+    """``(model, tokenizer)`` of a finished ``dense`` or ``admm`` (sparse FP) stage of a run."""
+    return load_saved_model(stage_dir(run_dir, stage))
+
+
 def load_masks(run_dir: str | Path) -> dict[str, torch.Tensor]:
     """Bool masks (True = keep) by tensor fqn, from ``sparse/masks.safetensors``."""
     return load_file(str(_stage_dir(Path(run_dir), "admm") / "masks.safetensors"))
@@ -399,7 +409,7 @@ def load_qat_model(run_dir: str | Path):
     read_stage_manifest(run_dir, "qat")
     qdir = _stage_dir(run_dir, "qat")
     info = read_json(qdir / "quant.json")
-    model, tokenizer = load_saved_model(_stage_dir(run_dir, "admm"))
+    model, tokenizer = load_stage_model(run_dir, "admm")
     quantize_model_(model, info["quantized_modules"], learn_amax=False)
     groups = info.get("quantizer_groups") or {"gemm_outputs": False, "attention": False}  # runs before the groups
     place_quantizers_(model, info["quantized_modules"], learn_amax=False, **groups)
@@ -427,12 +437,12 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
     task = recipe.task.spec()
     cfg, qcfg = recipe.train, recipe.train.qat
     pattern = recipe.pattern
-    sparse_fp, tokenizer = load_saved_model(_stage_dir(run_dir, "admm"))
+    sparse_fp, tokenizer = load_stage_model(run_dir, "admm")
     student = copy.deepcopy(sparse_fp)
     teacher = sparse_fp
     if qcfg.distill and qcfg.epochs > 0 and qcfg.teacher == "dense":
         read_stage_manifest(run_dir, "dense")
-        teacher, _ = load_saved_model(_stage_dir(run_dir, "dense"))
+        teacher, _ = load_stage_model(run_dir, "dense")
     masks = load_masks(run_dir)
     data = TaskData.from_recipe(recipe, tokenizer, glue_dir)
     targets = sparse_manifest["targets"]

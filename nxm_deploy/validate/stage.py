@@ -136,15 +136,14 @@ def cuda_torch_runners(run_dir: Path, names: list[str]) -> tuple[dict, list[dict
 
     if not torch.cuda.is_available():
         return {}, [{"name": "pytorch CUDA runners", "reason": "no CUDA device (torch.cuda.is_available() is False)"}]
-    from nxm_deploy.models import load_saved_model
-    from nxm_deploy.training.stage import _stage_dir, load_qat_model, read_stage_manifest
+    from nxm_deploy.training.stage import load_qat_model, load_stage_model, read_stage_manifest, stage_dir
 
     targets = list(read_stage_manifest(run_dir, "admm")["targets"])
-    loaders = {"dense": lambda: load_saved_model(_stage_dir(run_dir, "dense"))[0],
-               "admm": lambda: load_saved_model(_stage_dir(run_dir, "admm"))[0],
+    loaders = {"dense": lambda: load_stage_model(run_dir, "dense")[0],
+               "admm": lambda: load_stage_model(run_dir, "admm")[0],
                "qat": lambda: load_qat_model(run_dir)[0]}
     return {name: TorchCudaRunner(loaders[stage], name, names, variant=variant, targets=targets,
-                                  source=_stage_dir(run_dir, stage))
+                                  source=stage_dir(run_dir, stage))
             for name, (stage, variant) in CUDA_RUNNERS.items()}, []
 
 
@@ -186,10 +185,9 @@ def predict(runner, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
 
 
 def _torch_runners(run_dir: Path, names: list[str]) -> dict:
-    from nxm_deploy.models import load_saved_model
-    from nxm_deploy.training.stage import load_qat_model
+    from nxm_deploy.training.stage import load_qat_model, load_stage_model
 
-    dense, _ = load_saved_model(run_dir / "dense")
+    dense, _ = load_stage_model(run_dir, "dense")
     qat, _, _ = load_qat_model(run_dir)
     return {
         "torch_dense_fp32": TorchRunner(dense, "torch_dense_fp32", names, source=run_dir / "dense"),
