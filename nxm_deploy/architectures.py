@@ -32,6 +32,7 @@ class Architecture:
         attention: the ``(q, k, v)`` child names of the self-attention module, where the attention goes through
             transformers' ``AttentionInterface`` (so INT8 attention can be placed), else None.
         attention_note: why INT8 attention is not available (when ``attention`` is None).
+        decoder_only: a decoder-only language model (causal LM task allowed; classification pools the last token).
     """
 
     name: str
@@ -41,6 +42,7 @@ class Architecture:
     dense: dict[str, str] = field(default_factory=dict)
     attention: tuple[str, str, str] | None = None
     attention_note: str = ""
+    decoder_only: bool = False
 
     def role_of(self, fqn: str) -> str | None:
         """The role of a module fqn inside a block (``q``, ``k``, ...), or None."""
@@ -86,10 +88,11 @@ _DECODER_ATTENTION = ("q_proj", "k_proj", "v_proj")
 REGISTRY = REGISTRY + (
     Architecture("OPT", ("opt",), "*.decoder.layers.*",
                  {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
-                  "up": "fc1", "down": "fc2"}, attention=_DECODER_ATTENTION),
+                  "up": "fc1", "down": "fc2"}, attention=_DECODER_ATTENTION, decoder_only=True),
     Architecture("Llama family", ("llama", "mistral", "qwen2"), "*.layers.*",
                  {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-                  "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}, attention=_DECODER_ATTENTION),
+                  "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}, attention=_DECODER_ATTENTION,
+                 decoder_only=True),
 )
 
 REGISTRY = REGISTRY + (
@@ -97,7 +100,7 @@ REGISTRY = REGISTRY + (
     Architecture("GPT-2", ("gpt2",), "*.h.*",
                  {"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
                  attention_note="GPT-2 computes Q, K and V in one fused GEMM (c_attn); INT8 attention needs the "
-                                "three projections apart"),
+                                "three projections apart", decoder_only=True),
 )
 
 #: blocks of an unknown architecture: every Linear inside one is a target (with a warning)

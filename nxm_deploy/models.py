@@ -68,35 +68,59 @@ def resolve_source(source: str) -> str:
     return source  # a hub id, for users online
 
 
-def load_base_model(source: str, num_labels: int, random_init: dict | None = None, seed: int = 0):
-    """Load ``(model, tokenizer)`` for sequence classification.
+def check_causal_lm_model(config) -> None:
+    """Refuse ``task.name: causal_lm`` on a model that is not a decoder-only language model.
+
+    Raises:
+        ConfigError: an encoder-only architecture of the registry (BERT, DeBERTa, ...), or a type transformers has
+            no causal-LM class for.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from nxm_deploy.architectures import architecture_of
+
+    arch = architecture_of(config.model_type)
+    if (arch is not None and not arch.decoder_only) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(
+            f"task.name causal_lm needs a decoder-only language model, but model.source is a {config.model_type} "
+            f"({arch.name if arch else 'no causal-LM class in transformers'}), an encoder.",
+            hint="Use a decoder model (GPT-2, OPT, Llama, Mistral, Qwen2), or a classification task for this model.")
+
+
+def load_base_model(source: str, num_labels: int, random_init: dict | None = None, seed: int = 0, *,
+                    causal_lm: bool = False):
+    """Load ``(model, tokenizer)`` for sequence classification, or for causal language modelling.
 
     Args:
         source: ``"minilm"``, a local HF directory, or a hub id.
-        num_labels: classifier outputs (1 = regression).
+        num_labels: classifier outputs (1 = regression); ignored for a causal LM.
         random_init: when set, a randomly initialised model from the source config with these overrides
             (e.g. ``{"num_hidden_layers": 2, "hidden_size": 64}``); the tokenizer still comes from ``source``.
         seed: torch seed for the new classifier head / random init.
+        causal_lm: load ``AutoModelForCausalLM`` (logits ``[B, L, vocab]``) instead of the classifier.
 
     Raises:
-        ConfigError: bad source or overrides.
+        ConfigError: bad source or overrides; ``causal_lm`` with an encoder-only model (:func:`check_causal_lm_model`).
     """
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     resolved = resolve_source(source)
     torch.manual_seed(seed)
+    auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved)
-        config = AutoConfig.from_pretrained(resolved, num_labels=num_labels)
+        config = AutoConfig.from_pretrained(resolved) if causal_lm else AutoConfig.from_pretrained(resolved, num_labels=num_labels)
+        if causal_lm:
+            check_causal_lm_model(config)
         if random_init is not None:
             for key, value in random_init.items():
                 if not hasattr(config, key):
                     raise ConfigError(f"model.random_init key '{key}' is not a field of {type(config).__name__}.")
                 setattr(config, key, value)
-            model = AutoModelForSequenceClassification.from_config(config)
+            model = auto.from_config(config)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(resolved, config=config)
+            model = auto.from_pretrained(resolved, config=config)
     except (OSError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
@@ -105,7 +129,7 @@ def load_base_model(source: str, num_labels: int, random_init: dict | None = Non
             hint="Use 'minilm', a local model directory, or a hub id with network access.",
         ) from exc
     conv1d_to_linear_(model)
-    if num_labels == 1:
+    if num_labels == 1 and not causal_lm:
         model.config.problem_type = "regression"
     # decoder classifiers pool the last token that is not padding: the model must know the tokenizer's pad id
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
@@ -158,11 +182,30 @@ def save_model_dir(model, tokenizer, path: str | Path) -> None:
     tokenizer.save_pretrained(str(path))
 
 
-def load_saved_model(path: str | Path):
-    """Load ``(model, tokenizer)`` saved by a training stage (``save_pretrained`` layout); Conv1D projections come
-    back as ``nn.Linear`` (:func:`conv1d_to_linear_`)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def is_causal_lm_config(config: dict) -> bool:
+    """Whether a saved ``config.json`` (as a dict) is a causal language model's (``architectures`` ``*ForCausalLM``)."""
+    return any(str(a).endswith("ForCausalLM") or str(a).endswith("LMHeadModel") for a in config.get("architectures") or [])
 
-    model = AutoModelForSequenceClassification.from_pretrained(str(path))
+
+def config_max_positions(config: dict) -> int | None:
+    """The longest sequence a saved ``config.json`` (as a dict) allows: ``max_position_embeddings``, GPT-2's
+    ``n_positions``; None when it records neither (relative-position models)."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def load_saved_model(path: str | Path):
+    """Load ``(model, tokenizer)`` saved by a training stage (``save_pretrained`` layout): a sequence classifier, or a
+    causal LM where ``config.json`` names one; Conv1D projections come back as ``nn.Linear`` (:func:`conv1d_to_linear_`)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    auto = AutoModelForCausalLM if is_causal_lm_config(config) else AutoModelForSequenceClassification
+    model = auto.from_pretrained(str(path))
     conv1d_to_linear_(model)
     return model, AutoTokenizer.from_pretrained(str(path))

@@ -162,7 +162,8 @@ TINY_CONFIGS = {
                    "max_relative_positions": 64, "position_buckets": 16},
     "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
     "llama": {"num_key_value_heads": 2},  # grouped-query attention, as Llama 3 / Qwen2 / Mistral
-    "gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 128},  # Conv1D projections
+    # Conv1D projections; BOS/EOS inside the MiniLM vocabulary ([CLS], [SEP]) the tiny models share
+    "gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 128, "bos_token_id": 101, "eos_token_id": 102},
 }
 
 

@@ -186,7 +186,7 @@ def load_artifacts(run_dir: str | Path, model: str = "sparse_int8") -> RunArtifa
         model: ``"sparse_int8"`` (the deployed 2:4 INT8 model) or ``"dense"`` (the FP32 baseline).
 
     Raises:
-        ConfigError: unknown ``model``.
+        ConfigError: unknown ``model``; the run is a causal language model (nothing to classify).
         RunDirError: not a run directory, the export stage has not run, or an artifact is missing.
     """
     if model not in MODELS:
@@ -227,8 +227,16 @@ def load_artifacts(run_dir: str | Path, model: str = "sparse_int8") -> RunArtifa
     if config_path:
         check_recorded_file(config_path, f"nxm-deploy train {run_dir} --stage {config_path.parent.name}")
     config = _read_json(config_path, "Model config") if config_path else {}
+    from nxm_deploy.models import config_max_positions, is_causal_lm_config  # torch-free
 
-    limits = [v for v in (max_seq, config.get("max_position_embeddings"), tokenizer_config.get("model_max_length"))
+    if is_causal_lm_config(config):
+        raise ConfigError(
+            f"{run_dir} holds a causal language model (task {task_name}); the client classifies or scores text "
+            "with a sequence-classification model.",
+            hint="Run the exported ONNX (input_ids, attention_mask -> logits [B, L, vocab]) with ONNX Runtime or "
+                 "TensorRT directly; generation needs a KV cache, which nxm-deploy does not export yet.")
+
+    limits = [v for v in (max_seq, config_max_positions(config), tokenizer_config.get("model_max_length"))
               if isinstance(v, int) and not isinstance(v, bool) and 0 < v < _NO_LIMIT]
     if not limits:
         raise RunDirError(f"{run_dir / 'recipe.yaml'} has no task.max_seq_length and the model records no limit.")

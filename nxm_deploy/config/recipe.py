@@ -50,31 +50,53 @@ class ModelConfig(_Strict):
 
 
 class TaskConfig(_Strict):
-    """The task: a GLUE preset by name, or your own data files (``train_file`` + ``eval_file``,
-    :mod:`nxm_deploy.data.files`)."""
+    """The task: a GLUE preset by name; your own classification / regression data (``train_file`` + ``eval_file``,
+    or a Hugging Face ``dataset``; :mod:`nxm_deploy.data.files`); or ``name: causal_lm`` on your own text
+    (:mod:`nxm_deploy.data.lm`)."""
 
     name: str = "rte"
     glue_dir: str | None = Field(None, description="GLUE TSV root; else --glue-dir, NXM_GLUE_DIR, or HF datasets")
-    max_seq_length: int = Field(128, ge=8, le=512)
-    max_train_examples: int | None = Field(None, ge=1)
-    max_eval_examples: int | None = Field(None, ge=1)
-    train_file: str | None = Field(None, description="your own training data: .csv, .tsv, .jsonl/.json or .parquet")
+    max_seq_length: int = Field(128, ge=8, le=512, description="truncation length; causal_lm: the block size")
+    max_train_examples: int | None = Field(None, ge=1, description="causal_lm: documents (lines) read")
+    max_eval_examples: int | None = Field(None, ge=1, description="causal_lm: documents (lines) read")
+    train_file: str | None = Field(None, description="your own training data: .csv, .tsv, .jsonl/.json or .parquet "
+                                   "(causal_lm also .txt: one document per line)")
     eval_file: str | None = Field(None, description="your own evaluation data (same columns as train_file)")
+    dataset: str | None = Field(None, description="a Hugging Face dataset (hub name or local folder) instead of "
+                                "train_file/eval_file, e.g. wikitext")
+    dataset_config: str | None = Field(None, description="the dataset's config, e.g. wikitext-103-raw-v1")
+    train_split: str = Field("train", description="the dataset split to train on")
+    eval_split: str = Field("validation", description="the dataset split to evaluate on")
     text_columns: list[str] | None = Field(None, min_length=1, max_length=2,
-                                           description="one text column, or two for text pairs")
+                                           description="one text column, or two for text pairs (causal_lm: one; "
+                                           "default text)")
     label_column: str = "label"
     labels: list[str] | None = Field(None, min_length=2, description="class names in class-id order; "
                                      "default: the sorted distinct labels of train_file")
-    metric: Literal["accuracy", "f1", "matthews_corr", "pearson", "spearman"] | None = Field(
-        None, description="primary metric of own data (default accuracy; pearson/spearman make it regression)")
+    metric: Literal["accuracy", "f1", "matthews_corr", "pearson", "spearman", "perplexity"] | None = Field(
+        None, description="primary metric of own data (default accuracy; pearson/spearman make it regression; "
+        "causal_lm: perplexity)")
+
+    @property
+    def own_data(self) -> bool:
+        """True when the task reads your own data (files or a Hugging Face dataset), not a GLUE preset."""
+        return self.train_file is not None or self.dataset is not None
+
+    @property
+    def is_causal_lm(self) -> bool:
+        """True for ``name: causal_lm``."""
+        from nxm_deploy.data.tasks import CAUSAL_LM
+
+        return self.name == CAUSAL_LM
 
     @model_validator(mode="before")
     @classmethod
     def _preset_name(cls, data):
         """A GLUE preset's canonical name ("RTE", "sst-2" -> "rte", "sst2")."""
-        if isinstance(data, dict) and data.get("train_file") is None and isinstance(data.get("name"), str):
-            from nxm_deploy.data.tasks import get_task
+        from nxm_deploy.data.tasks import CAUSAL_LM, get_task
 
+        if (isinstance(data, dict) and data.get("train_file") is None and data.get("dataset") is None
+                and isinstance(data.get("name"), str) and data["name"] != CAUSAL_LM):
             data = {**data, "name": get_task(data["name"]).name}  # raises ConfigError listing the known tasks
         return data
 
@@ -82,18 +104,46 @@ class TaskConfig(_Strict):
     def _preset_or_files(self):
         from nxm_deploy.data.tasks import TASKS, _normalize, get_task
 
-        own = {k: getattr(self, k) for k in ("train_file", "eval_file", "text_columns", "labels", "metric")
-               if getattr(self, k) is not None}
-        if self.train_file is None:
+        own = {k: getattr(self, k) for k in ("train_file", "eval_file", "dataset", "dataset_config", "text_columns",
+                                             "labels", "metric") if getattr(self, k) is not None}
+        if not self.own_data:
             if own:
-                raise ConfigError(f"task.{', task.'.join(own)} describe your own data, but task.train_file is not set.",
-                                  hint="Give task.train_file and task.eval_file, or drop those keys for a GLUE task.")
+                raise ConfigError(f"task.{', task.'.join(own)} describe your own data, but neither task.train_file nor "
+                                  "task.dataset is set.",
+                                  hint="Give task.train_file and task.eval_file (or task.dataset), or drop those keys "
+                                       "for a GLUE task.")
+            if self.is_causal_lm:
+                raise ConfigError("task.name causal_lm needs your text: task.train_file and task.eval_file (plain "
+                                  "text, one document per line) or task.dataset.",
+                                  hint="e.g. train_file: data/train.txt, eval_file: data/valid.txt; or dataset: "
+                                       "wikitext, dataset_config: wikitext-103-raw-v1")
             get_task(self.name)  # raises ConfigError listing the known tasks
             return self
-        missing = [k for k in ("eval_file", "text_columns") if getattr(self, k) is None]
-        if missing:
-            raise ConfigError(f"Own data needs task.{' and task.'.join(missing)} next to task.train_file.",
-                              hint="e.g. eval_file: data/dev.csv, text_columns: [question, answer]")
+        if self.train_file is not None and self.dataset is not None:
+            raise ConfigError("task.train_file and task.dataset both name the data; give one of them.",
+                              hint="Files: train_file + eval_file. A Hugging Face dataset: dataset (+ dataset_config).")
+        if self.dataset is None and self.eval_file is None:
+            raise ConfigError("Own data needs task.eval_file next to task.train_file.", hint="e.g. eval_file: data/dev.csv")
+        if self.dataset is not None and self.eval_file is not None:
+            raise ConfigError("task.eval_file is for files; a dataset's evaluation data is task.eval_split.",
+                              hint="Drop task.eval_file, or set task.train_file instead of task.dataset.")
+        if self.is_causal_lm:
+            extra = [k for k in ("labels",) if getattr(self, k) is not None]
+            if self.metric not in (None, "perplexity"):
+                extra.append("metric")
+            if self.text_columns is not None and len(self.text_columns) != 1:
+                extra.append("text_columns (one column)")
+            if extra:
+                raise ConfigError(f"task.{', task.'.join(extra)} do not apply to causal_lm (next-token prediction, "
+                                  "metric perplexity, one text column).",
+                                  hint="Drop them, or use another task.name for classification.")
+            return self
+        if self.metric == "perplexity":
+            raise ConfigError("task.metric perplexity belongs to causal language modelling.",
+                              hint="Set task.name: causal_lm, or use accuracy, f1, matthews_corr, pearson, spearman.")
+        if self.text_columns is None:
+            raise ConfigError("Own data needs task.text_columns (one column, or two for text pairs).",
+                              hint="e.g. text_columns: [question, answer]")
         if _normalize(self.name) in TASKS:
             raise ConfigError(f"task.name {self.name!r} is a GLUE preset; your own data needs its own name.",
                               hint="e.g. task.name: support_tickets")
@@ -103,13 +153,13 @@ class TaskConfig(_Strict):
         return self
 
     def spec(self):
-        """The task's :class:`~nxm_deploy.data.tasks.TaskSpec`: the GLUE preset, or one built from the data files
-        (labels inferred from ``train_file`` unless given).
+        """The task's :class:`~nxm_deploy.data.tasks.TaskSpec`: the GLUE preset, the causal-LM task, or one built
+        from your data (labels inferred from the train split unless given).
 
         Raises:
             ConfigError / DataError: see :func:`nxm_deploy.data.files.file_task_spec`.
         """
-        if self.train_file is None:
+        if not self.own_data:
             from nxm_deploy.data.tasks import get_task
 
             return get_task(self.name)

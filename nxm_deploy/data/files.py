@@ -12,9 +12,16 @@ describes a task as the GLUE presets do, and becomes the same :class:`~nxm_deplo
 * ``metric``: ``accuracy`` (default for classes), ``f1`` (binary), ``matthews_corr``, ``pearson`` (default for
   regression) or ``spearman``.
 
+Instead of files, ``dataset`` names a Hugging Face dataset (a hub name for users online, or a local folder of data
+files), with ``dataset_config``, ``train_split`` and ``eval_split``; class labels of a ``ClassLabel`` column come
+in the dataset's own order.
+
+``name: causal_lm`` is next-token prediction on your own text (:mod:`nxm_deploy.data.lm`): a ``.txt`` file holds
+one document per line; other formats and datasets hold the documents in ``text_columns[0]`` (default ``text``).
+
 Files are read with Hugging Face ``datasets`` (``csv`` builder, tab-separated for ``.tsv``; ``json`` for
-``.jsonl``/``.json``; ``parquet``), which is the ``[data]`` extra. Relative paths are relative to the current
-directory, as ``--glue-dir`` is.
+``.jsonl``/``.json``; ``parquet``; ``text`` for ``.txt``), which is the ``[data]`` extra. Relative paths are
+relative to the current directory, as ``--glue-dir`` is.
 
 This module imports neither torch nor transformers.
 """
@@ -31,7 +38,7 @@ from nxm_deploy.errors import ConfigError, DataError, MissingDependencyError
 
 #: file suffix -> (datasets builder, builder kwargs)
 FORMATS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".jsonl": ("json", {}), ".json": ("json", {}),
-           ".parquet": ("parquet", {})}
+           ".parquet": ("parquet", {}), ".txt": ("text", {})}
 REGRESSION_METRICS = ("pearson", "spearman")
 CLASS_METRICS = ("accuracy", "f1", "matthews_corr")
 
@@ -67,7 +74,15 @@ def _read(path: str, mtime_ns: int) -> dict[str, list]:
         raise DataError(f"Data file {p} is not UTF-8 text (byte {exc.start} of the file).",
                         hint="Save the file as UTF-8.") from exc
     if not head.strip():
-        raise DataError(f"Data file {p} is empty.", hint="Give a file with a header (CSV/TSV) and at least one row.")
+        raise DataError(f"Data file {p} is empty.", hint="Give a file with a header (CSV/TSV) and at least one row "
+                        "(a .txt file: one document per line).")
+    if builder == "text":
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"Data file {p} is not UTF-8 text (byte {exc.start} of the file).",
+                            hint="Save the file as UTF-8.") from exc
+        return {"text": text.splitlines()}
     datasets.disable_progress_bars()
     try:
         table = datasets.load_dataset(builder, data_files=str(p), split="train", **kwargs)
@@ -80,13 +95,65 @@ def _read(path: str, mtime_ns: int) -> dict[str, list]:
 
 
 def read_columns(path: str | os.PathLike) -> dict[str, list]:
-    """Every column of a data file: ``{name: [values]}``.
+    """Every column of a data file: ``{name: [values]}`` (a ``.txt`` file: one column ``text``, one line per value).
 
     Raises:
         DataError: missing, empty, not UTF-8, unknown suffix, or unreadable. MissingDependencyError: no ``datasets``.
     """
     p = _path(path)
     return _read(str(p.resolve()), p.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_dataset(name: str, config: str | None, split: str) -> tuple[dict[str, list], dict[str, tuple[str, ...]]]:
+    """The columns of one split of a Hugging Face dataset, and the class names of its ``ClassLabel`` columns."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise MissingDependencyError("Reading a Hugging Face dataset needs `datasets`.",
+                                     hint='pip install "nxm-deploy[data]"') from exc
+    datasets.disable_progress_bars()
+    where = f"dataset {name!r}" + (f" (config {config!r})" if config else "")
+    try:
+        table = datasets.load_dataset(name, config, split=split)
+    except ValueError as exc:
+        if "split" in str(exc).lower():
+            raise DataError(f"{where} has no split {split!r}: {str(exc).splitlines()[0][:200]}",
+                            hint="Set task.train_split / task.eval_split to splits of the dataset.") from exc
+        raise DataError(f"{where} cannot be read: {str(exc).splitlines()[0][:200]}",
+                        hint="Check task.dataset / task.dataset_config.") from exc
+    except Exception as exc:  # noqa: BLE001 - offline, unknown name, bad config: datasets raises many kinds
+        raise DataError(f"{where} cannot be read: {str(exc).splitlines()[0][:200]}",
+                        hint="Check task.dataset / task.dataset_config (a hub name needs network access; a local "
+                             "folder of data files works offline).") from exc
+    if table.num_rows == 0:
+        raise DataError(f"{where}, split {split!r} has no rows.", hint="Pick a split with examples.")
+    classes = {col: tuple(feature.names) for col, feature in table.features.items()
+               if isinstance(feature, datasets.ClassLabel)}
+    return {col: table[col] for col in table.column_names}, classes
+
+
+def split_columns(spec, split: str) -> tuple[dict[str, list], str]:
+    """The columns of a task's ``train`` or ``dev`` split (files or a Hugging Face dataset) and the name of that
+    data for messages; ``ClassLabel`` columns come as their class names.
+
+    Raises:
+        DataError: the file or split cannot be read (see :func:`read_columns`).
+    """
+    where = spec.train_file if split == "train" else spec.dev_file
+    if spec.source != "dataset":
+        return read_columns(where), str(where)
+    columns, classes = _read_dataset(spec.dataset, spec.dataset_config, where)
+    columns = {col: ([classes[col][v] if v is not None and v >= 0 else None for v in values] if col in classes
+                     else values) for col, values in columns.items()}
+    return columns, f"dataset {spec.dataset!r} split {where!r}"
+
+
+def dataset_class_names(spec, column: str) -> tuple[str, ...] | None:
+    """The class names of a dataset's ``ClassLabel`` column in class-id order, None for files or other columns."""
+    if spec.source != "dataset":
+        return None
+    return _read_dataset(spec.dataset, spec.dataset_config, spec.train_file)[1].get(column)
 
 
 def _column(columns: dict[str, list], name: str, path) -> list:
@@ -102,65 +169,78 @@ def _label_text(value) -> str:
     return str(value)
 
 
-def infer_labels(train_file: str | os.PathLike, label_column: str) -> tuple[str, ...]:
-    """The sorted distinct labels of the train file, as strings (numbers as their text: ``1``, not ``1.0``).
+def infer_labels(spec, label_column: str) -> tuple[str, ...]:
+    """The class names of a task's train split: a dataset's ``ClassLabel`` names in their order, else the sorted
+    distinct labels, as strings (numbers as their text: ``1``, not ``1.0``).
 
     Raises:
         DataError: the column is missing or a label is empty.
     """
-    columns = read_columns(train_file)
-    values = _column(columns, label_column, train_file)
+    named = dataset_class_names(spec, label_column)
+    if named:
+        return named
+    columns, where = split_columns(spec, "train")
+    values = _column(columns, label_column, where)
     labels = set()
     for row, value in enumerate(values):
         if value is None or _label_text(value) == "":
-            raise DataError(f"Data file {train_file}, row {row + 1}: empty label in column {label_column!r}.",
+            raise DataError(f"Data file {where}, row {row + 1}: empty label in column {label_column!r}.",
                             hint="Every training example needs a label.")
         labels.add(_label_text(value))
     return tuple(sorted(labels))
 
 
 def file_task_spec(config):
-    """The :class:`TaskSpec` of a recipe ``task`` section with ``train_file`` (see the module docstring).
+    """The :class:`TaskSpec` of a recipe ``task`` section with ``train_file`` or ``dataset`` (see the module
+    docstring).
 
     Raises:
         ConfigError: a classification metric without class labels, or fewer than 2 classes.
-        DataError: the train file cannot be read or lacks the label column.
+        DataError: the train data cannot be read or lacks the label column.
     """
+    from dataclasses import replace
+
     from nxm_deploy.data.tasks import TaskSpec
 
+    if config.dataset is not None:
+        where = {"source": "dataset", "dataset": config.dataset, "dataset_config": config.dataset_config,
+                 "train_file": config.train_split, "dev_file": config.eval_split}
+    else:
+        where = {"source": "files", "train_file": str(config.train_file), "dev_file": str(config.eval_file)}
+    texts = list(config.text_columns or ["text"])
+    base = TaskSpec(name=config.name, glue_dir_name="", hf_config="", label_list=None, metrics=("perplexity",),
+                    primary_metric="perplexity", has_header=True, text_a_col=texts[0], text_b_col=None,
+                    label_col=config.label_column, **where)
+    if config.is_causal_lm:
+        return base
     metric = config.metric or "accuracy"
     regression = metric in REGRESSION_METRICS
     if regression:
         label_list, metrics = None, (metric, *[m for m in REGRESSION_METRICS if m != metric])
     else:
-        label_list = tuple(config.labels) if config.labels else infer_labels(config.train_file, config.label_column)
+        label_list = tuple(config.labels) if config.labels else infer_labels(base, config.label_column)
         if len(label_list) < 2:
-            raise ConfigError(f"Task '{config.name}': the train file {config.train_file} has one label "
+            raise ConfigError(f"Task '{config.name}': the train data ({base.train_file}) has one label "
                               f"({label_list[0]!r}); classification needs at least 2.",
                               hint="Check task.label_column, or set task.metric: pearson for a regression target.")
         if metric == "f1" and len(label_list) != 2:
             raise ConfigError(f"Task '{config.name}': metric f1 is binary, but there are {len(label_list)} labels.",
                               hint="Use task.metric: accuracy or matthews_corr.")
         metrics = (metric, "accuracy") if metric != "accuracy" else ("accuracy",)
-    texts = list(config.text_columns)
-    return TaskSpec(
-        name=config.name, glue_dir_name="", hf_config="", label_list=label_list, metrics=metrics,
-        primary_metric=metric, dev_file=str(config.eval_file), has_header=True, text_a_col=texts[0],
-        text_b_col=texts[1] if len(texts) > 1 else None, label_col=config.label_column,
-        train_file=str(config.train_file), source="files",
-    )
+    return replace(base, label_list=label_list, metrics=metrics, primary_metric=metric,
+                   text_b_col=texts[1] if len(texts) > 1 else None)
 
 
 def load_file_split(spec, split: str, max_examples: int | None) -> tuple[list[str], list[str] | None, np.ndarray]:
-    """One split (``train`` or ``dev``) of a file task: ``(texts_a, texts_b or None, labels)``, labels int64 class
-    ids or float32 scores (:func:`~nxm_deploy.data.glue.load_task_split` makes them a ``TaskExamples``).
+    """One split (``train`` or ``dev``) of your own classification / regression data (files or a dataset):
+    ``(texts_a, texts_b or None, labels)``, labels int64 class ids or float32 scores
+    (:func:`~nxm_deploy.data.glue.load_task_split` makes them a ``TaskExamples``).
 
     Raises:
         DataError: missing column, empty text, an eval label the train file never had (or a non-number score
             for regression), naming the file and row.
     """
-    path = spec.train_file if split == "train" else spec.dev_file
-    columns = read_columns(path)
+    columns, path = split_columns(spec, split)
     n = len(next(iter(columns.values())))
     keep = n if max_examples is None else min(n, max_examples)
     texts = []

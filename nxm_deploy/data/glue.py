@@ -50,10 +50,11 @@ class TaskExamples:
     """The examples of one task split, in file order.
 
     Attributes:
-        texts_a (list[str]): first sentence of each example, length ``N``.
+        texts_a (list[str]): first sentence of each example (causal LM: each document), length ``N``.
         texts_b (list[str] | None): second sentence of each example (length ``N``), or ``None`` for
             single-sentence tasks.
-        labels (np.ndarray): ``[N]`` int64 class ids, or ``[N]`` float32 scores for regression.
+        labels (np.ndarray): ``[N]`` int64 class ids, or ``[N]`` float32 scores for regression (causal LM:
+            zeros; a document's labels are its own tokens).
         skipped_rows (int): malformed rows skipped while reading (only tasks with
             ``TaskSpec.skip_malformed``, i.e. QQP).
 
@@ -142,7 +143,12 @@ def load_task_split(
             f"max_examples={max_examples!r} must be an integer >= 1 (or None for all examples).",
             hint="Drop the limit, or pass a positive count.",
         )
-    if spec.source == "files":
+    if spec.is_causal_lm:  # documents; the labels of a causal LM are its tokens (nxm_deploy.data.lm.group_texts)
+        from nxm_deploy.data.lm import load_documents
+
+        docs = load_documents(spec, split, max_examples)
+        return TaskExamples(texts_a=docs, texts_b=None, labels=np.zeros(len(docs), dtype=np.int64))
+    if spec.source in ("files", "dataset"):
         from nxm_deploy.data.files import load_file_split
 
         texts_a, texts_b, labels = load_file_split(spec, split, max_examples)

@@ -70,6 +70,7 @@ def encode_dataset(
     *,
     max_seq_length: int,
     pad_to_max_length: bool = False,
+    causal_lm: bool = False,
 ) -> tuple[Dataset, Any]:
     """Tokenize ``examples`` once: a map-style dataset of token id lists plus the collator that pads its batches.
 
@@ -78,20 +79,28 @@ def encode_dataset(
         examples (TaskExamples): texts (pairs when ``texts_b`` is not None) and labels.
         max_seq_length (int): truncation length in tokens (>= 2); pairs are truncated longest-first.
         pad_to_max_length (bool): the collator pads every batch to ``max_seq_length`` instead of its longest row.
+        causal_lm (bool): ``examples.texts_a`` are documents, cut into blocks of ``max_seq_length`` tokens whose
+            labels are their tokens (:func:`nxm_deploy.data.lm.group_texts`).
 
     Returns:
         (dataset, collator): item ``i`` of the dataset is a dict of int lists (``input_ids``, ``attention_mask``,
         ``token_type_ids`` when the tokenizer returns them) and a scalar ``labels``; the collator turns a list of
         items into int64 ``[b, L]`` tensors and ``labels`` int64 ``[b]`` (class ids) or float32 ``[b]``
-        (regression). Both are what ``transformers.Trainer`` takes as ``train_dataset`` / ``data_collator``.
+        (regression), or int64 ``[b, L]`` token ids (causal LM). Both are what ``transformers.Trainer`` takes as
+        ``train_dataset`` / ``data_collator``.
 
     Raises:
         ConfigError: ``max_seq_length`` < 2.
-        DataError: ``examples`` is empty.
+        DataError: ``examples`` is empty; a causal-LM split shorter than one block.
     """
     _check_positive("max_seq_length", max_seq_length, minimum=2)
     if len(examples) == 0:
         raise DataError("Cannot build a data loader from 0 examples.", hint="Check the task split and max_examples.")
+    if causal_lm:
+        from nxm_deploy.data.lm import group_texts
+
+        features = group_texts(tokenizer, examples.texts_a, max_seq_length)
+        return _EncodedDataset(features), _Collator(tokenizer, max_length=None, label_dtype=torch.int64)
 
     enc = tokenizer(
         list(examples.texts_a),
@@ -122,6 +131,7 @@ def make_dataloader(
     seed: int = 0,
     pad_to_max_length: bool = False,
     group_by_length: bool = False,
+    causal_lm: bool = False,
 ) -> DataLoader:
     """Tokenize ``examples`` once (:func:`encode_dataset`) and wrap them in a padded, optionally shuffled ``DataLoader``.
 
@@ -137,6 +147,7 @@ def make_dataloader(
             ``shuffle``, ``transformers``' ``LengthGroupedSampler`` (random mega-batches sorted by length);
             without, a fixed longest-first order. Metrics do not depend on the order (labels travel with
             the batch).
+        causal_lm (bool): as :func:`encode_dataset`.
 
     Returns:
         DataLoader: yields dicts of tensors: ``input_ids``, ``attention_mask`` and (if the tokenizer
@@ -149,7 +160,7 @@ def make_dataloader(
     """
     _check_positive("batch_size", batch_size)
     dataset, collator = encode_dataset(tokenizer, examples, max_seq_length=max_seq_length,
-                                       pad_to_max_length=pad_to_max_length)
+                                       pad_to_max_length=pad_to_max_length, causal_lm=causal_lm)
     generator = torch.Generator()
     generator.manual_seed(int(seed))
     sampler = None
@@ -254,8 +265,10 @@ class TaskData:
                  max_seq_length: int):
         self.task = task
         self.train_examples, self.dev_examples = train_examples, dev_examples
-        self.train, self.collator = encode_dataset(tokenizer, train_examples, max_seq_length=max_seq_length)
-        self.dev, _ = encode_dataset(tokenizer, dev_examples, max_seq_length=max_seq_length)
+        lm = bool(getattr(task, "is_causal_lm", False))
+        self.train, self.collator = encode_dataset(tokenizer, train_examples, max_seq_length=max_seq_length,
+                                                   causal_lm=lm)
+        self.dev, _ = encode_dataset(tokenizer, dev_examples, max_seq_length=max_seq_length, causal_lm=lm)
 
     @classmethod
     def from_recipe(cls, recipe, tokenizer: Any, glue_dir: str | None = None) -> "TaskData":

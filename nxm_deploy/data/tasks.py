@@ -48,8 +48,12 @@ class TaskSpec:
         hf_text_b (str | None): HF dataset column of the second sentence.
         train_file (str): train file name inside the task folder.
         hf_dev_split (str): HF split used for ``"dev"`` (MNLI: ``"validation_matched"``).
-        source (str): ``"glue"`` (a preset, read from the GLUE dir or HF) or ``"files"`` (your own data:
-            ``train_file`` and ``dev_file`` are paths, :mod:`nxm_deploy.data.files`).
+        source (str): ``"glue"`` (a preset, read from the GLUE dir or HF), ``"files"`` (your own data:
+            ``train_file`` and ``dev_file`` are paths, :mod:`nxm_deploy.data.files`) or ``"dataset"``
+            (a Hugging Face dataset ``dataset`` / ``dataset_config``; ``train_file`` and ``dev_file`` are split
+            names).
+        dataset (str | None): the Hugging Face dataset of ``source="dataset"`` (hub name or local folder).
+        dataset_config (str | None): its config name.
 
     Raises:
         ConfigError: when the spec is inconsistent (primary metric not first, unknown metric, column
@@ -73,6 +77,8 @@ class TaskSpec:
     train_file: str = "train.tsv"
     hf_dev_split: str = "validation"
     source: str = "glue"
+    dataset: str | None = None
+    dataset_config: str | None = None
 
     def __post_init__(self) -> None:
         if not self.metrics or self.primary_metric != self.metrics[0]:
@@ -86,6 +92,14 @@ class TaskSpec:
                 f"Task '{self.name}': unknown metric(s) {unknown!r}; known metrics are {sorted(KNOWN_METRICS)}.",
                 hint="Use one of the known metric keys.",
             )
+        if "perplexity" in self.metrics:
+            if self.metrics != ("perplexity",) or self.label_list is not None:
+                raise ConfigError(
+                    f"Task '{self.name}': perplexity is the only metric of a causal-LM task (no label_list), got "
+                    f"metrics {self.metrics!r}, label_list {self.label_list!r}.",
+                    hint="Use metrics=('perplexity',) and label_list=None for causal language modelling.",
+                )
+            return
         regression_metrics = {"pearson", "spearman"}
         only_regression = set(self.metrics) <= regression_metrics
         any_regression = bool(set(self.metrics) & regression_metrics)
@@ -106,13 +120,26 @@ class TaskSpec:
             )
 
     @property
+    def is_causal_lm(self) -> bool:
+        """True for causal language modelling (next-token prediction, metric perplexity)."""
+        return self.primary_metric == "perplexity"
+
+    @property
+    def greater_is_better(self) -> bool:
+        """Whether a higher primary metric is better (all but perplexity)."""
+        return not self.is_causal_lm
+
+    @property
     def is_regression(self) -> bool:
         """True when the task predicts one float score (STS-B)."""
-        return self.label_list is None
+        return self.label_list is None and not self.is_causal_lm
 
     @property
     def num_labels(self) -> int:
-        """Number of model outputs: the number of classes, or 1 for regression."""
+        """Number of classifier outputs: the number of classes, 1 for regression, 0 for a causal LM (its outputs
+        are the vocabulary)."""
+        if self.is_causal_lm:
+            return 0
         return 1 if self.label_list is None else len(self.label_list)
 
     @property
@@ -121,7 +148,10 @@ class TaskSpec:
         return self.text_b_col is not None
 
 
-KNOWN_METRICS: frozenset[str] = frozenset({"accuracy", "f1", "matthews_corr", "pearson", "spearman"})
+KNOWN_METRICS: frozenset[str] = frozenset({"accuracy", "f1", "matthews_corr", "pearson", "spearman", "perplexity"})
+
+CAUSAL_LM = "causal_lm"
+"""``task.name`` of causal language modelling on your own text (:mod:`nxm_deploy.data.lm`)."""
 
 TASKS: dict[str, TaskSpec] = {}
 """Canonical task name -> spec. Filled by :func:`register_task`."""

@@ -8,7 +8,8 @@
 * ``L_feature``: sum over transformer blocks of ``MSE(h_s^l, h_t^l)`` plus ``MSE(logits_s, logits_t)`` for the
   final projection.
 
-Defaults alpha, beta, gamma = 1, 10, 1 as in the paper.
+Defaults alpha, beta, gamma = 1, 10, 1 as in the paper. For a causal LM (logits ``[B, L, V]``) every scored
+next-token position is one example of the classification terms (GPUSQ-TLM applies the same loss to GPT models).
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ def distillation_loss(
     """Combined KD loss (mean over the batch).
 
     Args:
-        student_logits, teacher_logits: ``[B, C]`` float; ``C == 1`` means regression.
+        student_logits, teacher_logits: ``[B, C]`` float; ``C == 1`` means regression. A causal LM's ``[B, L, V]``:
+            position ``t`` predicts token ``t + 1``; the positions whose next label is -100 are left out.
         labels: ``[B]`` int64 class ids (float32 scores for regression), or None for unlabeled data, in which
-            case the hard loss uses the teacher's argmax (classification) or prediction (regression).
+            case the hard loss uses the teacher's argmax (classification) or prediction (regression); causal
+            LM: ``[B, L]`` token ids (-100: not scored).
         config: weights and temperature.
         student_hidden, teacher_hidden: per-block hidden states, each ``[B, L, H]`` (HF ``hidden_states``
             without the embedding output); both None to skip the block terms.
@@ -73,6 +76,13 @@ def distillation_loss(
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher logits {tuple(teacher_logits.shape)}")
     teacher_logits = teacher_logits.detach()
+    if student_logits.ndim == 3:  # causal LM: one classification example per scored next-token position
+        vocab = student_logits.shape[-1]
+        student_logits, teacher_logits = student_logits[:, :-1].reshape(-1, vocab), teacher_logits[:, :-1].reshape(-1, vocab)
+        if labels is not None:
+            labels = labels[:, 1:].reshape(-1)
+            keep = labels != -100
+            student_logits, teacher_logits, labels = student_logits[keep], teacher_logits[keep], labels[keep]
     regression = student_logits.shape[-1] == 1
     if regression:
         target = labels.float() if labels is not None else teacher_logits.squeeze(-1)

@@ -123,8 +123,9 @@ def _recipe_limits(run_dir: Path) -> tuple[int | None, int | None]:
         config = run_dir / stage / "config.json"
         if config.is_file():
             with contextlib.suppress(OSError, ValueError, AttributeError):
-                value = read_json(config).get("max_position_embeddings")
-                max_pos = value if isinstance(value, int) and not isinstance(value, bool) else None
+                from nxm_deploy.models import config_max_positions  # torch-free
+
+                max_pos = config_max_positions(read_json(config))
             break
     return max_seq, max_pos
 

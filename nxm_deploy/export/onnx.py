@@ -41,12 +41,15 @@ class _LogitsOnly(nn.Module):
 def model_input_names(tokenizer, model: nn.Module | None = None) -> list[str]:
     """``input_ids``, ``attention_mask`` and, when the tokenizer makes them and ``model`` uses them, ``token_type_ids``
     (DistilBERT's forward does not take them; DeBERTa-v2 with ``type_vocab_size`` 0 ignores them, so the exported
-    graph has no such input)."""
+    graph has no such input; a causal LM reads one token stream: never)."""
     import inspect
+
+    from nxm_deploy.models import is_causal_lm_config
 
     names = ["input_ids", "attention_mask"]
     takes = model is None or ("token_type_ids" in inspect.signature(model.forward).parameters
-                              and getattr(model.config, "type_vocab_size", 1) != 0)
+                              and getattr(model.config, "type_vocab_size", 1) != 0
+                              and not is_causal_lm_config({"architectures": [type(model).__name__]}))
     if "token_type_ids" in getattr(tokenizer, "model_input_names", []) and takes:
         names.append("token_type_ids")
     return names
@@ -82,10 +85,10 @@ def layer_map_for(onnx_model, model: nn.Module, module_names: list[str]) -> dict
 def export_model(
     model: nn.Module, sample: dict[str, torch.Tensor], path: str | Path, *, opset: int = 17
 ) -> Path:
-    """Export ``model`` (HF sequence classifier, eval mode) to ``path`` atomically.
+    """Export ``model`` (HF sequence classifier or causal LM, eval mode) to ``path`` atomically.
 
     Args:
-        model: returns ``.logits`` ``[B, C]`` float32.
+        model: returns ``.logits`` ``[B, C]`` float32 (a causal LM: ``[B, L, vocab]``, all positions, no KV cache).
         sample: example inputs, int64 ``[B, L]`` each, in :func:`model_input_names` order.
         path: target ``.onnx`` file (weights external when over 2 GB).
         opset: ONNX opset, >= 13 for per-channel QuantizeLinear.
@@ -100,9 +103,11 @@ def export_model(
     names = list(sample)
     wrapper = _LogitsOnly(model, names).eval()
     dynamic_axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
-    dynamic_axes["logits"] = {0: "batch_size"}
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        with torch.no_grad():  # a causal LM's logits [B, L, vocab] have a sequence axis too
+            rank = wrapper(*(sample[n] for n in names)).ndim
+        dynamic_axes["logits"] = {0: "batch_size", 1: "sequence_length"} if rank == 3 else {0: "batch_size"}
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
@@ -194,7 +199,8 @@ def onnx_parity(path: str | Path, model: nn.Module, loader, input_names: list[st
         input_names: model inputs to feed. task: registry task (for the metric).
 
     Returns:
-        dict: ``max_abs_diff`` (logits), ``argmax_agreement`` (fraction, classification; None for regression),
+        dict: ``max_abs_diff`` (logits), ``argmax_agreement`` (fraction, classification; None for regression;
+        a causal LM's: per next-token position),
         ``argmax_agreement_decisive`` (the same over the examples whose PyTorch top-2 logit margin exceeds
         ``tie_margin``: a class flip on a numerical tie is not a disagreement), ``near_ties`` (examples left out),
         ``metric_torch`` and ``metric_ort`` (task metrics both ways), ``examples``.
@@ -220,7 +226,7 @@ def onnx_parity(path: str | Path, model: nn.Module, loader, input_names: list[st
         "metric_ort": compute_metrics(task, a, y),
     }
     if a.shape[-1] > 1:
-        out.update(argmax_agreement_stats(b, a, tie_margin))
+        out.update(argmax_agreement_stats(b.reshape(-1, b.shape[-1]), a.reshape(-1, a.shape[-1]), tie_margin))
     return out
 
 

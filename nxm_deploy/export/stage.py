@@ -68,7 +68,8 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     dev = load_task_split(task, "dev", resolve_glue_dir(glue_dir or recipe.task.glue_dir), PARITY_EXAMPLES)
     sample = {k: v for k, v in encode_fixed(tokenizer, dev, recipe.task.max_seq_length, 2).items() if k in names}
     sample_t = {k: torch.from_numpy(sample[k][:, :32]) for k in names}
-    loader = make_dataloader(tokenizer, dev, batch_size=32, max_seq_length=recipe.task.max_seq_length, shuffle=False)
+    loader = make_dataloader(tokenizer, dev, batch_size=32, max_seq_length=recipe.task.max_seq_length, shuffle=False,
+                             causal_lm=task.is_causal_lm)
 
     dense_path = export_model(dense, sample_t, out / DENSE_ONNX, opset=recipe.export.opset)
     producer = f"nxm-deploy {__version__}"

@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from nxm_deploy.fileio import atomic_dir, atomic_write_json, file_hashes, read_json, sha256_file, verify_stage_files
 from nxm_deploy.config.recipe import Recipe
@@ -267,8 +267,9 @@ def train_dense(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> d
     run_dir = Path(run_dir)
     _setup(recipe)
     task = recipe.task.spec()
-    model, tokenizer = load_base_model(recipe.model.source, task.num_labels, recipe.model.random_init, recipe.train.seed)
-    if task.source == "files" and task.label_list is not None:  # own data: the label names travel with the model
+    model, tokenizer = load_base_model(recipe.model.source, task.num_labels, recipe.model.random_init, recipe.train.seed,
+                                       causal_lm=task.is_causal_lm)
+    if task.source in ("files", "dataset") and task.label_list is not None:  # own data: the label names travel with the model
         model.config.id2label = dict(enumerate(task.label_list))
         model.config.label2id = {label: i for i, label in enumerate(task.label_list)}
     data = TaskData.from_recipe(recipe, tokenizer, glue_dir)
@@ -413,7 +414,7 @@ def load_qat_model(run_dir: str | Path):
     quantize_model_(model, info["quantized_modules"], learn_amax=False)
     groups = info.get("quantizer_groups") or {"gemm_outputs": False, "attention": False}  # runs before the groups
     place_quantizers_(model, info["quantized_modules"], learn_amax=False, **groups)
-    model.load_state_dict(load_file(str(qdir / "model.safetensors")))
+    load_model(model, str(qdir / "model.safetensors"))  # strict; a tied tensor (GPT-2's lm_head = wte) is saved once
     model.eval()
     return model, tokenizer, info
 
@@ -486,7 +487,7 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
     }
 
     def write(tmp):
-        save_file(_cpu_state(student), str(tmp / "model.safetensors"))
+        save_model(student, str(tmp / "model.safetensors"), force_contiguous=True)  # tied tensors once
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "quant.json", quant_info)
         manifest["files"] = file_hashes(tmp)

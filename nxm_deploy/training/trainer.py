@@ -776,7 +776,8 @@ class NxmTrainer(ADMMTrainerMixin, DistillationTrainerMixin, Trainer):
 
 
 def training_arguments(output_dir: str | os.PathLike, train_cfg, *, epochs: float, learning_rate: float,
-                       select_metric: str | None = None, quantized: bool = False, **overrides) -> TrainingArguments:
+                       select_metric: str | None = None, greater_is_better: bool = True, quantized: bool = False,
+                       **overrides) -> TrainingArguments:
     """``TrainingArguments`` of one training phase from a recipe's ``train`` section.
 
     Args:
@@ -787,6 +788,7 @@ def training_arguments(output_dir: str | os.PathLike, train_cfg, *, epochs: floa
         learning_rate (float): peak learning rate of the linear warm-up / decay schedule (AdamW).
         select_metric (str | None): the task's primary metric; with ``train.select: best`` the Trainer keeps the
             epoch with the best dev value of it (``load_best_model_at_end``).
+        greater_is_better (bool): direction of ``select_metric`` (False for perplexity).
         quantized (bool): an INT8 QAT phase (``precision: auto`` means fp32 there).
         overrides: any other ``TrainingArguments`` field.
 
@@ -806,7 +808,7 @@ def training_arguments(output_dir: str | os.PathLike, train_cfg, *, epochs: floa
         use_cpu=not on_gpu, bf16=precision == "bf16", fp16=precision == "fp16",
         eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch", save_total_limit=1,
         load_best_model_at_end=best, metric_for_best_model=f"eval_{select_metric}" if best else None,
-        greater_is_better=True if best else None,
+        greater_is_better=bool(greater_is_better) if best else None,
         report_to="none", remove_unused_columns=False, label_names=["labels"],
         # progress bars on (transformers turns them off with its own log level, which the CLI keeps at "error");
         # `nxm-deploy -q` sets TQDM_DISABLE=1
@@ -894,8 +896,19 @@ def dev_metrics(trainer: Trainer) -> dict[str, float]:
             if k.startswith("eval_") and (names is None or k[len("eval_"):] in names)}
 
 
+def lm_eval_sums(logits, labels):
+    """``preprocess_logits_for_metrics`` of a causal LM: each eval batch's ``[B, L, V]`` logits reduced on the
+    device to ``[B, 2]`` NLL sums (:func:`nxm_deploy.data.metrics.lm_nll_sums`), so evaluation keeps two numbers per
+    block instead of the vocabulary-sized logits."""
+    from nxm_deploy.data.metrics import lm_nll_sums
+
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    return lm_nll_sums(logits, labels)
+
+
 class TaskMetrics:
-    """``compute_metrics`` for a Trainer: the task's GLUE metrics of the eval logits (:func:`compute_metrics`)."""
+    """``compute_metrics`` for a Trainer: the task's metrics of the eval logits (:func:`compute_metrics`)."""
 
     def __init__(self, task):
         self.task = task
@@ -928,7 +941,8 @@ def build_trainer(model: nn.Module, data, train_cfg, *, output_dir: str | os.Pat
         ConfigError: as :func:`training_arguments`; a teacher of another label set.
     """
     args = training_arguments(output_dir, train_cfg, epochs=epochs, learning_rate=learning_rate,
-                              select_metric=data.task.primary_metric, quantized=quantized, **overrides)
+                              select_metric=data.task.primary_metric, greater_is_better=data.task.greater_is_better,
+                              quantized=quantized, **overrides)
     # A Trainer that evaluated this model earlier (an evaluation-only run, a previous phase) left accelerate's
     # "already prepared" mark on it; under torchrun that mark would stop this run from wrapping it in DDP, and
     # the ranks would train apart. Evaluate with a separate Trainer (evaluate_model), never this one, before train().
@@ -936,6 +950,7 @@ def build_trainer(model: nn.Module, data, train_cfg, *, output_dir: str | os.Pat
     trainer = NxmTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.dev, data_collator=data.collator,
         compute_metrics=TaskMetrics(data.task), admm=admm, teacher=teacher, distillation=distillation,
+        preprocess_logits_for_metrics=lm_eval_sums if data.task.is_causal_lm else None,
         callbacks=[CheckpointEveryCallback(train_cfg.checkpoint_every_steps), *callbacks],
     )
     trainer.metric_names = tuple(data.task.metrics)

@@ -3,7 +3,8 @@
 Thresholds come from the recipe's ``validate`` section (read with ``getattr`` so recipes without them work):
 
 * ``max_accuracy_drop_pt`` (float | None): every validated model's dev primary metric may be at most this many
-  points (100 x metric) below the dense baseline (ONNX Runtime CPU dense FP32, same dev set, same process).
+  points (100 x metric) below the dense baseline (ONNX Runtime CPU dense FP32, same dev set, same process); for
+  perplexity (lower is better) a point is 1 % of the baseline's perplexity (:func:`delta_pt`).
 * ``min_speedup`` (float | None): at every latency grid point, in every backend that has a dense baseline,
   the best sparse model's speedup (ratio of p50 latencies, measured interleaved in the same run) must reach it.
 * ``diff_gate`` (bool, default False): every gated output comparison must pass its tolerance.
@@ -26,9 +27,13 @@ def gate_settings(validate_cfg) -> dict:
 
 
 def delta_pt(metrics: dict | None, base: dict | None, key: str) -> float | None:
-    """``100 * (metrics[key] - base[key])``, None when either is missing."""
+    """Change of ``metrics[key]`` against ``base[key]`` in points, positive = better: ``100 * (metric - base)``;
+    for ``perplexity`` (lower is better) ``-100 * (ppl / base_ppl - 1)``, the relative increase in percent with
+    the sign flipped. None when either is missing."""
     if not metrics or not base or metrics.get(key) is None or base.get(key) is None:
         return None
+    if key == "perplexity":
+        return -100.0 * (float(metrics[key]) / float(base[key]) - 1.0)
     return 100.0 * (float(metrics[key]) - float(base[key]))
 
 

@@ -27,6 +27,10 @@ def _fmt_metrics(metrics: dict | None) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
+#: what a point of Δ perplexity is (nxm_deploy.validate.gates.delta_pt)
+PPL_UNIT = " (1 pt = 1 % of the dense perplexity; + = lower perplexity, better)"
+
+
 def _fmt_delta(value: float | None) -> str:
     return "–" if value is None else f"{value:+.2f} pt"
 
@@ -233,7 +237,8 @@ def _markdown(report: dict, sparsity: dict | None) -> str:
               "Training-stage rows are PyTorch evaluations (Δ vs the PyTorch dense model); validation rows are every "
               f"deployable model on the {report.get('dev_set') or 'dev set'} in this process (Δ vs the dense FP32 ONNX "
               "model).", "",
-              f"| model | runtime | metrics | Δ {primary} vs dense |", "|---|---|---|---|"]
+              f"| model | runtime | metrics | Δ {primary} vs dense{PPL_UNIT if primary == 'perplexity' else ''} |",
+              "|---|---|---|---|"]
     for row in report["accuracy"]:
         lines.append(f"| {row['model']} | {row['runtime']} | {_fmt_metrics(row['metrics'])} | {_fmt_delta(row['delta_pt'])} |")
     if report.get("admm_epoch_metrics"):

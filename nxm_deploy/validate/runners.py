@@ -388,7 +388,8 @@ def quantizers_disabled(model):
 
 
 def check_io(runner, expected_inputs: list[str], num_labels: int, probe: dict[str, np.ndarray]) -> None:
-    """Check an active runner takes ``expected_inputs`` and returns ``[B, num_labels]`` logits on ``probe``.
+    """Check an active runner takes ``expected_inputs`` and returns ``[B, num_labels]`` logits on ``probe``
+    (``num_labels`` 0: a causal LM's ``[B, L, vocab]``).
 
     Raises:
         ValidationError: different input names, no ``logits`` output, or another label count.
@@ -403,6 +404,13 @@ def check_io(runner, expected_inputs: list[str], num_labels: int, probe: dict[st
     if "logits" not in out:
         raise ValidationError(f"Runner {runner.name} ({runner.source}) has outputs {list(out)}, expected 'logits'.")
     logits = np.asarray(out["logits"])
+    if num_labels == 0:
+        if logits.ndim != 3 or logits.shape[:2] != next(iter(probe.values())).shape:
+            raise ValidationError(
+                f"Runner {runner.name} ({runner.source}) returns logits of shape {logits.shape}, but a causal LM "
+                "returns [B, L, vocab] for inputs [B, L].",
+                hint="The model was exported as a classifier; re-export it from this run.")
+        return
     if logits.ndim != 2 or logits.shape[1] != num_labels:
         raise ValidationError(
             f"Runner {runner.name} ({runner.source}) returns logits of shape {logits.shape}, but the task has "

@@ -29,7 +29,7 @@ from nxm_deploy.fileio import atomic_write_json, check_recorded_file, read_json
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.data import load_task_split, make_dataloader, resolve_glue_dir
 from nxm_deploy.data.loader import encode_fixed
-from nxm_deploy.data.metrics import compute_metrics
+from nxm_deploy.data.metrics import compute_metrics, lm_nll_sums
 from nxm_deploy.errors import ConfigError, RunDirError
 from nxm_deploy.export.onnx import DENSE_ONNX, SPARSE_ONNX
 from nxm_deploy.validate.diff import DEFAULT_TOLERANCE_FACTOR, DIFF_DIR, make_feeds, run_diff
@@ -174,13 +174,19 @@ def fit_to_profile(feed: dict[str, np.ndarray], lo: tuple[int, int] | None, hi: 
     return pieces
 
 
-def predict(runner, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """Logits of ``runner`` over ``batches`` (fitted to an engine's profile where the runner has one)."""
+def predict(runner, batches: list[dict[str, np.ndarray]], reduce=None) -> np.ndarray:
+    """Logits of ``runner`` over ``batches`` (fitted to an engine's profile where the runner has one).
+
+    ``reduce(i, logits)``, when given, turns batch ``i``'s logits into what is kept (a causal LM's ``[B, 2]`` NLL
+    sums instead of its ``[B, L, vocab]`` logits)."""
     lo, hi = getattr(runner, "min_shape", None), getattr(runner, "max_shape", None)
     out = []
-    for feed in tqdm(batches, desc=f"dev set {runner.name}", unit="batch", leave=False):
-        for part, keep in fit_to_profile(feed, lo, hi):
-            out.append(np.asarray(runner.infer(part)["logits"])[:keep])
+    for i, feed in enumerate(tqdm(batches, desc=f"dev set {runner.name}", unit="batch", leave=False)):
+        parts = [np.asarray(runner.infer(part)["logits"])[:keep] for part, keep in fit_to_profile(feed, lo, hi)]
+        logits = np.concatenate(parts)
+        if lo is not None and logits.ndim == 3:  # a causal LM's positions padded up to the profile's minimum
+            logits = logits[:, :next(iter(feed.values())).shape[1]]
+        out.append(logits if reduce is None else reduce(i, logits))
     return np.concatenate(out)
 
 
@@ -241,12 +247,18 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
     dev_total = len(load_task_split(task, "dev", glue_root)) if recipe.task.max_eval_examples else len(dev)
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "dense"))
     max_len = recipe.task.max_seq_length
-    loader = make_dataloader(tokenizer, dev, batch_size=32, max_seq_length=max_len, shuffle=False, group_by_length=True)
-    batches, labels = [], []
+    loader = make_dataloader(tokenizer, dev, batch_size=32, max_seq_length=max_len, shuffle=False, group_by_length=True,
+                             causal_lm=task.is_causal_lm)
+    batches, batch_labels = [], []
     for batch in loader:
-        labels.append(batch["labels"].numpy())
+        batch_labels.append(batch["labels"].numpy())
         batches.append({k: batch[k].numpy() for k in names if k in batch})
-    labels = np.concatenate(labels)
+    labels = np.concatenate(batch_labels)
+
+    def nll_sums(i, batch_logits):  # a causal LM keeps each batch's NLL sums, not its [B, L, vocab] logits
+        return lm_nll_sums(batch_logits, batch_labels[i])
+
+    reduce = nll_sums if task.is_causal_lm else None
 
     runners, skipped = make_runners(run_dir, manifest, grid, vcfg.intra_op_threads)
     probe = {k: v for k, v in encode_fixed(tokenizer, dev, max_len, 1).items() if k in names}
@@ -278,10 +290,10 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
         # 1. task metric on the full dev set
         accuracy, logits = {}, {}
         for name, runner in active.items():
-            logits[name] = predict(runner, batches)
+            logits[name] = predict(runner, batches, reduce)
             accuracy[name] = compute_metrics(task, logits[name], labels)
             log.info("%-24s dev %s", name, accuracy[name])
-        agreement = None if task.is_regression else {
+        agreement = None if task.is_regression or task.is_causal_lm else {
             name: float(np.mean(logits[DENSE].argmax(-1) == value.argmax(-1))) for name, value in logits.items()}
 
         # 2. output diff (PyTorch joins here only)

@@ -95,7 +95,7 @@ def test_recipe_rules_for_own_data(tmp_path, tiny_recipe_dict):
     assert spec.label_list == LABELS and not spec.is_pair and spec.primary_metric == "accuracy"
     cases = [({"name": "rte", "train_file": "t.csv", "eval_file": "t.csv", "text_columns": ["q"]}, "GLUE preset"),
              ({"name": "tickets", "train_file": "t.csv", "text_columns": ["q"]}, "task.eval_file"),
-             ({"name": "rte", "text_columns": ["q"]}, "task.train_file is not set"),
+             ({"name": "rte", "text_columns": ["q"]}, "neither task.train_file nor task.dataset"),
              ({"name": "x", "train_file": "t.csv", "eval_file": "t.csv", "text_columns": ["q"], "metric": "pearson",
                "labels": ["a", "b"]}, "regression metric")]
     for task, message in cases:
@@ -147,3 +147,35 @@ def test_changed_data_file_is_another_run(tmp_path, tiny_recipe_dict):
     assert load_recipe(path).sha256() == before
     _write_csv(train, _rows(6, 1))
     assert load_recipe(path).sha256() != before  # `run` then refuses the old run directory (or --overwrite)
+
+
+def test_hugging_face_dataset_route(tmp_path, tiny_recipe_dict):
+    """``task.dataset`` names a Hugging Face dataset (here a local folder, the offline form of a hub name): the
+    splits come from ``train_split`` / ``eval_split``, and a ``ClassLabel`` column's names keep the dataset's class
+    order (not sorted)."""
+    import datasets
+
+    from nxm_deploy.config.recipe import load_recipe
+    from nxm_deploy.data import load_task_split
+    from nxm_deploy.errors import DataError
+
+    features = datasets.Features({"question": datasets.Value("string"), "answer": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["shipping", "billing", "login"])})
+    folder = tmp_path / "tickets_ds"
+    folder.mkdir()
+    for split, seed in (("train", 0), ("test", 1)):
+        rows = _rows(12, seed)
+        table = {k: [r[k] for r in rows] for k in ("question", "answer")}
+        table["label"] = [features["label"].str2int(r["label"]) for r in rows]
+        datasets.Dataset.from_dict(table, features=features).to_parquet(str(folder / f"{split}.parquet"))
+    path = _recipe(tmp_path, dict(tiny_recipe_dict), dataset=str(folder), eval_split="test",
+                   text_columns=["question", "answer"])
+    spec = load_recipe(path).task.spec()
+    assert spec.label_list == ("shipping", "billing", "login") and spec.is_pair
+    dev = load_task_split(spec, "dev")
+    expected = [("shipping", "billing", "login").index(r["label"]) for r in _rows(12, 1)]
+    assert dev.labels.tolist() == expected and dev.texts_a[0] == _rows(12, 1)[0]["question"]
+    bad = _recipe(tmp_path, dict(tiny_recipe_dict), dataset=str(folder), eval_split="validation",
+                  text_columns=["question"])
+    with pytest.raises(DataError, match="split 'validation'|validation"):
+        load_task_split(load_recipe(bad).task.spec(), "dev")
