@@ -1,11 +1,11 @@
 """The main job: dense fine-tune -> ADMM n:m + KD -> INT8 QAT + KD -> ONNX export + n:m check -> TensorRT
-engines (or skipped) -> ONNX Runtime validation -> report. Every stage is also a CLI command on a run directory."""
+engines (or skipped) -> ONNX Runtime validation -> report. The chain and its executor are
+:mod:`nxm_deploy.stages`; this module checks the inputs, prepares the run directory and runs the chain."""
 
 from __future__ import annotations
 
 import logging
 import shutil
-import time
 from pathlib import Path
 
 import yaml
@@ -14,10 +14,9 @@ from nxm_deploy.fileio import atomic_write_json, atomic_write_text, read_json
 from nxm_deploy.config.recipe import Recipe, load_recipe
 from nxm_deploy.errors import ConfigError, RunDirError
 
-log = logging.getLogger("nxm_deploy.pipeline")
+from nxm_deploy.layout import RunLayout
 
-RUN_FILE = "run.json"
-RECIPE_FILE = "recipe.yaml"
+log = logging.getLogger("nxm_deploy.pipeline")
 
 
 def resolve_spec_path(spec: str, recipe_path: str | Path | None = None) -> Path:
@@ -59,7 +58,7 @@ def preflight(recipe: Recipe, glue_dir: str | None = None, recipe_path: str | Pa
     check_train_settings(recipe.train)  # device, precision, torchrun world size vs batch: before any work
     task = recipe.task.spec()
     root = resolve_glue_dir(glue_dir or recipe.task.glue_dir)
-    if task.source == "files":  # own data: every row of both files now (columns, labels), before training
+    if task.source in ("files", "dataset"):  # own data: every row of both splits now (columns, labels), before training
         for split in ("train", "dev"):
             load_task_split(task, split)
     elif root is not None:
@@ -74,19 +73,20 @@ def preflight(recipe: Recipe, glue_dir: str | None = None, recipe_path: str | Pa
 
 def read_run_info(run_dir: str | Path) -> dict:
     """``run.json`` of a run directory (recipe hash, glue dir, engine spec paths); {} when absent."""
-    marker = Path(run_dir) / RUN_FILE
+    marker = RunLayout(run_dir).run_info
     return read_json(marker) if marker.is_file() else {}
 
 
 def prepare_run_dir(recipe: Recipe, run_dir: str | Path, overwrite: bool = False, info: dict | None = None) -> Path:
-    """Create ``run_dir`` for ``recipe``, or reuse it when it holds the same recipe.
+    """Create ``run_dir`` for ``recipe``, or reuse the run it holds.
 
-    ``info`` (from :func:`preflight`) is stored in ``run.json`` so stage commands find the same data and specs.
-    Under torchrun rank 0 alone writes the directory and every rank returns once it is written.
+    A run directory of another recipe is reused too: its recipe is replaced, and :func:`nxm_deploy.stages.run_stages`
+    reruns exactly the stages that read a changed key (and those after them). ``info`` (from :func:`preflight`) is
+    stored in ``run.json`` so stage commands find the same data and specs. Under torchrun rank 0 alone writes the
+    directory and every rank returns once it is written.
 
     Raises:
-        RunDirError: the directory holds a different run (another recipe hash) or unrelated files, and
-            ``overwrite`` is False.
+        RunDirError: the directory holds files that are not an nxm-deploy run, and ``overwrite`` is False.
     """
     from nxm_deploy.training.trainer import barrier, is_main_process
 
@@ -98,19 +98,18 @@ def prepare_run_dir(recipe: Recipe, run_dir: str | Path, overwrite: bool = False
 
 
 def _write_run_dir(recipe: Recipe, run_dir: Path, overwrite: bool, info: dict | None) -> None:
-    marker = run_dir / RUN_FILE
+    layout = RunLayout(run_dir)
+    marker = layout.run_info
     if run_dir.exists() and any(run_dir.iterdir()):
-        same = marker.is_file() and read_json(marker).get("recipe_sha256") == recipe.sha256()
-        if not same:
-            if not overwrite:
-                what = "a different recipe" if marker.is_file() else "files that are not an nxm-deploy run"
-                raise RunDirError(
-                    f"Run directory {run_dir} already holds {what}.",
-                    hint="Pass --overwrite to replace it, or choose another --run-dir.",
-                )
+        if overwrite:
             shutil.rmtree(run_dir)
+        elif not marker.is_file():
+            raise RunDirError(f"Run directory {run_dir} already holds files that are not an nxm-deploy run.",
+                              hint="Pass --overwrite to replace it, or choose another --run-dir.")
+        elif read_json(marker).get("recipe_sha256") != recipe.sha256():
+            log.info("%s held another recipe: the stages that read a changed key run again", run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / RECIPE_FILE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    atomic_write_text(layout.recipe, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     atomic_write_json(marker, {"name": recipe.name, "recipe_sha256": recipe.sha256(), **(info or {})})
 
 
@@ -121,46 +120,32 @@ def open_run_dir(run_dir: str | Path) -> Recipe:
         RunDirError: not a run directory.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / RECIPE_FILE).is_file():
+    layout = RunLayout(run_dir)
+    if not layout.recipe.is_file():
         raise RunDirError(
-            f"{run_dir} is not a run directory (no {RECIPE_FILE}).",
+            f"{run_dir} is not a run directory (no {layout.recipe.name}).",
             hint="Start a run with `nxm-deploy run RECIPE.yaml` or `nxm-deploy train RECIPE.yaml`.",
         )
-    return load_recipe(run_dir / RECIPE_FILE)
+    return load_recipe(layout.recipe)
 
 
 def run_pipeline(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = None,
                  recipe_path: str | Path | None = None, overwrite: bool = False) -> dict:
-    """Check inputs (:func:`preflight`), run every stage in order, write ``report.md`` / ``report.json``.
+    """Check inputs (:func:`preflight`), run the chain (:func:`nxm_deploy.stages.run_stages`: up-to-date stages
+    are skipped), write ``timings.json`` and the report (``report.md`` / ``report.json``); returns the report.
 
     Under torchrun every rank trains (data-parallel); rank 0 alone prepares the run directory, writes the
     artifacts and runs the later stages; the other ranks return ``{}`` after training.
     """
-    from nxm_deploy.engine.stage import engine_stage
-    from nxm_deploy.export.stage import export_stage
-    from nxm_deploy.training.stage import train_stage
-    from nxm_deploy.validate.report import build_report
-    from nxm_deploy.validate.stage import validate_stage
-
+    from nxm_deploy.stages import StageContext, run_stages
     from nxm_deploy.training.trainer import is_main_process
+    from nxm_deploy.validate.report import build_report
 
     info = preflight(recipe, glue_dir, recipe_path)
-    glue_dir = info["glue_dir"]
     run_dir = prepare_run_dir(recipe, run_dir, overwrite, info)
-    timings = {}
-    steps = [
-        ("train", lambda: train_stage(recipe, run_dir, glue_dir, skip_finished=True)),
-        ("export", lambda: export_stage(recipe, run_dir, glue_dir)),
-        ("engines", lambda: engine_stage(run_dir, info["engine_specs"])),
-        ("validate", lambda: validate_stage(recipe, run_dir, glue_dir)),
-    ]
-    for name, func in steps:
-        if name != "train" and not is_main_process():
-            return {}  # under torchrun every rank trains; rank 0 alone exports, builds, validates and reports
-        start = time.perf_counter()
-        log.info("stage %s: start", name)
-        func()
-        timings[name] = round(time.perf_counter() - start, 1)
-        log.info("stage %s: finished in %.1f s", name, timings[name])
-    atomic_write_json(run_dir / "timings.json", timings)
+    ctx = StageContext(recipe=recipe, run_dir=run_dir, glue_dir=info["glue_dir"], engine_specs=info["engine_specs"])
+    results = run_stages(ctx)
+    if not is_main_process():
+        return {}
+    atomic_write_json(RunLayout(run_dir).timings, {name: r["seconds"] for name, r in results.items()})
     return build_report(recipe, run_dir)

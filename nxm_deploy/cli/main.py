@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 from nxm_deploy import __version__
+from nxm_deploy.layout import RunLayout
 from nxm_deploy.errors import (
     AccuracyRegressionError, ConfigError, DataError, LatencyRegressionError, MissingDependencyError, NxmError,
     RunDirError,
@@ -125,7 +126,7 @@ def _resolve(args, *, create: bool = False, distributed: bool = False):
     if path.is_dir():
         if getattr(args, "overrides", None):
             raise ConfigError(f"--set changes a recipe, and {path} is a run directory (its recipe is fixed).",
-                              hint=f"Pass the recipe file with --set, or use {path / 'recipe.yaml'} as a new recipe.")
+                              hint=f"Pass the recipe file with --set, or use {RunLayout(path).recipe} as a new recipe.")
         recipe, run_dir = open_run_dir(path), path
         if distributed:
             from nxm_deploy.training.trainer import init_distributed
@@ -163,7 +164,9 @@ def _inspect_sparsity(args) -> int:
     model = Path(args.model)
     if not model.is_file():
         raise ConfigError(f"ONNX model {model} not found.")
-    manifest_path = Path(args.manifest) if args.manifest else model.parent / "manifest.json"
+    from nxm_deploy.layout import MANIFEST
+
+    manifest_path = Path(args.manifest) if args.manifest else model.parent / MANIFEST
     layer_map, expected, pattern = None, None, args.pattern
     if manifest_path.is_file():
         manifest = read_json(manifest_path)
@@ -282,11 +285,13 @@ def _dispatch(args) -> int:
         report = run_pipeline(recipe, run_dir, args.glue_dir, recipe_path=args.recipe, overwrite=args.overwrite)
         if not is_main_process():
             return 0
-        print((run_dir / "report.md").read_text())
-        print(f"report: {run_dir / 'report.md'}  ({run_dir / 'report.json'})")
+        layout = RunLayout(run_dir)
+        print(layout.report_md.read_text())
+        print(f"report: {layout.report_md}  ({layout.report_json})")
         return 0 if (report.get("sparsity_check") or {}).get("ok") else 1
     if args.command == "train":
-        from nxm_deploy.training.stage import STAGES, adopt_stages, check_adoption, train_stage
+        from nxm_deploy.stages import StageContext, run_stages
+        from nxm_deploy.training.stage import STAGES, adopt_stages, check_adoption, read_stage_manifest
         from nxm_deploy.training.trainer import is_main_process
 
         stages = STAGES if args.stage == "all" else (args.stage,)
@@ -307,10 +312,10 @@ def _dispatch(args) -> int:
             if is_main_process():
                 for stage, digest in adopted.items():
                     print(f"{stage}: adopted from {args.from_run} (manifest sha256 {digest[:12]})")
-        results = train_stage(recipe, run_dir, glue_dir, stages)
+        run_stages(StageContext(recipe, run_dir, glue_dir), stages, force=stages)
         if is_main_process():
-            for stage, manifest in results.items():
-                print(f"{stage}: dev {manifest['metrics']}")
+            for stage in stages:
+                print(f"{stage}: dev {read_stage_manifest(run_dir, stage)['metrics']}")
         return 0
     if args.command == "build-engine":
         from nxm_deploy.engine.stage import build_engine_command
@@ -327,22 +332,24 @@ def _dispatch(args) -> int:
                               hint="e.g. nxm-deploy build-engine --spec engines/minilm_rte_sparse_int8.yaml")
         return build_engine_command(specs, run_dir, force=args.force, show_layers=args.layers)
     recipe, run_dir, glue_dir, info = _resolve(args)
-    if args.command == "export":
-        from nxm_deploy.export.stage import export_stage
+    from nxm_deploy.stages import StageContext, run_stages
 
-        manifest = export_stage(recipe, run_dir, glue_dir)
+    ctx = StageContext(recipe, run_dir, glue_dir, list(info.get("engine_specs") or []))
+    if args.command == "export":
+        from nxm_deploy.fileio import read_json
+
+        run_stages(ctx, ["export"], force=["export"])
+        manifest = read_json(RunLayout(run_dir).onnx_manifest)
         check = manifest["sparsity_check"]
-        print(f"exported {run_dir / 'onnx'}: {check['sparse_layers']}/{check['expected_sparse']} layers verified {manifest['pattern']}")
+        print(f"exported {RunLayout(run_dir).onnx_dir}: {check['sparse_layers']}/{check['expected_sparse']} layers verified {manifest['pattern']}")
         return 0
     if args.command in ("validate", "report"):
         from nxm_deploy.validate.report import build_report
 
         if args.command == "validate":
-            from nxm_deploy.validate.stage import validate_stage
-
-            validate_stage(recipe, run_dir, glue_dir)
+            run_stages(ctx, ["validate"], force=["validate"])
         build_report(recipe, run_dir)
-        print((run_dir / "report.md").read_text())
+        print(RunLayout(run_dir).report_md.read_text())
         return 0
     raise ConfigError(f"unknown command {args.command}")
 

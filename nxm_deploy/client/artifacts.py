@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+from nxm_deploy.layout import MANIFEST, RunLayout
 from nxm_deploy.fileio import check_recorded_file, check_sha256
 from nxm_deploy.errors import ConfigError, RunDirError
 
-#: model name -> (manifest key, tokenizer directories in order of preference)
+#: model name -> (manifest key, training stages whose directory holds the tokenizer, in order of preference)
 MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sparse_int8": ("sparse_int8", ("qat", "dense")),
     "dense": ("dense", ("dense", "qat")),
@@ -103,7 +104,7 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def _read_recipe(run_dir: Path) -> dict:
-    path = run_dir / "recipe.yaml"
+    path = RunLayout(run_dir).recipe
     if not path.is_file():
         raise RunDirError(
             f"{run_dir} is not a run directory (no recipe.yaml).",
@@ -130,7 +131,7 @@ def read_verified(path: Path, expected_sha256: str | None) -> bytes:
         raise RunDirError(f"Artifact {path} not found.", hint="Re-run `nxm-deploy export RUN_DIR`.")
     data = path.read_bytes()
     if expected_sha256 is not None:
-        check_sha256(path, expected_sha256, manifest=path.parent / "manifest.json",
+        check_sha256(path, expected_sha256, manifest=path.parent / MANIFEST,
                      regenerate=f"nxm-deploy export {path.parent.parent}", data=data)
     return data
 
@@ -156,7 +157,7 @@ def find_engine(run_dir: Path, onnx_sha256: str, prefer_sparse: bool) -> tuple[P
     Records whose plan file is missing are ignored. With several matches, ``prefer_sparse`` picks one built
     with ``sparse_weights`` first.
     """
-    status_path = run_dir / "engines" / "status.json"
+    status_path = RunLayout(run_dir).engine_status
     if not status_path.is_file():
         return None
     try:
@@ -169,7 +170,7 @@ def find_engine(run_dir: Path, onnx_sha256: str, prefer_sparse: bool) -> tuple[P
             continue
         if record.get("onnx_sha256") != onnx_sha256:
             continue
-        plan = run_dir / "engines" / str(record["engine"])
+        plan = RunLayout(run_dir).engine(record["engine"])
         if plan.is_file():
             built.append((plan, record))
     if not built:
@@ -198,7 +199,8 @@ def load_artifacts(run_dir: str | Path, model: str = "sparse_int8") -> RunArtifa
     task_cfg = recipe.get("task") or {}
     task_name = task_cfg.get("name")
     max_seq = task_cfg.get("max_seq_length")
-    manifest_path = run_dir / "onnx" / "manifest.json"
+    layout = RunLayout(run_dir)
+    manifest_path = layout.onnx_manifest
     if not manifest_path.is_file():
         raise RunDirError(f"No export manifest {manifest_path}.", hint=f"Run `nxm-deploy export {run_dir}` first.")
     manifest = _read_json(manifest_path, "Export manifest")
@@ -209,21 +211,23 @@ def load_artifacts(run_dir: str | Path, model: str = "sparse_int8") -> RunArtifa
     inputs = manifest.get("inputs")
     if not isinstance(inputs, list) or "input_ids" not in inputs:
         raise RunDirError(f"{manifest_path}: 'inputs' must list the model inputs, got {inputs!r}.")
-    onnx_path = run_dir / "onnx" / str(record["file"])
+    onnx_path = layout.onnx(str(record["file"]))
     if not onnx_path.is_file():
         raise RunDirError(f"ONNX model {onnx_path} named in {manifest_path} not found.", hint=f"Re-run `nxm-deploy export {run_dir}`.")
 
-    tokenizer_json = next((run_dir / d / "tokenizer.json" for d in tokenizer_dirs if (run_dir / d / "tokenizer.json").is_file()), None)
+    tokenizer_json = next((layout.stage_dir(d) / "tokenizer.json" for d in tokenizer_dirs
+                           if (layout.stage_dir(d) / "tokenizer.json").is_file()), None)
     if tokenizer_json is None:
         raise RunDirError(
-            f"No tokenizer.json in {' or '.join(str(run_dir / d) for d in tokenizer_dirs)}.",
+            f"No tokenizer.json in {' or '.join(str(layout.stage_dir(d)) for d in tokenizer_dirs)}.",
             hint="The client needs a fast-tokenizer file (saved by the training stages with transformers).",
         )
     tok_cfg_path = tokenizer_json.with_name("tokenizer_config.json")
     for path in (tokenizer_json, tok_cfg_path):  # as the training stage wrote them (its manifest's sha256)
         check_recorded_file(path, f"nxm-deploy train {run_dir} --stage {path.parent.name}")
     tokenizer_config = _read_json(tok_cfg_path, "Tokenizer config") if tok_cfg_path.is_file() else {}
-    config_path = next((run_dir / d / "config.json" for d in ("dense", "qat") if (run_dir / d / "config.json").is_file()), None)
+    config_path = next((layout.stage_dir(d) / "config.json" for d in ("dense", "qat")
+                        if (layout.stage_dir(d) / "config.json").is_file()), None)
     if config_path:
         check_recorded_file(config_path, f"nxm-deploy train {run_dir} --stage {config_path.parent.name}")
     config = _read_json(config_path, "Model config") if config_path else {}
@@ -239,7 +243,7 @@ def load_artifacts(run_dir: str | Path, model: str = "sparse_int8") -> RunArtifa
     limits = [v for v in (max_seq, config_max_positions(config), tokenizer_config.get("model_max_length"))
               if isinstance(v, int) and not isinstance(v, bool) and 0 < v < _NO_LIMIT]
     if not limits:
-        raise RunDirError(f"{run_dir / 'recipe.yaml'} has no task.max_seq_length and the model records no limit.")
+        raise RunDirError(f"{layout.recipe} has no task.max_seq_length and the model records no limit.")
     engine = find_engine(run_dir, str(record["sha256"]), prefer_sparse=model == "sparse_int8")
     return RunArtifacts(
         run_dir=run_dir, model=model, task=None if task_name is None else str(task_name),

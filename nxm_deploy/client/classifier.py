@@ -22,6 +22,7 @@ import numpy as np
 from nxm_deploy.client.artifacts import RunArtifacts, load_artifacts, read_verified
 from nxm_deploy.client.tokenization import Item, TextEncoder, normalize_inputs
 from nxm_deploy.errors import ConfigError, MissingDependencyError, RunDirError
+from nxm_deploy.layout import RunLayout
 
 log = logging.getLogger("nxm_deploy.client")
 
@@ -63,7 +64,7 @@ def choose_backend(requested: str, artifacts: RunArtifacts) -> tuple[str, str]:
         if artifacts.engine_path is None:
             raise RunDirError(
                 f"No built TensorRT engine for model '{artifacts.model}' ({artifacts.onnx_path.name}, sha256 "
-                f"{artifacts.onnx_sha256[:12]}...) in {artifacts.run_dir / 'engines' / 'status.json'}.",
+                f"{artifacts.onnx_sha256[:12]}...) in {RunLayout(artifacts.run_dir).engine_status}.",
                 hint=f"Run `nxm-deploy build-engine {artifacts.run_dir}` on a GPU machine, or use backend='onnxruntime'.",
             )
         return "tensorrt", "requested"

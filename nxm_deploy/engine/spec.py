@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nxm_deploy.errors import ConfigError
+from nxm_deploy.layout import TIMING_CACHE
 
 Auto = Literal["auto"]
 
@@ -26,7 +27,7 @@ DEFAULT_KEEP_FP32_OPS = ("LayerNormalization", "Softmax")
 
 #: default timing cache, relative to the run directory; ``{trt}`` and ``{sm}`` are filled in at build time
 #: (a timing cache only fits the TensorRT version and GPU that wrote it).
-DEFAULT_TIMING_CACHE = "engines/timing__trt{trt}__sm{sm}.cache"
+DEFAULT_TIMING_CACHE = TIMING_CACHE
 #: ``require_sparse`` entry: every n:m layer the graph makes eligible for sparse INT8 kernels.
 REQUIRE_ELIGIBLE = "eligible"
 

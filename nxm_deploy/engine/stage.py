@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TextIO
 
 
+from nxm_deploy.layout import MANIFEST, RunLayout
 from nxm_deploy.fileio import (
     atomic_write_bytes, atomic_write_json, atomic_write_text, check_recorded_file, file_lock, read_json, sha256_file,
 )
@@ -66,12 +67,12 @@ def _sha256_json(obj) -> str:
 def onnx_path_for(spec: EngineSpec, run_dir: Path) -> Path:
     """The spec's source ONNX: absolute as given, else ``<run_dir>/onnx/<onnx>``."""
     path = Path(spec.onnx)
-    return path if path.is_absolute() else Path(run_dir) / "onnx" / path
+    return RunLayout(run_dir).onnx(path)
 
 
 def update_status(run_dir: Path, records: list[dict]) -> dict:
     """Merge ``records`` (by name) into ``<run_dir>/engines/status.json`` under a lock; returns the file's content."""
-    path = Path(run_dir) / "engines" / "status.json"
+    path = RunLayout(run_dir).engine_status
     with file_lock(path.with_name(".status.lock")):
         old = []
         if path.is_file():
@@ -113,14 +114,14 @@ class EngineInputs:
 def _recipe_limits(run_dir: Path) -> tuple[int | None, int | None]:
     """(recipe ``task.max_seq_length``, model ``max_position_embeddings``) of a run, None where unknown."""
     max_seq = max_pos = None
-    recipe = run_dir / "recipe.yaml"
+    recipe = RunLayout(run_dir).recipe
     if recipe.is_file():
         from nxm_deploy.config.recipe import load_recipe  # the schema (no torch), as the pipeline reads it
 
         with contextlib.suppress(ConfigError):
             max_seq = load_recipe(recipe).task.max_seq_length
-    for stage in ("dense", "qat", "sparse"):
-        config = run_dir / stage / "config.json"
+    for stage in ("dense", "qat", "admm"):
+        config = RunLayout(run_dir).stage_dir(stage) / "config.json"
         if config.is_file():
             with contextlib.suppress(OSError, ValueError, AttributeError):
                 from nxm_deploy.models import config_max_positions  # torch-free
@@ -149,7 +150,7 @@ def prepare_inputs(spec: EngineSpec, run_dir: str | Path, spec_path: str | Path 
     if not source.is_file():
         raise RunDirError(f"Engine {spec.name}: ONNX file {source} not found.",
                           hint=f"Run `nxm-deploy export {run_dir}` first, or fix run_dir/onnx in the spec.")
-    manifest_path = source.parent / "manifest.json"
+    manifest_path = source.parent / MANIFEST
     manifest = {}
     if manifest_path.is_file():
         try:
@@ -258,7 +259,7 @@ def _check_built(inputs: EngineInputs, layer_json: str, sparsity_log: list[str])
 
 def engine_paths(spec: EngineSpec, run_dir: Path, tensorrt_version: str, sm: str) -> tuple[Path, Path, Path]:
     """``(plan, manifest, layers)`` paths of ``spec``'s engine in ``<run_dir>/engines/``."""
-    plan = Path(run_dir) / "engines" / spec.engine_filename(tensorrt_version, sm)
+    plan = RunLayout(run_dir).engine(spec.engine_filename(tensorrt_version, sm))
     return plan, plan.with_suffix(".json"), plan.with_name(plan.stem + ".layers.json")
 
 
@@ -408,6 +409,11 @@ def engine_stage(run_dir: str | Path, spec_paths: list[str | Path]) -> dict:
     return update_status(run_dir, records)
 
 
+def run_engines(ctx) -> dict:
+    """Stage ``engines`` of the chain (:data:`nxm_deploy.stages.STAGES`): :func:`engine_stage` on the run's specs."""
+    return engine_stage(ctx.run_dir, ctx.engine_specs)
+
+
 # --------------------------------------------------------------------------------------------- command
 
 
@@ -492,7 +498,7 @@ def build_engine_command(spec_paths: list[str | Path], run_dir: str | Path | Non
             notes.append(f"{spec.name}: {check.summary()}\n{check.table()}\n" + "\n".join(
                 [f"  error: {e}" for e in check.errors] + [f"  warning: {w}" for w in check.warnings]))
         else:
-            manifest_path = target / "engines" / record["manifest"]
+            manifest_path = RunLayout(target).engine(record["manifest"])
             stored = read_json(manifest_path).get("check") or {} if manifest_path.is_file() else {}
             if stored and (show_layers or stored.get("errors") or stored.get("warnings")):
                 notes.append(f"{spec.name}: {stored.get('summary')}\n" + "\n".join(

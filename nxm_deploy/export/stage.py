@@ -12,6 +12,7 @@ from onnx import numpy_helper
 from nxm_deploy import __version__
 from nxm_deploy.fileio import atomic_write_json, sha256_file
 from nxm_deploy.config.recipe import Recipe
+from nxm_deploy.layout import RunLayout
 from nxm_deploy.data import load_task_split, resolve_glue_dir
 from nxm_deploy.data.loader import encode_fixed, make_dataloader
 from nxm_deploy.errors import ExportError
@@ -48,7 +49,7 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
             not n:m in the exported graph.
     """
     run_dir = Path(run_dir)
-    out = run_dir / "onnx"
+    out = RunLayout(run_dir).onnx_dir
     # every input file as its stage wrote it (read_stage_manifest checks the sha256 its manifest records; qat/ is
     # checked by load_qat_model below)
     read_stage_manifest(run_dir, "dense")
@@ -151,6 +152,11 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
         },
     }
     manifest["files"] = {p.name: sha256_file(p) for p in (dense_path, sparse_path, cpu_path, out / "sparsity_report.json")}
-    atomic_write_json(out / "manifest.json", manifest)
+    atomic_write_json(RunLayout(run_dir).onnx_manifest, manifest)
     log.info("exported %s and %s", dense_path, sparse_path)
     return manifest
+
+
+def run_export(ctx) -> dict:
+    """Stage ``export`` of the chain (:data:`nxm_deploy.stages.STAGES`): :func:`export_stage`."""
+    return export_stage(ctx.recipe, ctx.run_dir, ctx.glue_dir)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -32,6 +30,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from nxm_deploy.fileio import atomic_dir, atomic_write_json, file_hashes, read_json, sha256_file, verify_stage_files
 from nxm_deploy.config.recipe import Recipe
+from nxm_deploy.layout import MANIFEST, RunLayout
+from nxm_deploy.stages import TRAINING, differing_keys, flatten, recipe_key
 from nxm_deploy.data import TaskData
 from nxm_deploy.errors import ConfigError, RunDirError, SparsityVerificationError
 from nxm_deploy.models import load_base_model, load_saved_model, save_model_dir
@@ -47,10 +47,7 @@ from nxm_deploy.training.trainer import (
 
 log = logging.getLogger("nxm_deploy.training")
 
-STAGES = ("dense", "admm", "qat")
-#: ``train`` settings that change speed, not results (left out of checkpoint fingerprints and adoption checks)
-SPEED_ONLY_TRAIN_KEYS = ("num_threads", "checkpoint_every_steps", "dataloader_workers")
-CHECKPOINTS_DIR = "checkpoints"
+STAGES = TRAINING  # the training stages of the chain (nxm_deploy.stages)
 
 
 def _setup(recipe: Recipe) -> None:
@@ -60,35 +57,30 @@ def _setup(recipe: Recipe) -> None:
 
 
 def _stage_dir(run_dir: Path, stage: str) -> Path:
-    return run_dir / {"dense": "dense", "admm": "sparse", "qat": "qat"}[stage]
+    return RunLayout(run_dir).stage_dir(stage)
 
 
 def _phase_dir(run_dir: Path, stage: str, phase: str) -> Path:
-    return run_dir / CHECKPOINTS_DIR / stage / phase
+    return RunLayout(run_dir).checkpoints(stage, phase)
 
 
 def _fingerprint(recipe: Recipe, stage: str, phase: str) -> str:
-    """Hash of the recipe (without settings that change speed, not results) plus stage and phase names.
+    """What the stage reads of the recipe (:func:`nxm_deploy.stages.recipe_key`: its sections, its data files; not
+    the settings that change speed only) plus stage and phase names.
 
-    A checkpoint left by another recipe is refused (:func:`~nxm_deploy.training.trainer.check_fingerprint`).
+    A checkpoint left under other settings is refused (:func:`~nxm_deploy.training.trainer.check_fingerprint`).
     """
-    data = recipe.to_dict()
-    digests = recipe.data_digests()
-    if digests:  # own data files: changed data is another run (a GLUE preset's data are fixed)
-        data["data_sha256"] = digests
-    for key in SPEED_ONLY_TRAIN_KEYS:
-        data["train"].pop(key, None)
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-    return f"{digest}:{stage}:{phase}"
+    return f"{recipe_key(recipe, stage)}:{stage}:{phase}"
 
 
 def _drop_checkpoints(run_dir: Path, stage: str) -> None:
     """Remove a stage's checkpoints once its artifact is written (they are only for resuming a killed run)."""
     if not is_main_process():
         return
-    shutil.rmtree(run_dir / CHECKPOINTS_DIR / stage, ignore_errors=True)
+    layout = RunLayout(run_dir)
+    shutil.rmtree(layout.checkpoints(stage), ignore_errors=True)
     with contextlib.suppress(OSError):
-        (run_dir / CHECKPOINTS_DIR).rmdir()
+        layout.checkpoints().rmdir()
 
 
 def _write_stage(run_dir: Path, stage: str, write) -> None:
@@ -107,30 +99,13 @@ def read_stage_manifest(run_dir: str | Path, stage: str) -> dict:
         RunDirError: the stage has not finished in this run directory, or one of its files was changed after
             it was written (one line: which file, which manifest, the command that regenerates it).
     """
-    path = _stage_dir(Path(run_dir), stage) / "manifest.json"
+    path = RunLayout(run_dir).stage_manifest(stage)
     if not path.is_file():
         raise RunDirError(
             f"Stage '{stage}' has no finished artifact in {path.parent}.",
             hint=f"Run `nxm-deploy train {run_dir} --stage {stage}` (or `nxm-deploy run`) first.",
         )
     return verify_stage_files(path.parent, f"nxm-deploy train {run_dir} --stage {stage}")
-
-
-#: recipe keys that the dense and sparse stages do not read: the run's name, what comes after the sparse model
-#: (QAT, export, engines, validation) and settings that change speed, not results.
-_AFTER_SPARSE = ("name", "description", "export", "engine", "validate", "train.qat",
-                 *(f"train.{key}" for key in SPEED_ONLY_TRAIN_KEYS))
-
-
-def _flat(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat(value, path + "."))
-        else:
-            out[path] = value
-    return out
 
 
 def adopt_stages(recipe: Recipe, run_dir: str | Path, source: str | Path, stages: tuple[str, ...] = ("dense", "admm"),
@@ -140,8 +115,8 @@ def adopt_stages(recipe: Recipe, run_dir: str | Path, source: str | Path, stages
     One dense and sparse model can then serve many QAT variants: each variant is its own run (its recipe, its
     ``qat/``), with byte-identical copies of the source's stage directories. A stage is adopted only when every
     file its manifest records still has its sha256, and only when ``recipe`` agrees with the source run's
-    recipe on every key those stages read (all but ``name``, ``description``, ``train.qat``, ``export``,
-    ``engine``, ``validate`` and the speed-only train settings). A stage already finished in ``run_dir`` is kept.
+    recipe on every key those stages read (:data:`nxm_deploy.stages.STAGES`). A stage already finished in
+    ``run_dir`` is kept.
     ``checked``: :func:`check_adoption` already passed for these arguments (the CLI runs it before creating the
     run directory), so the source files are not hashed a second time.
 
@@ -157,13 +132,13 @@ def adopt_stages(recipe: Recipe, run_dir: str | Path, source: str | Path, stages
         check_adoption(recipe, source, stages)
     adopted = {}
     for stage in stages:
-        if (_stage_dir(run_dir, stage) / "manifest.json").is_file():
+        if RunLayout(run_dir).stage_manifest(stage).is_file():
             continue
         if is_main_process():
             with atomic_dir(_stage_dir(run_dir, stage)) as tmp:
                 shutil.copytree(_stage_dir(source, stage), tmp, dirs_exist_ok=True)
         barrier()
-        adopted[stage] = sha256_file(_stage_dir(run_dir, stage) / "manifest.json")
+        adopted[stage] = sha256_fileRunLayout(run_dir).stage_manifest(stage)
         log.info("stage %s adopted from %s", stage, source)
     return adopted
 
@@ -178,13 +153,10 @@ def check_adoption(recipe: Recipe, source: str | Path, stages: tuple[str, ...] =
     from nxm_deploy.pipeline import open_run_dir  # the run layout's reader (pipeline imports this module lazily)
 
     source = Path(source)
-    theirs, ours = _flat(open_run_dir(source).to_dict()), _flat(recipe.to_dict())
-
-    def after_sparse(key):
-        return any(key == k or key.startswith(k + ".") for k in _AFTER_SPARSE)
-
-    differ = sorted(k for k in set(theirs) | set(ours) if not after_sparse(k) and theirs.get(k) != ours.get(k))
+    other = open_run_dir(source)
+    differ = differing_keys(recipe, other, stages)
     if differ:
+        theirs, ours = flatten(other.to_dict()), flatten(recipe.to_dict())
         shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:4])
         raise ConfigError(f"Cannot adopt {'/'.join(stages)} from {source}: the recipes differ on {shown}"
                           f"{' ...' if len(differ) > 4 else ''}.",
@@ -199,7 +171,7 @@ def verify_finished_stages(run_dir: str | Path) -> list[str]:
 
     Returns the stages checked. Raises :class:`RunDirError` as :func:`read_stage_manifest`.
     """
-    done = [stage for stage in STAGES if (_stage_dir(Path(run_dir), stage) / "manifest.json").is_file()]
+    done = [stage for stage in STAGES if (RunLayout(run_dir).stage_manifest(stage)).is_file()]
     for stage in done:
         read_stage_manifest(run_dir, stage)
     return done
@@ -290,7 +262,7 @@ def train_dense(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> d
     def write(tmp):
         save_model_dir(model, tokenizer, tmp)
         manifest["files"] = file_hashes(tmp)
-        atomic_write_json(tmp / "manifest.json", manifest)
+        atomic_write_json(tmp / MANIFEST, manifest)
 
     _write_stage(run_dir, "dense", write)
     return manifest
@@ -379,7 +351,7 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
         save_model_dir(student, tokenizer, tmp)
         save_file({k: v.cpu().contiguous() for k, v in masks.items()}, str(tmp / "masks.safetensors"))
         manifest["files"] = file_hashes(tmp)
-        atomic_write_json(tmp / "manifest.json", manifest)
+        atomic_write_json(tmp / MANIFEST, manifest)
 
     _write_stage(run_dir, "admm", write)
     return manifest
@@ -491,7 +463,7 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "quant.json", quant_info)
         manifest["files"] = file_hashes(tmp)
-        atomic_write_json(tmp / "manifest.json", manifest)
+        atomic_write_json(tmp / MANIFEST, manifest)
 
     _write_stage(run_dir, "qat", write)
     return manifest
@@ -516,21 +488,16 @@ def calibration_loop(data: TaskData, train_cfg, batches: int, device):
     return forward_loop
 
 
-def train_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = None, stages=STAGES,
-                skip_finished: bool = False) -> dict:
-    """Run the named training stages in order; returns ``{stage: manifest}``.
+def run_dense(ctx) -> dict:
+    """Stage ``dense`` of the chain (:data:`nxm_deploy.stages.STAGES`): :func:`train_dense`."""
+    return train_dense(ctx.recipe, ctx.run_dir, ctx.glue_dir)
 
-    ``skip_finished``: keep a stage whose artifact was finished by the same recipe (hash in its manifest), e.g.
-    when ``nxm-deploy run`` is restarted after a kill; an unfinished stage resumes from its loop checkpoints.
-    """
-    run_dir = Path(run_dir)
-    funcs = {"dense": train_dense, "admm": train_admm, "qat": train_qat}
-    out = {}
-    for stage in stages:
-        manifest_path = _stage_dir(run_dir, stage) / "manifest.json"
-        if skip_finished and manifest_path.is_file() and read_json(manifest_path).get("recipe_sha256") == recipe.sha256():
-            log.info("stage %s already finished with this recipe: kept (%s)", stage, manifest_path.parent)
-            out[stage] = read_json(manifest_path)
-            continue
-        out[stage] = funcs[stage](recipe, run_dir, glue_dir)
-    return out
+
+def run_admm(ctx) -> dict:
+    """Stage ``admm`` of the chain: :func:`train_admm` (``sparse/``)."""
+    return train_admm(ctx.recipe, ctx.run_dir, ctx.glue_dir)
+
+
+def run_qat(ctx) -> dict:
+    """Stage ``qat`` of the chain: :func:`train_qat`."""
+    return train_qat(ctx.recipe, ctx.run_dir, ctx.glue_dir)

@@ -58,6 +58,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from nxm_deploy.ranks import barrier, is_main_process, world_size  # noqa: F401 - part of this module's API
 from nxm_deploy.config.recipe import TrainConfig
 from nxm_deploy.data.loader import EpochSeededLengthGroupedSampler
 from nxm_deploy.distillation.losses import DistillationConfig, check_teacher, distillation_loss
@@ -645,26 +646,6 @@ def decay_parameter_names(model: nn.Module) -> list[str]:
     """
     return [name for name, param in model.named_parameters()
             if param.ndim >= 2 and "layernorm" not in name.lower()]
-
-
-def world_size() -> int:
-    """Processes of this run: ``torch.distributed``'s world size, else torchrun's ``WORLD_SIZE``, else 1."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (or without torchrun): the process that writes artifacts."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op in one process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def resolve_device(device: str) -> str:

@@ -54,7 +54,6 @@ INT8_CAP_FRACTION = 0.5
 #: INT8 atol when there is no fake-quant reference to derive one from (the export stage's parity bound)
 INT8_FALLBACK_ATOL = 5e-2
 DEFAULT_TOLERANCE_FACTOR = 4.0
-DIFF_DIR = "diff"
 INPUTS_FILE = "inputs.json"
 
 
@@ -193,7 +192,7 @@ def save_polygraphy_files(out_dir: Path, feeds: list[dict[str, np.ndarray]], res
 
 
 def polygraphy_argv(model: str, backend: str, reference_outputs: str, atol: float, rtol: float,
-                    inputs: str = f"{DIFF_DIR}/{INPUTS_FILE}") -> list[str] | None:
+                    inputs: str) -> list[str] | None:
     """``polygraphy run`` arguments that re-run a comparison by hand (paths relative to the run directory),
     or None for a backend Polygraphy's CLI cannot run on its own (PyTorch)."""
     if backend == "onnxruntime-cpu":

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from nxm_deploy.fileio import read_json, sha256_file
+from nxm_deploy.layout import RunLayout
 from nxm_deploy.validate.errors import ValidationError
 
 log = logging.getLogger("nxm_deploy.validate")
@@ -73,16 +74,16 @@ def built_engines(run_dir: str | Path) -> list[dict]:
     Raises:
         ValidationError: a recorded engine's plan or manifest is missing, or the plan's hash differs.
     """
-    engines_dir = Path(run_dir) / "engines"
-    status = engines_dir / "status.json"
+    layout = RunLayout(run_dir)
+    status = layout.engine_status
     if not status.is_file():
         return []
     out = []
     for record in read_json(status).get("engines", []):
         if record.get("status") != "built" or not record.get("engine"):
             continue
-        plan = engines_dir / record["engine"]
-        manifest_path = engines_dir / (record.get("manifest") or Path(record["engine"]).with_suffix(".json").name)
+        plan = layout.engine(record["engine"])
+        manifest_path = layout.engine(record.get("manifest") or Path(record["engine"]).with_suffix(".json").name)
         if not plan.is_file() or not manifest_path.is_file():
             raise ValidationError(f"Engine {record.get('name')}: {plan if not plan.is_file() else manifest_path} is missing.",
                                   hint="Rebuild with `nxm-deploy build-engine RUN_DIR`.")

@@ -12,9 +12,10 @@ import logging
 import os
 from pathlib import Path
 
+from nxm_deploy.layout import RunLayout
+
 log = logging.getLogger("nxm_deploy.validate")
 
-PLOTS_DIR = "plots"
 _RESERVED = {"batch_size", "sequence_length"}
 
 
@@ -199,7 +200,8 @@ def write_plots(run_dir: Path, *, latency: list[dict] | None, accuracy_rows: lis
         log.warning("matplotlib is not installed: no plots (pip install matplotlib)")
         return {}
     gates = gates or {}
-    out_dir = Path(run_dir) / PLOTS_DIR
+    layout = RunLayout(run_dir)
+    out_dir = layout.plots_dir
     jobs = []
     if latency:
         jobs.append(("latency", lambda p: plot_latency(latency, p, labels)))
@@ -212,7 +214,7 @@ def write_plots(run_dir: Path, *, latency: list[dict] | None, accuracy_rows: lis
     for name, job in jobs:
         try:
             job(out_dir / f"{name}.png")
-            written[name] = f"{PLOTS_DIR}/{name}.png"
+            written[name] = layout.relative(out_dir / f"{name}.png")
         except Exception as exc:  # noqa: BLE001 - a plot must not fail the report
             log.warning("plot %s failed: %s: %s", name, type(exc).__name__, exc)
     return written

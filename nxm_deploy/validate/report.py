@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nxm_deploy.layout import RunLayout
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text, read_json
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.validate.gates import delta_pt
@@ -69,13 +70,14 @@ def build_report(recipe: Recipe, run_dir: str | Path) -> dict:
     from nxm_deploy.validate.plots import write_plots
 
     run_dir = Path(run_dir)
-    dense = _maybe(run_dir / "dense" / "manifest.json")
-    sparse = _maybe(run_dir / "sparse" / "manifest.json")
-    qat = _maybe(run_dir / "qat" / "manifest.json")
-    export = _maybe(run_dir / "onnx" / "manifest.json")
-    sparsity = _maybe(run_dir / "onnx" / "sparsity_report.json")
-    engines = _maybe(run_dir / "engines" / "status.json")
-    validation = _maybe(run_dir / "validation.json") or {}
+    layout = RunLayout(run_dir)
+    dense = _maybe(layout.stage_manifest("dense"))
+    sparse = _maybe(layout.stage_manifest("admm"))
+    qat = _maybe(layout.stage_manifest("qat"))
+    export = _maybe(layout.onnx_manifest)
+    sparsity = _maybe(layout.onnx("sparsity_report.json"))
+    engines = _maybe(layout.engine_status)
+    validation = _maybe(layout.validation) or {}
     task = recipe.task.spec()
     primary = task.primary_metric
     pattern = recipe.sparsity.pattern
@@ -122,8 +124,8 @@ def build_report(recipe: Recipe, run_dir: str | Path) -> dict:
                         {"dense": dense, "admm": sparse, "qat": qat, "export": export, "engines": engines,
                          "validate": validation or None}.items()},
     }
-    atomic_write_json(run_dir / "report.json", report)
-    atomic_write_text(run_dir / "report.md", _markdown(report, sparsity))
+    atomic_write_json(layout.report_json, report)
+    atomic_write_text(layout.report_md, _markdown(report, sparsity))
     return report
 
 

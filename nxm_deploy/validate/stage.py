@@ -31,8 +31,9 @@ from nxm_deploy.data import load_task_split, make_dataloader, resolve_glue_dir
 from nxm_deploy.data.loader import encode_fixed
 from nxm_deploy.data.metrics import compute_metrics, lm_nll_sums
 from nxm_deploy.errors import ConfigError, RunDirError
+from nxm_deploy.layout import RunLayout
 from nxm_deploy.export.onnx import DENSE_ONNX, SPARSE_ONNX
-from nxm_deploy.validate.diff import DEFAULT_TOLERANCE_FACTOR, DIFF_DIR, make_feeds, run_diff
+from nxm_deploy.validate.diff import DEFAULT_TOLERANCE_FACTOR, make_feeds, run_diff
 from nxm_deploy.validate.errors import ValidationError
 from nxm_deploy.validate.gates import delta_pt, evaluate_gates, gate_settings, raise_for_gates
 from nxm_deploy.machine import machine_line
@@ -65,7 +66,8 @@ def onnx_models(run_dir: Path, manifest: dict) -> dict[str, dict]:
     Raises:
         RunDirError: a model the manifest names is missing, or differs from the sha256 the manifest records.
     """
-    onnx_dir = run_dir / "onnx"
+    layout = RunLayout(run_dir)
+    onnx_dir = layout.onnx_dir
     models = {
         DENSE: {"path": onnx_dir / (manifest.get("dense") or {}).get("file", DENSE_ONNX), "precision": "fp32", "sparse": False},
         SPARSE: {"path": onnx_dir / (manifest.get("sparse_int8") or {}).get("file", SPARSE_ONNX), "precision": "int8", "sparse": True},
@@ -80,7 +82,7 @@ def onnx_models(run_dir: Path, manifest: dict) -> dict[str, dict]:
                 break
     for name, info in models.items():
         if not info["path"].is_file():
-            raise RunDirError(f"ONNX model {name} ({info['path']}) named by {onnx_dir / 'manifest.json'} is missing.",
+            raise RunDirError(f"ONNX model {name} ({info['path']}) named by {layout.onnx_manifest} is missing.",
                               hint=f"Re-run `nxm-deploy export {run_dir}`.")
         check_recorded_file(info["path"], f"nxm-deploy export {run_dir}")  # the bytes the export stage wrote
     return models
@@ -191,16 +193,16 @@ def predict(runner, batches: list[dict[str, np.ndarray]], reduce=None) -> np.nda
 
 
 def _torch_runners(run_dir: Path, names: list[str]) -> dict:
-    from nxm_deploy.training.stage import load_qat_model, load_stage_model
+    from nxm_deploy.training.stage import load_qat_model, load_stage_model, stage_dir
 
     dense, _ = load_stage_model(run_dir, "dense")
     qat, _, _ = load_qat_model(run_dir)
     return {
-        "torch_dense_fp32": TorchRunner(dense, "torch_dense_fp32", names, source=run_dir / "dense"),
+        "torch_dense_fp32": TorchRunner(dense, "torch_dense_fp32", names, source=stage_dir(run_dir, "dense")),
         "torch_int8_fakequant": TorchRunner(qat, "torch_int8_fakequant", names, precision="int8", sparse=True,
-                                            source=run_dir / "qat"),
+                                            source=stage_dir(run_dir, "qat")),
         "torch_qat_fp32": TorchRunner(qat, "torch_qat_fp32", names, context=quantizers_disabled, sparse=True,
-                                      source=run_dir / "qat"),
+                                      source=stage_dir(run_dir, "qat")),
     }
 
 
@@ -230,11 +232,11 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
     from nxm_deploy.training.stage import verify_finished_stages
 
     run_dir = Path(run_dir)
-    onnx_dir = run_dir / "onnx"
-    if not (onnx_dir / "manifest.json").is_file():
-        raise RunDirError(f"No exported models in {onnx_dir}.", hint=f"Run `nxm-deploy export {run_dir}` first.")
+    layout = RunLayout(run_dir)
+    if not layout.onnx_manifest.is_file():
+        raise RunDirError(f"No exported models in {layout.onnx_dir}.", hint=f"Run `nxm-deploy export {run_dir}` first.")
     verify_finished_stages(run_dir)  # the training artifacts behind the models (tokenizer, PyTorch rows) as written
-    manifest = read_json(onnx_dir / "manifest.json")
+    manifest = read_json(layout.onnx_manifest)
     names = list(manifest["inputs"])
     task = recipe.task.spec()
     vcfg = recipe.validate_
@@ -245,7 +247,7 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
     glue_root = resolve_glue_dir(glue_dir or recipe.task.glue_dir)
     dev = load_task_split(task, "dev", glue_root, recipe.task.max_eval_examples)
     dev_total = len(load_task_split(task, "dev", glue_root)) if recipe.task.max_eval_examples else len(dev)
-    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "dense"))
+    tokenizer = AutoTokenizer.from_pretrained(str(layout.stage_dir("dense")))
     max_len = recipe.task.max_seq_length
     loader = make_dataloader(tokenizer, dev, batch_size=32, max_seq_length=max_len, shuffle=False, group_by_length=True,
                              causal_lm=task.is_causal_lm)
@@ -308,7 +310,7 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
             for runner in torch_runners.values():
                 runner.activate()
                 torch_stack.callback(runner.deactivate)
-            diff = run_diff({**torch_runners, **active}, feeds, run_dir / DIFF_DIR, run_dir,
+            diff = run_diff({**torch_runners, **active}, feeds, layout.diff_dir, run_dir,
                             factor=float(settings["diff_tolerance_factor"]))
         del torch_runners
         for row in diff["comparisons"]:
@@ -342,10 +344,15 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
     }
     result["gates"] = evaluate_gates(gate_settings(vcfg), metrics=accuracy, baseline=DENSE, primary=primary,
                                      latency=latency, runners=described, diff=diff)
-    atomic_write_json(run_dir / "validation.json", result)
+    atomic_write_json(layout.validation, result)
     if not result["gates"]["passed"]:
         from nxm_deploy.validate.report import build_report
 
         build_report(recipe, run_dir)
-        raise_for_gates(result["gates"], report=str(run_dir / "report.md"))
+        raise_for_gates(result["gates"], report=str(layout.report_md))
     return result
+
+
+def run_validate(ctx) -> dict:
+    """Stage ``validate`` of the chain (:data:`nxm_deploy.stages.STAGES`): :func:`validate_stage`."""
+    return validate_stage(ctx.recipe, ctx.run_dir, ctx.glue_dir)

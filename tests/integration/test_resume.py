@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from nxm_deploy.config.recipe import recipe_from_dict
 from nxm_deploy.fileio import read_json
 from nxm_deploy.errors import RunDirError
-from nxm_deploy.training.stage import CHECKPOINTS_DIR, load_masks, train_admm, train_dense, train_qat
+from nxm_deploy.layout import RunLayout
+from nxm_deploy.training.stage import load_masks, train_admm, train_dense, train_qat
 
 pytestmark = pytest.mark.slow
 
@@ -70,14 +71,14 @@ def test_killed_admm_stage_resumes_to_the_same_weights(tmp_path, monkeypatch, de
     recipe = _recipe(tiny_recipe_dict_module, penalty_mode=penalty_mode, rho=rho)
     ref_dir = _fresh_run(tmp_path, dense_dir, "ref")
     ref = train_admm(recipe, ref_dir, str(glue_dir))
-    assert not (ref_dir / CHECKPOINTS_DIR).exists()  # checkpoints are dropped once the artifact exists
+    assert not RunLayout(ref_dir).checkpoints().exists()  # checkpoints are dropped once the artifact exists
 
     run_dir = _fresh_run(tmp_path, dense_dir, "killed")
     with monkeypatch.context() as m:
         _kill_at_step(m, kill_step)
         with pytest.raises(_Killed):
             train_admm(recipe, run_dir, str(glue_dir))
-    assert list((run_dir / CHECKPOINTS_DIR / "admm").glob("*/checkpoint-*/trainer_state.json"))
+    assert list((RunLayout(run_dir).checkpoints("admm")).glob("*/checkpoint-*/trainer_state.json"))
     resumed = train_admm(recipe, run_dir, str(glue_dir))
 
     ref_w, got_w = _weights(ref_dir), _weights(run_dir)
@@ -90,7 +91,7 @@ def test_killed_admm_stage_resumes_to_the_same_weights(tmp_path, monkeypatch, de
     assert resumed["epoch_metrics"] == ref["epoch_metrics"] and resumed["metrics"] == ref["metrics"]
     resumed_loop = resumed["train"] if kill_step == 11 else resumed["masked_finetune"]
     assert resumed_loop["resumed_from_step"] == 9 if kill_step == 11 else resumed_loop["resumed_from_step"] == 3
-    assert not (run_dir / CHECKPOINTS_DIR).exists()
+    assert not RunLayout(run_dir).checkpoints().exists()
 
 
 def test_killed_qat_stage_resumes_to_the_same_weights(tmp_path, monkeypatch, dense_dir, tiny_recipe_dict_module,
@@ -122,7 +123,7 @@ def test_killed_dense_stage_resumes_to_the_same_weights(tmp_path, monkeypatch, d
         _kill_at_step(m, 5)
         with pytest.raises(_Killed):
             train_dense(recipe, run_dir, str(glue_dir))
-    assert (run_dir / CHECKPOINTS_DIR / "dense" / "finetune" / "checkpoint-3").is_dir()
+    assert (RunLayout(run_dir).checkpoints("dense", "finetune") / "checkpoint-3").is_dir()
     manifest = train_dense(recipe, run_dir, str(glue_dir))
     assert manifest["resumed_from_step"] == 3 and manifest["steps"] == 8
     ref_w, got_w = _weights(dense_dir, "dense"), _weights(run_dir, "dense")

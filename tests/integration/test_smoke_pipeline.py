@@ -247,3 +247,24 @@ def test_build_engine_reruns_alone(run_dir, capsys, monkeypatch) -> None:
         assert rc == 3 and err.count("\n") == 1 and "nxm-deploy[trt]" in err
     else:
         assert rc in (0, 5) and "tiny_smoke_2of4_int8" in out  # 5: a post-build check failed (reported)
+
+# ----------------------------------------------------------------------------------------------- the stage chain
+def test_second_run_is_up_to_date_and_a_qat_change_reruns_qat_onwards(run_dir, glue_dir, caplog) -> None:
+    """``nxm-deploy run`` again skips every stage (the ledger's keys hold); a changed QAT setting reruns qat,
+    export, engines and validate, and keeps dense and admm (nxm_deploy.stages). Runs last: it changes the run."""
+    from nxm_deploy.stages import STAGES, read_ledger
+
+    first = read_ledger(run_dir)
+    assert list(first) == [s.name for s in STAGES]
+    argv = ["-q", "run", str(RECIPE), "--glue-dir", str(glue_dir), "--run-dir", str(run_dir)]
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level("INFO", logger="nxm_deploy.stages"):
+        mp.chdir(REPO_ROOT)
+        assert main(argv) == 0
+        assert read_ledger(run_dir) == first  # nothing ran again
+        assert sum("up to date" in r.getMessage() for r in caplog.records) == len(STAGES)
+        assert main([*argv, "--set", "train.qat.learning_rate=2.0e-5"]) == 0
+    after = read_ledger(run_dir)
+    kept = {name for name in first if after[name] == first[name]}
+    assert kept == {"dense", "admm"}, kept
+    assert all(after[name]["key"] != first[name]["key"] for name in ("qat", "export", "engines", "validate"))
+    assert "learning_rate: 2.0e-05" in (run_dir / "recipe.yaml").read_text()

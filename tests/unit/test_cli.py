@@ -17,7 +17,8 @@ import yaml
 from nxm_deploy.cli.main import main
 from nxm_deploy.config.recipe import recipe_from_dict
 from nxm_deploy.data.tasks import TASKS
-from nxm_deploy.pipeline import RUN_FILE, prepare_run_dir
+from nxm_deploy.layout import RunLayout
+from nxm_deploy.pipeline import prepare_run_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 needs_embedded_model = pytest.mark.skipif(
@@ -136,18 +137,19 @@ def test_model_dir_that_does_not_exist(capsys, tmp_path, tiny_recipe_dict, fake_
 
 
 # ----------------------------------------------------------------------------------------------- run dirs
-def test_run_dir_holding_a_different_run_needs_overwrite(capsys, tmp_path, tiny_recipe_dict, fake_glue) -> None:
+def test_run_dir_of_another_recipe_is_reused_with_the_new_recipe(tmp_path, tiny_recipe_dict) -> None:
+    """A changed recipe runs in its run directory: recipe.yaml and run.json follow it, the stage outputs stay (the
+    executor decides which stages are stale, nxm_deploy.stages)."""
     recipe_a = recipe_from_dict(tiny_recipe_dict)
     run_dir = prepare_run_dir(recipe_a, tmp_path / "run")
-    before = (run_dir / RUN_FILE).read_text()
+    RunLayout(run_dir).stage_dir("dense").mkdir()
     tiny_recipe_dict["train"]["seed"] = 1
-    recipe_b = write_recipe(tmp_path / "b.yaml", tiny_recipe_dict)
-    assert recipe_from_dict(tiny_recipe_dict).sha256() != recipe_a.sha256()
-
-    rc, _, err = run_cli(capsys, "-q", "run", str(recipe_b), "--run-dir", str(run_dir), "--glue-dir", str(fake_glue))
-    assert rc == 2
-    assert_one_error(err, str(run_dir), "--overwrite")
-    assert (run_dir / RUN_FILE).read_text() == before  # nothing replaced
+    recipe_b = recipe_from_dict(tiny_recipe_dict)
+    assert recipe_b.sha256() != recipe_a.sha256()
+    prepare_run_dir(recipe_b, run_dir)
+    assert json.loads(RunLayout(run_dir).run_info.read_text())["recipe_sha256"] == recipe_b.sha256()
+    assert "seed: 1" in RunLayout(run_dir).recipe.read_text()
+    assert RunLayout(run_dir).stage_dir("dense").is_dir()
 
 
 def test_run_dir_holding_unrelated_files_needs_overwrite(capsys, tmp_path, tiny_recipe_dict, fake_glue) -> None:
@@ -167,7 +169,7 @@ def test_prepare_run_dir_reuses_same_recipe(tmp_path, tiny_recipe_dict) -> None:
     (run_dir / "dense").mkdir()
     assert prepare_run_dir(recipe_from_dict(dict(tiny_recipe_dict)), run_dir) == run_dir
     assert (run_dir / "dense").is_dir()  # kept
-    assert json.loads((run_dir / RUN_FILE).read_text())["recipe_sha256"] == recipe.sha256()
+    assert json.loads(RunLayout(run_dir).run_info.read_text())["recipe_sha256"] == recipe.sha256()
 
 
 @pytest.mark.parametrize("command", ["export", "validate", "report", "build-engine"])

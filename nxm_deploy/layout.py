@@ -1,0 +1,134 @@
+"""The run directory: every path of a run, in one place.
+
+::
+
+    runs/<name>/
+      recipe.yaml          the recipe this directory was last run with (schema-normalised)
+      run.json             name, recipe sha256, GLUE dir and engine spec paths of the run
+      stages.json          the executor's ledger: per stage its up-to-date key and manifest sha256
+      timings.json         seconds per stage of the last `nxm-deploy run`
+      checkpoints/<stage>/<phase>/   Trainer checkpoints of an unfinished training stage (removed when it ends)
+      dense/   sparse/   qat/        training stages: model, tokenizer, manifest.json (qat/: quant.json)
+      onnx/                export: dense_fp32.onnx, sparse_int8_qdq.onnx, sparse_int8_cpu.onnx, manifest.json
+      engines/             TensorRT plans, their manifests, status.json
+      validation.json  diff/          validation result and Polygraphy inputs/outputs
+      report.md  report.json  plots/  the report
+
+No other module spells these names: they ask :class:`RunLayout` (a test scans the package for path literals).
+This module imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+#: training stage name -> its directory
+TRAINING_DIRS = {"dense": "dense", "admm": "sparse", "qat": "qat"}
+#: every top-level entry of a run directory (what the path-literal test looks for)
+ENTRIES = ("recipe.yaml", "run.json", "stages.json", "timings.json", "checkpoints", "dense", "sparse", "qat", "onnx",
+           "engines", "validation.json", "diff", "report.md", "report.json", "plots")
+MANIFEST = "manifest.json"
+#: default TensorRT timing cache of an engine spec, relative to the run directory (``{trt}``, ``{sm}`` filled in at
+#: build time: a cache fits only the TensorRT version and GPU that wrote it)
+TIMING_CACHE = "engines/timing__trt{trt}__sm{sm}.cache"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one run directory.
+
+    Args:
+        root (Path): the run directory, e.g. ``runs/tiny_smoke``.
+    """
+
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    # -- run files
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def run_info(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / "stages.json"
+
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"
+
+    # -- training
+    def stage_dir(self, stage: str) -> Path:
+        """The directory of training stage ``dense``, ``admm`` (``sparse/``) or ``qat``."""
+        return self.root / TRAINING_DIRS[stage]
+
+    def stage_manifest(self, stage: str) -> Path:
+        return self.stage_dir(stage) / MANIFEST
+
+    def checkpoints(self, stage: str | None = None, phase: str | None = None) -> Path:
+        """``checkpoints/`` (or a stage's, or one phase's, folder inside)."""
+        path = self.root / "checkpoints"
+        if stage is not None:
+            path = path / stage
+            if phase is not None:
+                path = path / phase
+        return path
+
+    # -- export
+    @property
+    def onnx_dir(self) -> Path:
+        return self.root / "onnx"
+
+    @property
+    def onnx_manifest(self) -> Path:
+        return self.onnx_dir / MANIFEST
+
+    def onnx(self, name: str | Path) -> Path:
+        """An exported model by file name (an absolute path is returned as is)."""
+        path = Path(name)
+        return path if path.is_absolute() else self.onnx_dir / path
+
+    # -- engines
+    @property
+    def engines_dir(self) -> Path:
+        return self.root / "engines"
+
+    @property
+    def engine_status(self) -> Path:
+        return self.engines_dir / "status.json"
+
+    def engine(self, name: str | Path) -> Path:
+        """A plan or engine manifest in ``engines/`` by file name."""
+        return self.engines_dir / str(name)
+
+    # -- validation and report
+    @property
+    def validation(self) -> Path:
+        return self.root / "validation.json"
+
+    @property
+    def diff_dir(self) -> Path:
+        return self.root / "diff"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / "plots"
+
+    def relative(self, path: str | Path) -> str:
+        """``path`` relative to the run directory (as reports show it)."""
+        return str(Path(path).relative_to(self.root))

@@ -1,0 +1,274 @@
+"""The stages of a run, their inputs and outputs, and the one executor that runs any chain of them.
+
+A run is the chain ``dense -> admm -> qat -> export -> engines -> validate`` (then the report). Each stage is a
+:class:`Stage`: its name, the recipe keys that decide its output (``reads``), the stages whose artifacts it reads
+(``inputs``, checked by the sha256 of their manifests), and the one output of the run directory it writes
+(:class:`~nxm_deploy.layout.RunLayout`), committed atomically together with its manifest by the stage itself.
+
+:func:`run_stages` runs stages in order. A stage is **up to date**, and skipped, when the run's ledger
+(``stages.json``) records the same key for it -- the hash of the recipe values it reads, of its own data files
+and of its inputs' manifests -- and its manifest (and every file the manifest records) is still the one it wrote.
+Change a recipe section and the stages that read it rerun, with every stage downstream of them (their inputs'
+manifests changed); the stages before are kept. A killed stage resumes from its training checkpoints. The same
+``reads`` decide which checkpoints a training phase may resume from and whether ``--from-run`` may adopt a stage.
+
+``nxm-deploy run`` is :func:`run_stages` over the whole chain; the stage commands (``train``, ``export``,
+``validate``) are calls of it with ``force`` for the stages they name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nxm_deploy.errors import ConfigError, RunDirError
+from nxm_deploy.fileio import atomic_write_json, read_json, sha256_file
+from nxm_deploy.layout import RunLayout
+from nxm_deploy.ranks import is_main_process
+
+log = logging.getLogger("nxm_deploy.stages")
+
+#: ``train`` keys every training stage reads (the schedule of each stage is its own section)
+TRAIN_COMMON = ("train.seed", "train.batch_size", "train.eval_batch_size", "train.weight_decay", "train.warmup_ratio",
+                "train.max_grad_norm", "train.device", "train.precision", "train.select")
+#: ``train`` keys that change speed, not results: no stage reads them
+SPEED_ONLY_TRAIN_KEYS = ("train.num_threads", "train.checkpoint_every_steps", "train.dataloader_workers")
+
+
+@dataclass
+class StageContext:
+    """What every stage is called with.
+
+    Attributes:
+        recipe (Recipe): the run's recipe.
+        run_dir (Path): the run directory.
+        glue_dir (str | None): the GLUE data root (None: the recipe's, ``NXM_GLUE_DIR`` or Hugging Face).
+        engine_specs (list[str]): resolved engine spec paths (:func:`nxm_deploy.pipeline.preflight`).
+    """
+
+    recipe: object
+    run_dir: Path
+    glue_dir: str | None = None
+    engine_specs: list[str] = field(default_factory=list)
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_dir)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run.
+
+    Attributes:
+        name: its name in the CLI, the ledger and the manifests.
+        reads: recipe keys (dotted; a section name covers its keys) whose values decide the output.
+        inputs: the stages whose artifacts it reads.
+        output: the :class:`RunLayout` entry it writes (``dense``, ``sparse``, ``qat``, ``onnx``, ``engines``,
+            ``validation``).
+        manifest: ``RunLayout -> Path`` of the manifest that stands for its output.
+        run: ``"module:function"`` taking a :class:`StageContext`; it writes the output and its manifest.
+        every_rank: under torchrun every rank runs it (the training stages); else rank 0 alone.
+    """
+
+    name: str
+    reads: tuple[str, ...]
+    inputs: tuple[str, ...]
+    output: str
+    manifest: Callable[[RunLayout], Path]
+    run: str
+    every_rank: bool = False
+
+    def function(self) -> Callable[[StageContext], dict]:
+        module, _, attr = self.run.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+def _training_manifest(stage: str) -> Callable[[RunLayout], Path]:
+    def manifest(layout: RunLayout) -> Path:
+        return layout.stage_manifest(stage)
+
+    return manifest
+
+
+def _onnx_manifest(layout: RunLayout) -> Path:
+    return layout.onnx_manifest
+
+
+def _engine_status(layout: RunLayout) -> Path:
+    return layout.engine_status
+
+
+def _validation(layout: RunLayout) -> Path:
+    return layout.validation
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("dense", ("model", "task", *TRAIN_COMMON, "train.dense"), (), "dense", _training_manifest("dense"),
+          "nxm_deploy.training.stage:run_dense", every_rank=True),
+    Stage("admm", ("model", "task", "sparsity", *TRAIN_COMMON, "train.admm", "train.distillation"), ("dense",),
+          "sparse", _training_manifest("admm"), "nxm_deploy.training.stage:run_admm", every_rank=True),
+    Stage("qat", ("model", "task", "sparsity", *TRAIN_COMMON, "train.qat", "train.distillation"), ("dense", "admm"),
+          "qat", _training_manifest("qat"), "nxm_deploy.training.stage:run_qat", every_rank=True),
+    Stage("export", ("task", "sparsity", "export"), ("dense", "admm", "qat"), "onnx", _onnx_manifest,
+          "nxm_deploy.export.stage:run_export"),
+    Stage("engines", ("engine",), ("export",), "engines", _engine_status, "nxm_deploy.engine.stage:run_engines"),
+    Stage("validate", ("task", "validate"), ("dense", "admm", "qat", "export", "engines"), "validation",
+          _validation, "nxm_deploy.validate.stage:run_validate"),
+)
+TRAINING = ("dense", "admm", "qat")
+
+
+def get_stage(name: str) -> Stage:
+    """The registered stage called ``name``.
+
+    Raises:
+        ConfigError: unknown name (the known ones are listed).
+    """
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise ConfigError(f"Unknown stage {name!r}; the stages are {', '.join(s.name for s in STAGES)}.")
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """A nested dict (a recipe's ``to_dict()``) as ``{"dotted.key": value}``."""
+    out = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _covered(key: str, reads: Iterable[str]) -> bool:
+    return any(key == r or key.startswith(r + ".") for r in reads)
+
+
+def read_values(recipe, reads: Iterable[str]) -> dict:
+    """The flattened recipe values under ``reads`` (dotted keys), plus the sha256 of your own data files when
+    ``task`` is read."""
+    reads = tuple(reads)
+    values = {k: v for k, v in flatten(recipe.to_dict()).items() if _covered(k, reads)}
+    if _covered("task.name", reads):
+        digests = recipe.data_digests()
+        if digests:
+            values["data_sha256"] = digests
+    return values
+
+
+def recipe_key(recipe, stage: str) -> str:
+    """sha256 of what ``stage`` reads of ``recipe`` (:func:`read_values`): equal keys, equal stage output given
+    equal inputs. Training checkpoints carry it, so a checkpoint of other settings is never resumed."""
+    data = json.dumps(read_values(recipe, get_stage(stage).reads), sort_keys=True, default=str)
+    return hashlib.sha256(f"{stage}:{data}".encode()).hexdigest()
+
+
+def differing_keys(recipe, other, stages: Iterable[str]) -> list[str]:
+    """The recipe keys read by any of ``stages`` whose values differ between ``recipe`` and ``other``."""
+    reads = tuple(r for s in stages for r in get_stage(s).reads)
+    ours, theirs = flatten(recipe.to_dict()), flatten(other.to_dict())
+    return sorted(k for k in set(ours) | set(theirs) if _covered(k, reads) and ours.get(k) != theirs.get(k))
+
+
+def stage_key(stage: Stage, ctx: StageContext) -> str:
+    """The up-to-date key of ``stage`` in ``ctx``: what it reads of the recipe, its inputs' manifests (sha256),
+    and for ``engines`` the content of the engine spec files."""
+    layout = ctx.layout
+    inputs = {}
+    for name in stage.inputs:
+        path = get_stage(name).manifest(layout)
+        inputs[name] = sha256_file(path) if path.is_file() else None
+    extra = {}
+    if stage.name == "engines":
+        extra = {str(p): (sha256_file(p) if Path(p).is_file() else None) for p in ctx.engine_specs}
+    data = json.dumps({"recipe": recipe_key(ctx.recipe, stage.name), "inputs": inputs, "extra": extra},
+                      sort_keys=True)
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def read_ledger(run_dir: str | Path) -> dict:
+    """``stages.json`` of a run: ``{stage: {"key", "manifest_sha256", "seconds", "finished"}}``; {} when absent."""
+    path = RunLayout(run_dir).ledger
+    return read_json(path) if path.is_file() else {}
+
+
+def _output_intact(stage: Stage, ctx: StageContext) -> bool:
+    """Whether the files the stage's manifest records are still as written (training stages, export)."""
+    from nxm_deploy.fileio import verify_stage_files
+
+    manifest = stage.manifest(ctx.layout)
+    try:
+        if stage.name in TRAINING or stage.name == "export":
+            verify_stage_files(manifest.parent, f"nxm-deploy run {ctx.run_dir}")
+    except RunDirError as exc:
+        log.warning("stage %s: %s; it runs again", stage.name, exc.message)
+        return False
+    return True
+
+
+def is_up_to_date(stage: Stage, ctx: StageContext, key: str | None = None) -> bool:
+    """Whether ``stage`` can be skipped: the ledger records ``key`` for it and its output is as it wrote it."""
+    entry = read_ledger(ctx.run_dir).get(stage.name) or {}
+    manifest = stage.manifest(ctx.layout)
+    if entry.get("key") != (key or stage_key(stage, ctx)) or not manifest.is_file():
+        return False
+    if sha256_file(manifest) != entry.get("manifest_sha256"):
+        return False
+    return _output_intact(stage, ctx)
+
+
+def _record(stage: Stage, ctx: StageContext, key: str, seconds: float) -> None:
+    ledger = read_ledger(ctx.run_dir)
+    ledger[stage.name] = {"key": key, "manifest_sha256": sha256_file(stage.manifest(ctx.layout)),
+                          "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_json(ctx.layout.ledger, ledger)
+
+
+def run_stages(ctx: StageContext, names: Iterable[str] | None = None, *, force: Iterable[str] = ()) -> dict[str, dict]:
+    """Run stages in chain order, skipping the up-to-date ones.
+
+    Args:
+        ctx: recipe, run directory, data root, engine specs.
+        names: the stages to consider (default: the whole chain); they run in chain order.
+        force: stages that run even when up to date (a stage command asks for its stage).
+
+    Returns:
+        dict: ``{stage: {"status": "ran" | "up to date", "seconds": float}}`` (under torchrun, ranks other than 0
+        return after the training stages).
+
+    Raises:
+        whatever a stage raises (the ledger keeps the stages finished before it).
+    """
+    wanted = [s.name for s in STAGES] if names is None else list(names)
+    for name in wanted:
+        get_stage(name)  # raises on an unknown name
+    force = set(force)
+    results: dict[str, dict] = {}
+    for stage in STAGES:
+        if stage.name not in wanted:
+            continue
+        if not stage.every_rank and not is_main_process():
+            return results  # under torchrun every rank trains; rank 0 alone exports, builds, validates
+        key = stage_key(stage, ctx)
+        if stage.name not in force and is_up_to_date(stage, ctx, key):
+            log.info("stage %s: up to date (%s)", stage.name, ctx.layout.relative(stage.manifest(ctx.layout)))
+            results[stage.name] = {"status": "up to date", "seconds": 0.0}
+            continue
+        log.info("stage %s: start", stage.name)
+        start = time.perf_counter()
+        stage.function()(ctx)
+        seconds = time.perf_counter() - start
+        if is_main_process():
+            _record(stage, ctx, key, seconds)
+        results[stage.name] = {"status": "ran", "seconds": round(seconds, 1)}
+        log.info("stage %s: finished in %.1f s", stage.name, seconds)
+    return results
