@@ -17,9 +17,10 @@ the end of the node list, so the graph is re-sorted topologically before the ONN
 **INT8 graphs (the FP16 remainder).** A Q/DQ graph converts the same way, with the Q/DQ nodes *not* blocked: their
 scales become FP16, so every DequantizeLinear outputs FP16 and every QuantizeLinear reads FP16 (TensorRT's ONNX
 parser takes a DequantizeLinear's output type from its scale, ``IDequantizeLayer::setToType``), and no Cast sits
-between a DequantizeLinear and its GEMM. FP16 scales need opset 19, so the default-domain opset is raised to 19; the
-ops of an exported encoder (MatMul, Add, Mul, Div, Erf, Softmax, LayerNormalization, Gather, Reshape, Transpose,
-Shape, Concat, Unsqueeze, Where, Cast, Q/DQ) mean the same at 17 and 19 for non-FP8 types. Parity uses the INT8
+between a DequantizeLinear and its GEMM. FP16 scales need opset 19, so the graph is raised to opset 19 with
+``onnx.version_converter`` (:func:`raise_opset`: it rewrites the ops whose form changed, e.g. the ReduceMean of a
+Llama RMSNorm); the ops of an exported encoder (MatMul, Add, Mul, Div, Erf, Softmax, LayerNormalization, Gather,
+Reshape, Transpose, Shape, Concat, Unsqueeze, Where, Cast, Q/DQ) mean the same at 17 and 19 for non-FP8 types. Parity uses the INT8
 rule (:mod:`nxm_deploy.export.parity`): class agreement on the examples that are not numerical ties.
 
 **Range check.** Before converting, the FP32 graph runs in ONNX Runtime on the parity inputs with every float
@@ -127,6 +128,28 @@ def is_qdq_graph(model) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
+def raise_opset(model, version: int):
+    """The graph at default-domain opset ``version``: ``onnx.version_converter`` rewrites the ops whose form
+    changed (opset 18 moved ``axes`` of ReduceMean & co. from an attribute to an input: Llama's RMSNorm); where the
+    converter cannot take the graph, the opset number alone is raised (the encoder ops of the module docstring
+    mean the same at 17 and 19)."""
+    import onnx
+    from onnx import version_converter
+
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), version)
+    if current >= version:
+        return model
+    try:
+        return version_converter.convert_version(model, version)
+    except Exception as exc:  # noqa: BLE001 - the converter raises RuntimeError / ValidationError kinds
+        log.warning("onnx version_converter %d -> %d failed (%s): raising the opset number only", current, version,
+                    str(exc).splitlines()[0][:200])
+        for opset in model.opset_import:
+            if opset.domain in ("", "ai.onnx"):
+                opset.version = version
+        return model
+
+
 def convert_model_to_fp16(model, keep_fp32_ops: list[str] | tuple[str, ...], fp32_node_names=()):
     """Convert a loaded FP32 ``onnx.ModelProto`` (modified in place) and return ``(model, fp32_nodes, ops)``.
 
@@ -138,9 +161,7 @@ def convert_model_to_fp16(model, keep_fp32_ops: list[str] | tuple[str, ...], fp3
 
     block = list(dict.fromkeys([*float16.DEFAULT_OP_BLOCK_LIST, *keep_fp32_ops]))
     if is_qdq_graph(model):
-        for opset in model.opset_import:
-            if opset.domain in ("", "ai.onnx") and opset.version < QDQ_FP16_OPSET:
-                opset.version = QDQ_FP16_OPSET
+        model = raise_opset(model, QDQ_FP16_OPSET)
     model = onnx.shape_inference.infer_shapes(model)
     extra = set(fp32_node_names)
     fp32_nodes = [n.name for n in model.graph.node if n.op_type in block or n.name in extra]

@@ -138,7 +138,7 @@ def adopt_stages(recipe: Recipe, run_dir: str | Path, source: str | Path, stages
             with atomic_dir(_stage_dir(run_dir, stage)) as tmp:
                 shutil.copytree(_stage_dir(source, stage), tmp, dirs_exist_ok=True)
         barrier()
-        adopted[stage] = sha256_fileRunLayout(run_dir).stage_manifest(stage)
+        adopted[stage] = sha256_file(RunLayout(run_dir).stage_manifest(stage))
         log.info("stage %s adopted from %s", stage, source)
     return adopted
 
