@@ -130,9 +130,16 @@ def open_run_dir(run_dir: str | Path) -> Recipe:
 
 
 def run_pipeline(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = None,
-                 recipe_path: str | Path | None = None, overwrite: bool = False) -> dict:
+                 recipe_path: str | Path | None = None, overwrite: bool = False,
+                 from_run: str | Path | None = None) -> dict:
     """Check inputs (:func:`preflight`), run the chain (:func:`nxm_deploy.stages.run_stages`: up-to-date stages
     are skipped), write ``timings.json`` and the report (``report.md`` / ``report.json``); returns the report.
+
+    ``from_run``: first adopt the training stages of that run which read nothing this recipe changes
+    (:func:`nxm_deploy.training.stage.adoptable_stages`; copies checked by hash).
+
+    Raises:
+        RunDirError: ``from_run`` is not a finished run directory, or a file of it changed.
 
     Under torchrun every rank trains (data-parallel); rank 0 alone prepares the run directory, writes the
     artifacts and runs the later stages; the other ranks return ``{}`` after training.
@@ -142,7 +149,15 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     from nxm_deploy.validate.report import build_report
 
     info = preflight(recipe, glue_dir, recipe_path)
+    if from_run is not None:
+        from nxm_deploy.training.stage import adoptable_stages
+
+        adopt = adoptable_stages(recipe, from_run)  # checked before the run directory is written
     run_dir = prepare_run_dir(recipe, run_dir, overwrite, info)
+    if from_run is not None and adopt:
+        from nxm_deploy.training.stage import adopt_stages
+
+        adopt_stages(recipe, run_dir, from_run, adopt, checked=True)
     ctx = StageContext(recipe=recipe, run_dir=run_dir, glue_dir=info["glue_dir"], engine_specs=info["engine_specs"])
     results = run_stages(ctx)
     if not is_main_process():

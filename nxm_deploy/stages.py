@@ -226,7 +226,11 @@ def is_up_to_date(stage: Stage, ctx: StageContext, key: str | None = None) -> bo
     return _output_intact(stage, ctx)
 
 
-def _record(stage: Stage, ctx: StageContext, key: str, seconds: float) -> None:
+def record_stage(ctx: StageContext, name: str, seconds: float = 0.0, key: str | None = None) -> None:
+    """Write ``name`` into the run's ledger as up to date: its key (computed now unless given) and the sha256 of
+    its manifest (a stage that ran, or one adopted from another run)."""
+    stage = get_stage(name)
+    key = key or stage_key(stage, ctx)
     ledger = read_ledger(ctx.run_dir)
     ledger[stage.name] = {"key": key, "manifest_sha256": sha256_file(stage.manifest(ctx.layout)),
                           "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -268,7 +272,7 @@ def run_stages(ctx: StageContext, names: Iterable[str] | None = None, *, force: 
         stage.function()(ctx)
         seconds = time.perf_counter() - start
         if is_main_process():
-            _record(stage, ctx, key, seconds)
+            record_stage(ctx, stage.name, seconds, key)
         results[stage.name] = {"status": "ran", "seconds": round(seconds, 1)}
         log.info("stage %s: finished in %.1f s", stage.name, seconds)
     return results

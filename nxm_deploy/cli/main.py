@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/minilm_rte_2of4_int8.yaml")
     p.add_argument("--run-dir", default=None, help="run directory (default: <runs-root>/<recipe name>)")
     p.add_argument("--overwrite", action="store_true", help="replace a run directory that holds a different run")
+    p.add_argument("--from-run", default=None, metavar="RUN_DIR",
+                   help="first copy the training stages finished in this run whose recipe keys agree with this "
+                   "recipe's (checked by hash; dense, then admm, then qat, up to the first that differs), e.g. one "
+                   "dense model shared by the magnitude and the ADMM variant")
     _add_set(p)
     _add_common(p)
 
@@ -282,7 +286,8 @@ def _dispatch(args) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         init_distributed(recipe.train)
         run_dir = Path(args.run_dir) if args.run_dir else Path(args.runs_root) / recipe.name
-        report = run_pipeline(recipe, run_dir, args.glue_dir, recipe_path=args.recipe, overwrite=args.overwrite)
+        report = run_pipeline(recipe, run_dir, args.glue_dir, recipe_path=args.recipe, overwrite=args.overwrite,
+                              from_run=args.from_run)
         if not is_main_process():
             return 0
         layout = RunLayout(run_dir)

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from nxm_deploy.fileio import atomic_dir, atomic_write_json, file_hashes, read_json, sha256_file, verify_stage_files
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.layout import MANIFEST, RunLayout
-from nxm_deploy.stages import TRAINING, differing_keys, flatten, recipe_key
+from nxm_deploy.stages import TRAINING, StageContext, differing_keys, flatten, recipe_key, record_stage
 from nxm_deploy.data import TaskData
 from nxm_deploy.errors import ConfigError, RunDirError, SparsityVerificationError
 from nxm_deploy.models import load_base_model, load_saved_model, save_model_dir
@@ -138,9 +138,30 @@ def adopt_stages(recipe: Recipe, run_dir: str | Path, source: str | Path, stages
             with atomic_dir(_stage_dir(run_dir, stage)) as tmp:
                 shutil.copytree(_stage_dir(source, stage), tmp, dirs_exist_ok=True)
         barrier()
+        if is_main_process():  # the ledger: the adopted stage is up to date for this recipe
+            record_stage(StageContext(recipe, run_dir), stage)
         adopted[stage] = sha256_file(RunLayout(run_dir).stage_manifest(stage))
         log.info("stage %s adopted from %s", stage, source)
     return adopted
+
+
+def adoptable_stages(recipe: Recipe, source: str | Path) -> tuple[str, ...]:
+    """The training stages of ``source`` that ``recipe`` may adopt: in chain order, each finished there, with its
+    files intact, and reading no recipe key on which the two recipes differ; up to the first that fails.
+
+    Raises:
+        RunDirError: ``source`` is not a run directory.
+    """
+    from nxm_deploy.pipeline import open_run_dir
+
+    other = open_run_dir(source)
+    out = []
+    for stage in STAGES:
+        if differing_keys(recipe, other, (stage,)) or not RunLayout(source).stage_manifest(stage).is_file():
+            break
+        read_stage_manifest(source, stage)  # raises when a recorded file changed
+        out.append(stage)
+    return tuple(out)
 
 
 def check_adoption(recipe: Recipe, source: str | Path, stages: tuple[str, ...] = ("dense", "admm")) -> None:

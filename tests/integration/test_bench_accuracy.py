@@ -1,0 +1,53 @@
+"""tools/bench_accuracy.py drives only the public CLI: a tiny (task, seed) through exactly the cell commands the
+table prints, the ADMM cell adopting the magnitude cell's dense model by hash, then one printed command run again
+by hand is up to date (nothing retrains)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from nxm_deploy.cli.main import main
+from nxm_deploy.layout import RunLayout
+from nxm_deploy.stages import read_ledger
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["model.random_init={num_hidden_layers: 2, hidden_size: 64, num_attention_heads: 4, intermediate_size: 128}",
+        "task.max_seq_length=64", "task.max_train_examples=64", "task.max_eval_examples=32", "train.dense.epochs=1",
+        "train.admm.epochs=1", "train.admm.masked_finetune_epochs=0.5", "train.qat.epochs=0.5",
+        "train.qat.calibration_batches=2", "validate.latency_shapes=[[1, 64]]", "validate.timed_runs=2"]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "tools" / "bench_accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_tiny_cells_through_the_printed_commands(tmp_path, glue_dir, monkeypatch):
+    bench = _load()
+    monkeypatch.chdir(ROOT)  # the cells name recipes/bench_accuracy.yaml relative to the repository
+    work, out = tmp_path / "work", tmp_path / "acc"
+    argv = ["--tasks", "rte", "--seeds", "0", "--work-dir", str(work), "--out", str(out), "--glue-dir", str(glue_dir)]
+    for item in TINY:
+        argv += ["--set", item]
+    assert bench.main(argv) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [c["finished"] for c in result["cells"]] == [True, True]
+    assert set(result["average"]) == set(bench.VARIANTS)  # one task, one seed: every variant complete
+    assert all(0 <= v <= 100 for v in result["average"].values())
+    magnitude, admm = (RunLayout(bench.run_dir(work, "rte", 0, m)) for m in bench.METHODS)
+    # both sparse methods start from one dense model: the ADMM cell adopted the magnitude cell's, byte for byte
+    assert admm.stage_manifest("dense").read_bytes() == magnitude.stage_manifest("dense").read_bytes()
+    assert "recipes/bench_accuracy.yaml" in out.with_suffix(".md").read_text()
+    # the command the table prints for the ADMM cell, run by hand: every stage up to date
+    command = next(c["command"] for c in result["cells"] if c["method"] == "admm")
+    ledger = read_ledger(admm.root)
+    assert main(["-q", *shlex.split(command)[1:], "--glue-dir", str(glue_dir)]) == 0
+    assert read_ledger(admm.root) == ledger
