@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from nxm_deploy.client.onnxruntime import OrtRunner  # noqa: E402
+from nxm_deploy.validate.runners import OnnxRuntimeRunner  # noqa: E402
 from nxm_deploy.export.cpu_int8 import CPU_INT8_ONNX, make_cpu_int8  # noqa: E402
 from nxm_deploy.export.onnx import DENSE_ONNX, SPARSE_ONNX  # noqa: E402
 from nxm_deploy.machine import machine  # noqa: E402
@@ -74,7 +74,7 @@ def make_quantize_dynamic(fp32: Path, out_dir: Path) -> tuple[Path, str]:
     return out, note
 
 
-def dev_logits(runner: OrtRunner, loader, names) -> tuple[np.ndarray, np.ndarray]:
+def dev_logits(runner: OnnxRuntimeRunner, loader, names) -> tuple[np.ndarray, np.ndarray]:
     logits, labels = [], []
     for batch in loader:
         labels.append(batch["labels"].numpy())
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     paths["cpu_int8_standard"], notes["cpu_int8_standard"] = Path(info["path"]), "make_cpu_int8(form='standard')"
     cpu_info["standard"] = {k: info[k] for k in ("converted", "activation_quantizers", "left_float", "remaining_qdq")}
 
-    runners = {name: OrtRunner(paths[name], intra_op_threads=args.threads, name=name) for name in MODELS}
+    runners = {name: OnnxRuntimeRunner(paths[name], name, intra_op_threads=args.threads) for name in MODELS}
     for runner in runners.values():
         runner.activate()
     names = runners["fp32"].input_names

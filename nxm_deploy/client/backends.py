@@ -11,7 +11,6 @@ safe to call from many threads at once:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +42,10 @@ class OrtBackend:
                  providers: list[str] | None = None, label: str = "model"):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads or os.cpu_count() or 1
-        options.inter_op_num_threads = 1
-        source = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(source, sess_options=options,
-                                            providers=providers or ["CPUExecutionProvider"])
-        self.intra_op_threads = options.intra_op_num_threads
+        from nxm_deploy.ort import make_session
+
+        self.session = make_session(model, providers, intra_op_threads)
+        self.intra_op_threads = self.session.get_session_options().intra_op_num_threads
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         unknown = [n for n in self.input_names if n not in MODEL_INPUTS]
         outputs = [o.name for o in self.session.get_outputs()]

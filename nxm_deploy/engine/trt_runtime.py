@@ -92,7 +92,7 @@ class _Slot:
 
 
 class TrtEngineRunner:
-    """Deserialize a TensorRT plan and run it; same shape as :class:`nxm_deploy.client.onnxruntime.OrtRunner`.
+    """Deserialize a TensorRT plan and run it; same shape as :class:`nxm_deploy.validate.runners.OnnxRuntimeRunner`.
 
     Args:
         engine: ``.plan`` file, or the serialized engine bytes (e.g. already read and hash-checked).

@@ -34,6 +34,7 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.common import TensorMetadata
 
+from nxm_deploy.ort import make_session
 from nxm_deploy.errors import ConfigError
 from nxm_deploy.validate.errors import ValidationError
 
@@ -103,15 +104,6 @@ class _Labelled:
 # --------------------------------------------------------------------------------------------- ONNX Runtime
 
 
-def _ort_session(path: Path, providers: list[str], intra_op_threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-
-
 class OnnxRuntimeRunner(_Labelled, OnnxrtRunner):
     """Polygraphy's ``OnnxrtRunner`` on a session made with our thread settings and providers.
 
@@ -138,7 +130,7 @@ class OnnxRuntimeRunner(_Labelled, OnnxrtRunner):
         self.providers = [*ORT_BACKENDS[backend], "CPUExecutionProvider"] if backend != "onnxruntime-cpu" \
             else list(ORT_BACKENDS[backend])
         self.intra_op_threads = intra_op_threads or os.cpu_count() or 1
-        OnnxrtRunner.__init__(self, functools.partial(_ort_session, path, self.providers, self.intra_op_threads),
+        OnnxrtRunner.__init__(self, functools.partial(make_session, path, self.providers, self.intra_op_threads),
                               name=name)
         self._set_labels(backend, precision, sparse, path)
 

@@ -1,0 +1,25 @@
+"""The one place an ONNX Runtime session is made: our thread settings and providers, for validation runners, the
+client and the benchmarks. Imports neither torch nor transformers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def make_session(model: bytes | str | Path, providers: list[str] | None = None, intra_op_threads: int | None = None):
+    """An ``onnxruntime.InferenceSession`` of ``model``.
+
+    Args:
+        model: the ONNX model as bytes (already hash-checked) or a path (needed for external data).
+        providers: execution providers in order of preference (default ``["CPUExecutionProvider"]``).
+        intra_op_threads: intra-op threads (default: every core); inter-op parallelism is off (one thread), so a
+            latency measurement sees one model on the cores it was given.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=options, providers=providers or ["CPUExecutionProvider"])
