@@ -80,3 +80,32 @@ class LatencyRegressionError(RegressionError):
 
 class OutputMismatchError(RegressionError):
     """A gated output comparison (``validate.diff_gate``) exceeded its tolerance. CLI exit 1."""
+
+
+class EngineCheckError(NxmError):
+    """The built engine does not match its spec (precision, required sparse layers). Carries the check and the
+    engine's status record (the engine and its manifest are written, with status ``check failed: ...``). CLI exit 5."""
+
+    def __init__(self, message: str, *, check=None, record: dict | None = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.check = check
+        self.record = record
+
+
+#: The CLI's one exit-code table: (exception class, exit code, meaning), the most specific class first.
+EXIT_CODES: tuple[tuple[type, int, str], ...] = (
+    (AccuracyRegressionError, 4, "a validated model lost more than validate.max_accuracy_drop_pt to dense"),
+    (LatencyRegressionError, 5, "the sparse models missed validate.min_speedup"),
+    (EngineBuildError, 4, "a TensorRT engine build failed"),
+    (EngineCheckError, 5, "a built engine failed its post-build check"),
+    (MissingDependencyError, 3, "TensorRT, a GPU or another dependency is missing on this machine"),
+    (ConfigError, 2, "bad input: recipe, flag, engine spec"),
+    (DataError, 2, "bad input: task data"),
+    (RunDirError, 2, "bad input: run directory or a changed artifact"),
+    (NxmError, 1, "a check failed: n:m verification, export parity, output diff"),
+)
+
+
+def exit_code(exc: BaseException) -> int:
+    """The CLI exit code of an error (:data:`EXIT_CODES`; 1 for anything else)."""
+    return next((code for cls, code, _ in EXIT_CODES if isinstance(exc, cls)), 1)

@@ -24,7 +24,7 @@ specs=()
 opts=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --run-dir) opts+=("$1" "$2"); shift 2 ;;
+    --run-dir) opts+=("$2"); shift 2 ;;   # the run directory: build-engine's positional target
     -*) opts+=("$1"); shift ;;
     *) specs+=("$1"); shift ;;
   esac
@@ -38,4 +38,6 @@ if [[ ${#specs[@]} -eq 0 ]]; then
   exit 2
 fi
 
-exec "$PY" -m nxm_deploy.engine.stage "${opts[@]+"${opts[@]}"}" "${specs[@]}"
+spec_args=()
+for spec in "${specs[@]}"; do spec_args+=(--spec "$spec"); done
+exec "$PY" -m nxm_deploy.cli build-engine "${opts[@]+"${opts[@]}"}" "${spec_args[@]}"

@@ -20,10 +20,7 @@ from pathlib import Path
 
 from nxm_deploy import __version__
 from nxm_deploy.layout import RunLayout
-from nxm_deploy.errors import (
-    AccuracyRegressionError, ConfigError, DataError, LatencyRegressionError, MissingDependencyError, NxmError,
-    RunDirError,
-)
+from nxm_deploy.errors import EXIT_CODES, ConfigError, NxmError, RunDirError, exit_code
 
 log = logging.getLogger("nxm_deploy.cli")
 
@@ -75,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("target", help="run directory, or the recipe YAML of an existing run")
         _add_common(p)
 
-    p = sub.add_parser("build-engine", help="build TensorRT engines from engine specs (exit 3 without TensorRT/GPU)")
+    p = sub.add_parser("build-engine", help="build TensorRT engines from engine specs (exit 3 without TensorRT/GPU)",
+                       epilog="exit codes: 0 built or up to date; " + "; ".join(
+                           f"{code} {meaning}" for _, code, meaning in EXIT_CODES))
     p.add_argument("target", nargs="?", default=None,
                    help="run directory, or the recipe YAML of an existing run (default: each spec's run_dir)")
     p.add_argument("--spec", action="append", default=None, help="engine spec YAML (repeatable); default: the recipe's")
@@ -323,7 +322,7 @@ def _dispatch(args) -> int:
                 print(f"{stage}: dev {read_stage_manifest(run_dir, stage)['metrics']}")
         return 0
     if args.command == "build-engine":
-        from nxm_deploy.engine.stage import build_engine_command
+        from nxm_deploy.engine.stage import build_engines
 
         run_dir, specs = None, args.spec
         if args.target is not None:
@@ -335,7 +334,13 @@ def _dispatch(args) -> int:
         elif not specs:
             raise ConfigError("build-engine needs --spec SPEC.yaml, or a run directory / recipe.",
                               hint="e.g. nxm-deploy build-engine --spec engines/minilm_rte_sparse_int8.yaml")
-        return build_engine_command(specs, run_dir, force=args.force, show_layers=args.layers)
+        report = build_engines(specs, run_dir, force=args.force, show_layers=args.layers)
+        for name, exc in report.failures:
+            print(f"error: {name}: {' '.join(exc.message.split())}", file=sys.stderr)
+        print(report.table())
+        for note in report.notes:
+            print(note)
+        return report.exit_code()
     recipe, run_dir, glue_dir, info = _resolve(args)
     from nxm_deploy.stages import StageContext, run_stages
 
@@ -390,21 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
     try:
         return _dispatch_distributed(args)
-    except (ConfigError, DataError, RunDirError) as exc:
-        _print_error(exc)
-        return 2
-    except MissingDependencyError as exc:
-        _print_error(exc)
-        return 3
-    except AccuracyRegressionError as exc:
-        _print_error(exc)
-        return 4
-    except LatencyRegressionError as exc:
-        _print_error(exc)
-        return 5
     except NxmError as exc:
         _print_error(exc)
-        return 1
+        return exit_code(exc)
     except RuntimeError as exc:
         from nxm_deploy.training.trainer import world_size
 

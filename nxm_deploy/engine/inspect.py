@@ -41,7 +41,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nxm_deploy.errors import ConfigError, NxmError
+from nxm_deploy.errors import ConfigError, EngineCheckError, NxmError  # noqa: F401 - EngineCheckError: part of this API
 
 __all__ = [
     "EngineCheck", "EngineCheckError", "EngineInfo", "EngineLayer", "GemmNode", "TensorInfo", "check_engine",
@@ -49,15 +49,6 @@ __all__ = [
 ]
 
 
-class EngineCheckError(NxmError):
-    """The built engine does not match its spec (precision, required sparse layers). Carries the check and the
-    engine's status record (the engine and its manifest are written, with status ``check failed: ...``)."""
-
-    def __init__(self, message: str, *, check: "EngineCheck | None" = None, record: dict | None = None,
-                 hint: str | None = None):
-        super().__init__(message, hint=hint)
-        self.check = check
-        self.record = record
 
 
 # ------------------------------------------------------------------------------------------- layer JSON

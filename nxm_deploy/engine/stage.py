@@ -5,14 +5,12 @@ Two entry points:
 * :func:`engine_stage` - the pipeline's stage. Where TensorRT or a GPU is missing each spec is recorded as
   ``skipped: <reason>`` and the run goes on; the CPU-side work (profile, FP16 graph + its ONNX Runtime
   parity check) is still done, so ``onnx/dense_fp16.onnx`` exists after any run.
-* :func:`build_engine_command` - ``nxm-deploy build-engine`` and ``tools/build_engines.sh`` (also
-  ``python -m nxm_deploy.engine.stage``): a CI build with documented exit codes.
-
-Exit codes of the command (:data:`EXIT_CODES`): 0 every engine built or up to date; 2 bad spec or input
-(spec file, run directory, ONNX file, profile); 3 this machine lacks TensorRT or a GPU (one line says what is
-missing and how to install ``nxm-deploy[trt]``); 4 a build failed (parser/builder errors listed); 5 a
-post-build check failed (a layer at another precision than requested, or a ``require_sparse`` layer that
-does not run sparse).
+* :func:`build_engines` - ``nxm-deploy build-engine`` and ``tools/build_engines.sh``: a CI build. It returns a
+  :class:`BuildReport`; the CLI prints it and exits with the code of the first failure
+  (:data:`nxm_deploy.errors.EXIT_CODES`): 0 every engine built or up to date; 2 bad spec or input (spec file, run
+  directory, ONNX file, profile); 3 this machine lacks TensorRT or a GPU (one line says what is missing and how
+  to install ``nxm-deploy[trt]``); 4 a build failed (parser/builder errors listed); 5 a post-build check failed
+  (a layer at another precision than requested, or a ``require_sparse`` layer that does not run sparse).
 
 Engines are written to ``<run_dir>/engines/<name>__trt<ver>__sm<cc>__{sparse|dense}.plan`` with a manifest
 ``.json`` (TensorRT version, GPU, driver/CUDA, ONNX and spec sha256, flags, profile, build seconds, engine
@@ -24,16 +22,13 @@ recorded hash. Files are written to a temporary name and renamed; one lock file 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
 
 from nxm_deploy.layout import MANIFEST, RunLayout
@@ -42,20 +37,11 @@ from nxm_deploy.fileio import (
 )
 from nxm_deploy.engine.spec import EngineSpec, derive_profile, load_engine_spec, resolve_run_dir
 from nxm_deploy.errors import (
-    ConfigError, DataError, EngineBuildError, ExportError, MissingDependencyError, NxmError, RunDirError,
+    ConfigError, EngineBuildError, EngineCheckError, ExportError, MissingDependencyError, NxmError,
+    RunDirError, exit_code,
 )
 
 log = logging.getLogger("nxm_deploy.engine")
-
-EXIT_OK, EXIT_BAD_INPUT, EXIT_NO_ENVIRONMENT, EXIT_BUILD_FAILED, EXIT_CHECK_FAILED = 0, 2, 3, 4, 5
-EXIT_CODES = {
-    EXIT_OK: "built or up to date",
-    EXIT_BAD_INPUT: "bad spec or input",
-    EXIT_NO_ENVIRONMENT: "TensorRT or a GPU is missing",
-    EXIT_BUILD_FAILED: "build failed",
-    EXIT_CHECK_FAILED: "post-build check failed",
-}
-
 
 # --------------------------------------------------------------------------------------------- helpers
 
@@ -240,7 +226,7 @@ def status_record(manifest: dict, action: str) -> dict:
 
 def _check_built(inputs: EngineInputs, layer_json: str, sparsity_log: list[str]):
     """Post-build check of a fresh engine (:func:`nxm_deploy.engine.inspect.check_engine`)."""
-    from nxm_deploy.engine.inspect import EngineCheckError, check_engine, gemm_nodes, parse_layer_json
+    from nxm_deploy.engine.inspect import check_engine, gemm_nodes, parse_layer_json
 
     spec = inputs.spec
     gemms = gemm_nodes(inputs.graph_onnx, inputs.layer_map, inputs.pattern)
@@ -318,8 +304,6 @@ def build_prepared(inputs: EngineInputs, env, *, force: bool = False) -> dict:
         its manifest are written, with status ``check failed: ...``; the record is ``exc.record``).
     """
     from nxm_deploy.engine import trt as trt_builder
-    from nxm_deploy.engine.inspect import EngineCheckError
-
     spec, run_dir = inputs.spec, inputs.run_dir
     version, gpu = env.tensorrt_version, env.gpu
     plan, manifest_path, layers_path = engine_paths(spec, run_dir, version, gpu.sm)
@@ -390,7 +374,6 @@ def engine_stage(run_dir: str | Path, spec_paths: list[str | Path]) -> dict:
 
     A failed build or check is recorded (``failed: ...`` / ``check failed: ...``) and the run goes on.
     """
-    from nxm_deploy.engine.inspect import EngineCheckError
     from nxm_deploy.engine.trt import probe_environment
 
     run_dir = Path(run_dir)
@@ -430,42 +413,51 @@ def _table(rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
-def build_engine_command(spec_paths: list[str | Path], run_dir: str | Path | None = None, *, force: bool = False,
-                         show_layers: bool = False, stdout: TextIO | None = None,
-                         stderr: TextIO | None = None) -> int:
-    """Build every spec (a CI build) and print a summary table; returns the exit code (:data:`EXIT_CODES`).
+@dataclass
+class BuildReport:
+    """What :func:`build_engines` did: one table row per spec, notes (post-build checks), and the specs that failed
+    with their error (the CLI turns the first of them into the exit code, :data:`nxm_deploy.errors.EXIT_CODES`)."""
 
-    Specs are validated first (2), then the machine (3: one line on stderr, nothing built); then each spec
-    is prepared and built in turn, all of them even after a failure. The exit code is the first of 2, 3, 4,
-    5 that occurred, else 0.
+    rows: list[tuple] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    failures: list[tuple[str, NxmError]] = field(default_factory=list)
+
+    def table(self) -> str:
+        return _table(self.rows)
+
+    def exit_code(self) -> int:
+        """0 when every spec built or was up to date, else the lowest exit code of the failures (2 bad input, 3 no
+        TensorRT/GPU, 4 build failed, 5 post-build check failed)."""
+        return min((exit_code(exc) for _, exc in self.failures), default=0)
+
+
+def build_engines(spec_paths: list[str | Path], run_dir: str | Path | None = None, *, force: bool = False,
+                  show_layers: bool = False) -> BuildReport:
+    """Build every spec (a CI build: ``nxm-deploy build-engine``, ``tools/build_engines.sh``).
+
+    Specs are validated first, then the machine; then each spec is prepared and built in turn, all of them even
+    after a failure, and ``engines/status.json`` of each run records the results.
+
+    Raises:
+        ConfigError: no spec, a bad spec, engine names that repeat. MissingDependencyError: no TensorRT or GPU here
+            (nothing is built).
     """
-    from nxm_deploy.engine.inspect import EngineCheckError
     from nxm_deploy.engine.trt import probe_environment
 
-    out = stdout or sys.stdout
-    err = stderr or sys.stderr
     if not spec_paths:
-        print("error: no engine spec given (e.g. --spec engines/minilm_rte_sparse_int8.yaml)", file=err)
-        return EXIT_BAD_INPUT
-    specs = []
-    for path in spec_paths:
-        try:
-            specs.append((load_engine_spec(path), Path(path)))
-        except ConfigError as exc:
-            print(f"error: {_one_line(exc.message)}", file=err)
-            return EXIT_BAD_INPUT
+        raise ConfigError("No engine spec given.", hint="e.g. --spec engines/minilm_rte_sparse_int8.yaml")
+    specs = [(load_engine_spec(path), Path(path)) for path in spec_paths]
     names = [s.name for s, _ in specs]
     if len(set(names)) != len(names):
-        print(f"error: engine names repeat across the specs: {sorted(n for n in set(names) if names.count(n) > 1)}", file=err)
-        return EXIT_BAD_INPUT
+        raise ConfigError(f"Engine names repeat across the specs: {sorted(n for n in set(names) if names.count(n) > 1)}.",
+                          hint="Give every spec its own name.")
     env = probe_environment()
     if env.reason is not None:
-        print(f"error: {env.reason}", file=err)
-        return EXIT_NO_ENVIRONMENT
+        raise MissingDependencyError(env.reason)
 
-    codes, rows, notes, per_run = [], [], [], {}
+    report, per_run = BuildReport(), {}
     for spec, path in specs:
-        code, message, record, check, target = EXIT_OK, None, None, None, None
+        error, record, check, target = None, None, None, None
         try:
             target = resolve_run_dir(spec, path, run_dir)
             if not target.is_dir():
@@ -473,65 +465,35 @@ def build_engine_command(spec_paths: list[str | Path], run_dir: str | Path | Non
                                   hint="Run the pipeline first, or pass the run directory.")
             inputs = prepare_inputs(spec, target, path)
             record = build_prepared(inputs, env, force=force)
-        except (ConfigError, DataError, RunDirError) as exc:
-            code, message = EXIT_BAD_INPUT, exc.message
-        except MissingDependencyError as exc:
-            code, message = EXIT_NO_ENVIRONMENT, exc.message
         except EngineCheckError as exc:
-            code, message, record, check = EXIT_CHECK_FAILED, exc.message, exc.record, exc.check
-        except NxmError as exc:  # EngineBuildError, ExportError (FP16 graph)
-            code, message = EXIT_BUILD_FAILED, exc.message
-        codes.append(code)
-        if message:
-            print(f"error: {spec.name}: {_one_line(message)}", file=err)
+            error, record, check = exc, exc.record, exc.check
+        except ExportError as exc:  # the FP16 graph of the build
+            error = EngineBuildError(f"Engine {spec.name}: {exc.message}", hint=exc.hint)
+        except NxmError as exc:
+            error = exc
+        if error is not None:
+            report.failures.append((spec.name, error))
         if record is None:
-            label = {EXIT_BAD_INPUT: "BAD INPUT", EXIT_NO_ENVIRONMENT: "NO TENSORRT", EXIT_BUILD_FAILED: "FAILED"}[code]
-            rows.append((spec.name, spec.precision, spec.kind, label, "-", "-", "-"))
-            if code == EXIT_BUILD_FAILED and target is not None:
-                per_run.setdefault(target, []).append({"name": spec.name, "status": f"failed: {_one_line(message)}"})
+            code = exit_code(error)
+            label = {2: "BAD INPUT", 3: "NO TENSORRT"}.get(code, "FAILED")
+            report.rows.append((spec.name, spec.precision, spec.kind, label, "-", "-", "-"))
+            if label == "FAILED" and target is not None:
+                per_run.setdefault(target, []).append({"name": spec.name,
+                                                       "status": f"failed: {_one_line(error.message)}"})
             continue
         per_run.setdefault(target, []).append(record)
-        result = record["action"] if code == EXIT_OK else "CHECK FAILED"
-        rows.append((spec.name, spec.precision, spec.kind, result, record["engine"], record["build_s"],
-                     record.get("check") or "-"))
+        result = record["action"] if error is None else "CHECK FAILED"
+        report.rows.append((spec.name, spec.precision, spec.kind, result, record["engine"], record["build_s"],
+                            record.get("check") or "-"))
         if check is not None:
-            notes.append(f"{spec.name}: {check.summary()}\n{check.table()}\n" + "\n".join(
+            report.notes.append(f"{spec.name}: {check.summary()}\n{check.table()}\n" + "\n".join(
                 [f"  error: {e}" for e in check.errors] + [f"  warning: {w}" for w in check.warnings]))
         else:
             manifest_path = RunLayout(target).engine(record["manifest"])
             stored = read_json(manifest_path).get("check") or {} if manifest_path.is_file() else {}
             if stored and (show_layers or stored.get("errors") or stored.get("warnings")):
-                notes.append(f"{spec.name}: {stored.get('summary')}\n" + "\n".join(
+                report.notes.append(f"{spec.name}: {stored.get('summary')}\n" + "\n".join(
                     [f"  error: {e}" for e in stored.get("errors", [])] + [f"  warning: {w}" for w in stored.get("warnings", [])]))
     for target_dir, records in per_run.items():
         update_status(target_dir, records)
-    print(_table(rows), file=out)
-    for note in notes:
-        print(note, file=out)
-    for code in (EXIT_BAD_INPUT, EXIT_NO_ENVIRONMENT, EXIT_BUILD_FAILED, EXIT_CHECK_FAILED):
-        if code in codes:
-            return code
-    return EXIT_OK
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m nxm_deploy.engine.stage [--run-dir DIR] [--force] [--layers] SPEC...`` (what
-    ``tools/build_engines.sh`` runs; ``nxm-deploy build-engine --spec`` calls the same function)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m nxm_deploy.engine.stage", description="Build TensorRT engines from engine specs.",
-        epilog="exit codes: " + ", ".join(f"{k} {v}" for k, v in EXIT_CODES.items()),
-    )
-    parser.add_argument("specs", nargs="*", help="engine spec YAML files")
-    parser.add_argument("--spec", action="append", default=[], help="engine spec YAML (repeatable)")
-    parser.add_argument("--run-dir", default=None, help="run directory (default: each spec's run_dir)")
-    parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
-    parser.add_argument("--layers", action="store_true", help="print the per-layer check of every engine")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)-7s %(name)s | %(message)s", datefmt="%H:%M:%S")
-    return build_engine_command([*args.specs, *args.spec], args.run_dir, force=args.force, show_layers=args.layers)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return report

@@ -7,7 +7,7 @@
 * :mod:`~nxm_deploy.validate.latency` - interleaved A/B timing, percentiles, same-run speedups;
 * :mod:`~nxm_deploy.validate.diff` - Polygraphy Comparator with INT8-aware tolerances, saved inputs/outputs and
   the ``polygraphy run`` commands that re-check them by hand;
-* :mod:`~nxm_deploy.validate.gates` / :mod:`~nxm_deploy.validate.errors` - CI thresholds and their errors;
+* :mod:`~nxm_deploy.validate.gates` - CI thresholds (their errors and exit codes: :mod:`nxm_deploy.errors`);
 * :mod:`~nxm_deploy.validate.report` / :mod:`~nxm_deploy.validate.plots` - ``report.json``, ``report.md``, ``plots/``.
 
 Importing this package imports nothing heavy; import the submodules.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from nxm_deploy.fileio import read_json, sha256_file
 from nxm_deploy.layout import RunLayout
-from nxm_deploy.validate.errors import ValidationError
+from nxm_deploy.errors import ValidationError
 
 log = logging.getLogger("nxm_deploy.validate")
 

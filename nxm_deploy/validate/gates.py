@@ -15,7 +15,7 @@ else :class:`LatencyRegressionError`, else :class:`OutputMismatchError`.
 
 from __future__ import annotations
 
-from nxm_deploy.validate.errors import AccuracyRegressionError, LatencyRegressionError, OutputMismatchError
+from nxm_deploy.errors import AccuracyRegressionError, LatencyRegressionError, OutputMismatchError
 
 GATE_DEFAULTS = {"max_accuracy_drop_pt": None, "min_speedup": None, "diff_gate": False}
 _RESERVED = {"batch_size", "sequence_length"}

@@ -36,7 +36,7 @@ from polygraphy.common import TensorMetadata
 
 from nxm_deploy.ort import make_session
 from nxm_deploy.errors import ConfigError
-from nxm_deploy.validate.errors import ValidationError
+from nxm_deploy.errors import ValidationError
 
 log = logging.getLogger("nxm_deploy.validate")
 

@@ -28,6 +28,13 @@ SPARSE_SPEC = ROOT / "engines" / "minilm_rte_sparse_int8.yaml"
 DENSE_SPEC = ROOT / "engines" / "minilm_rte_dense_fp16.yaml"
 
 
+def _build(specs, run_dir, show_layers=False) -> int:
+    """``nxm-deploy build-engine``'s exit code for these specs (the CLI's table, nxm_deploy.errors.EXIT_CODES)."""
+    from nxm_deploy.engine.stage import build_engines
+
+    return build_engines(specs, run_dir, show_layers=show_layers).exit_code()
+
+
 def _manifests(run_dir: Path) -> dict[str, dict]:
     status = read_json(run_dir / "engines" / "status.json")["engines"]
     return {r["name"]: read_json(run_dir / "engines" / r["manifest"]) for r in status if r.get("manifest")}
@@ -44,9 +51,7 @@ def demo_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(demo_run):
-    from nxm_deploy.engine.stage import build_engine_command
-
-    code = build_engine_command([SPARSE_SPEC, DENSE_SPEC], run_dir=demo_run, show_layers=True)
+    code = _build([SPARSE_SPEC, DENSE_SPEC], run_dir=demo_run, show_layers=True)
     return code, _manifests(demo_run)
 
 
@@ -90,11 +95,9 @@ def test_fp16_engine_layers_are_fp16(built):
 
 
 def test_second_build_is_up_to_date(built, demo_run, capsys):
-    from nxm_deploy.engine.stage import build_engine_command
-
     before = {n: (m["engine_sha256"], m["built_at"]) for n, m in built[1].items()}
     capsys.readouterr()
-    assert build_engine_command([SPARSE_SPEC, DENSE_SPEC], run_dir=demo_run) == 0
+    assert _build([SPARSE_SPEC, DENSE_SPEC], run_dir=demo_run) == 0
     assert capsys.readouterr().out.count("up to date") == 2
     after = {n: (m["engine_sha256"], m["built_at"]) for n, m in _manifests(demo_run).items()}
     assert after == before
@@ -144,7 +147,5 @@ def test_fp32_build_records_the_sparse_flag(tmp_path, sparse_weights):
 
 @pytest.mark.skipif(not os.environ.get("NXM_DEMO_RUN_DIR"), reason="set NXM_DEMO_RUN_DIR to a demo run directory")
 def test_real_demo_run_builds():
-    from nxm_deploy.engine.stage import build_engine_command
-
     run_dir = Path(os.environ["NXM_DEMO_RUN_DIR"])
-    assert build_engine_command([SPARSE_SPEC, DENSE_SPEC], run_dir=run_dir, show_layers=True) == 0
+    assert _build([SPARSE_SPEC, DENSE_SPEC], run_dir=run_dir, show_layers=True) == 0

@@ -15,8 +15,9 @@ from tiny_models import demo_run_module
 
 from nxm_deploy.fileio import read_json, sha256_file
 from nxm_deploy.engine.spec import EngineSpec
+from nxm_deploy.cli.main import main as cli_main
 from nxm_deploy.engine.stage import (
-    EXIT_BAD_INPUT, EXIT_NO_ENVIRONMENT, build_engine, build_engine_command, build_key, engine_paths,
+    build_engine, build_key, engine_paths,
     engine_stage, make_manifest, prepare_inputs, status_record, up_to_date, update_status,
 )
 from nxm_deploy.engine.trt import GpuInfo, probe_environment, tensorrt_unavailable_reason
@@ -292,7 +293,7 @@ def test_pipeline_stage_records_skipped_and_still_makes_the_fp16_graph(tmp_path,
 @no_trt
 def test_build_command_exits_3_with_one_line(tmp_path, run, capsys):
     spec = _write_spec(tmp_path, "s", **SPARSE, run_dir=str(run[0]))
-    assert build_engine_command([spec]) == EXIT_NO_ENVIRONMENT
+    assert cli_main(["build-engine", "--spec", str(spec)]) == 3
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
     assert err.startswith("error: cannot build TensorRT engines here: ") and "pip install 'nxm-deploy[trt]'" in err
@@ -302,11 +303,11 @@ def test_build_command_exits_3_with_one_line(tmp_path, run, capsys):
 def test_build_command_bad_spec_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: e\nonnx: x.onnx\nprecision: int4\n")
-    assert build_engine_command([bad]) == EXIT_BAD_INPUT
-    assert build_engine_command([tmp_path / "missing.yaml"]) == EXIT_BAD_INPUT
-    assert build_engine_command([]) == EXIT_BAD_INPUT
+    assert cli_main(["build-engine", "--spec", str(bad)]) == 2
+    assert cli_main(["build-engine", "--spec", str(tmp_path / "missing.yaml")]) == 2
+    assert cli_main(["build-engine"]) == 2
     twice = _write_spec(tmp_path, "same", **SPARSE)
-    assert build_engine_command([twice, twice]) == EXIT_BAD_INPUT
+    assert cli_main(["build-engine", "--spec", str(twice), "--spec", str(twice)]) == 2
     err = capsys.readouterr().err
     assert "precision" in err and "not found" in err and "repeat" in err
 
@@ -335,11 +336,12 @@ def test_build_engines_script_rejects_a_bad_spec(tmp_path):
     assert proc.returncode == 2 and "onnx" in proc.stderr
 
 
-def test_module_entry_point_help():
-    proc = subprocess.run([sys.executable, "-m", "nxm_deploy.engine.stage", "--help"], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+def test_build_engine_help_lists_the_exit_codes():
+    proc = subprocess.run([sys.executable, "-m", "nxm_deploy.cli", "build-engine", "--help"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
     text = " ".join(proc.stdout.split())  # argparse wraps to the terminal width
-    assert proc.returncode == 0 and "exit codes: 0 built or up to date, 2 bad spec or input" in text
+    assert proc.returncode == 0 and "exit codes: 0 built or up to date;" in text
+    assert "4 a TensorRT engine build failed" in text and "5 a built engine failed its post-build check" in text
 
 
 @pytest.mark.parametrize("facts,needles", [

@@ -16,9 +16,8 @@ from nxm_deploy.validate.diff import INT8_ATOL_FLOOR, default_comparisons, int8_
 from nxm_deploy.validate.engines import (
     built_engines, check_engine_manifest, check_grid_in_profile, engine_runners, profile_range,
 )
-from nxm_deploy.validate.errors import (
-    EXIT_ACCURACY_REGRESSION, EXIT_LATENCY_REGRESSION, AccuracyRegressionError, LatencyRegressionError,
-    OutputMismatchError, ValidationError, exit_code_for,
+from nxm_deploy.errors import (
+    AccuracyRegressionError, LatencyRegressionError, OutputMismatchError, ValidationError, exit_code,
 )
 from nxm_deploy.validate.gates import (
     accuracy_gate, delta_pt, diff_gate, evaluate_gates, gate_settings, latency_gate, raise_for_gates,
@@ -211,13 +210,13 @@ def test_raise_for_gates_picks_the_error_and_exit_code() -> None:
     with pytest.raises(AccuracyRegressionError) as info:
         raise_for_gates(both, report="runs/x/report.md")
     assert "cpu_int8 -5.00 pt" in info.value.message and "min speedup 1.5x" in info.value.message
-    assert len(info.value.failures) == 3 and exit_code_for(info.value) == EXIT_ACCURACY_REGRESSION
+    assert len(info.value.failures) == 3 and exit_code(info.value) == 4
     assert "report.md" in info.value.hint
     latency_only = evaluate_gates({"min_speedup": 1.5}, metrics=METRICS, baseline="dense_fp32", primary="accuracy",
                                   latency=LATENCY, runners=RUNNERS, diff=diff)
     with pytest.raises(LatencyRegressionError) as info:
         raise_for_gates(latency_only)
-    assert exit_code_for(info.value) == EXIT_LATENCY_REGRESSION and "b32xs128" in info.value.message
+    assert exit_code(info.value) == 5 and "b32xs128" in info.value.message
     with pytest.raises(OutputMismatchError):
         raise_for_gates({"diff": diff_gate(diff, True)})
     assert diff_gate(diff, False)["passed"]  # reported, not gated
@@ -225,8 +224,8 @@ def test_raise_for_gates_picks_the_error_and_exit_code() -> None:
                                    runners=RUNNERS, diff=diff))  # nothing set: no error
     for cls in (AccuracyRegressionError, LatencyRegressionError, OutputMismatchError, ValidationError):
         assert issubclass(cls, NxmError)
-    assert issubclass(ValidationError, ConfigError) and exit_code_for(ValidationError("x")) == 2
-    assert exit_code_for(RuntimeError("x")) is None
+    assert issubclass(ValidationError, ConfigError) and exit_code(ValidationError("x")) == 2
+    assert exit_code(RuntimeError("x")) == 1 and exit_code(OutputMismatchError("x")) == 1
 
 
 def test_gate_settings_default_when_the_recipe_lacks_them() -> None:
