@@ -108,25 +108,11 @@ def test_bad_causal_lm_input_is_one_line_exit_2(problem, tmp_path, tiny_recipe_d
     assert expected[problem] in err, err
 
 
-def test_causal_lm_recipe_rules(tmp_path, tiny_recipe_dict):
+def test_causal_lm_dataset_route_spec(tmp_path, tiny_recipe_dict):
+    """The online route's spec (wikitext); the refused causal-LM task sections are cases of
+    test_own_data.test_recipe_rules_for_own_data."""
     from nxm_deploy.config.recipe import load_recipe
-    from nxm_deploy.errors import ConfigError
 
-    cases = [({"name": "causal_lm"}, "needs your text"),
-             ({"name": "causal_lm", "train_file": "a.txt", "eval_file": "b.txt", "labels": ["x", "y"]},
-              "do not apply to causal_lm"),
-             ({"name": "causal_lm", "train_file": "a.txt", "eval_file": "b.txt", "metric": "accuracy"},
-              "do not apply to causal_lm"),
-             ({"name": "tickets", "train_file": "a.csv", "eval_file": "b.csv", "text_columns": ["q"],
-               "metric": "perplexity"}, "belongs to causal language modelling"),
-             ({"name": "causal_lm", "dataset": "wikitext", "eval_file": "b.txt"}, "task.eval_split")]
-    for task, message in cases:
-        data = dict(tiny_recipe_dict)
-        data["task"] = task
-        path = tmp_path / "bad.yaml"
-        path.write_text(yaml.safe_dump(data))
-        with pytest.raises(ConfigError, match=message):
-            load_recipe(path)
     data = dict(tiny_recipe_dict)
     data["task"] = {"name": "causal_lm", "dataset": "wikitext", "dataset_config": "wikitext-103-raw-v1"}
     path = tmp_path / "wikitext.yaml"

@@ -97,7 +97,16 @@ def test_recipe_rules_for_own_data(tmp_path, tiny_recipe_dict):
              ({"name": "tickets", "train_file": "t.csv", "text_columns": ["q"]}, "task.eval_file"),
              ({"name": "rte", "text_columns": ["q"]}, "neither task.train_file nor task.dataset"),
              ({"name": "x", "train_file": "t.csv", "eval_file": "t.csv", "text_columns": ["q"], "metric": "pearson",
-               "labels": ["a", "b"]}, "regression metric")]
+               "labels": ["a", "b"]}, "regression metric"),
+             # causal language modelling (tests/integration/test_causal_lm.py)
+             ({"name": "causal_lm"}, "needs your text"),
+             ({"name": "causal_lm", "train_file": "a.txt", "eval_file": "b.txt", "labels": ["x", "y"]},
+              "do not apply to causal_lm"),
+             ({"name": "causal_lm", "train_file": "a.txt", "eval_file": "b.txt", "metric": "accuracy"},
+              "do not apply to causal_lm"),
+             ({"name": "tickets", "train_file": "a.csv", "eval_file": "b.csv", "text_columns": ["q"],
+               "metric": "perplexity"}, "belongs to causal language modelling"),
+             ({"name": "causal_lm", "dataset": "wikitext", "eval_file": "b.txt"}, "task.eval_split")]
     for task, message in cases:
         data = dict(tiny_recipe_dict)
         data["task"] = task
