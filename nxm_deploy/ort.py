@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 
-def make_session(model: bytes | str | Path, providers: list[str] | None = None, intra_op_threads: int | None = None):
+def make_session(model: bytes | str | Path, providers: list[str] | None = None, intra_op_threads: int | None = None,
+                 *, quiet: bool = False, optimize: bool = True):
     """An ``onnxruntime.InferenceSession`` of ``model``.
 
     Args:
@@ -15,11 +16,17 @@ def make_session(model: bytes | str | Path, providers: list[str] | None = None, 
         providers: execution providers in order of preference (default ``["CPUExecutionProvider"]``).
         intra_op_threads: intra-op threads (default: every core); inter-op parallelism is off (one thread), so a
             latency measurement sees one model on the cores it was given.
+        quiet: ONNX Runtime logs errors only (checks that run graphs ONNX Runtime warns about, e.g. FP16 ones).
+        optimize: False runs the graph as written (no fusion: every intermediate tensor keeps its value).
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
+    if quiet:
+        options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, sess_options=options, providers=providers or ["CPUExecutionProvider"])

@@ -524,12 +524,12 @@ def run_fp_finetune(settings: dict, cell: Cell, src: dict, glue_dir) -> dict:
 def run_ort_dynamic(settings: dict, task: str, seed: int, src: dict, run_dir: Path, glue_dir) -> dict:
     """FP32 ONNX of the sparse model -> ORT quantize_dynamic (per channel, QInt8 weights) -> ORT dev eval."""
     import numpy as np
-    import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from nxm_deploy.data.metrics import compute_metrics
     from nxm_deploy.export.onnx import export_model, model_input_names
     from nxm_deploy.models import load_saved_model
+    from nxm_deploy.ort import make_session
 
     _setup_threads(settings)
     model, tok = load_saved_model(src["sparse"])
@@ -544,9 +544,7 @@ def run_ort_dynamic(settings: dict, task: str, seed: int, src: dict, run_dir: Pa
     fp32, int8 = run_dir / "sparse_fp32.onnx", run_dir / "sparse_dynamic_int8.onnx"
     export_model(model, {n: first[n] for n in names}, fp32)
     quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = settings.get("threads") or 0
-    sess = ort.InferenceSession(str(int8), opts, providers=["CPUExecutionProvider"])
+    sess = make_session(int8, intra_op_threads=settings.get("threads"))
     feed_names = {i.name for i in sess.get_inputs()}
     logits, labels = [], []
     for batch in dev:

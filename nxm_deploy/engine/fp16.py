@@ -41,6 +41,7 @@ import numpy as np
 
 from nxm_deploy.fileio import atomic_write_json, read_json, save_onnx, sha256_file
 from nxm_deploy.errors import ExportError
+from nxm_deploy.ort import make_session
 
 log = logging.getLogger("nxm_deploy.engine")
 
@@ -180,7 +181,6 @@ def range_check(model_path: str | Path, feeds: dict[str, np.ndarray], limit: flo
         dict: node name -> max |output| (only the nodes at or above ``limit``).
     """
     import onnx
-    import onnxruntime as ort
 
     model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path)))
     floats = {v.name for v in model.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
@@ -191,10 +191,7 @@ def range_check(model_path: str | Path, feeds: dict[str, np.ndarray], limit: flo
             if name in floats and name not in outputs:
                 producer[name] = node.name
                 model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # every tensor as in the graph
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = make_session(model.SerializeToString(), quiet=True, optimize=False)  # every tensor as in the graph
     names = list(producer)
     values = session.run(names, feeds) if names else []
     out: dict[str, float] = {}
@@ -258,37 +255,30 @@ def fp16_parity(fp32_path: str | Path, fp16_path: str | Path, feeds: dict[str, n
         ``argmax_agreement`` (for 2-D outputs), ``atol``, ``rtol``, ``inputs`` and ``ok``; with ``int8`` also
         ``near_ties``, ``tie_margin``, ``argmax_agreement_decisive``, ``rule``.
     """
-    import onnxruntime as ort
-
-    from nxm_deploy.export.parity import INT8_MIN_AGREEMENT, INT8_TIE_MARGIN, argmax_agreement_stats
+    from nxm_deploy.export.parity import INT8_MIN_AGREEMENT, INT8_TIE_MARGIN, logit_stats
 
     feeds = feeds if feeds is not None else parity_feeds(fp32_path)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    ref_sess = ort.InferenceSession(str(fp32_path), options, providers=["CPUExecutionProvider"])
-    new_sess = ort.InferenceSession(str(fp16_path), options, providers=["CPUExecutionProvider"])
+    ref_sess, new_sess = make_session(fp32_path, quiet=True), make_session(fp16_path, quiet=True)
     names = [o.name for o in ref_sess.get_outputs()]
     ref = ref_sess.run(names, feeds)
     new = new_sess.run(names, feeds)
-    max_abs, excess, agree = 0.0, -np.inf, None
+    max_abs, excess, stats = 0.0, -np.inf, {}
     for a, b in zip(ref, new):
         a = np.asarray(a, np.float64)
         b = np.asarray(b, np.float64)
         if not np.all(np.isfinite(b)):
             return {"max_abs_diff": float("inf"), "ok": False, "atol": atol, "rtol": rtol,
                     "inputs": _describe(feeds), "error": "non-finite FP16 output"}
-        diff = np.abs(a - b)
-        max_abs = max(max_abs, float(diff.max(initial=0.0)))
-        excess = max(excess, float((diff - atol - rtol * np.abs(a)).max(initial=-np.inf)))
-        if a.ndim == 2 and a.shape[1] > 1:
-            agree = float(np.mean(a.argmax(1) == b.argmax(1)))
-            if int8:
-                stats = argmax_agreement_stats(a, b, INT8_TIE_MARGIN)
-    result = {"max_abs_diff": max_abs, "max_rel_excess": excess, "argmax_agreement": agree, "atol": atol,
-              "rtol": rtol, "inputs": _describe(feeds), "ok": bool(excess <= 0.0)}
+        compared = logit_stats(a, b, INT8_TIE_MARGIN if int8 else None)
+        max_abs = max(max_abs, compared["max_abs_diff"])
+        excess = max(excess, float((np.abs(a - b) - atol - rtol * np.abs(a)).max(initial=-np.inf)))
+        if compared["argmax_agreement"] is not None:
+            stats = {k: v for k, v in compared.items() if k not in ("max_abs_diff", "mean_abs_diff")}
+    result = {"max_abs_diff": max_abs, "max_rel_excess": excess, "argmax_agreement": stats.get("argmax_agreement"),
+              "atol": atol, "rtol": rtol, "inputs": _describe(feeds), "ok": bool(excess <= 0.0)}
     if int8:
-        decisive = stats["argmax_agreement_decisive"] if agree is not None else None
-        result.update(stats if agree is not None else {}, rule="int8: argmax agreement on non-ties",
+        decisive = stats.get("argmax_agreement_decisive")
+        result.update(stats, rule="int8: argmax agreement on non-ties",
                       ok=decisive is None or decisive >= INT8_MIN_AGREEMENT)
     return result
 

@@ -519,9 +519,9 @@ def make_cpu_int8(
         if check:
             if form == "standard":
                 onnx.checker.check_model(str(tmp))
-            import onnxruntime as ort
+            from nxm_deploy.ort import make_session
 
-            ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            make_session(tmp)
         os.replace(tmp, out_path)
     except Exception as exc:
         tmp.unlink(missing_ok=True)
@@ -567,16 +567,12 @@ def compare_logits(
         batch_size: rows per ``session.run``.
 
     Returns:
-        dict: ``examples``, ``max_abs_diff``, ``mean_abs_diff`` (float32 logits), ``argmax_agreement``
-        (fraction of rows with the same argmax).
+        dict: ``examples`` and :func:`nxm_deploy.export.parity.logit_stats` (``max_abs_diff``, ``mean_abs_diff``,
+        ``argmax_agreement``: None for a regression score).
     """
-    import onnxruntime as ort
+    from nxm_deploy.ort import make_session
 
-    options = ort.SessionOptions()
-    if intra_op_threads:
-        options.intra_op_num_threads = intra_op_threads
-    sessions = [ort.InferenceSession(str(p), sess_options=options, providers=["CPUExecutionProvider"])
-                for p in (reference, candidate)]
+    sessions = [make_session(p, intra_op_threads=intra_op_threads) for p in (reference, candidate)]
     outs: list[list[np.ndarray]] = [[], []]
     rows = int(next(iter(feeds.values())).shape[0])
     for start in range(0, rows, batch_size):
@@ -584,11 +580,6 @@ def compare_logits(
             names = [x.name for x in session.get_inputs()]
             batch = {k: np.asarray(feeds[k][start:start + batch_size], dtype=np.int64) for k in names}
             outs[i].append(session.run(["logits"], batch)[0])
-    ref, cand = (np.concatenate(o) for o in outs)
-    diff = np.abs(ref.astype(np.float64) - cand.astype(np.float64))
-    return {
-        "examples": rows,
-        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
-        "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
-        "argmax_agreement": float(np.mean(ref.argmax(-1) == cand.argmax(-1))) if rows else 1.0,
-    }
+    from nxm_deploy.export.parity import logit_stats
+
+    return {"examples": rows, **logit_stats(np.concatenate(outs[0]), np.concatenate(outs[1]))}

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from nxm_deploy.fileio import EXTERNAL_DATA_BYTES, save_onnx, sha256_file
-from nxm_deploy.export.parity import argmax_agreement_stats
+from nxm_deploy.export.parity import logit_stats
 from nxm_deploy.errors import ExportError
 
 log = logging.getLogger("nxm_deploy.export")
@@ -205,11 +205,10 @@ def onnx_parity(path: str | Path, model: nn.Module, loader, input_names: list[st
         ``tie_margin``: a class flip on a numerical tie is not a disagreement), ``near_ties`` (examples left out),
         ``metric_torch`` and ``metric_ort`` (task metrics both ways), ``examples``.
     """
-    import onnxruntime as ort
-
     from nxm_deploy.data.metrics import compute_metrics
+    from nxm_deploy.ort import make_session
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = make_session(path)
     ort_logits, torch_logits, labels = [], [], []
     with torch.no_grad():
         for batch in loader:
@@ -218,16 +217,8 @@ def onnx_parity(path: str | Path, model: nn.Module, loader, input_names: list[st
             torch_logits.append(model(**{k: batch[k] for k in input_names}).logits.numpy())
             labels.append(batch["labels"].numpy())
     a, b, y = np.concatenate(ort_logits), np.concatenate(torch_logits), np.concatenate(labels)
-    out = {
-        "examples": int(len(y)),
-        "max_abs_diff": float(np.abs(a - b).max()),
-        "argmax_agreement": None,
-        "metric_torch": compute_metrics(task, b, y),
-        "metric_ort": compute_metrics(task, a, y),
-    }
-    if a.shape[-1] > 1:
-        out.update(argmax_agreement_stats(b.reshape(-1, b.shape[-1]), a.reshape(-1, a.shape[-1]), tie_margin))
-    return out
+    return {"examples": int(len(y)), **logit_stats(b, a, tie_margin),
+            "metric_torch": compute_metrics(task, b, y), "metric_ort": compute_metrics(task, a, y)}
 
 
 def file_record(path: Path) -> dict:

@@ -31,3 +31,31 @@ def argmax_agreement_stats(reference: np.ndarray, candidate: np.ndarray, tie_mar
     return {"argmax_agreement": float(np.mean(agree)), "tie_margin": tie_margin, "near_ties": int((~decisive).sum()),
             "argmax_agreement_decisive": float(np.mean(agree[decisive])) if decisive.any() else None}
 
+
+
+def logit_stats(reference, candidate, tie_margin: float | None = None) -> dict:
+    """How far two models' outputs ``[..., C]`` are apart: the one comparison of export parity, the CPU INT8 artifact
+    check and the FP16-remainder check (a causal LM's positions count as rows).
+
+    Args:
+        reference, candidate: float arrays of one shape.
+        tie_margin: when given, the agreement also leaves out the reference's numerical ties
+            (:func:`argmax_agreement_stats`).
+
+    Returns:
+        dict: ``max_abs_diff``, ``mean_abs_diff`` (float64 arithmetic) and ``argmax_agreement`` (None when C is 1:
+        a regression score); with ``tie_margin`` also ``tie_margin``, ``near_ties``, ``argmax_agreement_decisive``.
+    """
+    ref, cand = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    if ref.shape != cand.shape:
+        raise ValueError(f"outputs of different shapes: {ref.shape} and {cand.shape}")
+    diff = np.abs(ref - cand)
+    out = {"max_abs_diff": float(diff.max()) if diff.size else 0.0,
+           "mean_abs_diff": float(diff.mean()) if diff.size else 0.0, "argmax_agreement": None}
+    if ref.size and ref.shape[-1] > 1:
+        rows_ref, rows_cand = ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, ref.shape[-1])
+        if tie_margin is None:
+            out["argmax_agreement"] = float(np.mean(rows_ref.argmax(-1) == rows_cand.argmax(-1)))
+        else:
+            out.update(argmax_agreement_stats(rows_ref, rows_cand, tie_margin))
+    return out
