@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text, read_json
-from nxm_deploy.config.recipe import Recipe, load_recipe
+from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.errors import ConfigError, RunDirError
 
 from nxm_deploy.layout import RunLayout
@@ -111,22 +111,6 @@ def _write_run_dir(recipe: Recipe, run_dir: Path, overwrite: bool, info: dict | 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(layout.recipe, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     atomic_write_json(marker, {"name": recipe.name, "recipe_sha256": recipe.sha256(), **(info or {})})
-
-
-def open_run_dir(run_dir: str | Path) -> Recipe:
-    """The recipe stored in an existing run directory.
-
-    Raises:
-        RunDirError: not a run directory.
-    """
-    run_dir = Path(run_dir)
-    layout = RunLayout(run_dir)
-    if not layout.recipe.is_file():
-        raise RunDirError(
-            f"{run_dir} is not a run directory (no {layout.recipe.name}).",
-            hint="Start a run with `nxm-deploy run RECIPE.yaml` or `nxm-deploy train RECIPE.yaml`.",
-        )
-    return load_recipe(layout.recipe)
 
 
 def run_pipeline(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = None,

@@ -123,7 +123,8 @@ def _resolve(args, *, create: bool = False, distributed: bool = False):
     process group as soon as the recipe is known (before rank 0 creates the run directory).
     """
     from nxm_deploy.config.recipe import load_recipe
-    from nxm_deploy.pipeline import open_run_dir, preflight, prepare_run_dir, read_run_info
+    from nxm_deploy.pipeline import preflight, prepare_run_dir, read_run_info
+    from nxm_deploy.stages import open_run_dir
 
     path = Path(args.target)
     if path.is_dir():
@@ -305,7 +306,7 @@ def _dispatch(args) -> int:
                 raise ConfigError("--from-run copies the stages before --stage; with --stage dense/all there are none.",
                                   hint="e.g. nxm-deploy train RECIPE --stage qat --from-run runs/<base run>")
             from nxm_deploy.config.recipe import load_recipe
-            from nxm_deploy.pipeline import open_run_dir
+            from nxm_deploy.stages import open_run_dir
 
             target = Path(args.target)  # checked before the run directory is created
             check_adoption(open_run_dir(target) if target.is_dir() else load_recipe(target, args.overrides),

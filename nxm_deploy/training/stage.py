@@ -31,7 +31,9 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from nxm_deploy.fileio import atomic_dir, atomic_write_json, file_hashes, read_json, sha256_file, verify_stage_files
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.layout import MANIFEST, RunLayout
-from nxm_deploy.stages import TRAINING, StageContext, differing_keys, flatten, recipe_key, record_stage
+from nxm_deploy.stages import (
+    TRAINING, StageContext, differing_keys, flatten, open_run_dir, recipe_key, record_stage,
+)
 from nxm_deploy.data import TaskData
 from nxm_deploy.errors import ConfigError, RunDirError, SparsityVerificationError
 from nxm_deploy.models import load_base_model, load_saved_model, save_model_dir
@@ -152,8 +154,6 @@ def adoptable_stages(recipe: Recipe, source: str | Path) -> tuple[str, ...]:
     Raises:
         RunDirError: ``source`` is not a run directory.
     """
-    from nxm_deploy.pipeline import open_run_dir
-
     other = open_run_dir(source)
     out = []
     for stage in STAGES:
@@ -171,8 +171,6 @@ def check_adoption(recipe: Recipe, source: str | Path, stages: tuple[str, ...] =
         RunDirError: ``source`` is not a run directory, a stage has not finished there, or its files changed.
         ConfigError: the two recipes differ on a key the stages read.
     """
-    from nxm_deploy.pipeline import open_run_dir  # the run layout's reader (pipeline imports this module lazily)
-
     source = Path(source)
     other = open_run_dir(source)
     differ = differing_keys(recipe, other, stages)
