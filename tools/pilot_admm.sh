@@ -20,13 +20,14 @@ for lr in 5.0e-5 1.0e-4; do
       --set name=pilot_${TASK}_dense_lr$lr --set train.dense.learning_rate=$lr "${base[@]}"
 done
 
-# 2. ADMM configurations from the lr-5e-5 dense model (the table's, unless the grid says otherwise)
+# 2. ADMM configurations (and the magnitude baseline) from the lr-5e-5 dense model (the table's, unless the grid says otherwise)
 declare -A CONFIGS=(
   [rho50_epoch]="--set train.admm.rho=50"
   [rho500_epoch]="--set train.admm.rho=500"
   [rho50x2_26steps]="--set train.admm.rho=50 --set train.admm.rho_factor=2 --set train.admm.rho_max=3200 --set train.admm.update_interval=26"
+  [magnitude]="--set train.admm.method=magnitude"   # the one-shot baseline at the same 5 epochs, for reference
 )
-for name in rho50_epoch rho500_epoch rho50x2_26steps; do
+for name in rho50_epoch rho500_epoch rho50x2_26steps magnitude; do
   [ -f "$W/$name/sparse/manifest.json" ] || \
     $NXM train recipes/bench_accuracy.yaml --stage admm --from-run "$W/dense_lr5.0e-5" --run-dir "$W/$name" \
       --set name=pilot_${TASK}_$name --set train.dense.learning_rate=5.0e-5 ${CONFIGS[$name]} "${base[@]}"
