@@ -187,7 +187,7 @@ def main(argv=None) -> int:
                            *cell_argv(work, task, seed, method, args.recipe, args.set)]
                     if args.glue_dir:
                         cmd += ["--glue-dir", args.glue_dir]
-                    print(f"cell {task} seed {seed} {method}: {shlex.join(cmd[3:])}", flush=True)
+                    print(f"cell {task} seed {seed} {method}: nxm-deploy {shlex.join(cmd[3:])}", flush=True)
                     rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
                     if rc != 0:
                         failed.append((task, seed, method, rc))
