@@ -129,6 +129,13 @@ class RunLayout:
     def plots_dir(self) -> Path:
         return self.root / "plots"
 
+    def stage_output(self, stage: str) -> Path:
+        """The file that stands for a stage's output (:data:`nxm_deploy.stages.STAGES`): a training stage's or the
+        export's ``manifest.json``, ``engines/status.json``, ``validation.json``."""
+        if stage in TRAINING_DIRS:
+            return self.stage_manifest(stage)
+        return {"export": self.onnx_manifest, "engines": self.engine_status, "validate": self.validation}[stage]
+
     def relative(self, path: str | Path) -> str:
         """``path`` relative to the run directory (as reports show it)."""
         return str(Path(path).relative_to(self.root))

@@ -83,7 +83,7 @@ def check_causal_lm_model(config) -> None:
     if (arch is not None and not arch.decoder_only) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ConfigError(
             f"task.name causal_lm needs a decoder-only language model, but model.source is a {config.model_type} "
-            f"({arch.name if arch else 'no causal-LM class in transformers'}), an encoder.",
+            f"({f'{arch.name}: an encoder' if arch else 'transformers has no causal-LM class for it'}).",
             hint="Use a decoder model (GPT-2, OPT, Llama, Mistral, Qwen2), or a classification task for this model.")
 
 
@@ -110,7 +110,7 @@ def load_base_model(source: str, num_labels: int, random_init: dict | None = Non
     auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved)
-        config = AutoConfig.from_pretrained(resolved) if causal_lm else AutoConfig.from_pretrained(resolved, num_labels=num_labels)
+        config = AutoConfig.from_pretrained(resolved, **({} if causal_lm else {"num_labels": num_labels}))
         if causal_lm:
             check_causal_lm_model(config)
         if random_init is not None:
@@ -182,9 +182,14 @@ def save_model_dir(model, tokenizer, path: str | Path) -> None:
     tokenizer.save_pretrained(str(path))
 
 
+def is_causal_lm_class(name: str) -> bool:
+    """Whether a transformers model class name is a causal language model's (``*ForCausalLM``, ``*LMHeadModel``)."""
+    return name.endswith(("ForCausalLM", "LMHeadModel"))
+
+
 def is_causal_lm_config(config: dict) -> bool:
-    """Whether a saved ``config.json`` (as a dict) is a causal language model's (``architectures`` ``*ForCausalLM``)."""
-    return any(str(a).endswith("ForCausalLM") or str(a).endswith("LMHeadModel") for a in config.get("architectures") or [])
+    """Whether a saved ``config.json`` (as a dict) is a causal language model's (its ``architectures``)."""
+    return any(is_causal_lm_class(str(a)) for a in config.get("architectures") or [])
 
 
 def config_max_positions(config: dict) -> int | None:

@@ -88,7 +88,7 @@ def prepare_run_dir(recipe: Recipe, run_dir: str | Path, overwrite: bool = False
     Raises:
         RunDirError: the directory holds files that are not an nxm-deploy run, and ``overwrite`` is False.
     """
-    from nxm_deploy.training.trainer import barrier, is_main_process
+    from nxm_deploy.ranks import barrier, is_main_process
 
     run_dir = Path(run_dir)
     if is_main_process():
@@ -129,7 +129,7 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     artifacts and runs the later stages; the other ranks return ``{}`` after training.
     """
     from nxm_deploy.stages import StageContext, run_stages
-    from nxm_deploy.training.trainer import is_main_process
+    from nxm_deploy.ranks import is_main_process
     from nxm_deploy.validate.report import build_report
 
     info = preflight(recipe, glue_dir, recipe_path)

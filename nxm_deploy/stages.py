@@ -34,11 +34,10 @@ from nxm_deploy.ranks import is_main_process
 
 log = logging.getLogger("nxm_deploy.stages")
 
-#: ``train`` keys every training stage reads (the schedule of each stage is its own section)
+#: ``train`` keys every training stage reads (the schedule of each stage is its own section); the keys that change
+#: speed, not results (``num_threads``, ``checkpoint_every_steps``, ``dataloader_workers``) are read by none
 TRAIN_COMMON = ("train.seed", "train.batch_size", "train.eval_batch_size", "train.weight_decay", "train.warmup_ratio",
                 "train.max_grad_norm", "train.device", "train.precision", "train.select")
-#: ``train`` keys that change speed, not results: no stage reads them
-SPEED_ONLY_TRAIN_KEYS = ("train.num_threads", "train.checkpoint_every_steps", "train.dataloader_workers")
 
 
 @dataclass
@@ -71,8 +70,7 @@ class Stage:
         reads: recipe keys (dotted; a section name covers its keys) whose values decide the output.
         inputs: the stages whose artifacts it reads.
         output: the :class:`RunLayout` entry it writes (``dense``, ``sparse``, ``qat``, ``onnx``, ``engines``,
-            ``validation``).
-        manifest: ``RunLayout -> Path`` of the manifest that stands for its output.
+            ``validation``); the file that stands for it is :meth:`RunLayout.stage_output`.
         run: ``"module:function"`` taking a :class:`StageContext`; it writes the output and its manifest.
         every_rank: under torchrun every rank runs it (the training stages); else rank 0 alone.
     """
@@ -81,7 +79,6 @@ class Stage:
     reads: tuple[str, ...]
     inputs: tuple[str, ...]
     output: str
-    manifest: Callable[[RunLayout], Path]
     run: str
     every_rank: bool = False
 
@@ -89,40 +86,25 @@ class Stage:
         module, _, attr = self.run.partition(":")
         return getattr(importlib.import_module(module), attr)
 
-
-def _training_manifest(stage: str) -> Callable[[RunLayout], Path]:
-    def manifest(layout: RunLayout) -> Path:
-        return layout.stage_manifest(stage)
-
-    return manifest
-
-
-def _onnx_manifest(layout: RunLayout) -> Path:
-    return layout.onnx_manifest
-
-
-def _engine_status(layout: RunLayout) -> Path:
-    return layout.engine_status
-
-
-def _validation(layout: RunLayout) -> Path:
-    return layout.validation
+    def manifest(self, layout: RunLayout) -> Path:
+        """The manifest that stands for the stage's output in ``layout``."""
+        return layout.stage_output(self.name)
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("dense", ("model", "task", *TRAIN_COMMON, "train.dense"), (), "dense", _training_manifest("dense"),
+    Stage("dense", ("model", "task", *TRAIN_COMMON, "train.dense"), (), "dense",
           "nxm_deploy.training.stage:run_dense", every_rank=True),
     Stage("admm", ("model", "task", "sparsity", *TRAIN_COMMON, "train.admm", "train.distillation"), ("dense",),
-          "sparse", _training_manifest("admm"), "nxm_deploy.training.stage:run_admm", every_rank=True),
+          "sparse", "nxm_deploy.training.stage:run_admm", every_rank=True),
     Stage("qat", ("model", "task", "sparsity", *TRAIN_COMMON, "train.qat", "train.distillation"), ("dense", "admm"),
-          "qat", _training_manifest("qat"), "nxm_deploy.training.stage:run_qat", every_rank=True),
-    Stage("export", ("task", "sparsity", "export"), ("dense", "admm", "qat"), "onnx", _onnx_manifest,
-          "nxm_deploy.export.stage:run_export"),
-    Stage("engines", ("engine",), ("export",), "engines", _engine_status, "nxm_deploy.engine.stage:run_engines"),
+          "qat", "nxm_deploy.training.stage:run_qat", every_rank=True),
+    Stage("export", ("task", "sparsity", "export"), ("dense", "admm", "qat"), "onnx", "nxm_deploy.export.stage:run_export"),
+    Stage("engines", ("engine",), ("export",), "engines", "nxm_deploy.engine.stage:run_engines"),
     Stage("validate", ("task", "validate"), ("dense", "admm", "qat", "export", "engines"), "validation",
-          _validation, "nxm_deploy.validate.stage:run_validate"),
+          "nxm_deploy.validate.stage:run_validate"),
 )
-TRAINING = ("dense", "admm", "qat")
+#: the training stages (every torchrun rank runs them)
+TRAINING: tuple[str, ...] = tuple(s.name for s in STAGES if s.every_rank)
 
 
 def open_run_dir(run_dir: str | Path):
@@ -155,13 +137,13 @@ def get_stage(name: str) -> Stage:
     raise ConfigError(f"Unknown stage {name!r}; the stages are {', '.join(s.name for s in STAGES)}.")
 
 
-def flatten(data: dict, prefix: str = "") -> dict:
+def _flatten(data: dict, prefix: str = "") -> dict:
     """A nested dict (a recipe's ``to_dict()``) as ``{"dotted.key": value}``."""
     out = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            out.update(flatten(value, path + "."))
+            out.update(_flatten(value, path + "."))
         else:
             out[path] = value
     return out
@@ -175,7 +157,7 @@ def read_values(recipe, reads: Iterable[str]) -> dict:
     """The flattened recipe values under ``reads`` (dotted keys), plus the sha256 of your own data files when
     ``task`` is read."""
     reads = tuple(reads)
-    values = {k: v for k, v in flatten(recipe.to_dict()).items() if _covered(k, reads)}
+    values = {k: v for k, v in _flatten(recipe.to_dict()).items() if _covered(k, reads)}
     if _covered("task.name", reads):
         digests = recipe.data_digests()
         if digests:
@@ -190,11 +172,12 @@ def recipe_key(recipe, stage: str) -> str:
     return hashlib.sha256(f"{stage}:{data}".encode()).hexdigest()
 
 
-def differing_keys(recipe, other, stages: Iterable[str]) -> list[str]:
-    """The recipe keys read by any of ``stages`` whose values differ between ``recipe`` and ``other``."""
+def differing_keys(recipe, other, stages: Iterable[str]) -> dict[str, tuple]:
+    """``{key: (value in recipe, value in other)}`` for the values read by any of ``stages`` (:func:`read_values`:
+    recipe keys and your own data files' sha256) that differ between the two recipes, sorted by key."""
     reads = tuple(r for s in stages for r in get_stage(s).reads)
-    ours, theirs = flatten(recipe.to_dict()), flatten(other.to_dict())
-    return sorted(k for k in set(ours) | set(theirs) if _covered(k, reads) and ours.get(k) != theirs.get(k))
+    ours, theirs = read_values(recipe, reads), read_values(other, reads)
+    return {k: (ours.get(k), theirs.get(k)) for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)}
 
 
 def stage_key(stage: Stage, ctx: StageContext) -> str:

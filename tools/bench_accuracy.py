@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import platform
 import shlex
@@ -176,23 +177,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     work, out, start = Path(args.work_dir), Path(args.out), time.monotonic()
     failed = []
-    if not args.report_only:
-        for seed in args.seeds:
-            for task in args.tasks:
-                for method in METHODS:
-                    if args.time_budget_min is not None and time.monotonic() - start > 60 * args.time_budget_min:
-                        print("time budget spent: stopping before the next cell", flush=True)
-                        break
-                    cmd = [sys.executable, "-m", "nxm_deploy.cli", "-q",
-                           *cell_argv(work, task, seed, method, args.recipe, args.set)]
-                    if args.glue_dir:
-                        cmd += ["--glue-dir", args.glue_dir]
-                    print(f"cell {task} seed {seed} {method}: nxm-deploy {shlex.join(cmd[3:])}", flush=True)
-                    rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
-                    if rc != 0:
-                        failed.append((task, seed, method, rc))
-                        print(f"  exit {rc}", flush=True)
-                    write_outputs(out, args, work)
+    cells = [] if args.report_only else itertools.product(args.seeds, args.tasks, METHODS)
+    for seed, task, method in cells:
+        if args.time_budget_min is not None and time.monotonic() - start > 60 * args.time_budget_min:
+            print("time budget spent: stopping before the next cell", flush=True)
+            break
+        cmd = [sys.executable, "-m", "nxm_deploy.cli", "-q", *cell_argv(work, task, seed, method, args.recipe, args.set)]
+        if args.glue_dir:
+            cmd += ["--glue-dir", args.glue_dir]
+        print(f"cell {task} seed {seed} {method}: nxm-deploy {shlex.join(cmd[3:])}", flush=True)
+        rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+        if rc != 0:
+            failed.append((task, seed, method, rc))
+            print(f"  exit {rc}", flush=True)
+        write_outputs(out, args, work)
     result = write_outputs(out, args, work)
     print(f"average: {result['average']}; wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
     return 1 if failed else 0

@@ -281,7 +281,8 @@ def _dispatch(args) -> int:
     if args.command == "run":
         from nxm_deploy.config.recipe import load_recipe
         from nxm_deploy.pipeline import run_pipeline
-        from nxm_deploy.training.trainer import init_distributed, is_main_process
+        from nxm_deploy.ranks import is_main_process
+        from nxm_deploy.training.trainer import init_distributed
 
         recipe = load_recipe(args.recipe, args.overrides)
         init_distributed(recipe.train)
@@ -295,12 +296,12 @@ def _dispatch(args) -> int:
         print(f"report: {layout.report_md}  ({layout.report_json})")
         return 0 if (report.get("sparsity_check") or {}).get("ok") else 1
     if args.command == "train":
-        from nxm_deploy.stages import StageContext, run_stages
-        from nxm_deploy.training.stage import STAGES, adopt_stages, check_adoption, read_stage_manifest
-        from nxm_deploy.training.trainer import is_main_process
+        from nxm_deploy.stages import TRAINING, StageContext, run_stages
+        from nxm_deploy.training.stage import adopt_stages, check_adoption, read_stage_manifest
+        from nxm_deploy.ranks import is_main_process
 
-        stages = STAGES if args.stage == "all" else (args.stage,)
-        before = STAGES[:STAGES.index(stages[0])]
+        stages = TRAINING if args.stage == "all" else (args.stage,)
+        before = TRAINING[:TRAINING.index(stages[0])]
         if args.from_run:
             if not before:
                 raise ConfigError("--from-run copies the stages before --stage; with --stage dense/all there are none.",
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_error(exc)
         return exit_code(exc)
     except RuntimeError as exc:
-        from nxm_deploy.training.trainer import world_size
+        from nxm_deploy.ranks import world_size
 
         if world_size() <= 1 or not ("gloo" in str(exc) or "NCCL" in str(exc) or "peer" in str(exc)):
             raise

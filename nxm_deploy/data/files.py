@@ -156,7 +156,8 @@ def dataset_class_names(spec, column: str) -> tuple[str, ...] | None:
     return _read_dataset(spec.dataset, spec.dataset_config, spec.train_file)[1].get(column)
 
 
-def _column(columns: dict[str, list], name: str, path) -> list:
+def column(columns: dict[str, list], name: str, path) -> list:
+    """``columns[name]``, or a :class:`DataError` naming the data (``path``) and the columns it has."""
     if name not in columns:
         raise DataError(f"Data file {path} has no column {name!r} (columns: {', '.join(columns)}).",
                         hint="Set task.text_columns / task.label_column to columns of the file.")
@@ -180,7 +181,7 @@ def infer_labels(spec, label_column: str) -> tuple[str, ...]:
     if named:
         return named
     columns, where = split_columns(spec, "train")
-    values = _column(columns, label_column, where)
+    values = column(columns, label_column, where)
     labels = set()
     for row, value in enumerate(values):
         if value is None or _label_text(value) == "":
@@ -248,13 +249,13 @@ def load_file_split(spec, split: str, max_examples: int | None) -> tuple[list[st
         if col is None:
             texts.append(None)
             continue
-        values = _column(columns, col, path)[:keep]
+        values = column(columns, col, path)[:keep]
         for row, value in enumerate(values):
             if value is None or (isinstance(value, str) and not value.strip()):
                 raise DataError(f"Data file {path}, row {row + 1}: empty text in column {col!r}.",
                                 hint="Every example needs its text(s).")
         texts.append([str(v) for v in values])
-    raw = _column(columns, spec.label_col, path)[:keep]
+    raw = column(columns, spec.label_col, path)[:keep]
     if spec.is_regression:
         try:
             labels = np.asarray([float(v) for v in raw], dtype=np.float32)

@@ -30,10 +30,10 @@ def load_documents(spec, split: str, max_documents: int | None) -> list[str]:
     Raises:
         DataError: the file is missing, empty or not UTF-8; the text column is missing; no document is left.
     """
-    from nxm_deploy.data.files import _column, split_columns
+    from nxm_deploy.data.files import column, split_columns
 
     columns, where = split_columns(spec, split)
-    values = _column(columns, spec.text_a_col, where)
+    values = column(columns, spec.text_a_col, where)
     docs = [str(v) for v in values if v is not None and str(v).strip()]
     if not docs:
         raise DataError(f"{where} holds no text (every line / value of column {spec.text_a_col!r} is blank).",

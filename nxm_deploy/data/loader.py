@@ -265,10 +265,9 @@ class TaskData:
                  max_seq_length: int):
         self.task = task
         self.train_examples, self.dev_examples = train_examples, dev_examples
-        lm = bool(getattr(task, "is_causal_lm", False))
         self.train, self.collator = encode_dataset(tokenizer, train_examples, max_seq_length=max_seq_length,
-                                                   causal_lm=lm)
-        self.dev, _ = encode_dataset(tokenizer, dev_examples, max_seq_length=max_seq_length, causal_lm=lm)
+                                                   causal_lm=task.is_causal_lm)
+        self.dev, _ = encode_dataset(tokenizer, dev_examples, max_seq_length=max_seq_length, causal_lm=task.is_causal_lm)
 
     @classmethod
     def from_recipe(cls, recipe, tokenizer: Any, glue_dir: str | None = None) -> "TaskData":

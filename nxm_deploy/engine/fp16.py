@@ -134,7 +134,6 @@ def raise_opset(model, version: int):
     changed (opset 18 moved ``axes`` of ReduceMean & co. from an attribute to an input: Llama's RMSNorm); where the
     converter cannot take the graph, the opset number alone is raised (the encoder ops of the module docstring
     mean the same at 17 and 19)."""
-    import onnx
     from onnx import version_converter
 
     current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), version)

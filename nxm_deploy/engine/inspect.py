@@ -41,7 +41,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nxm_deploy.errors import ConfigError, EngineCheckError, NxmError  # noqa: F401 - EngineCheckError: part of this API
+from nxm_deploy.errors import ConfigError, EngineCheckError  # noqa: F401 - EngineCheckError: part of this API
 
 __all__ = [
     "EngineCheck", "EngineCheckError", "EngineInfo", "EngineLayer", "GemmNode", "TensorInfo", "check_engine",

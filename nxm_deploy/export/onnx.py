@@ -44,12 +44,12 @@ def model_input_names(tokenizer, model: nn.Module | None = None) -> list[str]:
     graph has no such input; a causal LM reads one token stream: never)."""
     import inspect
 
-    from nxm_deploy.models import is_causal_lm_config
+    from nxm_deploy.models import is_causal_lm_class
 
     names = ["input_ids", "attention_mask"]
     takes = model is None or ("token_type_ids" in inspect.signature(model.forward).parameters
                               and getattr(model.config, "type_vocab_size", 1) != 0
-                              and not is_causal_lm_config({"architectures": [type(model).__name__]}))
+                              and not is_causal_lm_class(type(model).__name__))
     if "token_type_ids" in getattr(tokenizer, "model_input_names", []) and takes:
         names.append("token_type_ids")
     return names

@@ -32,7 +32,7 @@ from nxm_deploy.fileio import atomic_dir, atomic_write_json, file_hashes, read_j
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.layout import MANIFEST, RunLayout
 from nxm_deploy.stages import (
-    TRAINING, StageContext, differing_keys, flatten, open_run_dir, recipe_key, record_stage,
+    TRAINING, StageContext, differing_keys, open_run_dir, recipe_key, record_stage,
 )
 from nxm_deploy.data import TaskData
 from nxm_deploy.errors import ConfigError, RunDirError, SparsityVerificationError
@@ -42,14 +42,14 @@ from nxm_deploy.quantization.placement import place_quantizers_
 from nxm_deploy.sparsity import count_nm_violations, nm_mask
 from nxm_deploy.sparsity.admm import apply_masks_
 from nxm_deploy.sparsity.targets import require_targets, target_names
+from nxm_deploy.ranks import barrier, is_main_process, world_size
 from nxm_deploy.training.trainer import (
-    ADMMCallback, MaskedFinetuneCallback, barrier, build_trainer, dev_metrics, evaluate_model,
-    is_main_process, rank_checksums, train_device, train_resumable, world_size,
+    ADMMCallback, MaskedFinetuneCallback, build_trainer, dev_metrics, evaluate_model, rank_checksums, train_device,
+    train_resumable,
 )
 
 log = logging.getLogger("nxm_deploy.training")
 
-STAGES = TRAINING  # the training stages of the chain (nxm_deploy.stages)
 
 
 def _setup(recipe: Recipe) -> None:
@@ -156,7 +156,7 @@ def adoptable_stages(recipe: Recipe, source: str | Path) -> tuple[str, ...]:
     """
     other = open_run_dir(source)
     out = []
-    for stage in STAGES:
+    for stage in TRAINING:
         if differing_keys(recipe, other, (stage,)) or not RunLayout(source).stage_manifest(stage).is_file():
             break
         read_stage_manifest(source, stage)  # raises when a recorded file changed
@@ -175,8 +175,7 @@ def check_adoption(recipe: Recipe, source: str | Path, stages: tuple[str, ...] =
     other = open_run_dir(source)
     differ = differing_keys(recipe, other, stages)
     if differ:
-        theirs, ours = flatten(other.to_dict()), flatten(recipe.to_dict())
-        shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:4])
+        shown = ", ".join(f"{k}: {theirs!r} there, {ours!r} here" for k, (ours, theirs) in list(differ.items())[:4])
         raise ConfigError(f"Cannot adopt {'/'.join(stages)} from {source}: the recipes differ on {shown}"
                           f"{' ...' if len(differ) > 4 else ''}.",
                           hint="Use the same recipe (up to train.qat, export, engine, validate), or train these "
@@ -190,7 +189,7 @@ def verify_finished_stages(run_dir: str | Path) -> list[str]:
 
     Returns the stages checked. Raises :class:`RunDirError` as :func:`read_stage_manifest`.
     """
-    done = [stage for stage in STAGES if (RunLayout(run_dir).stage_manifest(stage)).is_file()]
+    done = [stage for stage in TRAINING if (RunLayout(run_dir).stage_manifest(stage)).is_file()]
     for stage in done:
         read_stage_manifest(run_dir, stage)
     return done

@@ -58,7 +58,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from nxm_deploy.ranks import barrier, is_main_process, world_size  # noqa: F401 - part of this module's API
+from nxm_deploy.ranks import is_main_process, world_size
 from nxm_deploy.config.recipe import TrainConfig
 from nxm_deploy.data.loader import EpochSeededLengthGroupedSampler
 from nxm_deploy.distillation.losses import DistillationConfig, check_teacher, distillation_loss

@@ -30,11 +30,10 @@ from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.data import load_task_split, make_dataloader, resolve_glue_dir
 from nxm_deploy.data.loader import encode_fixed
 from nxm_deploy.data.metrics import compute_metrics, lm_nll_sums
-from nxm_deploy.errors import ConfigError, RunDirError
+from nxm_deploy.errors import ConfigError, RunDirError, ValidationError
 from nxm_deploy.layout import RunLayout
 from nxm_deploy.export.onnx import DENSE_ONNX, SPARSE_ONNX
 from nxm_deploy.validate.diff import DEFAULT_TOLERANCE_FACTOR, make_feeds, run_diff
-from nxm_deploy.errors import ValidationError
 from nxm_deploy.validate.gates import delta_pt, evaluate_gates, gate_settings, raise_for_gates
 from nxm_deploy.machine import machine_line
 from nxm_deploy.validate.latency import measure_ab
