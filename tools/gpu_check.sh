@@ -12,7 +12,9 @@
 #    - the tiny recipe trained and validated on CUDA, and a short bench-gpu (pytest -m gpu) -> pytest_gpu.log
 #    - recipes/gpu_sst2_small.yaml trained, exported and validated on CUDA (PyTorch CUDA 2:4 INT8 vs the ONNX
 #      Q/DQ model on the full SST-2 dev set)                                    -> sst2_validation.json, sst2_report.md
-# About 9 minutes at most (each step has a time limit; see the *_LIMIT variables below).
+# 3b. where the end-to-end time goes: tools/profile_gpu_e2e.py (kernels per variant) -> summary.txt
+# STEPS="probe bench ..." runs only the named steps (probe pytest_kernels bench profile pytest_gpu sst2).
+# About 10 minutes at most (each step has a time limit; see the *_LIMIT variables below).
 # Logs of every step: logs.tar.gz. Exit status: the number of failed steps.
 #
 # tools/gpu_prepare.sh makes .whl/ and .gpu_data/ on the CPU machine (carry both). Wheels the machine lacks
@@ -50,6 +52,7 @@ failed=0
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to logs/NAME.log, one summary line
   local name=$1 limit=$2 start rc
   shift 2
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return 0; fi
   start=$(date +%s)
   timeout "$limit" "$@" > "$logs/$name.log" 2>&1
   rc=$?
@@ -98,12 +101,15 @@ for label, fn in (("2-D mask", lambda **kw: model(**kw).logits), ("4-D mask (hf_
     print(f"BERT forward, {label}: capture error {graphed.capture_error}")
 print("transformers", transformers.__version__)
 PY
-cat "$logs/probe.log" >> "$out/summary.txt"
+[ -f "$logs/probe.log" ] && cat "$logs/probe.log" >> "$out/summary.txt"
 step pytest_kernels "${KERNEL_LIMIT:-90}" "$py" -m pytest tests/gpu/test_cuda_kernels.py -q -rA -s -p no:cacheprovider --timeout 60
-cp "$logs/pytest_kernels.log" "$out/pytest_kernels.log"
+cp "$logs/pytest_kernels.log" "$out/pytest_kernels.log" 2>/dev/null
 
 step bench "${BENCH_LIMIT:-150}" "$py" -m nxm_deploy.cli bench-gpu --shapes bert-base,minilm,bert-large --out "$out" \
   --max-seconds "${BENCH_SECONDS:-120}"
+# where the end-to-end time goes (kernels of one eager forward per variant), after the timings, alone
+step profile "${PROFILE_LIMIT:-90}" "$py" tools/profile_gpu_e2e.py --shapes bert-base --batch 32 --seq 128
+[ -f "$logs/profile.log" ] && cat "$logs/profile.log" >> "$out/summary.txt"
 step pytest_gpu "${TEST_LIMIT:-270}" "$py" -m pytest -m gpu tests/gpu/test_cuda_pipeline.py tests/gpu/test_gpu_bench.py -q -rA -s \
   -p no:cacheprovider --timeout 250 &
 step sst2 "${SST2_LIMIT:-270}" "$py" -m nxm_deploy.cli run recipes/gpu_sst2_small.yaml --runs-root "$work/runs" \

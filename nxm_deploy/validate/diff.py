@@ -214,15 +214,15 @@ def format_command(argv: list[str], cwd: str | Path | None = None) -> str:
     return f"cd {shlex.quote(str(cwd))} && {text}" if cwd else text
 
 
-def polygraphy_executable() -> str:
-    """The ``polygraphy`` script of this Python environment (next to ``sys.executable``), else ``polygraphy``."""
-    candidate = Path(sys.executable).with_name("polygraphy")
-    return str(candidate) if candidate.is_file() else "polygraphy"
+# Polygraphy's own console-script entry point, run by this interpreter: it works wherever the library imports,
+# also where the ``polygraphy`` script is not on PATH (wheels installed with ``pip --target``).
+_POLYGRAPHY_MAIN = "import sys; from polygraphy.tools import main; sys.argv[0] = 'polygraphy'; sys.exit(main())"
 
 
 def run_polygraphy(argv: list[str], cwd: str | Path, timeout: float = 300) -> tuple[int, str]:
-    """Run a ``polygraphy run`` argv (its first word replaced by this environment's script); ``(rc, output tail)``."""
-    argv = [polygraphy_executable(), *argv[1:]]
+    """Run a ``polygraphy run`` argv (its first word, ``polygraphy``, becomes this interpreter running Polygraphy's
+    console entry point); ``(rc, output tail)``."""
+    argv = [sys.executable, "-c", _POLYGRAPHY_MAIN, *argv[1:]]
     proc = subprocess.run(argv, cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
     tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
     return proc.returncode, tail
