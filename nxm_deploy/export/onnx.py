@@ -190,35 +190,51 @@ def guard_qdq(onnx_model, expected_quantized: int) -> dict:
 
 
 def onnx_parity(path: str | Path, model: nn.Module, loader, input_names: list[str], task,
-                tie_margin: float = 0.0) -> dict:
+                tie_margin: float = 0.0, noise_floor: bool = False) -> dict:
     """ONNX Runtime vs PyTorch on every batch of ``loader`` (real dev examples).
 
     Args:
         path: exported ``.onnx``; model: its PyTorch twin (fake-quant in :func:`export_mode` for INT8).
         loader: yields dicts of int64 ``[B, L]`` tensors plus ``labels``.
         input_names: model inputs to feed. task: registry task (for the metric).
+        tie_margin: examples whose PyTorch top-2 logit margin is at or below it are left out of
+            ``argmax_agreement_decisive`` (a class flip on a numerical tie is not a disagreement).
+        noise_floor: also run an FP64 copy of the twin and raise ``tie_margin`` to its measured noise
+            (:func:`nxm_deploy.export.parity.noise_tie_margin`; INT8 models). Holds a second copy of the model.
 
     Returns:
         dict: ``max_abs_diff`` (logits), ``argmax_agreement`` (fraction, classification; None for regression;
-        a causal LM's: per next-token position),
-        ``argmax_agreement_decisive`` (the same over the examples whose PyTorch top-2 logit margin exceeds
-        ``tie_margin``: a class flip on a numerical tie is not a disagreement), ``near_ties`` (examples left out),
-        ``metric_torch`` and ``metric_ort`` (task metrics both ways), ``examples``.
+        a causal LM's: per next-token position), ``argmax_agreement_decisive`` (the same over the examples that are
+        not ties), ``near_ties`` (examples left out), ``tie_margin`` (the one used), ``metric_torch`` and
+        ``metric_ort`` (task metrics both ways), ``examples``; with ``noise_floor`` also ``noise_floor`` (the FP32
+        twin vs its FP64 copy: ``max_abs_diff``, ``mean_abs_diff``, ``argmax_agreement``, ``tie_margin``).
     """
     from nxm_deploy.data.metrics import compute_metrics
+    from nxm_deploy.export.parity import noise_tie_margin
     from nxm_deploy.ort import make_session
+    from nxm_deploy.quantization.fake_quant import float64_copy
 
     session = make_session(path)
-    ort_logits, torch_logits, labels = [], [], []
+    twin64 = float64_copy(model) if noise_floor else None
+    ort_logits, torch_logits, fp64_logits, labels = [], [], [], []
     with torch.no_grad():
         for batch in loader:
             feeds = {k: batch[k].numpy() for k in input_names}
             ort_logits.append(session.run(["logits"], feeds)[0])
             torch_logits.append(model(**{k: batch[k] for k in input_names}).logits.numpy())
+            if twin64 is not None:
+                fp64_logits.append(twin64(**{k: batch[k] for k in input_names}).logits.numpy())
             labels.append(batch["labels"].numpy())
     a, b, y = np.concatenate(ort_logits), np.concatenate(torch_logits), np.concatenate(labels)
-    return {"examples": int(len(y)), **logit_stats(b, a, tie_margin),
-            "metric_torch": compute_metrics(task, b, y), "metric_ort": compute_metrics(task, a, y)}
+    noise = None
+    if twin64 is not None:
+        noise = noise_tie_margin(b, np.concatenate(fp64_logits), floor=tie_margin)
+        tie_margin = noise["tie_margin"]
+    out = {"examples": int(len(y)), **logit_stats(b, a, tie_margin),
+           "metric_torch": compute_metrics(task, b, y), "metric_ort": compute_metrics(task, a, y)}
+    if noise is not None:
+        out["noise_floor"] = noise
+    return out
 
 
 def file_record(path: Path) -> dict:

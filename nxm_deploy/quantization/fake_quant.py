@@ -18,6 +18,7 @@ QuantizeLinear + DequantizeLinear pair per tensor.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable, Iterator
 
 import torch
@@ -260,6 +261,17 @@ def calibrate(
         model.train(was_training)
     for q in quantizers:
         q.load_calib_amax(q.calib_method or (method if q.axis is None else "max"), percentile)
+
+
+def float64_copy(model: nn.Module) -> nn.Module:
+    """An FP64 copy of a (fake-quant) model, for measuring its own arithmetic noise: every parameter and buffer in
+    FP64 except the export-mode quantizer scales (:func:`export_mode`), which stay FP32 because torch's
+    ``fake_quantize_per_*_affine`` ops take only FP32/BF16 scales (the scales are exact FP32 values either way)."""
+    twin = copy.deepcopy(model).double()
+    for q in _quantizers(twin):
+        if hasattr(q, "_export_scale"):
+            q._export_scale = q._export_scale.float()
+    return twin
 
 
 @contextlib.contextmanager

@@ -108,6 +108,24 @@ def test_ort_parity_dense_and_int8(exported):
         int8 = onnx_parity(int8_path, model, loader, names, task)
     assert int8["argmax_agreement"] == 1.0 and int8["max_abs_diff"] < 1e-3
     assert int8["metric_ort"] == int8["metric_torch"]
+    # the tie margin from the twin's own FP32-vs-FP64 noise: the FP64 copy keeps the export scales FP32 (what
+    # torch's fake-quant ops take) and its logits are not the FP32 ones bit for bit
+    with export_mode(model):
+        noisy = onnx_parity(int8_path, model, loader, names, task, tie_margin=0.05, noise_floor=True)
+    noise = noisy["noise_floor"]
+    assert 0.0 < noise["max_abs_diff"] < 0.5
+    assert noisy["tie_margin"] == noise["tie_margin"] == max(0.05, 2.0 * noise["max_abs_diff"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the twin itself untouched
+
+
+def test_noise_tie_margin_is_twice_the_fp64_gap_with_a_floor():
+    from nxm_deploy.export.parity import noise_tie_margin
+
+    fp64 = np.array([[0.0, 1.0], [2.0, 0.0], [0.0, 0.0]])
+    fp32 = fp64 + np.array([[0.0, 0.1], [-0.2, 0.0], [0.0, 0.0]])
+    got = noise_tie_margin(fp32, fp64, floor=0.05)
+    assert got["tie_margin"] == pytest.approx(0.4) and got["max_abs_diff"] == pytest.approx(0.2)
+    assert noise_tie_margin(fp64 + 1e-4, fp64, floor=0.05)["tie_margin"] == 0.05
 
 
 def test_export_failure_is_export_error(tmp_path):
