@@ -44,6 +44,14 @@ RECIPE = "recipes/bench_accuracy.yaml"
 TASKS = ("rte", "mrpc", "stsb")
 METHODS = ("magnitude", "admm")
 VARIANTS = ("dense", "magnitude", "admm", "magnitude_int8", "admm_int8")
+#: the PyTorch models' last epochs (the table's rows are the best dev epochs, the protocol's model selection)
+LAST_EPOCH = ("dense_last", "magnitude_last", "admm_last")
+LABELS = {"dense": "dense FP32 (ONNX)", "magnitude": "2:4 magnitude (PyTorch)", "admm": "2:4 ADMM (PyTorch)",
+          "magnitude_int8": "2:4 magnitude + INT8 QAT (ONNX Runtime)", "admm_int8": "2:4 ADMM + INT8 QAT (ONNX Runtime)",
+          "dense_last": "dense, last epoch (PyTorch)", "magnitude_last": "2:4 magnitude, last epoch (PyTorch)",
+          "admm_last": "2:4 ADMM, last epoch (PyTorch)"}
+#: README block the table is written into (between these markers)
+README_MARKERS = ("<!-- accuracy_glue:begin (tools/bench_accuracy.py writes this block) -->", "<!-- accuracy_glue:end -->")
 #: task -> the metrics averaged into its score
 SCORE = {"mrpc": ("f1", "accuracy"), "stsb": ("pearson", "spearman")}
 
@@ -75,16 +83,27 @@ def score(task: str, metrics: dict | None) -> float | None:
     return 100.0 * sum(values) / len(values)
 
 
+def _last_epoch(task: str, epoch_metrics: list | None) -> float | None:
+    """The 0-100 score of the last epoch of a phase (its ``epoch_metrics`` in the stage manifest)."""
+    if not epoch_metrics:
+        return None
+    return score(task, {k: v for k, v in epoch_metrics[-1].items() if k not in ("epoch", "step")})
+
+
 def read_cell(work: Path, task: str, seed: int, method: str) -> dict | None:
-    """The numbers of one finished cell, or None."""
+    """The numbers of one finished cell, or None: best-epoch scores (the kept models), last-epoch scores of the
+    PyTorch phases, the final ADMM residual and the machine that ran the cell."""
     layout = RunLayout(run_dir(work, task, seed, method))
     if not layout.validation.is_file() or not layout.stage_manifest("admm").is_file():
         return None
     validation = json.loads(layout.validation.read_text())
     sparse = json.loads(layout.stage_manifest("admm").read_text())
+    dense = json.loads(layout.stage_manifest("dense").read_text())
     metrics = validation.get("metrics") or {}
     return {"dense": score(task, metrics.get("dense_fp32")), method: score(task, sparse.get("metrics")),
             f"{method}_int8": score(task, metrics.get("sparse_int8")),
+            "dense_last": _last_epoch(task, dense.get("epoch_metrics")),
+            f"{method}_last": _last_epoch(task, (sparse.get("masked_finetune") or {}).get("epoch_metrics")),
             "admm_residual": (sparse.get("admm_history") or [{}])[-1].get("relative_residual"),
             "machine": validation.get("machine")}
 
@@ -98,7 +117,7 @@ def build_table(work: Path, tasks, seeds, argv_of) -> dict:
     """Cells, per-task mean ± std and the average over tasks of every variant (complete variants only)."""
     cells, per_task = [], {}
     for task in tasks:
-        values = {v: [] for v in VARIANTS}
+        values = {v: [] for v in VARIANTS + LAST_EPOCH}
         for seed in seeds:
             for method in METHODS:
                 cell = read_cell(work, task, seed, method)
@@ -107,7 +126,8 @@ def build_table(work: Path, tasks, seeds, argv_of) -> dict:
                               "finished": cell is not None, **(cell or {})})
                 if cell is None:
                     continue
-                for variant in (method, f"{method}_int8") + (("dense",) if method == METHODS[0] else ()):
+                own = (method, f"{method}_int8", f"{method}_last")
+                for variant in own + (("dense", "dense_last") if method == METHODS[0] else ()):
                     if cell.get(variant) is not None:
                         values[variant].append(cell[variant])
         per_task[task] = {v: _mean_std(vals) for v, vals in values.items() if vals}
@@ -119,28 +139,72 @@ def build_table(work: Path, tasks, seeds, argv_of) -> dict:
     return {"cells": cells, "per_task": per_task, "average": average}
 
 
+def _row(result: dict, variant: str) -> str:
+    cells = []
+    for task in result["tasks"]:
+        s = result["per_task"].get(task, {}).get(variant)
+        cells.append("–" if s is None else f"{s['mean']:.2f} ± {s['std']:.2f} (n={s['n']})")
+    avg = result["average"].get(variant)
+    return f"| {LABELS[variant]} | " + " | ".join(cells) + f" | {'incomplete' if avg is None else f'{avg:.2f}'} |"
+
+
+def _header(result: dict) -> list[str]:
+    return ["| | " + " | ".join(result["tasks"]) + " | average |", "|---|" + "---|" * (len(result["tasks"]) + 1)]
+
+
 def render_markdown(result: dict) -> str:
-    tasks, per_task, average = result["tasks"], result["per_task"], result["average"]
     lines = ["# Accuracy: dense vs 2:4 magnitude vs 2:4 ADMM, each + INT8 QAT (MiniLM-L6, GLUE dev)", "",
              f"Command: `{result['command']}`  ", f"Date (UTC): {result['date']}  ", f"Versions: {result['versions']}  ",
-             f"Machine: {result['machine']}", "",
+             f"Machine of the report: {result['machine']}", "",
              "Protocol: `benchmarks/PROTOCOL.md`; base recipe `recipes/bench_accuracy.yaml`. Score 0-100 (MRPC: mean of "
-             "F1 and accuracy; STS-B: mean of Pearson and Spearman). INT8 columns: the exported 2:4 INT8 ONNX model "
-             "under ONNX Runtime; dense: the dense FP32 ONNX model of the same run.", "",
-             "| variant | " + " | ".join(tasks) + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
-    for variant in VARIANTS:
-        cells = []
-        for task in tasks:
-            s = per_task.get(task, {}).get(variant)
-            cells.append("–" if s is None else f"{s['mean']:.2f} ± {s['std']:.2f} (n={s['n']})")
-        avg = average.get(variant)
-        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {'incomplete' if avg is None else f'{avg:.2f}'} |")
+             "F1 and accuracy; STS-B: mean of Pearson and Spearman), mean ± std over seeds. INT8 rows: the exported "
+             "2:4 INT8 ONNX model under ONNX Runtime; dense: the dense FP32 ONNX model of the same run; sparse FP "
+             "rows: the kept (best dev epoch) PyTorch model. An average is given only where every cell finished.", "",
+             *_header(result), *(_row(result, v) for v in VARIANTS), "", "Last epoch instead of the best one:", "",
+             *_header(result), *(_row(result, v) for v in LAST_EPOCH)]
     done = [c for c in result["cells"] if c["finished"]]
-    lines += ["", f"{len(done)} of {len(result['cells'])} cells finished. Reproduce one cell (the line of the table "
-              "it feeds):", ""]
-    lines += [f"- {c['task']} seed {c['seed']} {c['method']}{'' if c['finished'] else ' (not run yet)'}: "
-              f"`{c['command']}`" for c in result["cells"]]
+    lines += ["", f"{len(done)} of {len(result['cells'])} cells finished. Each cell, the command that reproduces it "
+              "and the machine that ran it:", "",
+              "| task | seed | method | dense | sparse FP | sparse INT8 | ADMM residual | machine | command |",
+              "|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(v, spec=".2f"):
+        return "–" if v is None else format(v, spec)
+
+    for c in result["cells"]:
+        m = c["method"]
+        lines.append(f"| {c['task']} | {c['seed']} | {m} | {fmt(c.get('dense'))} | {fmt(c.get(m))} | "
+                     f"{fmt(c.get(m + '_int8'))} | {fmt(c.get('admm_residual') if m == 'admm' else None, '.3f')} | "
+                     f"{c.get('machine') or 'not run yet'} | `{c['command']}` |")
     return "\n".join(lines) + "\n"
+
+
+def render_readme_block(result: dict, out: Path) -> str:
+    """The README's results table: the best-epoch rows, each with the command of its seed-0 cell on the first task."""
+    task = result["tasks"][0]
+    cmd = {c["method"]: c["command"] for c in result["cells"] if c["task"] == task and c["seed"] == result["seeds"][0]}
+    rows = [_row(result, v) for v in VARIANTS]
+    lines = [f"From `{out.with_suffix('.md')}` (`{result['command']}`, {result['date'][:10]}, {result['machine']}).",
+             "", *_header(result), *rows, "",
+             f"Reproduce one cell of a row ({task}, seed {result['seeds'][0]}; other tasks and seeds: `--set task.name=`, "
+             "`--set train.seed=`, and the run directory):", ""]
+    for variant in VARIANTS:
+        method = "admm" if variant.startswith("admm") else METHODS[0]
+        lines.append(f"- {LABELS[variant]}: `{cmd.get(method, '')}`")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, block: str) -> bool:
+    """Replace the text between :data:`README_MARKERS` in ``readme`` by ``block``; False when a marker is missing."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
+    begin, end = README_MARKERS
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    atomic_write_text(readme, head + begin + "\n" + block + "\n" + end + rest.split(end, 1)[1])
+    return True
 
 
 def write_outputs(out: Path, args, work: Path) -> dict:
@@ -160,6 +224,8 @@ def write_outputs(out: Path, args, work: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), result)
     atomic_write_text(out.with_suffix(".md"), render_markdown(result))
+    if args.readme:
+        update_readme(Path(args.readme), render_readme_block(result, out))
     return result
 
 
@@ -174,6 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--glue-dir", default=None)
     p.add_argument("--time-budget-min", type=float, default=None, help="start no new cell after this many minutes")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--readme", default="README.md", help="README whose accuracy_glue block is rewritten ('' for none)")
     args = p.parse_args(argv)
     work, out, start = Path(args.work_dir), Path(args.out), time.monotonic()
     failed = []

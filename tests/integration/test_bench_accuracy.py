@@ -34,7 +34,10 @@ def test_tiny_cells_through_the_printed_commands(tmp_path, glue_dir, monkeypatch
     bench = _load()
     monkeypatch.chdir(ROOT)  # the cells name recipes/bench_accuracy.yaml relative to the repository
     work, out = tmp_path / "work", tmp_path / "acc"
-    argv = ["--tasks", "rte", "--seeds", "0", "--work-dir", str(work), "--out", str(out), "--glue-dir", str(glue_dir)]
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n" + bench.README_MARKERS[0] + "\nold table\n" + bench.README_MARKERS[1] + "\nrest\n")
+    argv = ["--tasks", "rte", "--seeds", "0", "--work-dir", str(work), "--out", str(out), "--glue-dir", str(glue_dir),
+            "--readme", str(readme)]
     for item in TINY:
         argv += ["--set", item]
     assert bench.main(argv) == 0
@@ -46,6 +49,16 @@ def test_tiny_cells_through_the_printed_commands(tmp_path, glue_dir, monkeypatch
     # both sparse methods start from one dense model: the ADMM cell adopted the magnitude cell's, byte for byte
     assert admm.stage_manifest("dense").read_bytes() == magnitude.stage_manifest("dense").read_bytes()
     assert "recipes/bench_accuracy.yaml" in out.with_suffix(".md").read_text()
+    # the last epochs are reported too, and every cell names the machine that ran it
+    assert {"dense_last", "magnitude_last", "admm_last"} <= set(result["per_task"]["rte"])
+    assert all(c["machine"] for c in result["cells"])
+    # the README block is the table, regenerated from the JSON, with one reproduce command per row
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old table" not in text
+    block = text.split(bench.README_MARKERS[0])[1].split(bench.README_MARKERS[1])[0]
+    assert f"{result['average']['admm_int8']:.2f}" in block
+    commands = {c["method"]: c["command"] for c in result["cells"]}
+    assert block.count(commands["magnitude"]) == 3 and block.count(commands["admm"]) == 2
     # the command the table prints for the ADMM cell, run by hand: every stage up to date
     command = next(c["command"] for c in result["cells"] if c["method"] == "admm")
     ledger = read_ledger(admm.root)
