@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # The embedded model and GLUE data: ../shared/data/glue when it exists, else NXM_GLUE_DIR / HF datasets.
 GLUE_DIR ?= $(firstword $(wildcard ../shared/data/glue) $(NXM_GLUE_DIR))
 GLUE_FLAG := $(if $(GLUE_DIR),--glue-dir $(GLUE_DIR),)
-RECIPE ?= recipes/minilm_rte_2of4_int8.yaml
+RECIPE ?= recipes/minilm_mrpc_2of4_int8.yaml
 
 .PHONY: install demo smoke test clean
 

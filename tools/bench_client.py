@@ -141,7 +141,7 @@ def _overhead(client: TextClassifier, items: list, runs: int, batch: int) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", nargs="?", default=str(REPO / "runs" / "minilm_rte_2of4_int8"))
+    parser.add_argument("run_dir", nargs="?", default=str(REPO / "runs" / "minilm_mrpc_2of4_int8"))
     parser.add_argument("--model", choices=["sparse_int8", "dense"], default="sparse_int8")
     parser.add_argument("--requests", type=int, default=400, help="single-input requests per scenario")
     parser.add_argument("--overhead-runs", type=int, default=30, help="timed batch-32 runs for the overhead ratio")

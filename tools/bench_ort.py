@@ -19,7 +19,7 @@ Writes ``benchmarks/ort_cpu.json`` and ``benchmarks/ort_cpu.md`` (``--out-dir``)
 ``cpu_int8`` >= 2.0x FP32 throughput at batch 32 and faster than ``quantize_dynamic`` in the same run.
 
 Usage:
-    .venv/bin/python tools/bench_ort.py --run-dir runs/minilm_rte_2of4_int8 [--glue-dir ../shared/data/glue] [--runs 20]
+    .venv/bin/python tools/bench_ort.py --run-dir runs/minilm_mrpc_2of4_int8 [--glue-dir ../shared/data/glue] [--runs 20]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def fmt_metric(metrics: dict | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", required=True, help="run directory with onnx/ and dense/ (e.g. runs/minilm_rte_2of4_int8)")
+    parser.add_argument("--run-dir", required=True, help="run directory with onnx/ and dense/ (e.g. runs/minilm_mrpc_2of4_int8)")
     parser.add_argument("--glue-dir", default=None, help="GLUE TSV root (default: recipe task.glue_dir, NXM_GLUE_DIR, ../shared/data/glue)")
     parser.add_argument("--runs", type=int, default=20, help="timed rounds per shape (>= 20 for reported numbers)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds per shape")

@@ -16,7 +16,7 @@ Writes ``benchmarks/trainer_migration.{json,md}`` (``--out``).
 
 Usage:
     .venv/bin/python tools/bench_trainer_migration.py --glue-dir ../shared/data/glue
-        [--recipe recipes/minilm_rte_2of4_int8.yaml] [--baseline-ref 979b1c1] [--work /tmp/trainer_migration]
+        [--recipe recipes/minilm_mrpc_2of4_int8.yaml] [--baseline-ref 979b1c1] [--work /tmp/trainer_migration]
         [--repeats 1] [--stages admm qat]
 """
 
@@ -89,7 +89,7 @@ def _stage_numbers(manifest: dict, stage: str) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipe", default="recipes/minilm_rte_2of4_int8.yaml")
+    p.add_argument("--recipe", default="recipes/minilm_mrpc_2of4_int8.yaml")
     p.add_argument("--glue-dir", required=True)
     p.add_argument("--baseline-ref", default="979b1c1", help="git revision with the hand-written training loop")
     p.add_argument("--work", default="/tmp/trainer_migration", help="worktree and run directories")

@@ -2,7 +2,7 @@
 # Build TensorRT engines from engine specs: every engines/*.yaml, or the specs given.
 #
 #   tools/build_engines.sh                                   # every spec, each from its run_dir
-#   tools/build_engines.sh engines/minilm_rte_sparse_int8.yaml --run-dir runs/my_run
+#   tools/build_engines.sh engines/minilm_mrpc_sparse_int8.yaml --run-dir runs/my_run
 #   tools/build_engines.sh --force --layers                  # rebuild; print each engine's check
 #
 # Same code path as `nxm-deploy build-engine --spec ...`; prints a summary table. Safe to run several at

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the whole pipeline from a recipe")
-    p.add_argument("recipe", help="recipe YAML, e.g. recipes/minilm_rte_2of4_int8.yaml")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/minilm_mrpc_2of4_int8.yaml")
     p.add_argument("--run-dir", default=None, help="run directory (default: <runs-root>/<recipe name>)")
     p.add_argument("--overwrite", action="store_true", help="replace a run directory that holds a different run")
     p.add_argument("--from-run", default=None, metavar="RUN_DIR",
@@ -335,7 +335,7 @@ def _dispatch(args) -> int:
                 specs = info.get("engine_specs") or [resolve_spec_path(s) for s in recipe.engine.specs]
         elif not specs:
             raise ConfigError("build-engine needs --spec SPEC.yaml, or a run directory / recipe.",
-                              hint="e.g. nxm-deploy build-engine --spec engines/minilm_rte_sparse_int8.yaml")
+                              hint="e.g. nxm-deploy build-engine --spec engines/minilm_mrpc_sparse_int8.yaml")
         report = build_engines(specs, run_dir, force=args.force, show_layers=args.layers)
         for name, exc in report.failures:
             print(f"error: {name}: {' '.join(exc.message.split())}", file=sys.stderr)

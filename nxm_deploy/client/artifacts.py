@@ -108,7 +108,7 @@ def _read_recipe(run_dir: Path) -> dict:
     if not path.is_file():
         raise RunDirError(
             f"{run_dir} is not a run directory (no recipe.yaml).",
-            hint="Pass the directory of a finished run, e.g. runs/minilm_rte_2of4_int8.",
+            hint="Pass the directory of a finished run, e.g. runs/minilm_mrpc_2of4_int8.",
         )
     from nxm_deploy.config.recipe import load_recipe  # the schema (no torch): the run's recipe as the pipeline reads it
 
@@ -194,7 +194,7 @@ def load_artifacts(run_dir: str | Path, model: str = "sparse_int8") -> RunArtifa
         raise ConfigError(f"model={model!r} is not one of {sorted(MODELS)}.", hint="Use model='sparse_int8' or 'dense'.")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise RunDirError(f"Run directory {run_dir} does not exist.", hint="e.g. runs/minilm_rte_2of4_int8")
+        raise RunDirError(f"Run directory {run_dir} does not exist.", hint="e.g. runs/minilm_mrpc_2of4_int8")
     recipe = _read_recipe(run_dir)
     task_cfg = recipe.get("task") or {}
     task_name = task_cfg.get("name")

@@ -132,7 +132,7 @@ class TextClassifier:
         against the manifest before loading the very bytes it checked.
 
         Args:
-            path: run directory, e.g. ``runs/minilm_rte_2of4_int8``.
+            path: run directory, e.g. ``runs/minilm_mrpc_2of4_int8``.
             backend: ``"auto"`` (TensorRT when an engine for ``model`` is built and TensorRT imports, else
                 ONNX Runtime), ``"tensorrt"`` or ``"onnxruntime"``.
             model: ``"sparse_int8"`` (2:4 sparse INT8 Q/DQ model) or ``"dense"`` (FP32 baseline).

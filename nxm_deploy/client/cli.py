@@ -30,7 +30,7 @@ MODEL_CHOICES = ("sparse_int8", "dense")
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``predict`` arguments to ``parser`` (a sub-parser of ``nxm-deploy``); returns it."""
-    parser.add_argument("run_dir", help="run directory, e.g. runs/minilm_rte_2of4_int8")
+    parser.add_argument("run_dir", help="run directory, e.g. runs/minilm_mrpc_2of4_int8")
     parser.add_argument("text", nargs="?", default=None, help="text to classify (omit with --jsonl)")
     parser.add_argument("text_pair", nargs="?", default=None, help="second text of a sentence pair (pair tasks)")
     parser.add_argument("--jsonl", default=None, metavar="FILE",

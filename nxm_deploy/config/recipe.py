@@ -414,7 +414,7 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
     except ValidationError as exc:
         message, hint = _format_validation_error(source, exc)
         raise ConfigError(
-            message, hint=hint or "See recipes/minilm_rte_2of4_int8.yaml for every key and its default."
+            message, hint=hint or "See recipes/bench_accuracy.yaml for the keys in use; every key and its default: nxm_deploy/config/recipe.py."
         ) from None
 
 
@@ -457,19 +457,58 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     return out
 
 
-def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
-    """Load and validate a YAML recipe, with ``KEY=VALUE`` overrides applied first (:func:`apply_overrides`).
+#: the recipe key that names another recipe file this one starts from
+BASE_KEY = "base"
+
+
+def merge_recipes(base: dict, recipe: dict) -> dict:
+    """``recipe`` laid over ``base``: sections (mappings) merge key by key, any other value (lists too) replaces.
+
+    Returns a new mapping; neither argument is changed."""
+    out = copy.deepcopy(base)
+    for key, value in recipe.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_recipes(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_recipe_mapping(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The mapping of a recipe file with its ``base:`` chain resolved (``base``: a recipe path relative to the
+    file, whose keys this file overrides, :func:`merge_recipes`); not yet validated.
 
     Raises:
-        ConfigError: missing file, YAML syntax error, bad override, unknown key, or bad value (one line naming each).
+        ConfigError: missing file, YAML syntax error, a ``base`` that is not a file, or a ``base`` cycle.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Recipe file {path} not found.", hint="Pass a path such as recipes/tiny_smoke.yaml.")
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise ConfigError(f"Recipe {path}: its base chain is a cycle ({chain}).", hint="Remove one `base:` key.")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"Recipe {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if isinstance(data, dict) and BASE_KEY in data:
+        base = data.pop(BASE_KEY)
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"Recipe {path}: `base` must be a recipe path, got {base!r}.",
+                              hint="e.g. base: bench_accuracy.yaml (relative to this file)")
+        data = merge_recipes(read_recipe_mapping(path.parent / base, (*_seen, path.resolve())), data)
+    return data
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Load and validate a YAML recipe: its ``base`` chain resolved (:func:`read_recipe_mapping`), then
+    ``KEY=VALUE`` overrides applied (:func:`apply_overrides`).
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, bad base, bad override, unknown key, or bad value (one line
+            naming each).
+    """
+    data = read_recipe_mapping(path)
     overrides = list(overrides)
     if overrides:
         data = apply_overrides(data, overrides)

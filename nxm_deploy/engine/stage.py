@@ -445,7 +445,7 @@ def build_engines(spec_paths: list[str | Path], run_dir: str | Path | None = Non
     from nxm_deploy.engine.trt import probe_environment
 
     if not spec_paths:
-        raise ConfigError("No engine spec given.", hint="e.g. --spec engines/minilm_rte_sparse_int8.yaml")
+        raise ConfigError("No engine spec given.", hint="e.g. --spec engines/minilm_mrpc_sparse_int8.yaml")
     specs = [(load_engine_spec(path), Path(path)) for path in spec_paths]
     names = [s.name for s, _ in specs]
     if len(set(names)) != len(names):

@@ -2,8 +2,8 @@
 
 The run is synthetic but shaped like the demo model (MiniLM-L6: hidden 384, 12 heads, FFN 1536; 2 layers to
 keep the build short), 2:4 pruned, INT8 fake-quantized and exported by the project's own code
-(``demo_run.make_run``). The specs are the checked-in ``engines/minilm_rte_sparse_int8.yaml`` and
-``engines/minilm_rte_dense_fp16.yaml``. Set ``NXM_DEMO_RUN_DIR`` to a real demo run directory to also build
+(``demo_run.make_run``). The specs are the checked-in ``engines/minilm_mrpc_sparse_int8.yaml`` and
+``engines/minilm_mrpc_dense_fp16.yaml``. Set ``NXM_DEMO_RUN_DIR`` to a real demo run directory to also build
 from it.
 """
 
@@ -24,8 +24,8 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
-SPARSE_SPEC = ROOT / "engines" / "minilm_rte_sparse_int8.yaml"
-DENSE_SPEC = ROOT / "engines" / "minilm_rte_dense_fp16.yaml"
+SPARSE_SPEC = ROOT / "engines" / "minilm_mrpc_sparse_int8.yaml"
+DENSE_SPEC = ROOT / "engines" / "minilm_mrpc_dense_fp16.yaml"
 
 
 def _build(specs, run_dir, show_layers=False) -> int:
@@ -58,7 +58,7 @@ def built(demo_run):
 def test_both_demo_engines_build(built, demo_run):
     code, manifests = built
     assert code == 0, {name: m.get("check", {}).get("errors") for name, m in manifests.items()}
-    assert set(manifests) == {"minilm_rte_2of4_int8", "minilm_rte_dense_fp16"}
+    assert set(manifests) == {"minilm_mrpc_2of4_int8", "minilm_mrpc_dense_fp16"}
     for name, manifest in manifests.items():
         plan = demo_run / "engines" / manifest["engine"]
         kind = "sparse" if manifest["sparse_weights"] else "dense"
@@ -69,12 +69,12 @@ def test_both_demo_engines_build(built, demo_run):
         assert manifest["profiles"][0]["input_ids"]["max"] == [64, 128]
         assert (demo_run / "engines" / manifest["layers_file"]).is_file()
         assert manifest["flags"]["builder_flags_set"] == (["SPARSE_WEIGHTS"] if kind == "sparse" else [])
-    dense = manifests["minilm_rte_dense_fp16"]
+    dense = manifests["minilm_mrpc_dense_fp16"]
     assert dense["graph_onnx"]["file"] == "dense_fp16.onnx" and dense["fp16_conversion"]["parity"]["ok"]
 
 
 def test_sparse_engine_runs_the_ffn_layers_sparse(built):
-    rows = built[1]["minilm_rte_2of4_int8"]["check"]["rows"]
+    rows = built[1]["minilm_mrpc_2of4_int8"]["check"]["rows"]
     ffn = [r for r in rows if r["module"] and (r["module"].endswith("intermediate.dense")
                                               or (r["module"].endswith(".output.dense") and ".attention." not in r["module"]))]
     assert len(ffn) == 4
@@ -82,14 +82,14 @@ def test_sparse_engine_runs_the_ffn_layers_sparse(built):
 
 
 def test_int8_engine_layers_are_int8(built):
-    rows = built[1]["minilm_rte_2of4_int8"]["check"]["rows"]
+    rows = built[1]["minilm_mrpc_2of4_int8"]["check"]["rows"]
     quantized = [r for r in rows if r["expected_precision"] == "INT8"]
     assert len(quantized) == 12  # 6 Linear layers x 2 encoder layers
     assert all(r["precision"] == "INT8" for r in quantized), [(r["module"], r["precision"]) for r in quantized]
 
 
 def test_fp16_engine_layers_are_fp16(built):
-    check = built[1]["minilm_rte_dense_fp16"]["check"]
+    check = built[1]["minilm_mrpc_dense_fp16"]["check"]
     assert check["ok"] and not check["other_mismatches"]
     assert all(r["precision"] == "FP16" for r in check["rows"] if r["engine_layer"])
 

@@ -528,7 +528,7 @@ def test_readme_example_runs_as_written(run_dir, capsys):
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = readme.split("## Python client", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     assert len(block.strip().splitlines()) <= 10
-    exec(compile(block.replace('"runs/minilm_rte_2of4_int8"', repr(str(run_dir))), "README.md", "exec"), {})
+    exec(compile(block.replace('"runs/minilm_mrpc_2of4_int8"', repr(str(run_dir))), "README.md", "exec"), {})
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[0] in ("entailment", "not_entailment") and out[0].split()[-1] == "onnxruntime"
     assert out[1] == "(8, 2)"

@@ -25,10 +25,10 @@ def test_shipped_specs(path):
 
 
 def test_demo_specs_are_one_sparse_int8_and_one_dense_fp16():
-    import yaml
+    from nxm_deploy.config.recipe import load_recipe
 
-    recipe = yaml.safe_load((ROOT / "recipes" / "minilm_rte_2of4_int8.yaml").read_text())
-    specs = [load_engine_spec(ROOT / p) for p in recipe["engine"]["specs"]]
+    recipe = load_recipe(ROOT / "recipes" / "minilm_mrpc_2of4_int8.yaml")
+    specs = [load_engine_spec(ROOT / p) for p in recipe.engine.specs]
     assert sorted((s.precision, s.sparse_weights) for s in specs) == [("fp16", False), ("int8-qdq", True)]
     sparse = next(s for s in specs if s.sparse_weights)
     # the FFN layers must run sparse; attention projections are not required to
@@ -95,10 +95,10 @@ def test_fixed_profile_ignores_recipe():
 
 
 def test_engine_names_carry_recipe_trt_sm_and_kind():
-    sparse = EngineSpec(name="minilm_rte_2of4_int8", onnx="m.onnx", precision="int8-qdq", sparse_weights=True)
-    dense = EngineSpec(name="minilm_rte_dense_fp16", onnx="m.onnx", precision="fp16")
-    assert sparse.engine_filename("10.13.0.35", "90") == "minilm_rte_2of4_int8__trt10.13.0.35__sm90__sparse.plan"
-    assert dense.engine_filename("11.4.0.106", "86") == "minilm_rte_dense_fp16__trt11.4.0.106__sm86__dense.plan"
+    sparse = EngineSpec(name="minilm_mrpc_2of4_int8", onnx="m.onnx", precision="int8-qdq", sparse_weights=True)
+    dense = EngineSpec(name="minilm_mrpc_dense_fp16", onnx="m.onnx", precision="fp16")
+    assert sparse.engine_filename("10.13.0.35", "90") == "minilm_mrpc_2of4_int8__trt10.13.0.35__sm90__sparse.plan"
+    assert dense.engine_filename("11.4.0.106", "86") == "minilm_mrpc_dense_fp16__trt11.4.0.106__sm86__dense.plan"
     with pytest.raises(ConfigError):
         engine_filename("x", "10/1", "90", True)
     with pytest.raises(ConfigError):

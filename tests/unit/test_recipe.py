@@ -102,6 +102,40 @@ def test_recipe_schema_imports_no_torch():
     import sys
 
     code = ("import sys; from nxm_deploy.config.recipe import load_recipe; "
-            "load_recipe('recipes/minilm_rte_2of4_int8.yaml'); print('torch' in sys.modules)")
+            "load_recipe('recipes/minilm_mrpc_2of4_int8.yaml'); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_base_recipe_is_merged_section_by_section(tmp_path):
+    from nxm_deploy.config.recipe import load_recipe
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text(
+        "name: base\nmodel: {source: minilm}\ntask: {name: rte, max_seq_length: 96}\n"
+        "train: {seed: 3, admm: {rho: 500.0, epochs: 3}}\nvalidate: {latency_shapes: [[1, 64], [8, 64]]}\n")
+    (tmp_path / "sub" / "demo.yaml").write_text(
+        "base: ../base.yaml\nname: demo\ntask: {name: mrpc}\ntrain: {admm: {epochs: 2}}\n"
+        "validate: {latency_shapes: [[1, 32]]}\n")
+    recipe = load_recipe(tmp_path / "sub" / "demo.yaml", ["train.seed=5"])
+    assert recipe.name == "demo" and recipe.task.name == "mrpc"
+    assert recipe.task.max_seq_length == 96  # kept from the base: sections merge key by key
+    assert recipe.train.admm.rho == 500.0 and recipe.train.admm.epochs == 2
+    assert recipe.train.seed == 5  # --set applies after the base chain
+    assert recipe.validate_.latency_shapes == [(1, 32)]  # lists replace
+    assert "base" not in recipe.to_dict()  # a run directory saves the resolved recipe
+
+
+def test_base_recipe_errors_are_named(tmp_path):
+    from nxm_deploy.config.recipe import load_recipe
+
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\nname: c\n")
+    with pytest.raises(ConfigError, match="missing.yaml not found"):
+        load_recipe(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [1]\nname: d\n")
+    with pytest.raises(ConfigError, match="must be a recipe path"):
+        load_recipe(tmp_path / "d.yaml")
