@@ -234,6 +234,15 @@ class QuantizerGroupsConfig(_Strict):
                             "and V into probs·V (BERT-style self-attention)")
 
 
+class DistillationConfig(_Strict):
+    """Weights of the three KD terms and the softmax temperature."""
+
+    alpha: float = Field(1.0, ge=0, description="weight of the hard (label) loss")
+    beta: float = Field(10.0, ge=0, description="weight of the soft (teacher logits) loss")
+    gamma: float = Field(1.0, ge=0, description="weight of the feature (hidden-state MSE) loss")
+    temperature: float = Field(2.0, gt=0, description="softmax temperature T of the soft loss")
+
+
 class QATStageConfig(_Strict):
     """INT8 QAT with distillation from the sparse FP model (GPUSQ-TLM workflow 2)."""
 
@@ -246,6 +255,10 @@ class QATStageConfig(_Strict):
     distill: bool = True
     teacher: Literal["sparse", "dense"] = Field(
         "sparse", description="KD teacher of QAT: the sparse FP model (GPUSQ-TLM workflow 2) or the dense FP model")
+    # left out of the recipe's dump while unset, so that recipes without it keep their stage keys (stages.json)
+    distillation: DistillationConfig | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="alpha, beta, gamma, temperature of the QAT distillation loss; default: train.distillation")
     num_bits: int = Field(8, description="quantization width; only 8 (symmetric INT8 Q/DQ) is supported")
     quantizers: QuantizerGroupsConfig = Field(default_factory=QuantizerGroupsConfig)
 
@@ -254,15 +267,6 @@ class QATStageConfig(_Strict):
     def _int8_only(cls, value: int) -> int:
         check_num_bits(value)
         return value
-
-
-class DistillationConfig(_Strict):
-    """Weights of the three KD terms and the softmax temperature."""
-
-    alpha: float = Field(1.0, ge=0, description="weight of the hard (label) loss")
-    beta: float = Field(10.0, ge=0, description="weight of the soft (teacher logits) loss")
-    gamma: float = Field(1.0, ge=0, description="weight of the feature (hidden-state MSE) loss")
-    temperature: float = Field(2.0, gt=0, description="softmax temperature T of the soft loss")
 
 
 class TrainConfig(_Strict):

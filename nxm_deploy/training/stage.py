@@ -241,9 +241,10 @@ def _cpu_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def _kd(recipe: Recipe, teacher, enabled: bool) -> dict:
-    """Trainer keywords of distillation from ``teacher`` (none when ``enabled`` is False)."""
-    return {"teacher": teacher, "distillation": recipe.train.distillation} if enabled else {}
+def _kd(recipe: Recipe, teacher, enabled: bool, weights=None) -> dict:
+    """Trainer keywords of distillation from ``teacher`` with ``weights`` (default ``train.distillation``); none
+    when ``enabled`` is False."""
+    return {"teacher": teacher, "distillation": weights or recipe.train.distillation} if enabled else {}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -439,7 +440,7 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
     targets = sparse_manifest["targets"]
     quantize_model_(student, targets, learn_amax=qcfg.learn_amax)
     placed = place_quantizers_(student, targets, learn_amax=qcfg.learn_amax, **qcfg.quantizers.model_dump())
-    kd = _kd(recipe, teacher, qcfg.distill and qcfg.epochs > 0)
+    kd = _kd(recipe, teacher, qcfg.distill and qcfg.epochs > 0, qcfg.distillation)
     device = train_device(cfg)
     student.to(device)
     calibrate(student, calibration_loop(data, cfg, qcfg.calibration_batches, device),
@@ -472,6 +473,7 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
     manifest = {
         "stage": "qat", "recipe_sha256": recipe.sha256(), "task": task.name, "pattern": str(pattern),
         "kd_teacher": qcfg.teacher if qcfg.distill else None,
+        "kd_weights": (qcfg.distillation or recipe.train.distillation).model_dump() if qcfg.distill else None,
         "metrics": metrics, "ptq_metrics": ptq_metrics, "train": stats, "mask_check": mask_check,
         "select": cfg.select, "device": str(trainer.args.device), "world_size": world_size(),
     }

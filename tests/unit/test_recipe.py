@@ -139,3 +139,19 @@ def test_base_recipe_errors_are_named(tmp_path):
     (tmp_path / "d.yaml").write_text("base: [1]\nname: d\n")
     with pytest.raises(ConfigError, match="must be a recipe path"):
         load_recipe(tmp_path / "d.yaml")
+
+
+def test_qat_distillation_weights_are_the_qat_stage_own():
+    """``train.qat.distillation`` changes QAT's key only (an ADMM stage can be adopted across it), QAT's trainer
+    gets those weights, and a recipe without it keeps the key it had before the field existed."""
+    from nxm_deploy.stages import recipe_key
+    from nxm_deploy.training.stage import _kd
+
+    base = load_recipe(ROOT / "recipes" / "bench_accuracy.yaml")
+    soft_only = load_recipe(ROOT / "recipes" / "bench_accuracy.yaml", ["train.qat.distillation={gamma: 0.0}"])
+    assert "distillation" not in base.to_dict()["train"]["qat"]
+    assert recipe_key(soft_only, "qat") != recipe_key(base, "qat")
+    assert recipe_key(soft_only, "admm") == recipe_key(base, "admm")
+    weights = _kd(soft_only, object(), True, soft_only.train.qat.distillation)["distillation"]
+    assert (weights.alpha, weights.beta, weights.gamma) == (1.0, 10.0, 0.0)
+    assert _kd(base, object(), True, base.train.qat.distillation)["distillation"] == base.train.distillation
