@@ -64,3 +64,24 @@ def test_tiny_cells_through_the_printed_commands(tmp_path, glue_dir, monkeypatch
     ledger = read_ledger(admm.root)
     assert main(["-q", *shlex.split(command)[1:], "--glue-dir", str(glue_dir)]) == 0
     assert read_ledger(admm.root) == ledger
+
+    # the KD-in-QAT study on the same ADMM cell: a QAT-only override adopts dense and ADMM (nothing retrains
+    # before QAT) and its number is the deployed model's; the reference row is the ADMM cell itself
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import study_qat_kd
+
+    kd_out = tmp_path / "qat_kd"
+    kd_argv = ["--tasks", "rte", "--seeds", "0", "--work-dir", str(tmp_path / "kd"), "--table-dir", str(work),
+               "--out", str(kd_out), "--glue-dir", str(glue_dir), "--variants", "no_kd"]
+    for item in TINY:
+        kd_argv += ["--set", item]
+    assert study_qat_kd.main(kd_argv) == 0
+    no_kd = RunLayout(study_qat_kd.variant_dir(tmp_path / "kd", work, "rte", 0, "no_kd"))
+    assert no_kd.stage_manifest("admm").read_bytes() == admm.stage_manifest("admm").read_bytes()
+    assert json.loads(no_kd.stage_manifest("qat").read_text())["kd_teacher"] is None
+    kd = json.loads(kd_out.with_suffix(".json").read_text())
+    rows = kd["rows"]["rte"]
+    assert rows["no_kd"]["n"] == 1 and rows["kd_sparse"]["n"] == 1
+    assert rows["kd_sparse"]["int8_onnx"] == pytest.approx(result["average"]["admm_int8"])
+    reference = next(c["command"] for c in kd["cells"] if c["variant"] == "kd_sparse")
+    assert reference == command  # the table's ADMM cell, reproduced by the same command

@@ -1,0 +1,157 @@
+"""KD in QAT: which teacher and which KD weights make INT8 QAT + KD beat plain QAT at the same epochs (issue 15,
+item 3). A thin driver of the public CLI, on top of the accuracy table's ADMM cells (tools/bench_accuracy.py).
+
+Every variant is the ADMM cell of ``recipes/bench_accuracy.yaml`` with QAT overrides; it adopts that cell's dense and
+sparse models (``--from-run``, checked by hash), so only QAT, export and validation run:
+
+    nxm-deploy run recipes/bench_accuracy.yaml --run-dir <work>/<task>/seed<k>/<variant> --set name=qatkd_... \\
+        --set task.name=<task> --set train.seed=<k> --set train.admm.method=admm <variant overrides> \\
+        --from-run runs/bench_accuracy/<task>/seed<k>/admm
+
+The reference variant ``kd_sparse`` (the table's configuration: teacher = sparse FP model, alpha 1, beta 10,
+gamma 1, T 2) is the ADMM cell itself and is read, not rerun. Numbers: the QAT model in PyTorch (fake-quant) and
+the deployed 2:4 INT8 ONNX model under ONNX Runtime, on the full dev set; score as in bench_accuracy.
+
+Usage:
+    .venv/bin/python tools/study_qat_kd.py --tasks mrpc --seeds 0 [--glue-dir ../shared/data/glue]
+    .venv/bin/python tools/study_qat_kd.py --tasks mrpc --seeds 0 --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from bench_accuracy import RECIPE, cell_argv, run_dir as table_run_dir, score  # the table's cells and score (tools/)
+
+from nxm_deploy.fileio import atomic_write_json, atomic_write_text
+from nxm_deploy.layout import RunLayout
+from nxm_deploy.machine import machine_line
+
+#: variant -> QAT overrides (the reference ``kd_sparse`` is the table's ADMM cell)
+VARIANTS = {
+    "kd_sparse": (),
+    "no_kd": ("train.qat.distill=false",),
+    "kd_dense": ("train.qat.teacher=dense",),
+    "kd_logits_only": ("train.qat.distillation={alpha: 1.0, beta: 10.0, gamma: 0.0, temperature: 2.0}",),
+}
+LABELS = {"kd_sparse": "QAT + KD, teacher sparse FP, alpha 1 beta 10 gamma 1 (table's default)",
+          "no_kd": "plain QAT (task loss only)", "kd_dense": "QAT + KD, teacher dense FP, alpha 1 beta 10 gamma 1",
+          "kd_logits_only": "QAT + KD, teacher sparse FP, no feature term (gamma 0)"}
+
+
+def variant_dir(work: Path, table: Path, task: str, seed: int, variant: str) -> Path:
+    if variant == "kd_sparse":
+        return table_run_dir(table, task, seed, "admm")
+    return work / task / f"seed{seed}" / variant
+
+
+def variant_argv(work: Path, table: Path, task: str, seed: int, variant: str, sets=()) -> list[str]:
+    """The ``nxm-deploy`` arguments of one variant (``kd_sparse``: the table's ADMM cell's own command); ``sets``:
+    the overrides the table's cells were given."""
+    if variant == "kd_sparse":
+        return cell_argv(table, task, seed, "admm", sets=sets)
+    argv = ["run", RECIPE, "--run-dir", str(variant_dir(work, table, task, seed, variant)),
+            "--set", f"name=qatkd_{task}_s{seed}_{variant}", "--set", f"task.name={task}", "--set", f"train.seed={seed}",
+            "--set", "train.admm.method=admm"]
+    for item in (*sets, *VARIANTS[variant]):
+        argv += ["--set", item]
+    return argv + ["--from-run", str(table_run_dir(table, task, seed, "admm"))]
+
+
+def read_variant(path: Path, task: str) -> dict | None:
+    layout = RunLayout(path)
+    if not layout.validation.is_file() or not layout.stage_manifest("qat").is_file():
+        return None
+    qat = json.loads(layout.stage_manifest("qat").read_text())
+    metrics = json.loads(layout.validation.read_text()).get("metrics") or {}
+    return {"qat_pytorch": score(task, qat.get("metrics")), "int8_onnx": score(task, metrics.get("sparse_int8")),
+            "dense": score(task, metrics.get("dense_fp32")), "kd_teacher": qat.get("kd_teacher"),
+            "kd_weights": qat.get("kd_weights")}
+
+
+def build(work: Path, table: Path, tasks, seeds, sets=()) -> dict:
+    cells, rows = [], {}
+    for task in tasks:
+        for variant in VARIANTS:
+            values = {"qat_pytorch": [], "int8_onnx": []}
+            for seed in seeds:
+                got = read_variant(variant_dir(work, table, task, seed, variant), task)
+                cells.append({"task": task, "seed": seed, "variant": variant, "finished": got is not None,
+                              "command": "nxm-deploy " + shlex.join(variant_argv(work, table, task, seed, variant, sets)),
+                              **(got or {})})
+                for key in values:
+                    if got and got.get(key) is not None:
+                        values[key].append(got[key])
+            rows.setdefault(task, {})[variant] = {k: statistics.fmean(v) if v else None for k, v in values.items()}
+            rows[task][variant]["n"] = len(values["int8_onnx"])
+    return {"cells": cells, "rows": rows}
+
+
+def render(result: dict) -> str:
+    lines = ["# KD in INT8 QAT: teacher and weights (MiniLM-L6, 2:4 ADMM, GLUE dev)", "",
+             f"Command: `{result['command']}`  ", f"Date (UTC): {result['date']}  ", f"Machine: {result['machine']}", "",
+             "Every variant starts from the same ADMM 2:4 model (the accuracy table's ADMM cell) and trains QAT for the "
+             "same epochs (`recipes/bench_accuracy.yaml`: 1 epoch, lr 1e-5). Score 0-100 as in "
+             "`benchmarks/accuracy_glue.md`; Δ against plain QAT.", ""]
+    for task, variants in result["rows"].items():
+        base = variants.get("no_kd", {}).get("int8_onnx")
+        lines += [f"## {task}", "", "| variant | n | QAT (PyTorch fake-quant) | deployed INT8 (ONNX Runtime) | Δ vs plain QAT |",
+                  "|---|---|---|---|---|"]
+        for variant, row in variants.items():
+            fmt = (lambda v: "–" if v is None else f"{v:.2f}")
+            delta = "–" if base is None or row["int8_onnx"] is None else f"{row['int8_onnx'] - base:+.2f}"
+            lines.append(f"| {LABELS[variant]} | {row['n']} | {fmt(row['qat_pytorch'])} | {fmt(row['int8_onnx'])} | {delta} |")
+        lines.append("")
+    lines += ["Cells (the command that reproduces each):", ""]
+    lines += [f"- {c['task']} seed {c['seed']} {c['variant']}{'' if c['finished'] else ' (not run yet)'}: `{c['command']}`"
+              for c in result["cells"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="+", default=["mrpc"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--work-dir", default="runs/qat_kd")
+    p.add_argument("--table-dir", default="runs/bench_accuracy", help="work dir of tools/bench_accuracy.py")
+    p.add_argument("--out", default="benchmarks/qat_kd")
+    p.add_argument("--glue-dir", default=None)
+    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "kd_sparse"],
+                   choices=[v for v in VARIANTS if v != "kd_sparse"], help="variants to run (all reported)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="more overrides for every variant (as given to the table's cells)")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    work, table, out = Path(args.work_dir), Path(args.table_dir), Path(args.out)
+    failed = 0
+    for task in args.tasks:
+        for seed in args.seeds:
+            if not RunLayout(table_run_dir(table, task, seed, "admm")).validation.is_file():
+                print(f"{task} seed {seed}: the table's ADMM cell has not finished; skipped", flush=True)
+                continue
+            for variant in [] if args.report_only else args.variants:
+                cmd = [sys.executable, "-m", "nxm_deploy.cli", "-q",
+                       *variant_argv(work, table, task, seed, variant, args.set)]
+                if args.glue_dir:
+                    cmd += ["--glue-dir", args.glue_dir]
+                print(f"{task} seed {seed} {variant}: nxm-deploy {shlex.join(cmd[4:])}", flush=True)
+                rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+                failed += rc != 0
+    result = {"command": "python tools/study_qat_kd.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+              "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine_line(),
+              **build(work, table, args.tasks, args.seeds, args.set)}
+    atomic_write_json(out.with_suffix(".json"), result)
+    atomic_write_text(out.with_suffix(".md"), render(result))
+    print(f"wrote {out.with_suffix('.md')}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
