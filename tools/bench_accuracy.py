@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+from nxm_deploy.data.tasks import get_task
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text
 from nxm_deploy.layout import RunLayout
 from nxm_deploy.machine import machine_line
@@ -73,14 +74,22 @@ def cell_argv(work: Path, task: str, seed: int, method: str, recipe: str = RECIP
 
 
 def score(task: str, metrics: dict | None) -> float | None:
-    """The 0-100 score of one metrics dict (None when missing or undefined)."""
+    """The 0-100 score of one metrics dict (None when missing): MRPC mean of F1 and accuracy, STS-B mean of Pearson
+    and Spearman, other tasks the primary metric. An undefined (NaN) correlation -- a constant prediction -- counts
+    as 0."""
     if not metrics:
         return None
-    keys = SCORE.get(task)
-    values = [metrics.get(k) for k in keys] if keys else [next(iter(metrics.values()))]
-    if any(v is None or v != v for v in values):
+    keys = SCORE.get(task) or (get_task(task).primary_metric,)
+    values = [metrics.get(k) for k in keys]
+    if any(v is None for v in values):
         return None
-    return 100.0 * sum(values) / len(values)
+    return 100.0 * sum(0.0 if v != v else float(v) for v in values) / len(values)
+
+
+def score_definition(task: str) -> str:
+    """How :func:`score` scores ``task``, in words."""
+    return {"stsb": "mean(Pearson, Spearman) x 100", "mrpc": "mean(F1, accuracy) x 100"}.get(
+        task, f"{get_task(task).primary_metric} x 100")
 
 
 def _last_epoch(task: str, epoch_metrics: list | None) -> float | None:

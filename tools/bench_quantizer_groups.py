@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import shlex
 import subprocess
@@ -36,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from bench_sparsity import score_definition, task_score  # noqa: E402  (tools' score convention)
+from bench_accuracy import score, score_definition  # noqa: E402  (tools' score convention)
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from nxm_deploy.machine import machine  # noqa: E402
 
@@ -98,9 +97,9 @@ def run_cell(root: Path, task: str, cell: str, base: Path, glue: list[str], cell
     result = {
         "task": task, "cell": cell, "quantizers": dict(zip(("gemm_outputs", "attention"), CELLS[cell])),
         "command": "nxm-deploy " + shlex.join(args),
-        "sparse_fp": {"metrics": sparse["metrics"], "score": task_score(task, sparse["metrics"])[0]},
-        "ptq": {"metrics": qat["ptq_metrics"], "score": task_score(task, qat["ptq_metrics"])[0]},
-        "qat_kd": {"metrics": qat["metrics"], "score": task_score(task, qat["metrics"])[0]},
+        "sparse_fp": {"metrics": sparse["metrics"], "score": score(task, sparse["metrics"])},
+        "ptq": {"metrics": qat["ptq_metrics"], "score": score(task, qat["ptq_metrics"])},
+        "qat_kd": {"metrics": qat["metrics"], "score": score(task, qat["metrics"])},
         "placement": {k: len(v) for k, v in quant["placement"].items() if isinstance(v, list)},
         "mask_violations": 0 if qat["mask_check"].get("ok", True) else None,
         "train": qat.get("train"), "minutes": round((time.perf_counter() - start) / 60, 2),
