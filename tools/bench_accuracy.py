@@ -42,6 +42,7 @@ from nxm_deploy.machine import machine_line
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/bench_accuracy.yaml"
+WORK_DIR = "runs/bench_accuracy"
 TASKS = ("rte", "mrpc", "stsb")
 METHODS = ("magnitude", "admm")
 VARIANTS = ("dense", "magnitude", "admm", "magnitude_int8", "admm_int8")
@@ -225,7 +226,15 @@ def write_outputs(out: Path, args, work: Path) -> dict:
         return cell_argv(work, task, seed, method, args.recipe, args.set)
 
     table = build_table(work, args.tasks, args.seeds, argv_of)
-    result = {"command": "python tools/bench_accuracy.py " + shlex.join(sys.argv[1:]),
+    # the command that runs (or resumes) every cell of this table, whichever invocation wrote the report
+    command = ["python", "tools/bench_accuracy.py", "--tasks", *args.tasks, "--seeds", *map(str, args.seeds)]
+    if args.recipe != RECIPE:
+        command += ["--recipe", args.recipe]
+    for item in args.set:
+        command += ["--set", item]
+    if args.work_dir != WORK_DIR:
+        command += ["--work-dir", args.work_dir]
+    result = {"command": shlex.join(command),
               "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
               "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, python "
                           f"{platform.python_version()}, nxm_deploy {nxm_deploy.__version__}",
@@ -244,7 +253,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--recipe", default=RECIPE)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides for every cell")
-    p.add_argument("--work-dir", default="runs/bench_accuracy")
+    p.add_argument("--work-dir", default=WORK_DIR)
     p.add_argument("--out", default="benchmarks/accuracy_glue")
     p.add_argument("--glue-dir", default=None)
     p.add_argument("--time-budget-min", type=float, default=None, help="start no new cell after this many minutes")
