@@ -1,12 +1,14 @@
-"""Inference backends of the client: one ONNX Runtime session, or a pool of TensorRT execution contexts.
+"""The client's backends: one activated runner of :mod:`nxm_deploy.validate.runners` (the runner interface that
+validation and the benchmarks use), seen as ``run(feeds) -> logits`` plus the engine profile's limits.
 
 A backend takes int64 feeds ``[B, L]`` keyed by input name and returns float32 logits ``[B, C]``; ``run`` is
 safe to call from many threads at once:
 
-* :class:`OrtBackend` shares one ``onnxruntime.InferenceSession``: ``InferenceSession.run`` is thread-safe
-  (documented by ONNX Runtime); concurrent calls share the session's intra-op thread pool. No lock.
-* :class:`TrtBackend` holds ``contexts`` TensorRT execution contexts, each with its own CUDA stream and
-  buffers; a call checks one out (see :class:`nxm_deploy.engine.trt_runtime.TrtEngineRunner`).
+* ONNX Runtime (:class:`~nxm_deploy.validate.runners.OnnxRuntimeRunner`) shares one ``InferenceSession``:
+  ``InferenceSession.run`` is thread-safe (documented by ONNX Runtime); concurrent calls share the session's
+  intra-op thread pool. No lock.
+* TensorRT (:class:`~nxm_deploy.validate.runners.TensorRTRunner`) holds ``contexts`` execution contexts, each with
+  its own CUDA stream and buffers; a call checks one out (:class:`nxm_deploy.engine.trt_runtime.TrtEngineRunner`).
 """
 
 from __future__ import annotations
@@ -20,86 +22,74 @@ from nxm_deploy.errors import RunDirError
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-class OrtBackend:
-    """ONNX Runtime backend.
+class RunnerBackend:
+    """One activated runner as the client uses it.
 
-    Args:
-        model: the ONNX model as bytes (already hash-checked) or a path (models with external data).
-        intra_op_threads: ORT intra-op threads; default: the number of CPU cores.
-        providers: ORT execution providers; default ``["CPUExecutionProvider"]``.
-        label: name used in messages.
-
-    Raises:
-        RunDirError: the model's inputs/outputs are not those of an exported classifier.
+    Build it with :meth:`onnxruntime` or :meth:`tensorrt`. Attributes: ``name`` (``onnxruntime`` / ``tensorrt``),
+    ``runner`` (the activated runner), ``input_names``, ``description``, ``max_batch_size``,
+    ``max_sequence_length``, ``min_sequence_length`` (an engine's optimization profile 0; None / 1 for ONNX Runtime).
     """
 
-    name = "onnxruntime"
-    max_batch_size: int | None = None
-    max_sequence_length: int | None = None
-    min_sequence_length = 1
+    def __init__(self, runner, name: str, description: str):
+        self.runner, self.name, self.description = runner, name, description
+        self.input_names = tuple(runner.input_names)
+        lo, hi = getattr(runner, "min_shape", None), getattr(runner, "max_shape", None)
+        self.max_batch_size = None if hi is None else hi[0]
+        self.max_sequence_length = None if hi is None else hi[1]
+        self.min_sequence_length = 1 if lo is None else max(1, lo[1])
 
-    def __init__(self, model: bytes | str | Path, *, intra_op_threads: int | None = None,
-                 providers: list[str] | None = None, label: str = "model"):
+    @classmethod
+    def onnxruntime(cls, model: bytes | str | Path, *, intra_op_threads: int | None = None,
+                    providers: list[str] | None = None, label: str = "model") -> RunnerBackend:
+        """An ONNX Runtime backend of ``model`` (bytes already hash-checked, or a path for external data).
+
+        Raises:
+            RunDirError: the model's inputs/outputs are not those of an exported classifier.
+        """
         import onnxruntime as ort
 
-        from nxm_deploy.ort import make_session
+        from nxm_deploy.validate.runners import OnnxRuntimeRunner
 
-        self.session = make_session(model, providers, intra_op_threads)
-        self.intra_op_threads = self.session.get_session_options().intra_op_num_threads
-        self.input_names = tuple(i.name for i in self.session.get_inputs())
-        unknown = [n for n in self.input_names if n not in MODEL_INPUTS]
-        outputs = [o.name for o in self.session.get_outputs()]
-        if unknown or "logits" not in outputs:
+        runner = OnnxRuntimeRunner(model, label, intra_op_threads=intra_op_threads, providers=providers,
+                                   source=label)
+        runner.activate()
+        inputs = [i.name for i in runner.sess.get_inputs()]
+        outputs = runner.output_names()
+        if [n for n in inputs if n not in MODEL_INPUTS] or "logits" not in outputs:
+            runner.deactivate()
             raise RunDirError(
-                f"ONNX model {label} has inputs {list(self.input_names)} and outputs {outputs}; "
+                f"ONNX model {label} has inputs {inputs} and outputs {outputs}; "
                 f"expected inputs among {list(MODEL_INPUTS)} and an output 'logits'.",
                 hint="Use a model exported by `nxm-deploy export`.",
             )
-        self.description = (f"onnxruntime {ort.__version__} {self.session.get_providers()[0]}, "
-                            f"{self.intra_op_threads} intra-op threads")
+        threads = runner.sess.get_session_options().intra_op_num_threads
+        return cls(runner, "onnxruntime", f"onnxruntime {ort.__version__} {runner.sess.get_providers()[0]}, "
+                                          f"{threads} intra-op threads")
+
+    @classmethod
+    def tensorrt(cls, engine: bytes | str | Path, *, contexts: int = 1, label: str = "engine") -> RunnerBackend:
+        """A TensorRT backend of ``engine`` (bytes already hash-checked, or a ``.plan`` path).
+
+        Raises:
+            MissingDependencyError: TensorRT or cuda-python missing. RunDirError: the engine cannot be loaded.
+        """
+        from nxm_deploy.validate.runners import TensorRTRunner
+
+        runner = TensorRTRunner(engine, label, contexts=contexts, source=label)
+        runner.activate()
+        return cls(runner, "tensorrt", f"tensorrt, {contexts} execution context(s)")
+
+    @property
+    def session(self):
+        """The ``onnxruntime.InferenceSession`` of an ONNX Runtime backend, else None."""
+        return getattr(self.runner, "sess", None)
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Logits float32 ``[B, C]`` for int64 feeds ``[B, L]``. Thread-safe."""
-        session = self.session
-        if session is None:
+        """Logits float32 ``[B, C]`` for int64 feeds ``[B, L]`` (inside an engine's profile). Thread-safe."""
+        if not self.runner.is_active:
             raise RuntimeError("backend is closed")
-        (logits,) = session.run(["logits"], {n: feeds[n] for n in self.input_names})
-        return logits
-
-    def close(self) -> None:
-        self.session = None
-
-
-class TrtBackend:
-    """TensorRT backend over :class:`nxm_deploy.engine.trt_runtime.TrtEngineRunner`.
-
-    Args:
-        engine: serialized engine bytes (already hash-checked) or a ``.plan`` path.
-        contexts: execution contexts, i.e. how many calls run at once (others wait for a free one).
-        label: name used in messages.
-
-    Attributes:
-        max_batch_size, max_sequence_length, min_sequence_length: the engine's optimization profile 0.
-
-    Raises:
-        MissingDependencyError: TensorRT or cuda-python missing. RunDirError: the engine cannot be loaded.
-    """
-
-    name = "tensorrt"
-
-    def __init__(self, engine: bytes | str | Path, *, contexts: int = 1, label: str = "engine"):
-        from nxm_deploy.engine.trt_runtime import TrtEngineRunner
-
-        self.runner = TrtEngineRunner(engine, contexts=contexts, name=label).activate()
-        self.input_names = tuple(self.runner.input_names)
-        self.max_batch_size = self.runner.max_batch_size
-        self.max_sequence_length = self.runner.max_sequence_length
-        self.min_sequence_length = self.runner.min_sequence_length or 1
-        self.description = f"tensorrt, {contexts} execution context(s)"
-
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Logits float32 ``[B, C]`` for int64 feeds ``[B, L]`` inside the profile. Thread-safe."""
         return self.runner.infer({n: feeds[n] for n in self.input_names})["logits"]
 
     def close(self) -> None:
-        self.runner.deactivate()
+        if self.runner.is_active:
+            self.runner.deactivate()

@@ -150,7 +150,7 @@ class TextClassifier:
                 the file and both hashes), or a model whose outputs do not match the task's labels.
             MissingDependencyError: ``backend="tensorrt"`` without TensorRT / cuda-python.
         """
-        from nxm_deploy.client.backends import OrtBackend, TrtBackend
+        from nxm_deploy.client.backends import RunnerBackend
 
         batch_size = _positive_int("batch_size", batch_size)
         trt_contexts = _positive_int("trt_contexts", trt_contexts)
@@ -163,7 +163,7 @@ class TextClassifier:
             record = artifacts.engine_record or {}
             data = read_verified(artifacts.engine_path, record.get("engine_sha256") if verify_hashes else None)
             try:
-                impl = TrtBackend(data, contexts=trt_contexts, label=artifacts.engine_path.name)
+                impl = RunnerBackend.tensorrt(data, contexts=trt_contexts, label=artifacts.engine_path.name)
             except (MissingDependencyError, RunDirError, RuntimeError) as exc:
                 if backend == "tensorrt":
                     raise
@@ -172,8 +172,9 @@ class TextClassifier:
         if impl is None:
             data = read_verified(artifacts.onnx_path, artifacts.onnx_sha256 if verify_hashes else None)
             external = artifacts.onnx_path.with_name(artifacts.onnx_path.name + ".data").is_file()
-            impl = OrtBackend(artifacts.onnx_path if external else data, intra_op_threads=intra_op_threads,
-                              providers=providers, label=artifacts.onnx_path.name)
+            impl = RunnerBackend.onnxruntime(artifacts.onnx_path if external else data,
+                                            intra_op_threads=intra_op_threads, providers=providers,
+                                            label=artifacts.onnx_path.name)
         try:
             max_length = artifacts.max_length
             if impl.max_sequence_length is not None:

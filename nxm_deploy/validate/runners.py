@@ -108,31 +108,37 @@ class OnnxRuntimeRunner(_Labelled, OnnxrtRunner):
     """Polygraphy's ``OnnxrtRunner`` on a session made with our thread settings and providers.
 
     Args:
-        path: ``.onnx`` file.
+        path: ``.onnx`` file, or the model's bytes (already hash-checked by the caller: the client).
         name: label used in reports (a key of ``validation.json``).
         backend: a key of :data:`ORT_BACKENDS`.
         intra_op_threads: ORT intra-op threads (default: all cores).
-        precision / sparse: labels.
+        precision / sparse: labels. source: the file the bytes came from (label only).
+        providers: explicit ONNX Runtime execution providers (the client's ``providers=``); the backend label
+            follows the first one.
 
     Raises:
         ConfigError: the file is missing or the backend unknown.
         ValidationError (on activate): a GPU backend whose provider ONNX Runtime did not load.
     """
 
-    def __init__(self, path: str | Path, name: str, *, backend: str = "onnxruntime-cpu",
-                 intra_op_threads: int | None = None, precision: str = "fp32", sparse: bool = False):
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"ONNX model {path} not found.")
+    def __init__(self, path: str | Path | bytes, name: str, *, backend: str = "onnxruntime-cpu",
+                 intra_op_threads: int | None = None, precision: str = "fp32", sparse: bool = False,
+                 source: str | Path | None = None, providers: list[str] | None = None):
+        if providers:
+            backend = next((b for b, p in ORT_BACKENDS.items() if p[0] == providers[0]), backend)
+        if not isinstance(path, bytes):
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"ONNX model {path} not found.")
         if backend not in ORT_BACKENDS:
             raise ConfigError(f"Unknown ONNX Runtime backend {backend!r}; known: {sorted(ORT_BACKENDS)}.")
-        self.path = path
-        self.providers = [*ORT_BACKENDS[backend], "CPUExecutionProvider"] if backend != "onnxruntime-cpu" \
-            else list(ORT_BACKENDS[backend])
+        self.path = None if isinstance(path, bytes) else path
+        self.providers = list(providers) if providers else [*ORT_BACKENDS[backend], "CPUExecutionProvider"] \
+            if backend != "onnxruntime-cpu" else list(ORT_BACKENDS[backend])
         self.intra_op_threads = intra_op_threads or os.cpu_count() or 1
         OnnxrtRunner.__init__(self, functools.partial(make_session, path, self.providers, self.intra_op_threads),
                               name=name)
-        self._set_labels(backend, precision, sparse, path)
+        self._set_labels(backend, precision, sparse, source if source is not None else self.path)
 
     def activate_impl(self):
         self.sess = self._sess()  # what OnnxrtRunner.activate_impl does, plus the provider check
@@ -171,22 +177,30 @@ def ort_gpu_backends() -> list[str]:
 class TensorRTRunner(_Labelled, BaseRunner):
     """A TensorRT plan run by :class:`nxm_deploy.engine.trt_runtime.TrtEngineRunner`.
 
+    Args:
+        plan: ``.plan`` file, or the engine's bytes (already hash-checked by the caller: the client).
+        name: label. precision / sparse: labels. source: the file the bytes came from (label only).
+        contexts: execution contexts, i.e. how many ``infer`` calls run at once from different threads.
+
     ``min_shape`` / ``max_shape`` (``(B, L)`` of profile 0) are known after activation; feeding a shape outside
     them raises ConfigError in the inner runner (check the latency grid first: :func:`check_grid_in_profile`).
     """
 
-    def __init__(self, plan: str | Path, name: str, *, precision: str = "int8", sparse: bool = True):
+    def __init__(self, plan: str | Path | bytes, name: str, *, precision: str = "int8", sparse: bool = True,
+                 contexts: int = 1, source: str | Path | None = None):
         BaseRunner.__init__(self, name=name, prefix="tensorrt-runner")
-        self.plan = Path(plan)
+        self.plan = plan if isinstance(plan, bytes) else Path(plan)
+        self.contexts = contexts
         self._inner = None
         self.min_shape: tuple[int, int] | None = None
         self.max_shape: tuple[int, int] | None = None
-        self._set_labels("tensorrt", precision, sparse, self.plan)
+        self._set_labels("tensorrt", precision, sparse,
+                         source if source is not None else None if isinstance(plan, bytes) else self.plan)
 
     def activate_impl(self):
         from nxm_deploy.engine.trt_runtime import TrtEngineRunner
 
-        inner = TrtEngineRunner(self.plan, name=self.name)
+        inner = TrtEngineRunner(self.plan, contexts=self.contexts, name=self.name)
         inner.activate()
         self._inner = inner
         self.min_shape, self.max_shape = inner.min_shape, inner.max_shape
