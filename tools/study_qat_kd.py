@@ -40,10 +40,12 @@ VARIANTS = {
     "no_kd": ("train.qat.distill=false",),
     "kd_dense": ("train.qat.teacher=dense",),
     "kd_logits_only": ("train.qat.distillation={alpha: 1.0, beta: 10.0, gamma: 0.0, temperature: 2.0}",),
+    "ptq_only": ("train.qat.epochs=0",),
 }
 LABELS = {"kd_sparse": "QAT + KD, teacher sparse FP, alpha 1 beta 10 gamma 1 (table's default)",
           "no_kd": "plain QAT (task loss only)", "kd_dense": "QAT + KD, teacher dense FP, alpha 1 beta 10 gamma 1",
-          "kd_logits_only": "QAT + KD, teacher sparse FP, no feature term (gamma 0)"}
+          "kd_logits_only": "QAT + KD, teacher sparse FP, no feature term (gamma 0)",
+          "ptq_only": "no QAT: the calibrated model (percentile scales), exported as is"}
 
 
 def variant_dir(work: Path, table: Path, task: str, seed: int, variant: str) -> Path:
