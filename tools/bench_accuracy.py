@@ -162,6 +162,33 @@ def _header(result: dict) -> list[str]:
     return ["| | " + " | ".join(result["tasks"]) + " | average |", "|---|" + "---|" * (len(result["tasks"]) + 1)]
 
 
+#: issue 15's targets: (label, variant, reference, least difference in points; None = an absolute bound)
+TARGETS = (("dense reference average >= 75.0", "dense", None, 75.0),
+           ("2:4 ADMM >= magnitude + 0.5", "admm", "magnitude", 0.5),
+           ("deployed 2:4 ADMM INT8 within 1.0 of dense", "admm_int8", "dense", -1.0))
+
+
+def target_lines(result: dict) -> list[str]:
+    """One line per target: the value on the tasks where both variants have cells (the average once complete)."""
+    lines = []
+    for label, variant, reference, bound in TARGETS:
+        tasks = [t for t in result["tasks"] if variant in result["per_task"].get(t, {})
+                 and (reference is None or reference in result["per_task"][t])]
+        if not tasks:
+            lines.append(f"- {label}: not measured yet")
+            continue
+        def mean_of(v):
+            return statistics.fmean(result["per_task"][t][v]["mean"] for t in tasks)
+        value = mean_of(variant) - (mean_of(reference) if reference else 0.0)
+        complete = result["average"].get(variant) is not None and (reference is None or
+                                                                   result["average"].get(reference) is not None)
+        where = "average over tasks" if complete else f"so far, on {', '.join(tasks)} only"
+        verdict = ("met" if value >= bound else "**missed**") if complete else "not decided until every cell ran"
+        shown = f"{value:.2f}" if reference is None else f"{value:+.2f}"
+        lines.append(f"- {label}: {shown} ({where}): {verdict}")
+    return lines
+
+
 def render_markdown(result: dict) -> str:
     lines = ["# Accuracy: dense vs 2:4 magnitude vs 2:4 ADMM, each + INT8 QAT (MiniLM-L6, GLUE dev)", "",
              f"Command: `{result['command']}`  ", f"Date (UTC): {result['date']}  ", f"Versions: {result['versions']}  ",
@@ -170,7 +197,8 @@ def render_markdown(result: dict) -> str:
              "F1 and accuracy; STS-B: mean of Pearson and Spearman), mean ± std over seeds. INT8 rows: the exported "
              "2:4 INT8 ONNX model under ONNX Runtime; dense: the dense FP32 ONNX model of the same run; sparse FP "
              "rows: the kept (best dev epoch) PyTorch model. An average is given only where every cell finished.", "",
-             *_header(result), *(_row(result, v) for v in VARIANTS), "", "Last epoch instead of the best one:", "",
+             *_header(result), *(_row(result, v) for v in VARIANTS), "", "Targets:", "", *target_lines(result), "",
+             "Last epoch instead of the best one:", "",
              *_header(result), *(_row(result, v) for v in LAST_EPOCH)]
     done = [c for c in result["cells"] if c["finished"]]
     lines += ["", f"{len(done)} of {len(result['cells'])} cells finished. Each cell, the command that reproduces it "
@@ -195,7 +223,7 @@ def render_readme_block(result: dict, out: Path) -> str:
     cmd = {c["method"]: c["command"] for c in result["cells"] if c["task"] == task and c["seed"] == result["seeds"][0]}
     rows = [_row(result, v) for v in VARIANTS]
     lines = [f"From `{out.with_suffix('.md')}` (`{result['command']}`, {result['date'][:10]}, {result['machine']}).",
-             "", *_header(result), *rows, "",
+             "", *_header(result), *rows, "", "Targets (issue 15):", "", *target_lines(result), "",
              f"Reproduce one cell of a row ({task}, seed {result['seeds'][0]}; other tasks and seeds: `--set task.name=`, "
              "`--set train.seed=`, and the run directory):", ""]
     for variant in VARIANTS:

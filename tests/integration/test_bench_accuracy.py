@@ -57,6 +57,9 @@ def test_tiny_cells_through_the_printed_commands(tmp_path, glue_dir, monkeypatch
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old table" not in text
     block = text.split(bench.README_MARKERS[0])[1].split(bench.README_MARKERS[1])[0]
     assert f"{result['average']['admm_int8']:.2f}" in block
+    # every target with its value and a verdict (one task, one seed: the table is complete)
+    drop = result["average"]["admm_int8"] - result["average"]["dense"]
+    assert f"within 1.0 of dense: {drop:+.2f} (average over tasks): {'met' if drop >= -1.0 else '**missed**'}" in block
     commands = {c["method"]: c["command"] for c in result["cells"]}
     assert block.count(commands["magnitude"]) == 3 and block.count(commands["admm"]) == 2
     # the command the table prints for the ADMM cell, run by hand: every stage up to date
