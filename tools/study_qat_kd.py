@@ -146,7 +146,11 @@ def main(argv=None) -> int:
                 print(f"{task} seed {seed} {variant}: nxm-deploy {shlex.join(cmd[4:])}", flush=True)
                 rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
                 failed += rc != 0
-    result = {"command": "python tools/study_qat_kd.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+    # the command that runs (or resumes) every variant of this report, whichever invocation wrote it
+    command = ["python", "tools/study_qat_kd.py", "--tasks", *args.tasks, "--seeds", *map(str, args.seeds)]
+    for item in args.set:
+        command += ["--set", item]
+    result = {"command": shlex.join(command),
               "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine_line(),
               **build(work, table, args.tasks, args.seeds, args.set)}
     atomic_write_json(out.with_suffix(".json"), result)
