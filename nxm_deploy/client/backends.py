@@ -53,7 +53,7 @@ class RunnerBackend:
         runner = OnnxRuntimeRunner(model, label, intra_op_threads=intra_op_threads, providers=providers,
                                    source=label)
         runner.activate()
-        inputs = [i.name for i in runner.sess.get_inputs()]
+        inputs = list(runner.input_names)
         outputs = runner.output_names()
         if [n for n in inputs if n not in MODEL_INPUTS] or "logits" not in outputs:
             runner.deactivate()

@@ -64,10 +64,23 @@ class _Labelled:
     def device(self) -> str:
         return "cpu" if self.backend in ("onnxruntime-cpu", "pytorch-cpu") else "cuda"
 
+    _input_names: list[str] | None = None
+
+    def activate(self):
+        super().activate()
+        # read once: infer() checks its feed against them on every call (the client's hot path)
+        self._input_names = list(self.get_input_metadata(use_numpy_dtypes=False).keys())
+
+    def deactivate(self):
+        self.__dict__.pop("_input_names", None)  # back to the state before activate (Polygraphy may compare)
+        super().deactivate()
+
     @property
     def input_names(self) -> list[str]:
         """Input names of the active model."""
-        return list(self.get_input_metadata(use_numpy_dtypes=False).keys())
+        if self._input_names is None:
+            return list(self.get_input_metadata(use_numpy_dtypes=False).keys())
+        return self._input_names
 
     @property
     def last_inference_s(self) -> float:
@@ -133,8 +146,12 @@ class OnnxRuntimeRunner(_Labelled, OnnxrtRunner):
         if backend not in ORT_BACKENDS:
             raise ConfigError(f"Unknown ONNX Runtime backend {backend!r}; known: {sorted(ORT_BACKENDS)}.")
         self.path = None if isinstance(path, bytes) else path
-        self.providers = list(providers) if providers else [*ORT_BACKENDS[backend], "CPUExecutionProvider"] \
-            if backend != "onnxruntime-cpu" else list(ORT_BACKENDS[backend])
+        if providers:
+            self.providers = list(providers)
+        elif backend == "onnxruntime-cpu":
+            self.providers = list(ORT_BACKENDS[backend])
+        else:
+            self.providers = [*ORT_BACKENDS[backend], "CPUExecutionProvider"]
         self.intra_op_threads = intra_op_threads or os.cpu_count() or 1
         OnnxrtRunner.__init__(self, functools.partial(make_session, path, self.providers, self.intra_op_threads),
                               name=name)
