@@ -8,9 +8,10 @@ sparse models (``--from-run``, checked by hash), so only QAT, export and validat
         --set task.name=<task> --set train.seed=<k> --set train.admm.method=admm <variant overrides> \\
         --from-run runs/bench_accuracy/<task>/seed<k>/admm
 
-The reference variant ``kd_sparse`` (the table's configuration: teacher = sparse FP model, alpha 1, beta 10,
-gamma 1, T 2) is the ADMM cell itself and is read, not rerun. Numbers: the QAT model in PyTorch (fake-quant) and
-the deployed 2:4 INT8 ONNX model under ONNX Runtime, on the full dev set; score as in bench_accuracy.
+The reference variant ``no_kd`` (the table's configuration since this study: plain QAT on the task loss) is the
+ADMM cell itself and is read, not rerun; the KD variants switch ``train.qat.distill`` back on. Numbers: the QAT model
+in PyTorch (fake-quant) and the deployed 2:4 INT8 ONNX model under ONNX Runtime, on the full dev set; score as in
+bench_accuracy.
 
 Usage:
     .venv/bin/python tools/study_qat_kd.py --tasks mrpc --seeds 0 [--glue-dir ../shared/data/glue]
@@ -34,30 +35,34 @@ from nxm_deploy.fileio import atomic_write_json, atomic_write_text
 from nxm_deploy.layout import RunLayout
 from nxm_deploy.machine import machine_line
 
-#: variant -> QAT overrides (the reference ``kd_sparse`` is the table's ADMM cell)
+#: the variant that is the table's ADMM cell (read, not rerun)
+REFERENCE = "no_kd"
+#: variant -> QAT overrides on top of the table's recipe
 VARIANTS = {
-    "kd_sparse": (),
-    "no_kd": ("train.qat.distill=false",),
-    "kd_dense": ("train.qat.teacher=dense",),
-    "kd_logits_only": ("train.qat.distillation={alpha: 1.0, beta: 10.0, gamma: 0.0, temperature: 2.0}",),
+    "no_kd": (),
+    "kd_sparse": ("train.qat.distill=true",),
+    "kd_dense": ("train.qat.distill=true", "train.qat.teacher=dense"),
+    "kd_logits_only": ("train.qat.distill=true",
+                       "train.qat.distillation={alpha: 1.0, beta: 10.0, gamma: 0.0, temperature: 2.0}"),
     "ptq_only": ("train.qat.epochs=0",),
 }
-LABELS = {"kd_sparse": "QAT + KD, teacher sparse FP, alpha 1 beta 10 gamma 1 (table's default)",
-          "no_kd": "plain QAT (task loss only)", "kd_dense": "QAT + KD, teacher dense FP, alpha 1 beta 10 gamma 1",
+LABELS = {"no_kd": "plain QAT, task loss only (the table's configuration)",
+          "kd_sparse": "QAT + KD, teacher sparse FP, alpha 1 beta 10 gamma 1 (GPUSQ-TLM)",
+          "kd_dense": "QAT + KD, teacher dense FP, alpha 1 beta 10 gamma 1",
           "kd_logits_only": "QAT + KD, teacher sparse FP, no feature term (gamma 0)",
           "ptq_only": "no QAT: the calibrated model (percentile scales), exported as is"}
 
 
 def variant_dir(work: Path, table: Path, task: str, seed: int, variant: str) -> Path:
-    if variant == "kd_sparse":
+    if variant == REFERENCE:
         return table_run_dir(table, task, seed, "admm")
     return work / task / f"seed{seed}" / variant
 
 
 def variant_argv(work: Path, table: Path, task: str, seed: int, variant: str, sets=()) -> list[str]:
-    """The ``nxm-deploy`` arguments of one variant (``kd_sparse``: the table's ADMM cell's own command); ``sets``:
+    """The ``nxm-deploy`` arguments of one variant (the reference: the table's ADMM cell's own command); ``sets``:
     the overrides the table's cells were given."""
-    if variant == "kd_sparse":
+    if variant == REFERENCE:
         return cell_argv(table, task, seed, "admm", sets=sets)
     argv = ["run", RECIPE, "--run-dir", str(variant_dir(work, table, task, seed, variant)),
             "--set", f"name=qatkd_{task}_s{seed}_{variant}", "--set", f"task.name={task}", "--set", f"train.seed={seed}",
@@ -103,7 +108,7 @@ def render(result: dict) -> str:
              "same epochs (`recipes/bench_accuracy.yaml`: 1 epoch, lr 1e-5). Score 0-100 as in "
              "`benchmarks/accuracy_glue.md`; Δ against plain QAT.", ""]
     for task, variants in result["rows"].items():
-        base = variants.get("no_kd", {}).get("int8_onnx")
+        base = variants.get(REFERENCE, {}).get("int8_onnx")
         lines += [f"## {task}", "", "| variant | n | QAT (PyTorch fake-quant) | deployed INT8 (ONNX Runtime) | Δ vs plain QAT |",
                   "|---|---|---|---|---|"]
         for variant, row in variants.items():
@@ -125,8 +130,8 @@ def main(argv=None) -> int:
     p.add_argument("--table-dir", default="runs/bench_accuracy", help="work dir of tools/bench_accuracy.py")
     p.add_argument("--out", default="benchmarks/qat_kd")
     p.add_argument("--glue-dir", default=None)
-    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "kd_sparse"],
-                   choices=[v for v in VARIANTS if v != "kd_sparse"], help="variants to run (all reported)")
+    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != REFERENCE],
+                   choices=[v for v in VARIANTS if v != REFERENCE], help="variants to run (all reported)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="more overrides for every variant (as given to the table's cells)")
     p.add_argument("--report-only", action="store_true")

@@ -75,16 +75,17 @@ def test_tiny_cells_through_the_printed_commands(tmp_path, glue_dir, monkeypatch
 
     kd_out = tmp_path / "qat_kd"
     kd_argv = ["--tasks", "rte", "--seeds", "0", "--work-dir", str(tmp_path / "kd"), "--table-dir", str(work),
-               "--out", str(kd_out), "--glue-dir", str(glue_dir), "--variants", "no_kd"]
+               "--out", str(kd_out), "--glue-dir", str(glue_dir), "--variants", "kd_sparse"]
     for item in TINY:
         kd_argv += ["--set", item]
     assert study_qat_kd.main(kd_argv) == 0
-    no_kd = RunLayout(study_qat_kd.variant_dir(tmp_path / "kd", work, "rte", 0, "no_kd"))
-    assert no_kd.stage_manifest("admm").read_bytes() == admm.stage_manifest("admm").read_bytes()
-    assert json.loads(no_kd.stage_manifest("qat").read_text())["kd_teacher"] is None
+    kd_sparse = RunLayout(study_qat_kd.variant_dir(tmp_path / "kd", work, "rte", 0, "kd_sparse"))
+    assert kd_sparse.stage_manifest("admm").read_bytes() == admm.stage_manifest("admm").read_bytes()
+    assert json.loads(kd_sparse.stage_manifest("qat").read_text())["kd_teacher"] == "sparse"
+    assert json.loads(admm.stage_manifest("qat").read_text())["kd_teacher"] is None  # the table: plain QAT
     kd = json.loads(kd_out.with_suffix(".json").read_text())
     rows = kd["rows"]["rte"]
     assert rows["no_kd"]["n"] == 1 and rows["kd_sparse"]["n"] == 1
-    assert rows["kd_sparse"]["int8_onnx"] == pytest.approx(result["average"]["admm_int8"])
-    reference = next(c["command"] for c in kd["cells"] if c["variant"] == "kd_sparse")
+    assert rows["no_kd"]["int8_onnx"] == pytest.approx(result["average"]["admm_int8"])
+    reference = next(c["command"] for c in kd["cells"] if c["variant"] == "no_kd")
     assert reference == command  # the table's ADMM cell, reproduced by the same command
