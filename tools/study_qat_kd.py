@@ -8,10 +8,11 @@ sparse models (``--from-run``, checked by hash), so only QAT, export and validat
         --set task.name=<task> --set train.seed=<k> --set train.admm.method=admm <variant overrides> \\
         --from-run runs/bench_accuracy/<task>/seed<k>/admm
 
-The reference variant ``no_kd`` (the table's configuration since this study: plain QAT on the task loss) is the
-ADMM cell itself and is read, not rerun; the KD variants switch ``train.qat.distill`` back on. Numbers: the QAT model
-in PyTorch (fake-quant) and the deployed 2:4 INT8 ONNX model under ONNX Runtime, on the full dev set; score as in
-bench_accuracy.
+Each variant sets its QAT loss in full (``distill``, ``teacher``, ``distillation``), so its meaning does not move
+with the recipe. The variant whose QAT settings equal the recipe's is the table's configuration: its row is the
+table's ADMM cell itself, read, not rerun. Numbers: the QAT model in PyTorch (fake-quant) and the deployed 2:4 INT8
+ONNX model under ONNX Runtime, on the full dev set; score as in bench_accuracy; the average over tasks decides the
+table's QAT loss (benchmarks/PROTOCOL.md: chosen on seed 0, then fixed).
 
 Usage:
     .venv/bin/python tools/study_qat_kd.py --tasks mrpc --seeds 0 [--glue-dir ../shared/data/glue]
@@ -31,40 +32,47 @@ from pathlib import Path
 
 from bench_accuracy import RECIPE, cell_argv, run_dir as table_run_dir, score  # the table's cells and score (tools/)
 
+from nxm_deploy.config.recipe import load_recipe
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text
 from nxm_deploy.layout import RunLayout
 from nxm_deploy.machine import machine_line
 
-#: the variant that is the table's ADMM cell (read, not rerun)
-REFERENCE = "no_kd"
-#: variant -> QAT overrides on top of the table's recipe
+#: variant -> QAT overrides on top of the table's recipe (the loss in full; ``distillation=null``: train.distillation)
 VARIANTS = {
-    "no_kd": (),
-    "kd_sparse": ("train.qat.distill=true",),
-    "kd_dense": ("train.qat.distill=true", "train.qat.teacher=dense"),
-    "kd_logits_only": ("train.qat.distill=true",
+    "no_kd": ("train.qat.distill=false", "train.qat.distillation=null"),
+    "kd_sparse": ("train.qat.distill=true", "train.qat.teacher=sparse", "train.qat.distillation=null"),
+    "kd_dense": ("train.qat.distill=true", "train.qat.teacher=dense", "train.qat.distillation=null"),
+    "kd_logits_only": ("train.qat.distill=true", "train.qat.teacher=sparse",
                        "train.qat.distillation={alpha: 1.0, beta: 10.0, gamma: 0.0, temperature: 2.0}"),
     "ptq_only": ("train.qat.epochs=0",),
 }
-LABELS = {"no_kd": "plain QAT, task loss only (the table's configuration)",
+LABELS = {"no_kd": "plain QAT, task loss only",
           "kd_sparse": "QAT + KD, teacher sparse FP, alpha 1 beta 10 gamma 1 (GPUSQ-TLM)",
           "kd_dense": "QAT + KD, teacher dense FP, alpha 1 beta 10 gamma 1",
           "kd_logits_only": "QAT + KD, teacher sparse FP, no feature term (gamma 0)",
           "ptq_only": "no QAT: the calibrated model (percentile scales), exported as is"}
 
 
-def variant_dir(work: Path, table: Path, task: str, seed: int, variant: str) -> Path:
-    if variant == REFERENCE:
+def reference_variant(recipe: str = RECIPE, sets=()) -> str | None:
+    """The variant whose QAT settings equal the recipe's (with the table's ``sets``): the table's configuration."""
+    qat = load_recipe(recipe, sets).to_dict()["train"]["qat"]
+    return next((v for v, extra in VARIANTS.items()
+                 if load_recipe(recipe, [*sets, *extra]).to_dict()["train"]["qat"] == qat), None)
+
+
+def variant_dir(work: Path, table: Path, task: str, seed: int, variant: str, reference: str | None) -> Path:
+    if variant == reference:
         return table_run_dir(table, task, seed, "admm")
     return work / task / f"seed{seed}" / variant
 
 
-def variant_argv(work: Path, table: Path, task: str, seed: int, variant: str, sets=()) -> list[str]:
+def variant_argv(work: Path, table: Path, task: str, seed: int, variant: str, reference: str | None,
+                 sets=()) -> list[str]:
     """The ``nxm-deploy`` arguments of one variant (the reference: the table's ADMM cell's own command); ``sets``:
     the overrides the table's cells were given."""
-    if variant == REFERENCE:
+    if variant == reference:
         return cell_argv(table, task, seed, "admm", sets=sets)
-    argv = ["run", RECIPE, "--run-dir", str(variant_dir(work, table, task, seed, variant)),
+    argv = ["run", RECIPE, "--run-dir", str(variant_dir(work, table, task, seed, variant, reference)),
             "--set", f"name=qatkd_{task}_s{seed}_{variant}", "--set", f"task.name={task}", "--set", f"train.seed={seed}",
             "--set", "train.admm.method=admm"]
     for item in (*sets, *VARIANTS[variant]):
@@ -84,37 +92,54 @@ def read_variant(path: Path, task: str) -> dict | None:
 
 
 def build(work: Path, table: Path, tasks, seeds, sets=()) -> dict:
+    reference = reference_variant(sets=sets)
     cells, rows = [], {}
     for task in tasks:
         for variant in VARIANTS:
             values = {"qat_pytorch": [], "int8_onnx": []}
             for seed in seeds:
-                got = read_variant(variant_dir(work, table, task, seed, variant), task)
+                got = read_variant(variant_dir(work, table, task, seed, variant, reference), task)
+                argv = variant_argv(work, table, task, seed, variant, reference, sets)
                 cells.append({"task": task, "seed": seed, "variant": variant, "finished": got is not None,
-                              "command": "nxm-deploy " + shlex.join(variant_argv(work, table, task, seed, variant, sets)),
-                              **(got or {})})
+                              "command": "nxm-deploy " + shlex.join(argv), **(got or {})})
                 for key in values:
                     if got and got.get(key) is not None:
                         values[key].append(got[key])
             rows.setdefault(task, {})[variant] = {k: statistics.fmean(v) if v else None for k, v in values.items()}
             rows[task][variant]["n"] = len(values["int8_onnx"])
-    return {"cells": cells, "rows": rows}
+    # the deployed score averaged over tasks, only where every (task, seed) of the variant finished
+    average = {v: (statistics.fmean(rows[t][v]["int8_onnx"] for t in tasks)
+                   if all(rows[t][v]["n"] == len(seeds) for t in tasks) else None) for v in VARIANTS}
+    return {"reference": reference, "cells": cells, "rows": rows, "average": average}
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def render(result: dict) -> str:
+    reference = result["reference"]
     lines = ["# KD in INT8 QAT: teacher and weights (MiniLM-L6, 2:4 ADMM, GLUE dev)", "",
              f"Command: `{result['command']}`  ", f"Date (UTC): {result['date']}  ", f"Machine: {result['machine']}", "",
              "Every variant starts from the same ADMM 2:4 model (the accuracy table's ADMM cell) and trains QAT for the "
              "same epochs (`recipes/bench_accuracy.yaml`: 1 epoch, lr 1e-5). Score 0-100 as in "
-             "`benchmarks/accuracy_glue.md`; Δ against plain QAT.", ""]
+             "`benchmarks/accuracy_glue.md`; Δ against plain QAT. The table's configuration today: "
+             f"{LABELS[reference] if reference else 'none of these variants'} (its row is the table's ADMM cell).", "",
+             "## Average over tasks (deployed INT8)", "", "| variant | " + " | ".join(result["rows"]) + " | average |",
+             "|---|" + "---|" * (len(result["rows"]) + 1)]
+    for variant in VARIANTS:
+        per_task = [_fmt(result["rows"][t][variant]["int8_onnx"]) for t in result["rows"]]
+        lines.append(f"| {LABELS[variant]} | " + " | ".join(per_task) + f" | {_fmt(result['average'][variant])} |")
+    lines.append("")
     for task, variants in result["rows"].items():
-        base = variants.get(REFERENCE, {}).get("int8_onnx")
+        base = variants["no_kd"]["int8_onnx"]
         lines += [f"## {task}", "", "| variant | n | QAT (PyTorch fake-quant) | deployed INT8 (ONNX Runtime) | Δ vs plain QAT |",
                   "|---|---|---|---|---|"]
         for variant, row in variants.items():
-            fmt = (lambda v: "–" if v is None else f"{v:.2f}")
             delta = "–" if base is None or row["int8_onnx"] is None else f"{row['int8_onnx'] - base:+.2f}"
-            lines.append(f"| {LABELS[variant]} | {row['n']} | {fmt(row['qat_pytorch'])} | {fmt(row['int8_onnx'])} | {delta} |")
+            mark = " (the table's)" if variant == reference else ""
+            lines.append(f"| {LABELS[variant]}{mark} | {row['n']} | {_fmt(row['qat_pytorch'])} | "
+                         f"{_fmt(row['int8_onnx'])} | {delta} |")
         lines.append("")
     lines += ["Cells (the command that reproduces each):", ""]
     lines += [f"- {c['task']} seed {c['seed']} {c['variant']}{'' if c['finished'] else ' (not run yet)'}: `{c['command']}`"
@@ -130,22 +155,22 @@ def main(argv=None) -> int:
     p.add_argument("--table-dir", default="runs/bench_accuracy", help="work dir of tools/bench_accuracy.py")
     p.add_argument("--out", default="benchmarks/qat_kd")
     p.add_argument("--glue-dir", default=None)
-    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != REFERENCE],
-                   choices=[v for v in VARIANTS if v != REFERENCE], help="variants to run (all reported)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="variants to run (all reported; the table's own is read from its cell, not run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="more overrides for every variant (as given to the table's cells)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     work, table, out = Path(args.work_dir), Path(args.table_dir), Path(args.out)
-    failed = 0
+    failed, reference = 0, reference_variant(sets=args.set)
     for task in args.tasks:
         for seed in args.seeds:
             if not RunLayout(table_run_dir(table, task, seed, "admm")).validation.is_file():
                 print(f"{task} seed {seed}: the table's ADMM cell has not finished; skipped", flush=True)
                 continue
-            for variant in [] if args.report_only else args.variants:
+            for variant in [] if args.report_only else [v for v in args.variants if v != reference]:
                 cmd = [sys.executable, "-m", "nxm_deploy.cli", "-q",
-                       *variant_argv(work, table, task, seed, variant, args.set)]
+                       *variant_argv(work, table, task, seed, variant, reference, args.set)]
                 if args.glue_dir:
                     cmd += ["--glue-dir", args.glue_dir]
                 print(f"{task} seed {seed} {variant}: nxm-deploy {shlex.join(cmd[4:])}", flush=True)

@@ -75,17 +75,32 @@ def test_tiny_cells_through_the_printed_commands(tmp_path, glue_dir, monkeypatch
 
     kd_out = tmp_path / "qat_kd"
     kd_argv = ["--tasks", "rte", "--seeds", "0", "--work-dir", str(tmp_path / "kd"), "--table-dir", str(work),
-               "--out", str(kd_out), "--glue-dir", str(glue_dir), "--variants", "kd_sparse"]
+               "--out", str(kd_out), "--glue-dir", str(glue_dir), "--variants", "kd_dense"]
     for item in TINY:
         kd_argv += ["--set", item]
+    table_variant = study_qat_kd.reference_variant(sets=TINY)
+    assert table_variant not in (None, "kd_dense")  # the table's QAT loss is one of the study's variants
     assert study_qat_kd.main(kd_argv) == 0
-    kd_sparse = RunLayout(study_qat_kd.variant_dir(tmp_path / "kd", work, "rte", 0, "kd_sparse"))
-    assert kd_sparse.stage_manifest("admm").read_bytes() == admm.stage_manifest("admm").read_bytes()
-    assert json.loads(kd_sparse.stage_manifest("qat").read_text())["kd_teacher"] == "sparse"
-    assert json.loads(admm.stage_manifest("qat").read_text())["kd_teacher"] is None  # the table: plain QAT
+    kd_dense = RunLayout(study_qat_kd.variant_dir(tmp_path / "kd", work, "rte", 0, "kd_dense", table_variant))
+    assert kd_dense.stage_manifest("admm").read_bytes() == admm.stage_manifest("admm").read_bytes()
+    assert json.loads(kd_dense.stage_manifest("qat").read_text())["kd_teacher"] == "dense"
+    assert json.loads(admm.stage_manifest("qat").read_text())["kd_teacher"] != "dense"
     kd = json.loads(kd_out.with_suffix(".json").read_text())
     rows = kd["rows"]["rte"]
-    assert rows["no_kd"]["n"] == 1 and rows["kd_sparse"]["n"] == 1
-    assert rows["no_kd"]["int8_onnx"] == pytest.approx(result["average"]["admm_int8"])
-    reference = next(c["command"] for c in kd["cells"] if c["variant"] == "no_kd")
+    assert kd["reference"] == table_variant and rows["kd_dense"]["n"] == 1 and rows[table_variant]["n"] == 1
+    assert rows[table_variant]["int8_onnx"] == pytest.approx(result["average"]["admm_int8"])
+    assert kd["average"]["kd_dense"] == pytest.approx(rows["kd_dense"]["int8_onnx"])  # one task: its own score
+    reference = next(c["command"] for c in kd["cells"] if c["variant"] == table_variant)
     assert reference == command  # the table's ADMM cell, reproduced by the same command
+
+
+def test_study_reference_is_the_variant_equal_to_the_recipe(monkeypatch):
+    """The KD study's reference row follows the recipe's QAT loss, and a loss outside the study has none."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import study_qat_kd
+
+    gamma0 = "train.qat.distillation={alpha: 1.0, beta: 10.0, gamma: 0.0, temperature: 2.0}"
+    assert study_qat_kd.reference_variant(sets=["train.qat.distill=true", gamma0]) == "kd_logits_only"
+    assert study_qat_kd.reference_variant(sets=["train.qat.distill=true", "train.qat.teacher=dense"]) == "kd_dense"
+    assert study_qat_kd.reference_variant(sets=["train.qat.distill=false"]) == "no_kd"
+    assert study_qat_kd.reference_variant(sets=["train.qat.distill=true", "train.qat.teacher=dense", gamma0]) is None
