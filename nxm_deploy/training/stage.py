@@ -32,7 +32,7 @@ from nxm_deploy.fileio import atomic_dir, atomic_write_json, file_hashes, read_j
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.layout import MANIFEST, RunLayout
 from nxm_deploy.stages import (
-    TRAINING, StageContext, differing_keys, open_run_dir, recipe_key, record_stage,
+    TRAINING, StageContext, differing_keys, get_stage, is_up_to_date, open_run_dir, recipe_key, record_stage,
 )
 from nxm_deploy.data import TaskData
 from nxm_deploy.errors import ConfigError, RunDirError, SparsityVerificationError
@@ -117,8 +117,9 @@ def adopt_stages(recipe: Recipe, run_dir: str | Path, source: str | Path, stages
     One dense and sparse model can then serve many QAT variants: each variant is its own run (its recipe, its
     ``qat/``), with byte-identical copies of the source's stage directories. A stage is adopted only when every
     file its manifest records still has its sha256, and only when ``recipe`` agrees with the source run's
-    recipe on every key those stages read (:data:`nxm_deploy.stages.STAGES`). A stage already finished in
-    ``run_dir`` is kept.
+    recipe on every key those stages read (:data:`nxm_deploy.stages.STAGES`). A stage up to date in ``run_dir`` is
+    kept, a stale one (trained under another recipe) is replaced; a kept stage whose manifest differs from the
+    source's ends the adoption, since the source's later stages were trained from another model.
     ``checked``: :func:`check_adoption` already passed for these arguments (the CLI runs it before creating the
     run directory), so the source files are not hashed a second time.
 
@@ -134,7 +135,12 @@ def adopt_stages(recipe: Recipe, run_dir: str | Path, source: str | Path, stages
         check_adoption(recipe, source, stages)
     adopted = {}
     for stage in stages:
-        if RunLayout(run_dir).stage_manifest(stage).is_file():
+        local = RunLayout(run_dir).stage_manifest(stage)
+        if local.is_file() and is_up_to_date(get_stage(stage), StageContext(recipe, run_dir)):
+            if local.read_bytes() != RunLayout(source).stage_manifest(stage).read_bytes():
+                log.info("stage %s: kept (up to date here, another model than %s's): no later stage adopted",
+                         stage, source)
+                break
             continue
         if is_main_process():
             with atomic_dir(_stage_dir(run_dir, stage)) as tmp:

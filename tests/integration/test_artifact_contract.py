@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from nxm_deploy.cli.main import main
 from nxm_deploy.export.onnx import DENSE_ONNX, SPARSE_ONNX
 from nxm_deploy.export.verify import read_sparsity_metadata, write_sparsity_metadata
+from nxm_deploy.stages import read_ledger
 from tiny_models import build_tiny_qdq, plant_third_nonzero
 
 pytestmark = pytest.mark.slow
@@ -255,6 +256,29 @@ def test_qat_variant_from_run_adopts_dense_and_sparse(run, tmp_path, tiny_recipe
                  "--glue-dir", str(glue_dir), "--run-dir", str(tmp_path / "elsewhere"), "--stage", "qat",
                  "--from-run", str(run)]) == 0
     assert (tmp_path / "elsewhere" / "qat" / "manifest.json").is_file()
+
+
+def test_from_run_replaces_a_stale_stage_by_the_sources_up_to_date_one(run, tmp_path, tiny_recipe_dict_module,
+                                                                        glue_dir, capsys):
+    """A run directory whose QAT was trained under other QAT settings adopts the source's QAT once the recipe
+    matches the source again (``run --from-run``), instead of training it a second time."""
+    data = json.loads(json.dumps(tiny_recipe_dict_module))
+    data["engine"] = {"specs": []}
+    recipe = tmp_path / "variant.yaml"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    variant = tmp_path / "variant"
+    common = ["--glue-dir", str(glue_dir), "--run-dir", str(variant), "--from-run", str(run)]
+    assert main(["-q", "train", str(recipe), "--set", "train.qat.quantizers.attention=false", "--stage", "qat",
+                 *common]) == 0
+    ours = (variant / "qat" / "manifest.json").read_bytes()
+    assert ours != (run / "qat" / "manifest.json").read_bytes()
+    assert read_ledger(variant)["qat"]["seconds"] > 0  # trained here
+    assert main(["-q", "run", str(recipe), *common]) == 0
+    for stage in ("dense", "sparse", "qat"):
+        assert (variant / stage / "manifest.json").read_bytes() == (run / stage / "manifest.json").read_bytes()
+    ledger = read_ledger(variant)
+    assert ledger["qat"]["key"] == read_ledger(run)["qat"]["key"]
+    assert ledger["qat"]["seconds"] == 0.0  # adopted (copied), not trained a second time
 
 
 def test_from_run_refuses_a_changed_source(run_copy, tmp_path, tiny_recipe_dict_module, glue_dir, capsys):
