@@ -101,6 +101,7 @@ def test_study_reference_is_the_variant_equal_to_the_recipe(monkeypatch):
 
     gamma0 = "train.qat.distillation={alpha: 1.0, beta: 10.0, gamma: 0.0, temperature: 2.0}"
     assert study_qat_kd.reference_variant(sets=["train.qat.distill=true", gamma0]) == "kd_logits_only"
-    assert study_qat_kd.reference_variant(sets=["train.qat.distill=true", "train.qat.teacher=dense"]) == "kd_dense"
-    assert study_qat_kd.reference_variant(sets=["train.qat.distill=false"]) == "no_kd"
-    assert study_qat_kd.reference_variant(sets=["train.qat.distill=true", "train.qat.teacher=dense", gamma0]) is None
+    dense = ["train.qat.distill=true", "train.qat.teacher=dense"]
+    assert study_qat_kd.reference_variant(sets=[*dense, "train.qat.distillation=null"]) == "kd_dense"
+    assert study_qat_kd.reference_variant(sets=["train.qat.distill=false", "train.qat.distillation=null"]) == "no_kd"
+    assert study_qat_kd.reference_variant(sets=[*dense, gamma0]) is None

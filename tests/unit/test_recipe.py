@@ -147,8 +147,9 @@ def test_qat_distillation_weights_are_the_qat_stage_own():
     from nxm_deploy.stages import recipe_key
     from nxm_deploy.training.stage import _kd
 
-    base = load_recipe(ROOT / "recipes" / "bench_accuracy.yaml")
-    soft_only = load_recipe(ROOT / "recipes" / "bench_accuracy.yaml", ["train.qat.distillation={gamma: 0.0}"])
+    path = ROOT / "recipes" / "bench_accuracy.yaml"
+    base = load_recipe(path, ["train.qat.distillation=null"])  # unset: QAT takes train.distillation
+    soft_only = load_recipe(path, ["train.qat.distillation={gamma: 0.0}"])
     assert "distillation" not in base.to_dict()["train"]["qat"]
     assert recipe_key(soft_only, "qat") != recipe_key(base, "qat")
     assert recipe_key(soft_only, "admm") == recipe_key(base, "admm")
