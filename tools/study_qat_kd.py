@@ -91,8 +91,8 @@ def read_variant(path: Path, task: str) -> dict | None:
             "kd_weights": qat.get("kd_weights")}
 
 
-def build(work: Path, table: Path, tasks, seeds, sets=()) -> dict:
-    reference = reference_variant(sets=sets)
+def build(work: Path, table: Path, tasks, seeds, reference: str | None, sets=()) -> dict:
+    """Every variant's cells and rows; ``reference``: :func:`reference_variant` (its row is the table's cell)."""
     cells, rows = [], {}
     for task in tasks:
         for variant in VARIANTS:
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
         command += ["--set", item]
     result = {"command": shlex.join(command),
               "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine_line(),
-              **build(work, table, args.tasks, args.seeds, args.set)}
+              **build(work, table, args.tasks, args.seeds, reference, args.set)}
     atomic_write_json(out.with_suffix(".json"), result)
     atomic_write_text(out.with_suffix(".md"), render(result))
     print(f"wrote {out.with_suffix('.md')}")
