@@ -80,16 +80,31 @@ def build_tiny_qdq(path, seed: int = 0, gemm_outputs: bool = False, attention: b
     return model, names
 
 
-def demo_run_module():
-    """``tests/trt/demo_run.py`` (synthetic MiniLM-shaped run directories for the engine tests), loaded by path."""
+def _module_at(name: str, path):
     import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parent / "trt" / "demo_run.py"
-    spec = importlib.util.spec_from_file_location("demo_run", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def demo_run_module():
+    """``tests/trt/demo_run.py`` (synthetic MiniLM-shaped run directories for the engine tests), loaded by path."""
+    from pathlib import Path
+
+    return _module_at("demo_run", Path(__file__).resolve().parent / "trt" / "demo_run.py")
+
+
+def tool_module(name: str):
+    """``tools/<name>.py`` loaded by path, with ``tools/`` importable (a tool may import a sibling tool)."""
+    import sys
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    if str(tools) not in sys.path:
+        sys.path.insert(0, str(tools))
+    return _module_at(name, tools / f"{name}.py")
 
 
 # Trainer tests: a dropout-free tiny BERT, a synthetic dataset and TrainingArguments for CPU.

@@ -4,7 +4,6 @@ by hand is up to date (nothing retrains)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from nxm_deploy.cli.main import main
 from nxm_deploy.layout import RunLayout
 from nxm_deploy.stages import read_ledger
+from tiny_models import tool_module
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.random_init={num_hidden_layers: 2, hidden_size: 64, num_attention_heads: 4, intermediate_size: 128}",
@@ -23,10 +23,7 @@ TINY = ["model.random_init={num_hidden_layers: 2, hidden_size: 64, num_attention
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "tools" / "bench_accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module("bench_accuracy")
 
 
 @pytest.mark.slow

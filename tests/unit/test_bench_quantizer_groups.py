@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
+from tiny_models import tool_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load():
-    sys.path.insert(0, str(ROOT / "tools"))
-    spec = importlib.util.spec_from_file_location("bench_quantizer_groups", ROOT / "tools" / "bench_quantizer_groups.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module("bench_quantizer_groups")
 
 
 def test_cells_are_cli_commands_on_the_base_recipe(tmp_path):

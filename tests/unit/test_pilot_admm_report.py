@@ -3,20 +3,15 @@ first, then the best average kept score, with rho 500 kept unless a new configur
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
+from tiny_models import tool_module
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("rte", "mrpc")
 
 
 def _load():
-    sys.path.insert(0, str(ROOT / "tools"))
-    spec = importlib.util.spec_from_file_location("pilot_admm_report", ROOT / "tools" / "pilot_admm_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module("pilot_admm_report")
 
 
 def _results(**per_config):
