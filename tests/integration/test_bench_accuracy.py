@@ -67,8 +67,7 @@ def test_tiny_cells_through_the_printed_commands(tmp_path, glue_dir, monkeypatch
 
     # the KD-in-QAT study on the same ADMM cell: a QAT-only override adopts dense and ADMM (nothing retrains
     # before QAT) and its number is the deployed model's; the reference row is the ADMM cell itself
-    monkeypatch.syspath_prepend(str(ROOT / "tools"))
-    import study_qat_kd
+    study_qat_kd = tool_module("study_qat_kd")
 
     kd_out = tmp_path / "qat_kd"
     kd_argv = ["--tasks", "rte", "--seeds", "0", "--work-dir", str(tmp_path / "kd"), "--table-dir", str(work),
@@ -91,10 +90,9 @@ def test_tiny_cells_through_the_printed_commands(tmp_path, glue_dir, monkeypatch
     assert reference == command  # the table's ADMM cell, reproduced by the same command
 
 
-def test_study_reference_is_the_variant_equal_to_the_recipe(monkeypatch):
+def test_study_reference_is_the_variant_equal_to_the_recipe():
     """The KD study's reference row follows the recipe's QAT loss, and a loss outside the study has none."""
-    monkeypatch.syspath_prepend(str(ROOT / "tools"))
-    import study_qat_kd
+    study_qat_kd = tool_module("study_qat_kd")
 
     gamma0 = "train.qat.distillation={alpha: 1.0, beta: 10.0, gamma: 0.0, temperature: 2.0}"
     assert study_qat_kd.reference_variant(sets=["train.qat.distill=true", gamma0]) == "kd_logits_only"
