@@ -154,10 +154,12 @@ def _covered(key: str, reads: Iterable[str]) -> bool:
 
 
 def read_values(recipe, reads: Iterable[str]) -> dict:
-    """The flattened recipe values under ``reads`` (dotted keys), plus the sha256 of your own data files when
-    ``task`` is read."""
+    """The flattened recipe values under ``reads`` (dotted keys) but those the recipe's choices leave unread
+    (:meth:`Recipe.unread_keys`: ADMM-only fields under magnitude pruning), plus the sha256 of your own data files
+    when ``task`` is read."""
     reads = tuple(reads)
-    values = {k: v for k, v in _flatten(recipe.to_dict()).items() if _covered(k, reads)}
+    unread = recipe.unread_keys()
+    values = {k: v for k, v in _flatten(recipe.to_dict()).items() if _covered(k, reads) and k not in unread}
     if _covered("task.name", reads):
         digests = recipe.data_digests()
         if digests:

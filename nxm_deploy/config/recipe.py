@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -212,6 +212,15 @@ class ADMMStageConfig(_Strict):
     masked_finetune_epochs: float = Field(1.0, ge=0, description="masked fine-tune after the hard projection")
     distill: bool = True
 
+    #: the fields only ``method: admm`` reads (the ADMM iteration); magnitude pruning ignores them
+    ADMM_ONLY: ClassVar[tuple[str, ...]] = ("rho", "rho_factor", "rho_max", "update_interval", "u_init", "penalty_mode")
+
+    def unread_fields(self) -> tuple[str, ...]:
+        """The fields the configured ``method`` does not read: :attr:`ADMM_ONLY` for ``magnitude``, none for
+        ``admm``. A stage's key leaves them out (:meth:`Recipe.unread_keys`), so an ADMM change does not rerun a
+        magnitude stage."""
+        return self.ADMM_ONLY if self.method == "magnitude" else ()
+
     @field_validator("update_interval")
     @classmethod
     def _positive_interval(cls, value):
@@ -358,6 +367,11 @@ class Recipe(_Strict):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)
+
+    def unread_keys(self) -> frozenset[str]:
+        """Dotted keys (as in :meth:`to_dict`) that no stage reads under this recipe's choices: the ADMM-only
+        fields of ``train.admm`` when its method is ``magnitude`` (:meth:`ADMMStageConfig.unread_fields`)."""
+        return frozenset(f"train.admm.{name}" for name in self.train.admm.unread_fields())
 
     def data_digests(self) -> dict[str, str]:
         """sha256 of your own data files (``task.train_file`` / ``task.eval_file``; ``missing`` when absent); {} for

@@ -156,3 +156,22 @@ def test_qat_distillation_weights_are_the_qat_stage_own():
     weights = _kd(soft_only, object(), True, soft_only.train.qat.distillation)["distillation"]
     assert (weights.alpha, weights.beta, weights.gamma) == (1.0, 10.0, 0.0)
     assert _kd(base, object(), True, base.train.qat.distillation)["distillation"] == base.train.distillation
+
+
+def test_an_admm_only_change_leaves_the_magnitude_stage_up_to_date():
+    """Magnitude pruning reads no ADMM-only field (rho, its schedule, U0, the penalty form): changing one changes the
+    ADMM stage's key, not the magnitude stage's; a field magnitude does read (epochs) changes both."""
+    from nxm_deploy.stages import differing_keys, recipe_key
+
+    path = ROOT / "recipes" / "bench_accuracy.yaml"
+    admm_change = ["train.admm.rho=200", "train.admm.rho_factor=3", "train.admm.u_init=residual"]
+    for method, moved in (("magnitude", False), ("admm", True)):
+        base = load_recipe(path, [f"train.admm.method={method}"])
+        other = load_recipe(path, [f"train.admm.method={method}", *admm_change])
+        assert (recipe_key(other, "admm") != recipe_key(base, "admm")) is moved
+        assert bool(differing_keys(other, base, ("admm",))) is moved
+        longer = load_recipe(path, [f"train.admm.method={method}", "train.admm.epochs=4"])
+        assert recipe_key(longer, "admm") != recipe_key(base, "admm")
+    magnitude = load_recipe(path, ["train.admm.method=magnitude"])
+    assert "train.admm.rho" in magnitude.unread_keys() and "train.admm.epochs" not in magnitude.unread_keys()
+    assert not load_recipe(path).unread_keys()
