@@ -163,6 +163,12 @@ class ADMMSparsifier:
     def step(self) -> dict:
         """One ADMM Z/U update: ``Z <- Proj(W + U)``, ``U <- U + W - Z``, then the rho schedule.
 
+        When the schedule changes rho (``rho_factor`` > 1, up to ``rho_max``), U is rescaled by ``rho_old / rho_new``:
+        U is the scaled dual ``Lambda / rho`` (method-notes 1.2), and a varying penalty must leave ``Lambda`` as it is
+        (Boyd et al. 2011, "Distributed Optimization and Statistical Learning via ADMM", section 3.4.1). Without
+        it, each increase of rho multiplies the dual, the W-step target ``Z - U`` overshoots, and the residual
+        grows instead of shrinking.
+
         Returns:
             dict: ``primal_residual`` (sqrt of sum ||W - Z||_F^2), ``relative_residual`` (that over ||W||_F),
             ``mask_change`` (fraction of weights whose
@@ -189,9 +195,13 @@ class ADMMSparsifier:
             "mask_change": changed / max(total, 1),
         }
         self.num_updates += 1
-        self.rho = self.rho * self.rho_factor
+        rho = self.rho * self.rho_factor
         if self.rho_max is not None:
-            self.rho = min(self.rho, self.rho_max)
+            rho = min(rho, self.rho_max)
+        if rho != self.rho:  # the scaled dual U = Lambda / rho follows rho, so the dual Lambda itself is unchanged
+            for fqn in self.admm_u:
+                self.admm_u[fqn] = self.admm_u[fqn] * (self.rho / rho)
+        self.rho = rho
         self.history.append(record)
         return record
 
