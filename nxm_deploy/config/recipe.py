@@ -202,7 +202,7 @@ class ADMMStageConfig(_Strict):
     epochs: float = Field(3.0, gt=0)
     learning_rate: float = Field(5e-5, gt=0)
     rho: float = Field(DEFAULT_RHO, gt=0)
-    rho_factor: float = Field(1.0, ge=1.0, description="rho multiplied by this after each Z/U update")
+    rho_factor: float = Field(1.0, ge=1.0, description="rho multiplied by this after each Z/U update (U rescaled)")
     rho_max: float | None = Field(None, gt=0)
     update_interval: Literal["epoch"] | int = Field("epoch", description="Z/U update every epoch or every k steps")
     u_init: Literal["zero", "residual"] = "zero"

@@ -54,7 +54,8 @@ class ADMMSparsifier:
         pattern (NMPattern | str): the n:m pattern, e.g. ``"2:4"``; groups run along the last (input) axis of
             each ``[out, in]`` weight.
         rho (float): initial penalty weight. Defaults to :data:`DEFAULT_RHO` (4e-3, the recipe's default).
-        rho_factor (float): rho is multiplied by this after every :meth:`step`. 1.0 = constant rho.
+        rho_factor (float): rho is multiplied by this after every :meth:`step` (U is rescaled with it). 1.0 = constant
+            rho.
         rho_max (float | None): cap for the increasing schedule. Defaults to no cap.
         u_init (str): ``"zero"`` (textbook scaled ADMM, U0 = 0) or ``"residual"`` (U0 = W0 - Proj(W0), what the
             authors' library does by running one iteration at construction).
