@@ -32,7 +32,7 @@ from nxm_deploy.fileio import atomic_dir, atomic_write_json, file_hashes, read_j
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.layout import MANIFEST, RunLayout
 from nxm_deploy.stages import (
-    TRAINING, StageContext, differing_keys, get_stage, is_up_to_date, open_run_dir, recipe_key, record_stage,
+    TRAINING, StageContext, differing_keys, get_stage, is_up_to_date, open_run_dir, record_stage, stage_key,
 )
 from nxm_deploy.data import TaskData
 from nxm_deploy.errors import ConfigError, RunDirError, SparsityVerificationError
@@ -66,13 +66,14 @@ def _phase_dir(run_dir: Path, stage: str, phase: str) -> Path:
     return RunLayout(run_dir).checkpoints(stage, phase)
 
 
-def _fingerprint(recipe: Recipe, stage: str, phase: str) -> str:
-    """What the stage reads of the recipe (:func:`nxm_deploy.stages.recipe_key`: its sections, its data files; not
-    the settings that change speed only) plus stage and phase names.
+def _fingerprint(recipe: Recipe, run_dir: Path, stage: str, phase: str) -> str:
+    """The stage's up-to-date key (:func:`nxm_deploy.stages.stage_key`: what it reads of the recipe, not the settings
+    that change speed only, and the sha256 of its input stages' manifests) plus stage and phase names.
 
-    A checkpoint left under other settings is refused (:func:`~nxm_deploy.training.trainer.check_fingerprint`).
+    A checkpoint left under other settings, or trained from another input model (a dense or sparse stage replaced
+    since), is refused (:func:`~nxm_deploy.training.trainer.check_fingerprint`).
     """
-    return f"{recipe_key(recipe, stage)}:{stage}:{phase}"
+    return f"{stage_key(get_stage(stage), StageContext(recipe, run_dir))}:{stage}:{phase}"
 
 
 def _drop_checkpoints(run_dir: Path, stage: str) -> None:
@@ -274,7 +275,7 @@ def train_dense(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> d
     log.info("dense fine-tune: %s epochs at lr %g", cfg.dense.epochs, cfg.dense.learning_rate)
     trainer = build_trainer(model, data, cfg, output_dir=_phase_dir(run_dir, "dense", "finetune"),
                             epochs=cfg.dense.epochs, learning_rate=cfg.dense.learning_rate)
-    stats = train_resumable(trainer, _fingerprint(recipe, "dense", "finetune"))
+    stats = train_resumable(trainer, _fingerprint(recipe, run_dir, "dense", "finetune"))
     stats["rank_checksums"] = _same_on_every_rank(_cpu_state(model), "dense weights")
     metrics = dev_metrics(trainer)
     log.info("dense dev %s", metrics)
@@ -307,7 +308,7 @@ def _admm_phase(student, data, recipe: Recipe, run_dir: Path, kd: dict) -> tuple
              acfg.learning_rate, acfg.rho, acfg.penalty_mode)
     trainer = build_trainer(student, data, recipe.train, output_dir=_phase_dir(run_dir, "admm", "admm"),
                             epochs=acfg.epochs, learning_rate=acfg.learning_rate, admm=admm, **kd)
-    stats = train_resumable(trainer, _fingerprint(recipe, "admm", "admm"))
+    stats = train_resumable(trainer, _fingerprint(recipe, run_dir, "admm", "admm"))
     masks = {k: v.cpu() for k, v in admm.finish().items()}  # hard projection of the kept epoch's W
     stats["rank_checksums"] = _same_on_every_rank({**masks, **_cpu_state(student)}, "ADMM masks and weights")
     return masks, list(admm.sparsifier.history), stats
@@ -356,7 +357,7 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
     ft_stats = None
     if finetune_epochs > 0:
         log.info("masked fine-tune: %s epochs at lr %g", finetune_epochs, acfg.learning_rate)
-        ft_stats = train_resumable(trainer, _fingerprint(recipe, "admm", "masked_finetune"))
+        ft_stats = train_resumable(trainer, _fingerprint(recipe, run_dir, "admm", "masked_finetune"))
     mask_check = check_masks(student, masks, pattern)
     mask_check["rank_checksums"] = _same_on_every_rank({**masks, **_cpu_state(student)}, "n:m masks and weights")
     metrics = dev_metrics(trainer)
@@ -460,7 +461,7 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
     if qcfg.epochs > 0:
         log.info("INT8 QAT%s: %s epochs at lr %g", f" + KD ({qcfg.teacher} teacher)" if kd else "", qcfg.epochs,
                  qcfg.learning_rate)
-        stats = train_resumable(trainer, _fingerprint(recipe, "qat", "qat"))
+        stats = train_resumable(trainer, _fingerprint(recipe, run_dir, "qat", "qat"))
     mask_check = check_masks(student, masks, pattern)
     mask_check["rank_checksums"] = _same_on_every_rank(_cpu_state(student), "QAT weights and scales")
     metrics = dev_metrics(trainer)

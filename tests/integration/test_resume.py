@@ -141,3 +141,25 @@ def test_checkpoint_of_another_recipe_is_refused(tmp_path, monkeypatch, dense_di
     with pytest.raises(RunDirError, match="other settings") as err:
         train_admm(_recipe(tiny_recipe_dict_module, rho=2e-2), run_dir, str(glue_dir))
     assert "Delete" in err.value.hint
+
+
+def test_checkpoint_trained_from_another_input_model_is_refused(tmp_path, monkeypatch, dense_dir,
+                                                                tiny_recipe_dict_module, glue_dir):
+    """A killed QAT stage whose sparse input was replaced since (another sparse model, same recipe keys for QAT)
+    must not resume: its checkpoints were trained from the other model."""
+    data = {**tiny_recipe_dict_module}
+    data["train"] = {**data["train"], "checkpoint_every_steps": 1, "qat": {**data["train"]["qat"], "epochs": 1}}
+    recipe = recipe_from_dict(data)
+    other = recipe_from_dict({**data, "train": {**data["train"], "admm": {**data["train"]["admm"], "rho": 2e-2}}})
+    run_dir, other_dir = _fresh_run(tmp_path, dense_dir, "run"), _fresh_run(tmp_path, dense_dir, "other")
+    train_admm(recipe, run_dir, str(glue_dir))
+    train_admm(other, other_dir, str(glue_dir))  # QAT reads no train.admm: the same QAT settings
+    with monkeypatch.context() as m:
+        _kill_at_step(m, 5)
+        with pytest.raises(_Killed):
+            train_qat(recipe, run_dir, str(glue_dir))
+    assert list(RunLayout(run_dir).checkpoints("qat").glob("*/checkpoint-*"))
+    shutil.rmtree(run_dir / "sparse")
+    shutil.copytree(other_dir / "sparse", run_dir / "sparse")
+    with pytest.raises(RunDirError, match="other settings"):
+        train_qat(recipe, run_dir, str(glue_dir))
