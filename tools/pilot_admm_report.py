@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_accuracy import TASKS, run_dir, score  # noqa: E402  (the table's score and cell layout)
+from bench_accuracy import TASKS, WORK_DIR, run_dir, score  # noqa: E402  (the table's score and cell layout)
 
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from nxm_deploy.layout import RunLayout  # noqa: E402
@@ -26,11 +26,10 @@ from nxm_deploy.machine import machine_line  # noqa: E402
 
 #: configuration -> (its run directory for a task, what it is); the first is the incumbent of the rule
 CONFIGS = {
-    "rho500_epoch": (lambda t: run_dir(Path("runs/bench_accuracy"), t, 0, "admm"),
-                     "rho 500 constant (the table's ADMM cell)"),
+    "rho500_epoch": (lambda t: Path("runs/pilot") / t / "round2" / "rho500_epoch", "rho 500 constant (round 1's choice)"),
     "rho200_epoch": (lambda t: Path("runs/pilot") / t / "round2" / "rho200_epoch", "rho 200 constant"),
     "rho100x3_epoch": (lambda t: Path("runs/pilot") / t / "round2" / "rho100x3_epoch", "rho 100, 300, 900"),
-    "magnitude": (lambda t: run_dir(Path("runs/bench_accuracy"), t, 0, "magnitude"),
+    "magnitude": (lambda t: run_dir(Path(WORK_DIR), t, 0, "magnitude"),
                   "one-shot magnitude (the table's cell), for reference"),
 }
 RESIDUAL_BOUND = 0.05
