@@ -48,6 +48,8 @@ def test_tiny_cells_through_the_printed_commands(tmp_path, glue_dir, monkeypatch
     assert "recipes/bench_accuracy.yaml" in out.with_suffix(".md").read_text()
     # the last epochs are reported too, and every cell names the machine that ran it
     assert {"dense_last", "magnitude_last", "admm_last"} <= set(result["per_task"]["rte"])
+    assert set(result["average_last_epoch"]) == set(bench.LAST_EPOCH)  # complete: averaged, not "incomplete"
+    assert "incomplete" not in out.with_suffix(".md").read_text()
     assert all(c["machine"] for c in result["cells"])
     # the README block is the table, regenerated from the JSON, with one reproduce command per row
     text = readme.read_text()
