@@ -66,6 +66,15 @@ def _phase_dir(run_dir: Path, stage: str, phase: str) -> Path:
     return RunLayout(run_dir).checkpoints(stage, phase)
 
 
+def _where(trainer) -> dict:
+    """Where a training stage ran, for its manifest: device, world size, and the CPU's intra-op thread count.
+
+    Same-seed CPU runs at another thread count differ in floating-point reduction order, so their scores can differ
+    (``benchmarks/accuracy_glue_notes.md``: up to 0.9 points of a GLUE cell); the manifest says which count ran.
+    """
+    return {"device": str(trainer.args.device), "world_size": world_size(), "cpu_threads": torch.get_num_threads()}
+
+
 def _fingerprint(recipe: Recipe, run_dir: Path, stage: str, phase: str) -> str:
     """The stage's up-to-date key (:func:`nxm_deploy.stages.stage_key`: what it reads of the recipe, not the settings
     that change speed only, and the sha256 of its input stages' manifests) plus stage and phase names.
@@ -282,7 +291,7 @@ def train_dense(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> d
     manifest = {
         "stage": "dense", "recipe_sha256": recipe.sha256(), "task": task.name, "metrics": metrics,
         "train_examples": len(data.train_examples), "dev_examples": len(data.dev_examples),
-        "device": str(trainer.args.device), "world_size": world_size(), "select": cfg.select, **stats,
+        **_where(trainer), "select": cfg.select, **stats,
     }
 
     def write(tmp):
@@ -369,7 +378,7 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
         "metrics": metrics, "metrics_after_projection": projected_metrics, "epoch_metrics": epoch_metrics,
         "method": acfg.method, "admm_history": history, "admm": acfg.model_dump(mode="json"), "train": stats,
         "masked_finetune": ft_stats, "mask_check": mask_check, "select": cfg.select,
-        "device": str(trainer.args.device), "world_size": world_size(),
+        **_where(trainer),
         "targets": targets, "layers": [d.to_dict() for d in decisions],
     }
 
@@ -482,7 +491,7 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
         "kd_teacher": qcfg.teacher if qcfg.distill else None,
         "kd_weights": (qcfg.distillation or recipe.train.distillation).model_dump() if qcfg.distill else None,
         "metrics": metrics, "ptq_metrics": ptq_metrics, "train": stats, "mask_check": mask_check,
-        "select": cfg.select, "device": str(trainer.args.device), "world_size": world_size(),
+        "select": cfg.select, **_where(trainer),
     }
 
     def write(tmp):

@@ -58,6 +58,17 @@ def test_run_writes_reports_and_verifies_every_target(run_dir) -> None:
     assert "OK" in (run_dir / "report.md").read_text()
 
 
+def test_training_manifests_say_where_they_ran(run_dir) -> None:
+    """Same-seed CPU runs at another thread count can score differently (reduction order), so every training
+    stage's manifest records the thread count it ran with, beside device and world size."""
+    import torch
+
+    for stage in ("dense", "sparse", "qat"):
+        manifest = read_json(run_dir / stage / "manifest.json")
+        assert manifest["cpu_threads"] == torch.get_num_threads(), stage
+        assert manifest["device"] == "cpu" and manifest["world_size"] == 1, stage
+
+
 def test_onnx_files_and_qdq_counts(run_dir) -> None:
     onnx_dir = run_dir / "onnx"
     for name in (DENSE_ONNX, SPARSE_ONNX, "manifest.json", "sparsity_report.json"):
