@@ -24,11 +24,17 @@ from nxm_deploy.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from nxm_deploy.layout import RunLayout  # noqa: E402
 from nxm_deploy.machine import machine_line  # noqa: E402
 
+
+def _round2(name: str):
+    """The run directory of configuration ``name`` for a task, as ``ROUND=2 tools/pilot_admm.sh`` writes it."""
+    return lambda task: Path("runs/pilot") / task / "round2" / name
+
+
 #: configuration -> (its run directory for a task, what it is); the first is the incumbent of the rule
 CONFIGS = {
-    "rho500_epoch": (lambda t: Path("runs/pilot") / t / "round2" / "rho500_epoch", "rho 500 constant (round 1's choice)"),
-    "rho200_epoch": (lambda t: Path("runs/pilot") / t / "round2" / "rho200_epoch", "rho 200 constant"),
-    "rho100x3_epoch": (lambda t: Path("runs/pilot") / t / "round2" / "rho100x3_epoch", "rho 100, 300, 900"),
+    "rho500_epoch": (_round2("rho500_epoch"), "rho 500 constant (round 1's choice)"),
+    "rho200_epoch": (_round2("rho200_epoch"), "rho 200 constant"),
+    "rho100x3_epoch": (_round2("rho100x3_epoch"), "rho 100, 300, 900"),
     "magnitude": (lambda t: run_dir(Path(WORK_DIR), t, 0, "magnitude"),
                   "one-shot magnitude (the table's cell), for reference"),
 }
