@@ -49,16 +49,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, get_args
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from nxm_deploy.ranks import is_main_process, world_size
+from nxm_deploy.ranks import barrier, is_main_process, world_size
 from nxm_deploy.config.recipe import TrainConfig
 from nxm_deploy.data.loader import EpochSeededLengthGroupedSampler
 from nxm_deploy.distillation.losses import DistillationConfig, check_teacher, distillation_loss
@@ -491,8 +494,8 @@ class ADMMTrainerMixin:
                         "loss is a per-rank mean (BERT-style sequence classifiers), set "
                         "average_tokens_across_devices=False, or the task gradient outweighs the ADMM penalty "
                         "%d times more than in one process.", self.args.world_size, self.args.world_size)
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # True: Trainer raises
+        if resume_from_checkpoint is True:  # the newest checkpoint a kill while saving did not leave incomplete
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir, (ADMM_STATE_NAME,)) or True
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             resume_from_checkpoint = os.fspath(resume_from_checkpoint)
             self.admm.resume_from_checkpoint = resume_from_checkpoint
@@ -832,8 +835,64 @@ def check_fingerprint(output_dir: str | os.PathLike, fingerprint: str) -> None:
         os.replace(tmp, path)
 
 
+#: File the Trainer writes last into a checkpoint (``Trainer._save_checkpoint``); callbacks' ``on_save`` come after it.
+TRAINER_STATE_NAME = "trainer_state.json"
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    name = path.name
+    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
+    return int(name[len(prefix):]) if name.startswith(prefix) and name[len(prefix):].isdigit() else None
+
+
+def _checkpoint_complete(path: Path, required: Iterable[str]) -> bool:
+    """The Trainer wrote ``trainer_state.json`` (its last write, after model, optimizer, scheduler and RNG states)
+    whole, and every file that callbacks write in ``on_save`` (``required``) exists."""
+    try:
+        TrainerState.load_from_json(str(path / TRAINER_STATE_NAME))
+    except (OSError, ValueError, TypeError):  # absent, or cut short by a kill while it was written
+        return False
+    return all((path / name).is_file() for name in required)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, required: Iterable[str] = (), *,
+                             remove_incomplete: bool = False) -> str | None:
+    """The newest ``checkpoint-<step>`` in ``output_dir`` that a resume can use; None when there is none.
+
+    A process killed while the Trainer saves (``kill -9``, out of memory, a preempted node) leaves the newest folder
+    without ``trainer_state.json`` (the Trainer writes it after the weights, optimizer and RNG states), with a
+    truncated one, or without a file that a callback writes in ``on_save`` afterwards (``required``, e.g.
+    :data:`ADMM_STATE_NAME`). Such a folder is skipped with a warning, and the next older complete one is used: its
+    step is redone, to the same result. Where none is complete, the phase starts over.
+
+    Args:
+        output_dir: a training phase's checkpoint directory (``args.output_dir``).
+        required: file names that a complete checkpoint holds besides ``trainer_state.json``.
+        remove_incomplete: delete the skipped folders (the main process; every rank must have called this first,
+            so call it between two barriers under torchrun); else they are left for the Trainer to overwrite.
+
+    Returns:
+        str | None: the checkpoint folder's path.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    required = tuple(required)
+    found = sorted(((step, path) for path in output_dir.iterdir()
+                    if path.is_dir() and (step := _checkpoint_step(path)) is not None), reverse=True)
+    for step, path in found:
+        if _checkpoint_complete(path, required):
+            return str(path)
+        log.warning("checkpoint %s is incomplete (the run was killed while saving it): %s", path,
+                    "removed; resuming from the one before" if remove_incomplete else "skipped")
+        if remove_incomplete:
+            shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
 def train_resumable(trainer: Trainer, fingerprint: str) -> dict:
-    """``trainer.train()``, resumed from the newest checkpoint in ``args.output_dir`` when there is one.
+    """``trainer.train()``, resumed from the newest complete checkpoint in ``args.output_dir`` when there is one
+    (:func:`last_complete_checkpoint`: folders left incomplete by a kill while saving are removed with a warning).
 
     Returns:
         dict: ``steps`` (optimizer steps of the phase), ``seconds`` (this process's training time, evaluation
@@ -847,7 +906,12 @@ def train_resumable(trainer: Trainer, fingerprint: str) -> dict:
     """
     output_dir = trainer.args.output_dir
     check_fingerprint(output_dir, fingerprint)
-    resume = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    required = (ADMM_STATE_NAME,) if getattr(trainer, "admm", None) is not None else ()
+    resume = last_complete_checkpoint(output_dir, required)  # every rank decides before rank 0 removes any folder
+    barrier()
+    if is_main_process():
+        last_complete_checkpoint(output_dir, required, remove_incomplete=True)
+    barrier()
     resumed_from = int(resume.rsplit("-", 1)[-1]) if resume else 0
     if resume:
         log.info("resuming from %s (step %d)", resume, resumed_from)

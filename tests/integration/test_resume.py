@@ -1,17 +1,30 @@
 """A killed training stage resumes from its Trainer checkpoints to the same result as an uninterrupted run.
 
 Real RTE data, tiny random BERT with dropout on (so the global RNG state matters), ADMM with Z/U updates every 4
-steps, a checkpoint every 3 steps. The "kill" is an exception raised from inside an optimizer step (after the
-forward/backward, before ``optimizer.step``), i.e. between two checkpoints: the work since the last checkpoint is
-lost and redone.
+steps, a checkpoint every 3 steps. Two kinds of kill, both injected through the Trainer's public callback API into
+the Trainer that the stage builds (``nxm_deploy.training.stage.build_trainer``), never by patching a library
+function the library may stop calling:
+
+* an exception from ``on_pre_optimizer_step`` (after the forward/backward, before ``optimizer.step``), i.e. between
+  two checkpoints: the work since the last checkpoint is lost and redone;
+* a real ``SIGKILL`` of a subprocess while the Trainer writes a checkpoint: the folder exists, with weights,
+  optimizer and RNG states, but without its ``trainer_state.json``.
 """
 
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
+import nxm_deploy.training.stage as stage_module
 from nxm_deploy.config.recipe import recipe_from_dict
 from nxm_deploy.fileio import read_json
 from nxm_deploy.errors import RunDirError
@@ -23,6 +36,18 @@ pytestmark = pytest.mark.slow
 
 class _Killed(Exception):
     pass
+
+
+class _KillAtStep(TrainerCallback):
+    """Raise in the ``step``-th optimizer step of this process, counted over every Trainer it is added to."""
+
+    def __init__(self, step: int):
+        self.step, self.calls = step, 0
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.calls += 1
+        if self.calls == self.step:
+            raise _Killed(f"killed in step {self.step}")
 
 
 def _recipe(base: dict, **admm):
@@ -45,17 +70,17 @@ def _fresh_run(tmp_path, dense_dir, name):
     return run_dir
 
 
-def _kill_at_step(monkeypatch, step: int):
-    """Raise inside the ``step``-th optimizer step of this process (counted over every training loop)."""
-    real, calls = torch.nn.utils.clip_grad_norm_, [0]
+def _kill_at_step(monkeypatch, step: int) -> _KillAtStep:
+    """Raise inside the ``step``-th optimizer step of this process (counted over every training loop of the stages)."""
+    killer, real = _KillAtStep(step), stage_module.build_trainer
 
-    def clip(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == step:
-            raise _Killed(f"killed in step {step}")
-        return real(*args, **kwargs)
+    def build(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        trainer.add_callback(killer)
+        return trainer
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    monkeypatch.setattr(stage_module, "build_trainer", build)
+    return killer
 
 
 def _weights(run_dir, sub="sparse"):
@@ -163,3 +188,75 @@ def test_checkpoint_trained_from_another_input_model_is_refused(tmp_path, monkey
     shutil.copytree(other_dir / "sparse", run_dir / "sparse")
     with pytest.raises(RunDirError, match="other settings"):
         train_qat(recipe, run_dir, str(glue_dir))
+
+
+# The child trains the ADMM stage with a callback that SIGKILLs its own process from inside the Trainer's checkpoint
+# save: ``Trainer._save_checkpoint`` asks every ``ExportableState`` callback for its state after writing the weights,
+# optimizer, scheduler and RNG states, and before writing ``trainer_state.json``.
+_KILL_WHILE_SAVING = textwrap.dedent("""
+    import json, os, signal, sys
+
+    import torch
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    import nxm_deploy.training.stage as stage
+    from nxm_deploy.config.recipe import recipe_from_dict
+
+    recipe_path, run_dir, glue_dir, kill_step, threads = sys.argv[1:6]
+    torch.set_num_threads(int(threads))
+
+    class KillWhileSaving(TrainerCallback, ExportableState):
+        step = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step = state.global_step
+
+        def state(self):
+            if self.step == int(kill_step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return {"args": {}, "attributes": {}}
+
+    real = stage.build_trainer
+
+    def build(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        trainer.add_callback(KillWhileSaving())
+        return trainer
+
+    stage.build_trainer = build
+    with open(recipe_path) as fh:
+        stage.train_admm(recipe_from_dict(json.load(fh)), run_dir, glue_dir)
+""")
+
+
+def test_kill_9_while_a_checkpoint_is_written_resumes_to_the_same_weights(tmp_path, dense_dir,
+                                                                          tiny_recipe_dict_module, glue_dir, caplog):
+    """Kill -9 at the moment ``checkpoint-9`` exists without its trainer state (ADMM epoch 2, after the complete
+    checkpoint at the end of epoch 1, step 8), then rerun: the incomplete folder is removed with a warning, the
+    run resumes from step 8 and ends bit-identical to an uninterrupted run."""
+    data = {**tiny_recipe_dict_module, "train": {**tiny_recipe_dict_module["train"], "checkpoint_every_steps": 3}}
+    recipe = recipe_from_dict(data)
+    ref_dir = _fresh_run(tmp_path, dense_dir, "ref")
+    ref = train_admm(recipe, ref_dir, str(glue_dir))
+
+    run_dir = _fresh_run(tmp_path, dense_dir, "killed")
+    (tmp_path / "recipe.json").write_text(json.dumps(data))
+    (tmp_path / "child.py").write_text(_KILL_WHILE_SAVING)
+    child = subprocess.run([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "recipe.json"), str(run_dir),
+                            str(glue_dir), "9", str(torch.get_num_threads())], capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    phase = RunLayout(run_dir).checkpoints("admm", "admm")
+    assert (phase / "checkpoint-9").is_dir() and not (phase / "checkpoint-9" / "trainer_state.json").exists()
+    assert (phase / "checkpoint-8" / "trainer_state.json").is_file()
+
+    with caplog.at_level("WARNING", logger="nxm_deploy.training"):
+        resumed = train_admm(recipe, run_dir, str(glue_dir))
+    assert any("checkpoint-9 is incomplete" in r.getMessage() for r in caplog.records)
+    assert resumed["train"]["resumed_from_step"] == 8
+    ref_w, got_w = _weights(ref_dir), _weights(run_dir)
+    assert ref_w.keys() == got_w.keys()
+    for name in ref_w:
+        assert torch.equal(ref_w[name], got_w[name]), name
+    assert resumed["admm_history"] == ref["admm_history"] and resumed["metrics"] == ref["metrics"]

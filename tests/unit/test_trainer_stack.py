@@ -168,3 +168,29 @@ def test_progress_bars_stay_on_unless_quiet(tmp_path, tiny_recipe_dict, monkeypa
         assert tr.training_arguments(tmp_path, cfg, epochs=1, learning_rate=1e-4).disable_tqdm is True
     finally:
         hf_logging.set_verbosity(previous)
+
+
+def test_last_complete_checkpoint_skips_folders_a_kill_while_saving_left(tmp_path, caplog):
+    """The newest usable checkpoint: ``trainer_state.json`` whole, and the files callbacks write in ``on_save``."""
+    def checkpoint(step, state='{"global_step": %d}', extra=()):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        if state is not None:
+            (path / tr.TRAINER_STATE_NAME).write_text(state % step if "%d" in state else state)
+        for name in extra:
+            (path / name).write_bytes(b"x")
+        return path
+
+    checkpoint(3, extra=(tr.ADMM_STATE_NAME,))
+    checkpoint(6)  # trainer state written, killed before the ADMM callback's on_save
+    checkpoint(9, state='{"global_step": 9, "log_hi')  # killed while trainer_state.json was written
+    checkpoint(12, state=None)  # killed while the weights were written
+    (tmp_path / "checkpoint-x").mkdir()  # not a checkpoint name: ignored
+    assert tr.last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
+    assert tr.last_complete_checkpoint(tmp_path / "absent") is None
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nxm_deploy.training"):
+        found = tr.last_complete_checkpoint(tmp_path, (tr.ADMM_STATE_NAME,), remove_incomplete=True)
+    assert found == str(tmp_path / "checkpoint-3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-x"]
+    assert sum("incomplete" in r.getMessage() for r in caplog.records) == 3
