@@ -1,5 +1,5 @@
 """Artifact files, public for the package and its tools: atomic writes (a temporary name, renamed when
-complete), advisory file locks, sha256 of files and their check against a stage manifest, JSON reading."""
+complete), advisory file locks (blocking, and an exclusive one that names its holder), sha256 of files and their check against a stage manifest, JSON reading."""
 
 from __future__ import annotations
 
@@ -52,6 +52,64 @@ def file_lock(path: str | Path) -> Iterator[None]:
         try:
             yield
         finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+class LockBusy(Exception):
+    """:func:`exclusive_lock` found the lock held by another process; ``holder`` is what that process wrote into the
+    lock file ({} when it could not be read)."""
+
+    def __init__(self, path: Path, holder: dict):
+        super().__init__(f"{path} is held by {holder or 'another process'}")
+        self.path, self.holder = path, holder
+
+
+def _read_holder(handle) -> dict:
+    handle.seek(0)
+    try:
+        holder = json.loads(handle.read() or "{}")
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, holder: dict) -> Iterator[dict]:
+    """Hold an exclusive advisory lock on ``path`` (POSIX ``flock``, non-blocking) and write ``holder`` (JSON) into it.
+
+    The kernel releases the lock when its process ends, however it ends, so a lock whose holder died is free; its
+    holder's record is still in the file, and is what this yields (``{}`` after a clean release, which empties the
+    file). The file itself is never deleted (another process may have it open).
+
+    Yields:
+        dict: the record of a previous holder that ended without releasing (killed), else ``{}``.
+
+    Raises:
+        LockBusy: another process holds the lock (its record in ``.holder``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no cross-process lock
+        yield {}
+        return
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockBusy(path, _read_holder(handle)) from None
+        try:
+            stale = _read_holder(handle)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps(holder))
+            handle.flush()
+            yield stale
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            handle.flush()
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 

@@ -13,6 +13,7 @@
       engines/             TensorRT plans, their manifests, status.json
       validation.json  diff/          validation result and Polygraphy inputs/outputs
       report.md  report.json  plots/  the report
+    runs/.<name>.lock      held by the process that runs stages in runs/<name> (pid, host, start, command)
 
 No other module spells these names: they ask :class:`RunLayout` (a test scans the package for path literals).
 This module imports neither torch nor transformers.
@@ -135,6 +136,14 @@ class RunLayout:
         if stage in TRAINING_DIRS:
             return self.stage_manifest(stage)
         return {"export": self.onnx_manifest, "engines": self.engine_status, "validate": self.validation}[stage]
+
+    # -- beside the run directory
+    @property
+    def lock(self) -> Path:
+        """The run's lock file, ``.<name>.lock`` beside the run directory (not inside: ``--overwrite`` replaces the
+        directory while the lock is held); it names the process that holds it (:func:`nxm_deploy.stages.hold_run_dir`)."""
+        resolved = self.root.resolve()
+        return resolved.parent / f".{resolved.name}.lock"
 
     def relative(self, path: str | Path) -> str:
         """``path`` relative to the run directory (as reports show it)."""

@@ -123,16 +123,24 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     (:func:`nxm_deploy.training.stage.adoptable_stages`; copies checked by hash).
 
     Raises:
-        RunDirError: ``from_run`` is not a finished run directory, or a file of it changed.
+        RunDirError: ``from_run`` is not a finished run directory, or a file of it changed; another process runs
+            stages in ``run_dir`` (:func:`nxm_deploy.stages.hold_run_dir`: one run per directory at a time).
 
     Under torchrun every rank trains (data-parallel); rank 0 alone prepares the run directory, writes the
     artifacts and runs the later stages; the other ranks return ``{}`` after training.
     """
+    from nxm_deploy.stages import hold_run_dir
+
+    info = preflight(recipe, glue_dir, recipe_path)
+    with hold_run_dir(run_dir):  # from before the directory is (re)written to the report
+        return _run_locked(recipe, Path(run_dir), info, overwrite, from_run)
+
+
+def _run_locked(recipe: Recipe, run_dir: Path, info: dict, overwrite: bool, from_run: str | Path | None) -> dict:
     from nxm_deploy.stages import StageContext, run_stages
     from nxm_deploy.ranks import is_main_process
     from nxm_deploy.validate.report import build_report
 
-    info = preflight(recipe, glue_dir, recipe_path)
     if from_run is not None:
         from nxm_deploy.training.stage import adoptable_stages
 

@@ -18,17 +18,22 @@ manifests changed); the stages before are kept. A killed stage resumes from its 
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import importlib
 import json
 import logging
+import os
+import socket
+import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nxm_deploy.errors import ConfigError, RunDirError
-from nxm_deploy.fileio import atomic_write_json, read_json, sha256_file
+from nxm_deploy.fileio import LockBusy, atomic_write_json, exclusive_lock, read_json, sha256_file
 from nxm_deploy.layout import RunLayout
 from nxm_deploy.ranks import is_main_process
 
@@ -240,6 +245,58 @@ def record_stage(ctx: StageContext, name: str, seconds: float = 0.0, key: str | 
     atomic_write_json(ctx.layout.ledger, ledger)
 
 
+#: lock files this process holds, with their nesting depth (the pipeline, a stage command and the executor nest)
+_HELD: dict[Path, int] = {}
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: str | Path) -> Iterator[None]:
+    """Hold the run directory's lock (:attr:`RunLayout.lock`) for the block: one process at a time runs stages in a
+    run directory, so no stage is trained from an input that another run replaces under it.
+
+    Re-entrant within a process (``nxm-deploy run``, the stage commands and :func:`run_stages` each take it); under
+    torchrun rank 0 alone holds it. A lock whose holder ended without releasing it (killed) is free, since the kernel
+    releases it; it is taken over with a warning that names the old holder. Engine builds
+    (``nxm-deploy build-engine``) take their own finer locks and do not wait for this one.
+
+    Raises:
+        RunDirError: another process holds it (one line: its pid, host, start time and command).
+    """
+    if not is_main_process():
+        yield
+        return
+    path = RunLayout(run_dir).lock
+    if _HELD.get(path):
+        _HELD[path] += 1
+        try:
+            yield
+        finally:
+            _HELD[path] -= 1
+        return
+    holder = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "command": " ".join(["nxm-deploy" if i == 0 else a for i, a in enumerate(sys.argv)])[:300]}
+    stack = contextlib.ExitStack()
+    try:
+        stale = stack.enter_context(exclusive_lock(path, holder))
+    except LockBusy as exc:
+        other = exc.holder
+        raise RunDirError(
+            f"Run directory {run_dir} is in use: pid {other.get('pid', '?')} on {other.get('host', '?')} holds it "
+            f"since {other.get('started', '?')} (`{other.get('command', '?')}`).",
+            hint="Wait for that run to finish (or stop it); two runs must not write one run directory. Use another "
+            "--run-dir to run beside it.") from None
+    with stack:
+        if stale:
+            log.warning("%s: taking over the lock of pid %s on %s (started %s), which ended without releasing it",
+                        run_dir, stale.get("pid", "?"), stale.get("host", "?"), stale.get("started", "?"))
+        _HELD[path] = 1
+        try:
+            yield
+        finally:
+            _HELD.pop(path, None)
+
+
 def run_stages(ctx: StageContext, names: Iterable[str] | None = None, *, force: Iterable[str] = ()) -> dict[str, dict]:
     """Run stages in chain order, skipping the up-to-date ones.
 
@@ -253,12 +310,17 @@ def run_stages(ctx: StageContext, names: Iterable[str] | None = None, *, force: 
         return after the training stages).
 
     Raises:
+        RunDirError: another process runs stages in this run directory (:func:`hold_run_dir`).
         whatever a stage raises (the ledger keeps the stages finished before it).
     """
     wanted = [s.name for s in STAGES] if names is None else list(names)
     for name in wanted:
         get_stage(name)  # raises on an unknown name
-    force = set(force)
+    with hold_run_dir(ctx.run_dir):
+        return _run_stages(ctx, wanted, set(force))
+
+
+def _run_stages(ctx: StageContext, wanted: list[str], force: set[str]) -> dict[str, dict]:
     results: dict[str, dict] = {}
     for stage in STAGES:
         if stage.name not in wanted:

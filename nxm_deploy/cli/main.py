@@ -11,6 +11,7 @@ line: what is missing, how to install ``nxm-deploy[trt]``); 4 build failed; 5 po
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -115,12 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hold(args, run_dir: Path) -> None:
+    """A command that writes into the run directory holds its lock until the command ends (``args.held``, closed by
+    :func:`main`); ``build-engine`` takes its own finer locks instead."""
+    held = getattr(args, "held", None)
+    if held is not None and args.command != "build-engine":
+        from nxm_deploy.stages import hold_run_dir
+
+        held.enter_context(hold_run_dir(run_dir))
+
+
 def _resolve(args, *, create: bool = False, distributed: bool = False):
     """``(recipe, run_dir, glue_dir, info)`` for a stage command's target (a run directory or a recipe file).
 
     A recipe file maps to ``<runs-root>/<name>``; an existing run there must hold the same recipe. The glue
     dir defaults to the one the run was started with (``run.json``). ``distributed``: under torchrun, start the
-    process group as soon as the recipe is known (before rank 0 creates the run directory).
+    process group as soon as the recipe is known (before rank 0 creates the run directory). The command holds the
+    run directory's lock from here to its end (:func:`_hold`).
     """
     from nxm_deploy.config.recipe import load_recipe
     from nxm_deploy.pipeline import preflight, prepare_run_dir, read_run_info
@@ -132,6 +144,7 @@ def _resolve(args, *, create: bool = False, distributed: bool = False):
             raise ConfigError(f"--set changes a recipe, and {path} is a run directory (its recipe is fixed).",
                               hint=f"Pass the recipe file with --set, or use {RunLayout(path).recipe} as a new recipe.")
         recipe, run_dir = open_run_dir(path), path
+        _hold(args, run_dir)
         if distributed:
             from nxm_deploy.training.trainer import init_distributed
 
@@ -145,6 +158,7 @@ def _resolve(args, *, create: bool = False, distributed: bool = False):
         run_dir = Path(getattr(args, "run_dir", None) or Path(args.runs_root) / recipe.name)
         stored = read_run_info(run_dir).get("recipe_sha256")
         if create:  # every torchrun rank checks the inputs; rank 0 alone writes the run directory
+            _hold(args, run_dir)
             prepare_run_dir(recipe, run_dir, getattr(args, "overwrite", False), preflight(recipe, args.glue_dir, path))
         elif stored is None:
             open_run_dir(run_dir)  # raises: no run yet
@@ -153,6 +167,8 @@ def _resolve(args, *, create: bool = False, distributed: bool = False):
                 f"{path} differs from the recipe that {run_dir} was run with.",
                 hint=f"Use the run directory ({run_dir}) as the target, or start a new run with `nxm-deploy run {path}`.",
             )
+        else:
+            _hold(args, run_dir)
     else:
         raise RunDirError(f"{args.target} is neither a run directory nor a recipe file.",
                           hint="e.g. runs/tiny_smoke or recipes/tiny_smoke.yaml")
@@ -395,8 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         warnings.filterwarnings("ignore")
+    args.held = contextlib.ExitStack()  # run-directory locks a command holds until it ends (_hold)
     try:
-        return _dispatch_distributed(args)
+        with args.held:
+            return _dispatch_distributed(args)
     except NxmError as exc:
         _print_error(exc)
         return exit_code(exc)

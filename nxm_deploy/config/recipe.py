@@ -36,6 +36,24 @@ def check_num_bits(num_bits) -> None:
         )
 
 
+_RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_run_name(name: str) -> None:
+    """A recipe ``name`` names its run directory ``runs/<name>``: it must be one plain directory name, i.e. letters,
+    digits, ``_``, ``-`` and ``.`` only (no ``/`` or ``\\``, not empty), and not ``.`` or ``..``.
+
+    Raises:
+        ConfigError: for any other name.
+    """
+    if not _RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(
+            f"{name!r} is not a plain directory name: the run directory is runs/<name>, so a name holds only "
+            "letters, digits, '_', '-' and '.', and is not '.' or '..'.",
+            hint="e.g. name: minilm_rte_2of4",
+        )
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -349,7 +367,8 @@ class ValidateConfig(_Strict):
 class Recipe(_Strict):
     """A whole run. ``name`` names the run directory ``runs/<name>``."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(..., description="the run's name: a plain directory name (letters, digits, '_', '-', '.'; "
+                      "not '.' or '..'), as it names the run directory runs/<name>")
     description: str = ""
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -360,6 +379,12 @@ class Recipe(_Strict):
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_directory_name(cls, value: str) -> str:
+        check_run_name(value)
+        return value
 
     @property
     def pattern(self) -> NMPattern:
@@ -505,8 +530,15 @@ def read_recipe_mapping(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
         raise ConfigError(f"Recipe {path}: its base chain is a cycle ({chain}).", hint="Remove one `base:` key.")
+    from nxm_deploy.data.textfile import check_utf8  # the data readers' UTF-8 check (imports no torch)
+    from nxm_deploy.errors import DataError
+
     try:
-        data = yaml.safe_load(path.read_text())
+        check_utf8(path, "Recipe file")
+    except DataError as exc:  # a recipe or spec is configuration, not task data
+        raise ConfigError(exc.message, hint=exc.hint) from None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"Recipe {path} is not valid YAML: {exc}".replace("\n", " ")) from None
     if isinstance(data, dict) and BASE_KEY in data:

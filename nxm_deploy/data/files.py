@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nxm_deploy.data.textfile import check_utf8
 from nxm_deploy.errors import ConfigError, DataError, MissingDependencyError
 
 #: file suffix -> (datasets builder, builder kwargs)
@@ -65,24 +66,15 @@ def _read(path: str, mtime_ns: int) -> dict[str, list]:
                                      hint='pip install "nxm-deploy[data]"') from exc
     p = Path(path)
     builder, kwargs = FORMATS[p.suffix.lower()]
-    try:
-        with p.open("rb") as handle:
-            head = handle.read(1 << 20)
-        if builder != "parquet":
-            head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"Data file {p} is not UTF-8 text (byte {exc.start} of the file).",
-                        hint="Save the file as UTF-8.") from exc
+    if builder != "parquet":
+        check_utf8(p, "Data file", hint="or save it as UTF-8 from the program that wrote it.")
+    with p.open("rb") as handle:
+        head = handle.read(1 << 20)
     if not head.strip():
         raise DataError(f"Data file {p} is empty.", hint="Give a file with a header (CSV/TSV) and at least one row "
                         "(a .txt file: one document per line).")
     if builder == "text":
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"Data file {p} is not UTF-8 text (byte {exc.start} of the file).",
-                            hint="Save the file as UTF-8.") from exc
-        return {"text": text.splitlines()}
+        return {"text": p.read_text(encoding="utf-8").splitlines()}  # checked above
     datasets.disable_progress_bars()
     try:
         table = datasets.load_dataset(builder, data_files=str(p), split="train", **kwargs)

@@ -5,7 +5,8 @@ Route choice (:func:`load_task_split`):
 1. a GLUE data dir (the ``glue_dir`` argument, else the ``NXM_GLUE_DIR`` environment variable) ->
    ``<glue_dir>/<TaskSpec.glue_dir_name>/<train.tsv | TaskSpec.dev_file>``, read with quoting **off**
    (several GLUE files contain unbalanced ``"`` characters) and ``encoding="utf-8-sig"`` (MRPC starts
-   with a UTF-8 BOM);
+   with a UTF-8 BOM); the whole file is checked to be UTF-8 first (:func:`nxm_deploy.data.textfile.check_utf8`),
+   also when ``max_examples`` reads only its first rows;
 2. no data dir -> ``datasets.load_dataset("nyu-mll/glue", TaskSpec.hf_config)``, imported lazily.
 
 Both routes map labels to the class ids of the HF ``ClassLabel`` order kept in ``TaskSpec.label_list``.
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from nxm_deploy.data.tasks import ColumnRef, TaskSpec, get_task
+from nxm_deploy.data.textfile import check_utf8
 from nxm_deploy.errors import DataError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -127,8 +129,8 @@ def load_task_split(
 
     Raises:
         ConfigError: unknown task, ``split`` not in ``("train", "dev")``, or ``max_examples`` < 1.
-        DataError: the data dir, task folder or file is missing; a row is malformed or has an unknown
-            label; or the Hugging Face route is unavailable (``datasets`` missing, offline).
+        DataError: the data dir, task folder or file is missing; the file is not UTF-8; a row is malformed or
+            has an unknown label; or the Hugging Face route is unavailable (``datasets`` missing, offline).
     """
     spec = get_task(task)
     if split not in SPLITS:
@@ -180,6 +182,8 @@ def _load_tsv(spec: TaskSpec, split: str, root: Path, max_examples: int | None, 
             f"GLUE file {path} not found (task '{spec.name}', split '{split}').",
             hint=f"Expected {spec.train_file} and {spec.dev_file} in {task_dir}. {_GLUE_DIR_HINT}",
         )
+    check_utf8(path, "GLUE file", hint="the GLUE download script writes UTF-8, so downloading the file again "
+               "works too.")  # every byte, even when max_examples reads one row (preflight)
 
     label_ids = {s: i for i, s in enumerate(spec.label_list)} if spec.label_list is not None else None
     texts_a: list[str] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -222,6 +223,81 @@ def test_missing_engine_spec_fails_before_training(capsys, tmp_path, tiny_recipe
     rc, _, err = run_cli(capsys, "-q", "run", str(recipe), "--run-dir", str(tmp_path / "run"), "--glue-dir", str(fake_glue))
     assert rc == 2
     assert_one_error(err, str(missing))
+
+
+# ----------------------------------------------------------------------------------------------- data not UTF-8
+def plant_latin1_byte(path: Path, row: int) -> tuple[int, int]:
+    """Replace the first ``e`` of line ``row`` (1-based) of ``path`` by Latin-1 ``\\xe9``; returns (offset, line)."""
+    data = path.read_bytes()
+    start = 0
+    for _ in range(row - 1):
+        start = data.index(b"\n", start) + 1
+    offset = data.index(b"e", start)
+    assert offset < data.index(b"\n", start)
+    path.write_bytes(data[:offset] + b"\xe9" + data[offset + 1:])
+    return offset, row
+
+
+@pytest.mark.parametrize(("split", "where"), [("train.tsv", "first row"), ("train.tsv", "last row"),
+                                              ("dev.tsv", "last row")])
+def test_glue_file_not_utf8(capsys, tmp_path, glue_dir, split, where) -> None:
+    copy = tmp_path / "glue"
+    shutil.copytree(glue_dir / "RTE", copy / "RTE")
+    path = copy / "RTE" / split
+    lines = path.read_bytes().count(b"\n")
+    offset, line = plant_latin1_byte(path, 2 if where == "first row" else lines)
+    runs = tmp_path / "runs"
+    rc, _, err = run_cli(capsys, "-q", "run", str(REPO_ROOT / "recipes" / "tiny_smoke.yaml"), "--glue-dir", str(copy),
+                         "--runs-root", str(runs))
+    assert rc == 2, err
+    error = assert_one_error(err, str(path), f"byte offset {offset} (line {line})", "0xe9", "iconv -f latin1 -t utf-8")
+    assert "not UTF-8" in error
+    assert all(row.startswith(("error:", "hint:")) for row in err.strip().splitlines()), err
+    assert not runs.exists()
+
+
+def test_own_data_file_not_utf8(capsys, tmp_path, tiny_recipe_dict) -> None:
+    pytest.importorskip("datasets")
+    train, evalf = tmp_path / "train.csv", tmp_path / "eval.jsonl"
+    rows = [{"text": f"some text {i}", "label": "ab"[i % 2]} for i in range(8)]
+    train.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows), encoding="utf-8")
+    evalf.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    offset, line = plant_latin1_byte(evalf, 7)
+    tiny_recipe_dict["task"] = {"name": "mine", "train_file": str(train), "eval_file": str(evalf),
+                                "text_columns": ["text"], "max_seq_length": 32}
+    tiny_recipe_dict["engine"] = {"specs": []}
+    recipe = write_recipe(tmp_path / "mine.yaml", tiny_recipe_dict)
+    runs = tmp_path / "runs"
+    rc, _, err = run_cli(capsys, "-q", "run", str(recipe), "--runs-root", str(runs))
+    assert rc == 2, err
+    error = assert_one_error(err, str(evalf), f"byte offset {offset} (line {line})", "0xe9", "iconv -f latin1 -t utf-8")
+    assert "not UTF-8" in error
+    assert all(row.startswith(("error:", "hint:")) for row in err.strip().splitlines()), err
+    assert not runs.exists()
+
+
+# ----------------------------------------------------------------------------------------------- recipe name
+@pytest.mark.parametrize("name", [".", "..", "a/b", "../up", "a\\b", ""])
+@pytest.mark.parametrize("how", ["file", "--set"])
+def test_recipe_name_must_be_a_plain_directory_name(capsys, tmp_path, tiny_recipe_dict, fake_glue, monkeypatch,
+                                                    name, how) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # `runs/..` would be this directory
+    extra = []
+    if how == "file":
+        tiny_recipe_dict["name"] = name
+    else:
+        extra = ["--set", f"name='{name}'"]  # YAML single quotes: the text as it is ('' is the empty name)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict)
+    rc, _, err = run_cli(capsys, "-q", "run", str(recipe), *extra, "--glue-dir", str(fake_glue))
+    assert rc == 2, err
+    error = assert_one_error(err, "'name'", f"{name!r} is not a plain directory name", "runs/<name>",
+                             "hint: e.g. name:")
+    if how == "--set":
+        assert "--set" in error
+    assert all(row.startswith(("error:", "hint:")) for row in err.strip().splitlines()), err
+    assert list(work.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------------------------- inspect

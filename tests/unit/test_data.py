@@ -311,6 +311,62 @@ def test_bad_regression_score(tmp_path) -> None:
         load_task_split("stsb", "dev", glue_dir=tmp_path)
 
 
+def test_tsv_not_utf8_names_file_offset_and_line_even_past_max_examples(tmp_path) -> None:
+    lines = ["index\tsentence1\tsentence2\tlabel"] + [f"{i}\tcafe {i}\tb\tentailment" for i in range(5)]
+    path = _write(tmp_path, "RTE", "train.tsv", lines, bom=True)
+    data = path.read_bytes()
+    offset = data.index(b"cafe 4") + 3
+    path.write_bytes(data[:offset] + b"\xe9" + data[offset + 1:])  # Latin-1 'é' in the last row
+    for limit in (1, None):  # preflight reads one row; the whole file is checked anyway
+        with pytest.raises(DataError) as info:
+            load_task_split("rte", "train", glue_dir=tmp_path, max_examples=limit)
+        err = info.value
+        assert str(path) in err.message and "not UTF-8" in err.message, err.message
+        assert f"byte offset {offset} (line 6)" in err.message and "0xe9" in err.message, err.message
+        assert "iconv -f latin1 -t utf-8" in err.hint
+
+
+def test_check_utf8_joins_characters_cut_by_a_chunk(tmp_path) -> None:
+    from nxm_deploy.data.textfile import check_utf8
+
+    path = tmp_path / "t.txt"
+    text = "a\u00e9\u20ac\U0001d11e\n" * 50  # 1-, 2-, 3- and 4-byte characters
+    path.write_text(text, encoding="utf-8")
+    for chunk in (1, 2, 3, 5, 64):
+        check_utf8(path, chunk_bytes=chunk)
+    data = text.encode("utf-8")
+    offset = len("a\u00e9\u20ac\U0001d11e\n".encode("utf-8")) * 7 + 4  # the 2nd byte of a 3-byte character
+    path.write_bytes(data[:offset] + b"\xff" + data[offset + 1:])
+    for chunk in (1, 2, 3, 5, 64, 1 << 20):
+        with pytest.raises(DataError, match=rf"the first bad byte, 0xe2, is at byte offset {offset - 1} \(line 8\)"):
+            check_utf8(path, chunk_bytes=chunk)
+
+
+def test_own_data_file_checked_whole_for_utf8(tmp_path) -> None:
+    """Past the first MiB too, and a character cut by the 1 MiB boundary is no error."""
+    pytest.importorskip("datasets")
+    from nxm_deploy.data.files import read_columns
+
+    head = "text,label\n"
+    row = "caf\u00e9 au lait,x\n"
+    rows = (1 << 20) // len(row.encode("utf-8")) + 10
+    path = tmp_path / "big.csv"
+    cut = 0
+    for shift in range(len(row.encode("utf-8"))):
+        data = (head + "y" * shift + row * rows).encode("utf-8")
+        if data[1 << 20] & 0xC0 != 0x80:  # keep the shift that puts an 'é' across byte 1 MiB
+            continue
+        cut += 1
+        path.write_bytes(data)
+        assert len(read_columns(path)["text"]) == rows
+    assert cut == 1
+    offset = data.rindex(b"caf") + 3
+    path.write_bytes(data[:offset] + b"\xe9" + data[offset + 2:])  # Latin-1 'é' in the last row
+    with pytest.raises(DataError, match=rf"big.csv is not UTF-8 text: the first bad byte, 0xe9, is at byte offset "
+                                        rf"{offset} \(line {rows + 1}\)"):
+        read_columns(path)
+
+
 def test_env_glue_dir(tmp_path, monkeypatch) -> None:
     _write(tmp_path, "RTE", "train.tsv", ["index\tsentence1\tsentence2\tlabel", "0\tx\ty\tnot_entailment"])
     monkeypatch.setenv("NXM_GLUE_DIR", str(tmp_path))

@@ -35,6 +35,20 @@ def test_bad_values_named():
         recipe_from_dict({"name": "x", "train": {"admm": {"update_interval": 0}}})
 
 
+@pytest.mark.parametrize("name", [".", "..", "", "a/b", "../x", "/abs", "a\\b", "a b", "x\n"])
+def test_name_must_be_a_plain_directory_name(name):
+    with pytest.raises(ConfigError, match=r"'name': .* is not a plain directory name") as info:
+        recipe_from_dict({"name": name})
+    assert "runs/<name>" in info.value.message and info.value.hint.startswith("e.g. name:")
+    with pytest.raises(ValueError, match="not a plain directory name"):  # pydantic's ValidationError
+        recipe_from_dict({"name": "ok"}).name = name  # assignment is validated too
+
+
+@pytest.mark.parametrize("name", ["x", "tiny_smoke", "minilm-rte.v2", "...", ".hidden"])
+def test_plain_directory_names_pass(name):
+    assert recipe_from_dict({"name": name}).name == name
+
+
 def test_yaml_errors_are_config_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
@@ -175,3 +189,15 @@ def test_an_admm_only_change_leaves_the_magnitude_stage_up_to_date():
     magnitude = load_recipe(path, ["train.admm.method=magnitude"])
     assert "train.admm.rho" in magnitude.unread_keys() and "train.admm.epochs" not in magnitude.unread_keys()
     assert not load_recipe(path).unread_keys()
+
+
+def test_a_recipe_or_engine_spec_that_is_not_utf8_is_one_config_error(tmp_path):
+    from nxm_deploy.engine.spec import load_engine_spec
+
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"name: x\ndescription: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"Recipe file .* is not UTF-8 text: .*byte offset 24 \(line 2\)") as err:
+        load_recipe(path)
+    assert "iconv" in err.value.hint
+    with pytest.raises(ConfigError, match=r"Engine spec .* is not UTF-8 text"):
+        load_engine_spec(path)
