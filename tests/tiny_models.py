@@ -20,11 +20,16 @@ def tiny_classifier(model_type: str, vocab_size: int = 100):
 
 
 def build_tiny_qdq(path, seed: int = 0, gemm_outputs: bool = False, attention: bool = False,
-                   metadata: bool = False):
+                   metadata: bool = False, calibration: str = "max", calibration_data: list[dict] | None = None,
+                   **config):
     """Export a tiny 2:4 + INT8 fake-quant BERT classifier to ``path``; returns (model, target names).
 
     ``gemm_outputs``/``attention``: the quantizer groups of ``train.qat.quantizers`` (off: inputs and weights of
     the n:m GEMMs only). ``metadata``: store the n:m layer map as the export stage does (INT8 weights too).
+    ``calibration``: activation calibration method (``"max"``, or ``"percentile"`` at 99.99, the recipe default).
+    ``calibration_data``: batches of int64 ``[B, L]`` tensors (``input_ids``, ``attention_mask``,
+    ``token_type_ids``) to calibrate on; default two batches of 4 random unpadded 32-token sequences.
+    ``config``: ``BertConfig`` fields over the tiny ones (2 layers, width 64), e.g. a BERT-base shape.
     """
     import transformers
 
@@ -36,17 +41,15 @@ def build_tiny_qdq(path, seed: int = 0, gemm_outputs: bool = False, attention: b
     from nxm_deploy.sparsity.targets import select_targets, target_names
 
     torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=64, num_labels=2,
-    )
-    model = transformers.BertForSequenceClassification(config).eval()
+    fields = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                  max_position_embeddings=64, num_labels=2)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(**{**fields, **config})).eval()
     names = target_names(select_targets(model, NMPattern.parse("2:4")))
     apply_masks_(model, {f"{n}.weight": nm_mask(model.get_submodule(n).weight, "2:4") for n in names})
     quantize_model_(model, names)
     place_quantizers_(model, names, gemm_outputs=gemm_outputs, attention=attention)
     gen = torch.Generator().manual_seed(seed)
-    batches = [
+    batches = calibration_data or [
         {
             "input_ids": torch.randint(0, 1000, (4, 32), generator=gen),
             "attention_mask": torch.ones(4, 32, dtype=torch.int64),
@@ -59,7 +62,7 @@ def build_tiny_qdq(path, seed: int = 0, gemm_outputs: bool = False, attention: b
         for batch in batches:
             m(**batch)
 
-    calibrate(model, forward_loop)
+    calibrate(model, forward_loop, method=calibration)
     use_eager_attention(model)
     model.eval()
     sample = {k: v[:2, :16] for k, v in batches[0].items()}

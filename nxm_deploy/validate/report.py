@@ -46,6 +46,7 @@ def runner_label(name: str, pattern: str) -> str:
         return f"TensorRT engine {name[4:]}"
     if name.startswith("torch_"):
         return {"torch_dense_fp32": "dense FP32 (PyTorch)", "torch_int8_fakequant": f"sparse {pattern} INT8 fake-quant (PyTorch)",
+                "torch_int8_fakequant_fp64": f"sparse {pattern} INT8 fake-quant in FP64 (PyTorch)",
                 "torch_qat_fp32": f"sparse {pattern} QAT weights, quantizers off (PyTorch)",
                 "torch_cuda_dense_fp16": "dense FP16 (PyTorch CUDA, CUDA graphs)",
                 "torch_cuda_sparse_fp16": f"sparse {pattern} FP16 (PyTorch CUDA, cuSPARSELt, CUDA graphs)",
@@ -222,6 +223,25 @@ def _parity_line(p: dict) -> str:
             f"INT8 {p['int8_max_abs_diff']:.2e} (atol {p['int8_atol']}) — {verdict}.")
 
 
+def _int8_derivation(tol: dict) -> str:
+    """How the INT8 atol came out of :func:`nxm_deploy.validate.diff.int8_tolerance`, with its numbers (a
+    validation.json from before the noise bound has no ``rounding_noise_rms``: those words are left out)."""
+    q, s, n_cal, n = (tol.get(k) for k in ("quantization_max_abs_diff", "rounding_noise_rms", "calibration_batches",
+                                            "batches"))
+    text = f" Observed max |ORT INT8 − fake-quant| {tol['observed_impl_max_abs_diff']:.3g}"
+    if n_cal is not None:
+        text += f" on the first {n_cal}" + (f" of {n}" if n is not None else "") + " batches (d)"
+    if q is not None:
+        text += f", INT8 perturbation max |fake-quant − FP32| {q:.3g} (q)"
+    if s is not None and tol.get("noise_bound") is not None:
+        text += (f"; the twin's own rounding noise FP32 vs FP64 rms {s:.3g} (s) over all {n} batches, "
+                 f"{tol.get('logits_compared')} logits: bound √2 × {tol['z']:.3g} × s = {tol['noise_bound']:.3g} "
+                 f"(a correct INT8 runtime exceeds it with probability ≤ {tol.get('false_alarm'):g})")
+    if tol.get("cap") is not None:
+        text += f"; cap {tol['cap']:.3g}"
+    return text + f"; limited by the {tol.get('limited_by')}."
+
+
 def _markdown(report: dict, sparsity: dict | None) -> str:
     primary, pattern = report["primary_metric"], report["pattern"]
     plots = report.get("plots") or {}
@@ -286,10 +306,7 @@ def _markdown(report: dict, sparsity: dict | None) -> str:
         for key, tol in diff["tolerances"].items():
             extra = ""
             if key == "int8" and tol.get("observed_impl_max_abs_diff") is not None:
-                q = tol.get("quantization_max_abs_diff")
-                extra = (f" Observed max |ORT INT8 − fake-quant| {tol['observed_impl_max_abs_diff']:.3g}"
-                         + (f", INT8 perturbation max |fake-quant − FP32| {q:.3g}" if q is not None else "")
-                         + f"; limited by the {tol.get('limited_by')}.")
+                extra = _int8_derivation(tol)
             lines.append(f"- `{key}`: atol {tol['atol']:.3g}, rtol {tol['rtol']:g} — {tol['rule']}.{extra}")
         lines += ["", "| reference | candidate | tolerance | atol | max \\|Δ\\| | mean \\|Δ\\| | argmax agree | batches passed | verdict |",
                   "|---|---|---|---|---|---|---|---|---|"]

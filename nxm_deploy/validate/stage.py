@@ -8,7 +8,8 @@ Runners (:mod:`nxm_deploy.validate.runners`, all Polygraphy runners):
   (``<model>_cuda``, ``<model>_trtep``);
 * TensorRT engines recorded as built in ``engines/status.json`` (``trt_<engine name>``), checked against this
   machine from their manifests before loading;
-* PyTorch (``torch_dense_fp32``, ``torch_int8_fakequant`` and ``torch_qat_fp32``): output diff only.
+* PyTorch (``torch_dense_fp32``, ``torch_int8_fakequant``, ``torch_qat_fp32`` and
+  ``torch_int8_fakequant_fp64``): output diff only.
 
 Steps: task metric on the full dev set per runner (deltas against ``dense_fp32``); output diff with Polygraphy
 (:mod:`nxm_deploy.validate.diff`); interleaved latency on the recipe's (batch, seq) grid
@@ -33,7 +34,7 @@ from nxm_deploy.data.metrics import compute_metrics, lm_nll_sums
 from nxm_deploy.errors import ConfigError, RunDirError, ValidationError
 from nxm_deploy.layout import RunLayout
 from nxm_deploy.export.onnx import DENSE_ONNX, SPARSE_ONNX
-from nxm_deploy.validate.diff import DEFAULT_TOLERANCE_FACTOR, make_feeds, run_diff
+from nxm_deploy.validate.diff import DEFAULT_TOLERANCE_FACTOR, FAKEQUANT_FP64, make_feeds, run_diff
 from nxm_deploy.validate.gates import delta_pt, evaluate_gates, gate_settings, raise_for_gates
 from nxm_deploy.machine import machine_line
 from nxm_deploy.validate.latency import measure_ab
@@ -192,6 +193,10 @@ def predict(runner, batches: list[dict[str, np.ndarray]], reduce=None) -> np.nda
 
 
 def _torch_runners(run_dir: Path, names: list[str]) -> dict:
+    """The PyTorch runners of the output diff: dense FP32, the QAT model's fake-quant twin, the twin with its
+    quantizers off and the twin in FP64 (:data:`~nxm_deploy.validate.diff.FAKEQUANT_FP64`, its own rounding
+    noise for the INT8 tolerance; a second, FP64 copy of the QAT model while it runs)."""
+    from nxm_deploy.quantization.fake_quant import float64_copy
     from nxm_deploy.training.stage import load_qat_model, load_stage_model, stage_dir
 
     dense, _ = load_stage_model(run_dir, "dense")
@@ -202,6 +207,8 @@ def _torch_runners(run_dir: Path, names: list[str]) -> dict:
                                             source=stage_dir(run_dir, "qat")),
         "torch_qat_fp32": TorchRunner(qat, "torch_qat_fp32", names, context=quantizers_disabled, sparse=True,
                                       source=stage_dir(run_dir, "qat")),
+        FAKEQUANT_FP64: TorchRunner(lambda: float64_copy(qat), FAKEQUANT_FP64, names, precision="int8", sparse=True,
+                                    source=stage_dir(run_dir, "qat")),
     }
 
 

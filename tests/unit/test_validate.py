@@ -12,7 +12,9 @@ import pytest
 
 from nxm_deploy.data.metrics import compute_metrics
 from nxm_deploy.errors import ConfigError, NxmError
-from nxm_deploy.validate.diff import INT8_ATOL_FLOOR, default_comparisons, int8_tolerance
+from nxm_deploy.validate.diff import (
+    FAKEQUANT_FP64, INT8_ATOL_FLOOR, default_comparisons, gaussian_max_z, int8_tolerance,
+)
 from nxm_deploy.validate.engines import (
     built_engines, check_engine_manifest, check_grid_in_profile, engine_runners, profile_range,
 )
@@ -151,6 +153,64 @@ def test_int8_tolerance_rule() -> None:
     assert uncapped["atol"] == pytest.approx(1.0) and uncapped["cap"] is None
 
 
+def _deep_int8_outputs(rng, batches: int = 4, sigma: float = 0.006, ort_sigma: float | None = None):
+    """Synthetic logits ``[8, 2]`` per batch in the regime of a deep INT8 model: the INT8 perturbation (twin vs
+    quantizers off), the twin's own FP32-vs-FP64 rounding noise and ORT's are all Gaussian of rms ``sigma``;
+    ORT's (``ort_sigma``, default ``sqrt(2) sigma``: independent of the twin's, the worst case) is drawn per logit.
+    Returns (fakequant, ort, qat_fp32, fakequant_fp64)."""
+    fp = [rng.normal(0, 0.3, (8, 2)) for _ in range(batches)]
+    fq = [a + rng.normal(0, sigma, a.shape) for a in fp]
+    fq64 = [a + rng.normal(0, sigma, a.shape) for a in fq]
+    ort = [a + rng.normal(0, np.sqrt(2) * sigma if ort_sigma is None else ort_sigma, a.shape) for a in fq]
+    return fq, ort, fp, fq64
+
+
+def test_int8_noise_bound_holds_on_held_out_batches() -> None:
+    """Deep-model regime (ORT-vs-twin noise as large as the INT8 perturbation): the former cap, half the calibration
+    half's max |twin - FP32|, failed correct runtimes on held-out batches; the FP64 noise bound holds them."""
+    rng = np.random.default_rng(0)
+    trials, former_failed, failed = 300, 0, 0
+    for _ in range(trials):
+        fq, ort, fp, fq64 = _deep_int8_outputs(rng)
+        tol = int8_tolerance(fq, ort, fp, fakequant_fp64=fq64)
+        worst = max(float(np.max(np.abs(a - b))) for a, b in zip(ort, fq))  # every batch, held-out ones included
+        failed += worst > tol["atol"]
+        former_failed += worst > min(tol["atol"], 0.5 * max(float(np.max(np.abs(a - b))) for a, b in zip(fq[:2], fp[:2])))
+    assert failed == 0 and former_failed > trials // 2, (failed, former_failed)
+    z = gaussian_max_z(64)
+    assert z == pytest.approx(4.32, abs=0.01) and gaussian_max_z(128) > z  # the max of more logits grows
+    assert tol["logits_compared"] == 64 and tol["z"] == pytest.approx(z) and tol["calibration_batches"] == 2
+    s = np.sqrt(np.mean(np.concatenate([(a - b).ravel() for a, b in zip(fq, fq64)]) ** 2))
+    assert tol["rounding_noise_rms"] == pytest.approx(s) and tol["noise_bound"] == pytest.approx(np.sqrt(2) * z * s)
+    assert "√2 · z · s" in tol["rule"] and "first 2 of 4 batches" in tol["rule"]
+
+
+def test_int8_noise_bound_still_fails_a_real_error() -> None:
+    rng = np.random.default_rng(1)
+    fq, ort, fp, fq64 = _deep_int8_outputs(rng)
+    broken = [a + 0.08 * np.sign(rng.normal(size=a.shape)) for a in ort]  # a real error: ~13 rms of the noise
+    tol = int8_tolerance(fq, broken, fp, fakequant_fp64=fq64)
+    assert tol["limited_by"] == "cap" and tol["factor"] * tol["observed_impl_max_abs_diff"] > tol["cap"]
+    assert all(float(np.max(np.abs(a - b))) > tol["atol"] for a, b in zip(broken, fq))
+    # the cap is the twin's alone: the same whatever the candidate
+    assert tol["cap"] == int8_tolerance(fq, ort, fp, fakequant_fp64=fq64)["cap"]
+
+
+def test_int8_tolerance_calibration_split_and_inputs() -> None:
+    rng = np.random.default_rng(2)
+    fq, ort, fp, fq64 = _deep_int8_outputs(rng)
+    late = ort[:2] + [a + 1.0 for a in ort[2:]]  # only held-out batches are off: d does not see them
+    assert int8_tolerance(fq, late, fp, fakequant_fp64=fq64)["atol"] == int8_tolerance(fq, ort, fp, fakequant_fp64=fq64)["atol"]
+    all_cal = int8_tolerance(fq, late, fp, fakequant_fp64=fq64, n_calibration=4)
+    assert all_cal["calibration_batches"] == 4 and all_cal["observed_impl_max_abs_diff"] > 1.0
+    noisy_tail = int8_tolerance(fq, ort, fp, fakequant_fp64=fq64[:2] + [a + 0.05 for a in fq[2:]])
+    assert noisy_tail["rounding_noise_rms"] > 0.02  # s uses every batch (the twin only)
+    with pytest.raises(ValueError, match="same number"):
+        int8_tolerance(fq, ort[:3], fp)
+    with pytest.raises(ValueError, match="different shapes"):
+        int8_tolerance(fq, [a[:, :1] for a in ort], fp)
+
+
 def test_default_comparisons_follow_runner_labels() -> None:
     def r(backend, precision, sparse=False):
         return SimpleNamespace(backend=backend, precision=precision, sparse=sparse)
@@ -167,6 +227,8 @@ def test_default_comparisons_follow_runner_labels() -> None:
     assert comps[("dense_fp32", "trt_dense")].tolerance == "gpu_float"
     assert comps[("dense_fp32", "sparse_int8")].gated is False
     assert comps[("torch_int8_fakequant", "torch_qat_fp32")].gated is False
+    fp64 = default_comparisons({**runners, FAKEQUANT_FP64: r("pytorch-cpu", "int8", True)})
+    assert [(c.reference, c.gated) for c in fp64 if c.candidate == FAKEQUANT_FP64] == [("torch_int8_fakequant", False)]
 
 
 # ----------------------------------------------------------------------------------------------- gates

@@ -267,6 +267,31 @@ def test_report_writes_markdown_json_and_plots(tmp_path) -> None:
     assert [r["name"] for r in saved["accuracy"]][-3:] == ["dense_fp32", "sparse_int8", "cpu_int8"]
 
 
+def test_report_says_how_the_int8_tolerance_was_derived(tmp_path) -> None:
+    import json
+
+    from nxm_deploy.validate.diff import int8_tolerance
+    from nxm_deploy.validate.report import build_report
+
+    rng = np.random.default_rng(0)
+    fp = [rng.normal(0, 0.3, (8, 2)) for _ in range(4)]
+    fq = [a + rng.normal(0, 0.006, a.shape) for a in fp]
+    fq64 = [a + rng.normal(0, 0.006, a.shape) for a in fq]
+    ort = [a + rng.normal(0, 0.006, a.shape) for a in fq]
+    validation = _validation()
+    tol = int8_tolerance(fq, ort, fp, fakequant_fp64=fq64)
+    validation["diff"]["tolerances"]["int8"] = tol
+    run, recipe = _run_dir(tmp_path)
+    (run / "validation.json").write_text(json.dumps(validation))
+    build_report(recipe, run)
+    (line,) = [l for l in (run / "report.md").read_text().splitlines() if l.startswith("- `int8`")]
+    for text in (f"atol {tol['atol']:.3g}", "on the first 2 of 4 batches (d)", "√2 · z · s", "rms(torch fake-quant FP32 − FP64)",
+                 f"rounding noise FP32 vs FP64 rms {tol['rounding_noise_rms']:.3g} (s) over all 4 batches, 64 logits",
+                 f"bound √2 × {tol['z']:.3g} × s = {tol['noise_bound']:.3g}", "probability ≤ 0.001",
+                 f"cap {tol['cap']:.3g}; limited by the {tol['limited_by']}."):
+        assert text in line, (text, line)
+
+
 def test_report_without_validation(tmp_path) -> None:
     from nxm_deploy.validate.report import build_report
 
