@@ -13,7 +13,7 @@ GLUE_FLAG := $(if $(GLUE_DIR),--glue-dir $(GLUE_DIR),)
 RECIPE ?= recipes/minilm_mrpc_2of4_int8.yaml
 PYTEST_ARGS ?= -q --durations=15
 
-.PHONY: install demo smoke test lock test-latest clean
+.PHONY: install demo smoke test lock test-latest bench-ort clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ smoke: install
 
 test: install
 	NXM_GLUE_DIR=$(GLUE_DIR) $(PY) -m pytest $(PYTEST_ARGS)
+
+# benchmarks/ort_cpu.{md,json}: our CPU INT8 artifact against ONNX Runtime's own best (optimizer, quantize_dynamic) on
+# the demo's MiniLM (real weights; its accuracy gate may fail with exit 4, the artifacts are what is timed) and on a
+# random-init BERT-base. Run it on an idle machine.
+bench-ort: install
+	$(VENV)/bin/nxm-deploy -q run $(RECIPE) $(GLUE_FLAG) > /dev/null || [ $$? -eq 4 ]
+	$(VENV)/bin/nxm-deploy -q run recipes/bench_ort_bert_base.yaml $(GLUE_FLAG) > /dev/null
+	$(PY) tools/bench_ort.py --run-dir runs/minilm_mrpc_2of4_int8 --run-dir runs/bench_ort_bert_base \
+		$(if $(GLUE_DIR),--glue-dir $(GLUE_DIR),)
 
 # Regenerate the lock from pyproject.toml's ranges (+ the CPU torch of constraints/cpu.txt) with pip-tools, in a
 # venv of its own; then run `make test` on it before committing. The command is in the lock's header.

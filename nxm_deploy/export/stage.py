@@ -1,4 +1,6 @@
-"""Export stage: ``dense/`` -> ``onnx/dense_fp32.onnx``, ``qat/`` -> ``onnx/sparse_int8_qdq.onnx``, checked."""
+"""Export stage: ``dense/`` -> ``onnx/dense_fp32.onnx``, ``qat/`` -> ``onnx/sparse_int8_qdq.onnx``, checked; the CPU
+INT8 artifact ``onnx/sparse_int8_cpu.onnx``; ONNX Runtime's own CPU path for the dense model (the peer:
+``onnx/dense_fp32_opt.onnx``, ``onnx/dense_int8_dynamic.onnx``, :mod:`nxm_deploy.export.ort_peer`)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from nxm_deploy.export.onnx import (
 )
 from nxm_deploy.export.int8_weights import store_int8_weights
 from nxm_deploy.export.cpu_int8 import CPU_INT8_ONNX, compare_logits, make_cpu_int8
+from nxm_deploy.export.ort_peer import make_ort_peers
 from nxm_deploy.export.parity import INT8_MIN_AGREEMENT, INT8_TIE_MARGIN
 from nxm_deploy.export.qdq_lint import sparse_int8_summary, verify_qdq
 from nxm_deploy.export.verify import verify_onnx_sparsity, write_sparsity_metadata
@@ -40,7 +43,8 @@ CPU_INT8_PARITY_ATOL = 1e-3
 def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = None) -> dict:
     """Export both models of a run, guard the Q/DQ graph, verify n:m per layer, check ORT parity.
 
-    Writes ``onnx/{dense_fp32,sparse_int8_qdq}.onnx``, ``onnx/sparsity_report.json`` and ``onnx/manifest.json``.
+    Writes ``onnx/{dense_fp32,sparse_int8_qdq,sparse_int8_cpu}.onnx``, the peers ``onnx/dense_fp32_opt.onnx`` and
+    ``onnx/dense_int8_dynamic.onnx``, ``onnx/sparsity_report.json`` and ``onnx/manifest.json``.
 
     Raises:
         RunDirError: training stages missing, or a file of theirs changed after it was written.
@@ -121,6 +125,12 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     if (agree is not None and agree < 1.0) or cpu_parity["max_abs_diff"] > CPU_INT8_PARITY_ATOL:
         log.warning("CPU INT8 vs Q/DQ parity outside tolerance: %s", cpu_parity)
 
+    # ONNX Runtime's own best CPU path for the dense model (optimizer + quantize_dynamic): the CPU peer in validation
+    peers = make_ort_peers(dense_path, out, dense.config)
+    for record in peers.values():
+        if "file" in record:
+            record["parity_vs_dense"] = compare_logits(dense_path, out / record["file"], sample)
+
     decisive = int8_parity.get("argmax_agreement_decisive")
     int8_ok = decisive is None or decisive >= INT8_MIN_AGREEMENT
     parity = {
@@ -146,14 +156,16 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
         "cpu_int8": {**file_record(cpu_path), "form": cpu["form"], "converted": cpu["converted"],
                      "activation_quantizers": cpu["activation_quantizers"], "left_float": cpu["left_float"],
                      "layer_map": cpu_layer_map, "sparsity_ok": cpu_report.ok, "parity_vs_qdq": cpu_parity},
-        "layer_map": layer_map, "sparse_modules": targets, "parity": parity,
+        "ort_peers": peers, "layer_map": layer_map, "sparse_modules": targets, "parity": parity,
         "sparsity_check": {
             "ok": report.ok, "layers": len(report.layers),
             "sparse_layers": sum(1 for r in report.layers if r.status == "sparse"),
             "expected_sparse": len(targets),
         },
     }
-    manifest["files"] = {p.name: sha256_file(p) for p in (dense_path, sparse_path, cpu_path, out / "sparsity_report.json")}
+    peer_paths = [out / r["file"] for r in peers.values() if "file" in r]
+    manifest["files"] = {p.name: sha256_file(p) for p in (dense_path, sparse_path, cpu_path, *peer_paths,
+                                                           out / "sparsity_report.json")}
     atomic_write_json(RunLayout(run_dir).onnx_manifest, manifest)
     log.info("exported %s and %s", dense_path, sparse_path)
     return manifest

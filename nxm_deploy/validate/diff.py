@@ -332,6 +332,10 @@ def default_comparisons(runners: dict) -> list[Comparison]:
     for name, runner in runners.items():
         if name in ("dense_fp32", "sparse_int8") or runner.backend == "pytorch-cpu":
             continue
+        if getattr(runner, "peer", False):
+            add("dense_fp32", name, runner.precision if runner.precision == "int8" else "fp32", gated=False,
+                why="ONNX Runtime's own CPU path for the dense model (the peer) vs dense FP32: reported only")
+            continue
         if runner.backend == "pytorch-cuda" and runner.precision == "int8":
             add("sparse_int8", name, "int8", gated=False,
                 why="INT8 GEMMs with an FP16 remainder (PyTorch CUDA) vs the FP32-remainder Q/DQ reference: reported")

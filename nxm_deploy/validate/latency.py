@@ -52,9 +52,12 @@ def speedup_stats(base_s: list[float], model_s: list[float]) -> dict[str, float]
     }
 
 
-def summarize(times: dict[str, list[float]], batch_size: int, baselines: dict[str, str]) -> dict:
+def summarize(times: dict[str, list[float]], batch_size: int, baselines: dict[str, str],
+              references: dict[str, list[str]] | None = None) -> dict:
     """Per runner: percentiles (ms), ``throughput_seq_per_s`` (batch / p50), and the speedup over its baseline
-    (``baseline``, ``speedup``, ``speedup_p10``, ``speedup_p90`` and the same ratio as ``speedup_vs_<baseline>``)."""
+    (``baseline``, ``speedup``, ``speedup_p10``, ``speedup_p90`` and the same ratio as ``speedup_vs_<baseline>``);
+    ``references``: more runners per runner to give the ratio of p50s against, as ``speedup_vs_<reference>``
+    (e.g. ONNX Runtime's optimized FP32 graph and its ``quantize_dynamic`` model beside the plain FP32 baseline)."""
     result = {}
     for name, seconds in times.items():
         stats = percentiles_ms(seconds)
@@ -65,13 +68,16 @@ def summarize(times: dict[str, list[float]], batch_size: int, baselines: dict[st
             stats["baseline"] = base
             stats[f"speedup_vs_{base}"] = sp["speedup"]
             stats.update(sp)
+        for ref in (references or {}).get(name, ()):
+            if ref in times and ref != name:
+                stats[f"speedup_vs_{ref}"] = speedup_stats(times[ref], seconds)["speedup"]
         stats["runs"] = len(seconds)
         result[name] = stats
     return result
 
 
 def measure_ab(runners: dict, feeds: dict[str, np.ndarray], warmup_runs: int, timed_runs: int, baseline: str,
-               baselines: dict[str, str] | None = None) -> dict:
+               baselines: dict[str, str] | None = None, references: dict[str, list[str]] | None = None) -> dict:
     """Time every runner on the same ``feeds``, interleaving runners each round so machine drift cancels.
 
     Args:
@@ -81,6 +87,7 @@ def measure_ab(runners: dict, feeds: dict[str, np.ndarray], warmup_runs: int, ti
         timed_runs: timed rounds; in round ``i`` the runner order is rotated by ``i`` (:func:`round_order`).
         baseline: runner name that speedups are relative to by default.
         baselines: per-runner baseline overrides (e.g. the dense engine for TensorRT runners).
+        references: per runner, more runners to give ``speedup_vs_<name>`` against (:func:`summarize`).
 
     Returns:
         dict: per runner (:func:`summarize`) ``p50_ms``, ``p90_ms``, ``p99_ms``, ``mean_ms``,
@@ -100,4 +107,4 @@ def measure_ab(runners: dict, feeds: dict[str, np.ndarray], warmup_runs: int, ti
             runners[name].infer(feeds)
             times[name].append(runners[name].last_inference_s)
     chosen = {name: (baselines or {}).get(name, baseline) for name in names}
-    return summarize(times, batch, chosen)
+    return summarize(times, batch, chosen, references)

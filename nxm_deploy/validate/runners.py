@@ -55,6 +55,9 @@ class _Labelled:
     precision: str = "fp32"
     sparse: bool = False
     source: str | None = None
+    #: a reference model of another tool (ONNX Runtime's optimizer / quantize_dynamic), not one of ours: reported,
+    #: never gated
+    peer: bool = False
 
     def _set_labels(self, backend: str, precision: str, sparse: bool, source) -> None:
         self.backend, self.precision, self.sparse = backend, precision, bool(sparse)
@@ -89,7 +92,7 @@ class _Labelled:
 
     def describe(self) -> dict:
         return {"name": self.name, "backend": self.backend, "precision": self.precision, "sparse": self.sparse,
-                "source": self.source}
+                "source": self.source, **({"peer": True} if self.peer else {})}
 
     def infer(self, feed_dict, check_inputs: bool = True, *args, **kwargs):
         """Run one batch; extra entries of ``feed_dict`` are ignored.
@@ -136,7 +139,7 @@ class OnnxRuntimeRunner(_Labelled, OnnxrtRunner):
 
     def __init__(self, path: str | Path | bytes, name: str, *, backend: str = "onnxruntime-cpu",
                  intra_op_threads: int | None = None, precision: str = "fp32", sparse: bool = False,
-                 source: str | Path | None = None, providers: list[str] | None = None):
+                 source: str | Path | None = None, providers: list[str] | None = None, peer: bool = False):
         if providers:
             backend = next((b for b, p in ORT_BACKENDS.items() if p[0] == providers[0]), backend)
         if not isinstance(path, bytes):
@@ -156,6 +159,7 @@ class OnnxRuntimeRunner(_Labelled, OnnxrtRunner):
         OnnxrtRunner.__init__(self, functools.partial(make_session, path, self.providers, self.intra_op_threads),
                               name=name)
         self._set_labels(backend, precision, sparse, source if source is not None else self.path)
+        self.peer = bool(peer)
 
     def activate_impl(self):
         self.sess = self._sess()  # what OnnxrtRunner.activate_impl does, plus the provider check

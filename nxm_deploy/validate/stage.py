@@ -3,7 +3,9 @@
 Runners (:mod:`nxm_deploy.validate.runners`, all Polygraphy runners):
 
 * ONNX Runtime CPU: ``dense_fp32``, ``sparse_int8`` (Q/DQ) and, when the export wrote it, ``cpu_int8``
-  (``onnx/manifest.json`` key ``cpu_int8``);
+  (``onnx/manifest.json`` key ``cpu_int8``); the peers ``dense_fp32_opt`` and ``dense_int8_dynamic`` (ONNX Runtime's
+  optimizer and ``quantize_dynamic`` on the dense model, key ``ort_peers``): scored and timed, never gated, and every
+  CPU runner's speedup is also given against each of them (``speedup_vs_dense_fp32_opt``, ...);
 * ONNX Runtime CUDA / TensorRT execution providers when ``onnxruntime-gpu`` is installed and a GPU is visible
   (``<model>_cuda``, ``<model>_trtep``);
 * TensorRT engines recorded as built in ``engines/status.json`` (``trt_<engine name>``), checked against this
@@ -34,6 +36,7 @@ from nxm_deploy.data.metrics import compute_metrics, lm_nll_sums
 from nxm_deploy.errors import ConfigError, RunDirError, ValidationError
 from nxm_deploy.layout import RunLayout
 from nxm_deploy.export.onnx import DENSE_ONNX, SPARSE_ONNX
+from nxm_deploy.export.ort_peer import PEERS
 from nxm_deploy.validate.diff import DEFAULT_TOLERANCE_FACTOR, FAKEQUANT_FP64, make_feeds, run_diff
 from nxm_deploy.validate.gates import delta_pt, evaluate_gates, gate_settings, raise_for_gates
 from nxm_deploy.machine import machine_line
@@ -80,6 +83,10 @@ def onnx_models(run_dir: Path, manifest: dict) -> dict[str, dict]:
             if (onnx_dir / candidate).is_file():
                 models[CPU_INT8] = {"path": onnx_dir / candidate, "precision": "int8", "sparse": True}
                 break
+    for name, record in (manifest.get("ort_peers") or {}).items():
+        if "file" in record:  # ONNX Runtime's own CPU path for the dense model (nxm_deploy.export.ort_peer)
+            models[name] = {"path": onnx_dir / record["file"], "precision": "int8" if "quantize_dynamic" in record
+                            else "fp32", "sparse": False, "peer": True}
     for name, info in models.items():
         if not info["path"].is_file():
             raise RunDirError(f"ONNX model {name} ({info['path']}) named by {layout.onnx_manifest} is missing.",
@@ -103,14 +110,15 @@ def make_runners(run_dir: Path, manifest: dict, grid: list[tuple[int, int]], thr
 
     models = onnx_models(run_dir, manifest)
     runners = {name: OnnxRuntimeRunner(m["path"], name, intra_op_threads=threads, precision=m["precision"],
-                                       sparse=m["sparse"]) for name, m in models.items()}
-    skipped = []
+                                       sparse=m["sparse"], peer=m.get("peer", False)) for name, m in models.items()}
+    skipped = [{"name": name, "reason": record["error"]} for name, record in (manifest.get("ort_peers") or {}).items()
+               if "error" in record]
     backends = ort_gpu_backends()
     if backends and _gpu_visible():
         suffix = {"onnxruntime-cuda": "cuda", "onnxruntime-tensorrt": "trtep"}
         for backend in backends:
             for name, m in models.items():
-                if name == CPU_INT8:  # the CPU-specific integer graph
+                if name == CPU_INT8 or m.get("peer"):  # the CPU-specific graphs
                     continue
                 runners[f"{name}_{suffix[backend]}"] = OnnxRuntimeRunner(
                     m["path"], f"{name}_{suffix[backend]}", backend=backend, precision=m["precision"], sparse=m["sparse"])
@@ -325,10 +333,14 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
 
         # 3. latency: every runner interleaved, per grid point
         baselines = latency_baselines(active)
+        # every CPU runner's speed also against ONNX Runtime's own best (optimized FP32, quantize_dynamic)
+        references = {name: [p for p in PEERS if p in active and p != name] for name, r in active.items()
+                      if r.backend == "onnxruntime-cpu"}
         latency = []
         for batch, seq in tqdm(grid, desc="latency A/B", unit="shape"):
             feed = {k: v for k, v in encode_fixed(tokenizer, dev, seq, batch).items() if k in names}
-            stats = measure_ab(active, feed, vcfg.warmup_runs, vcfg.timed_runs, baseline=DENSE, baselines=baselines)
+            stats = measure_ab(active, feed, vcfg.warmup_runs, vcfg.timed_runs, baseline=DENSE, baselines=baselines,
+                               references=references)
             latency.append({"batch_size": batch, "sequence_length": seq, **stats})
 
     primary = task.primary_metric
@@ -348,7 +360,8 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
                            "timer": "host wall clock per infer(); GPU runners include their device synchronization"},
         "latency": latency, "diff": diff,
     }
-    result["gates"] = evaluate_gates(gate_settings(vcfg), metrics=accuracy, baseline=DENSE, primary=primary,
+    ours = {name: m for name, m in accuracy.items() if not described.get(name, {}).get("peer")}  # peers: never gated
+    result["gates"] = evaluate_gates(gate_settings(vcfg), metrics=ours, baseline=DENSE, primary=primary,
                                      latency=latency, runners=described, diff=diff)
     atomic_write_json(layout.validation, result)
     if not result["gates"]["passed"]:

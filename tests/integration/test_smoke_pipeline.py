@@ -108,6 +108,38 @@ def test_validation_latency_covers_every_shape(run_dir, tiny_recipe_dict) -> Non
     assert {"dense_fp32", "sparse_int8"} <= set(validation["metrics"])
 
 
+def test_ort_peers_are_built_scored_timed_and_never_gated(run_dir) -> None:
+    """ONNX Runtime's own CPU path for the dense model (optimizer, then quantize_dynamic) is exported beside ours,
+    hash-recorded, scored on the dev set, timed in the same rounds, and our CPU rows carry a speedup against it."""
+    manifest = read_json(run_dir / "onnx" / "manifest.json")
+    peers = manifest["ort_peers"]
+    opt, dyn = peers["dense_fp32_opt"], peers["dense_int8_dynamic"]
+    assert opt["fused"].get("Attention") == 2 and opt["fused"].get("SkipLayerNormalization") == 4, opt["fused"]
+    assert opt["optimizer"] == {"model_type": "bert", "num_heads": 4, "hidden_size": 64}
+    assert opt["parity_vs_dense"]["max_abs_diff"] < 1e-4  # the optimizer fuses; it must not change the model
+    assert dyn["quantize_dynamic"]["per_channel"] is True
+    for record in (opt, dyn):
+        assert manifest["files"][record["file"]] == record["sha256"]
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(run_dir / "onnx" / dyn["file"])).graph.node}
+    assert {"QAttention", "DynamicQuantizeLinear"} <= ops, ops  # the fused attention's QKV GEMM in INT8 too
+
+    validation = read_json(run_dir / "validation.json")
+    assert {"dense_fp32_opt", "dense_int8_dynamic"} <= set(validation["metrics"])
+    assert validation["runners"]["dense_int8_dynamic"]["peer"] is True
+    assert all("peer" not in validation["runners"][n] for n in ("dense_fp32", "sparse_int8", "cpu_int8"))
+    assert not {"dense_fp32_opt", "dense_int8_dynamic"} & {c["model"] for c in validation["gates"]["accuracy"]["checks"]}
+    peer_rows = [c for c in validation["diff"]["comparisons"] if c["candidate"] in ("dense_fp32_opt", "dense_int8_dynamic")]
+    assert len(peer_rows) == 2 and not any(c["gated"] for c in peer_rows)
+    for row in validation["latency"]:
+        cpu = row["cpu_int8"]
+        for peer in ("dense_fp32_opt", "dense_int8_dynamic"):
+            assert cpu[f"speedup_vs_{peer}"] == pytest.approx(row[peer]["p50_ms"] / cpu["p50_ms"], rel=1e-9)
+    report = (run_dir / "report.md").read_text()
+    assert "vs optimized FP32" in report and "peer: dense INT8 ONNX, ORT optimizer + quantize_dynamic" in report
+
+
 def test_qat_model_keeps_exact_zeros(run_dir) -> None:
     import torch
 
@@ -279,3 +311,26 @@ def test_second_run_is_up_to_date_and_a_qat_change_reruns_qat_onwards(run_dir, g
     assert kept == {"dense", "admm"}, kept
     assert all(after[name]["key"] != first[name]["key"] for name in ("qat", "export", "engines", "validate"))
     assert "learning_rate: 2.0e-05" in (run_dir / "recipe.yaml").read_text()
+
+
+def test_bench_ort_times_our_artifact_against_the_peers(run_dir, glue_dir, tmp_path) -> None:
+    """``tools/bench_ort.py`` on an exported run: the export stage's files (peers included), interleaved timings,
+    one goal entry per target with value, target and met, and an operator profile where a goal is missed."""
+    spec = importlib.util.spec_from_file_location("bench_ort", REPO_ROOT / "tools" / "bench_ort.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--run-dir", str(run_dir), "--glue-dir", str(glue_dir), "--runs", "3", "--warmup", "1",
+                       "--batches", "1,32", "--seq", "32", "--out-dir", str(tmp_path)]) == 0
+    result = read_json(tmp_path / "ort_cpu.json")
+    (run,) = result["runs"]
+    assert run["shape"] == "2x64" and set(run["models"]) == set(bench.MODELS)
+    for key, batch, ref, target in bench.GOALS:
+        ratio = run["latency"][f"b{batch}"][ref]["p50_ms"] / run["latency"][f"b{batch}"]["cpu_int8"]["p50_ms"]
+        assert run["ratios"][key] == pytest.approx(ratio, abs=1e-4)
+        goal = result["goals"][key]
+        assert goal["target"] == target and goal["value"] is None and goal["met"] is False  # no BERT-base run here
+        assert goal["other_shapes"]["2x64"] == run["ratios"][key]
+        if ratio < target:
+            assert "cpu_int8" in run["profiles"][f"b{batch}"]
+    assert run["cpu_int8_vs_sparse_int8"]["argmax_agreement"] == 1.0
+    assert "goal cpu_int8_vs_dense_fp32_opt_b32: not measured" in (tmp_path / "ort_cpu.md").read_text()
