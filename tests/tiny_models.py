@@ -185,9 +185,31 @@ TINY_CONFIGS = {
 }
 
 
-def save_tiny_model_dir(model_type: str, path):
+#: special tokens of :func:`tiny_word_tokenizer` (ids 0-3, as BERT's [PAD] / [UNK] / [CLS] / [SEP] roles)
+TINY_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+#: vocabulary size of a model on :func:`tiny_word_tokenizer` (room for 28 words; a multiple of 4)
+TINY_VOCAB = 32
+
+
+def tiny_word_tokenizer(words, path) -> None:
+    """Save a word-level tokenizer of ``words`` (plus :data:`TINY_SPECIALS`; ``[CLS] text [SEP]`` per document) to
+    ``path``: a vocabulary of tens of tokens, so an LM head and its perplexity pass cost nothing next to a 30k one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate([*TINY_SPECIALS, *dict.fromkeys(words)])}
+    assert len(vocab) <= TINY_VOCAB, len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]").save_pretrained(str(path))
+
+
+def save_tiny_model_dir(model_type: str, path, words=None):
     """A directory ``model.source`` can name: a tiny random ``model_type`` config (2 blocks, width 64) with the
-    embedded MiniLM tokenizer, for ``random_init`` recipes. Returns the path."""
+    embedded MiniLM tokenizer (30522 tokens), or, given ``words``, a word-level tokenizer of them
+    (:func:`tiny_word_tokenizer`, :data:`TINY_VOCAB` tokens), for ``random_init`` recipes. Returns the path."""
     import shutil
     from pathlib import Path
 
@@ -195,7 +217,7 @@ def save_tiny_model_dir(model_type: str, path):
 
     from nxm_deploy.models import embedded_model_dir
 
-    kwargs = dict(vocab_size=30522)
+    kwargs = dict(vocab_size=30522 if words is None else TINY_VOCAB)
     extra = TINY_CONFIGS.get(model_type, {})
     if model_type != "gpt2":
         kwargs["max_position_embeddings"] = 128
@@ -206,6 +228,9 @@ def save_tiny_model_dir(model_type: str, path):
     kwargs.update(extra)
     path = Path(path)
     AutoConfig.for_model(model_type, **kwargs).save_pretrained(path)
+    if words is not None:
+        tiny_word_tokenizer(words, path)
+        return path
     tokenizer = embedded_model_dir()
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (tokenizer / name).is_file():
