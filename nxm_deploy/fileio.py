@@ -1,5 +1,5 @@
 """Artifact files, public for the package and its tools: atomic writes (a temporary name, renamed when
-complete), advisory file locks (blocking, and an exclusive one that names its holder), sha256 of files and their check against a stage manifest, JSON reading."""
+complete), advisory file locks (blocking, and an exclusive one that names its holder), sha256 of files and their check against a stage manifest, JSON reading, the UTF-8 check of text inputs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -234,3 +235,58 @@ def verify_stage_files(stage_dir: str | Path, regenerate: str) -> dict:
     for rel, expected in (manifest.get("files") or {}).items():
         check_sha256(stage_dir / rel, expected, manifest=manifest_path, regenerate=regenerate)
     return manifest
+
+
+#: bytes :func:`check_utf8` reads at a time: a file is checked whole without being held in memory
+CHUNK_BYTES = 1 << 20
+
+
+def check_utf8(path: str | os.PathLike, what: str = "Data file", hint: str | None = None, *, error=None,
+               chunk_bytes: int = CHUNK_BYTES) -> None:
+    """Check that every byte of ``path`` is UTF-8 (a UTF-8 byte order mark is UTF-8 too): the one check of the
+    text files nxm-deploy reads (GLUE TSV, your own data, recipes, engine specs).
+
+    Args:
+        path (str | os.PathLike): the file.
+        what (str): its kind for the message (``"GLUE file"``, ``"Data file"``, ``"Recipe file"``).
+        hint (str | None): said after the conversion command in the hint (e.g. where a good copy comes from).
+        error: the :class:`~nxm_deploy.errors.NxmError` subclass raised (default ``DataError``; ``ConfigError``
+            for configuration files).
+        chunk_bytes (int): read size; a character cut by a chunk boundary is joined to the next chunk.
+
+    Raises:
+        DataError (or ``error``): at the first byte that is not UTF-8: the file, the byte offset (0-based, from the
+            start of the file), the line (1-based) and the byte's value, with an ``iconv`` command as the hint.
+    """
+    if error is None:
+        from nxm_deploy.errors import DataError as error
+    offset, line, carry = 0, 1, b""
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(chunk_bytes)
+            data = carry + chunk
+            if not data:
+                return
+            try:
+                data.decode("utf-8")
+                good = len(data)
+            except UnicodeDecodeError as exc:
+                if chunk and exc.end == len(data) and exc.reason == "unexpected end of data":
+                    good = exc.start  # a character cut at the chunk's end: decided by the next chunk
+                else:
+                    raise _not_utf8(error, path, what, hint, offset + exc.start,
+                                    line + data.count(b"\n", 0, exc.start), data[exc.start]) from None
+            line += data.count(b"\n", 0, good)
+            offset += good
+            carry = data[good:]
+
+
+def _not_utf8(error, path, what: str, hint: str | None, offset: int, line: int, byte: int):
+    p = Path(path)
+    out = p.with_name(f"{p.stem}.utf8{p.suffix}")
+    convert = f"iconv -f latin1 -t utf-8 {shlex.quote(str(p))} > {shlex.quote(str(out))}"
+    return error(
+        f"{what} {p} is not UTF-8 text: the first bad byte, 0x{byte:02x}, is at byte offset {offset} (line {line}).",
+        hint=f"Convert the file to UTF-8, e.g. `{convert}` if it is Latin-1"
+             + (f"; {hint}" if hint else "."),
+    )

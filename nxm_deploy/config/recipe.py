@@ -530,13 +530,9 @@ def read_recipe_mapping(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
         raise ConfigError(f"Recipe {path}: its base chain is a cycle ({chain}).", hint="Remove one `base:` key.")
-    from nxm_deploy.data.textfile import check_utf8  # the data readers' UTF-8 check (imports no torch)
-    from nxm_deploy.errors import DataError
+    from nxm_deploy.fileio import check_utf8
 
-    try:
-        check_utf8(path, "Recipe file")
-    except DataError as exc:  # a recipe or spec is configuration, not task data
-        raise ConfigError(exc.message, hint=exc.hint) from None
+    check_utf8(path, "Recipe file", error=ConfigError)  # configuration, not task data
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

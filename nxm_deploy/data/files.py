@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nxm_deploy.data.textfile import check_utf8
+from nxm_deploy.fileio import check_utf8
 from nxm_deploy.errors import ConfigError, DataError, MissingDependencyError
 
 #: file suffix -> (datasets builder, builder kwargs)

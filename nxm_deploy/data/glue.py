@@ -5,7 +5,7 @@ Route choice (:func:`load_task_split`):
 1. a GLUE data dir (the ``glue_dir`` argument, else the ``NXM_GLUE_DIR`` environment variable) ->
    ``<glue_dir>/<TaskSpec.glue_dir_name>/<train.tsv | TaskSpec.dev_file>``, read with quoting **off**
    (several GLUE files contain unbalanced ``"`` characters) and ``encoding="utf-8-sig"`` (MRPC starts
-   with a UTF-8 BOM); the whole file is checked to be UTF-8 first (:func:`nxm_deploy.data.textfile.check_utf8`),
+   with a UTF-8 BOM); the whole file is checked to be UTF-8 first (:func:`nxm_deploy.fileio.check_utf8`),
    also when ``max_examples`` reads only its first rows;
 2. no data dir -> ``datasets.load_dataset("nyu-mll/glue", TaskSpec.hf_config)``, imported lazily.
 
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from nxm_deploy.data.tasks import ColumnRef, TaskSpec, get_task
-from nxm_deploy.data.textfile import check_utf8
+from nxm_deploy.fileio import check_utf8
 from nxm_deploy.errors import DataError, ConfigError
 
 logger = logging.getLogger(__name__)

@@ -230,13 +230,9 @@ def load_engine_spec(path: str | Path) -> EngineSpec:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Engine spec {path} not found.", hint="Specs live in engines/*.yaml.")
-    from nxm_deploy.data.textfile import check_utf8  # the data readers' UTF-8 check (imports no torch)
-    from nxm_deploy.errors import DataError
+    from nxm_deploy.fileio import check_utf8
 
-    try:
-        check_utf8(path, "Engine spec")
-    except DataError as exc:  # a recipe or spec is configuration, not task data
-        raise ConfigError(exc.message, hint=exc.hint) from None
+    check_utf8(path, "Engine spec", error=ConfigError)  # configuration, not task data
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

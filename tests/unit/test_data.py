@@ -327,7 +327,7 @@ def test_tsv_not_utf8_names_file_offset_and_line_even_past_max_examples(tmp_path
 
 
 def test_check_utf8_joins_characters_cut_by_a_chunk(tmp_path) -> None:
-    from nxm_deploy.data.textfile import check_utf8
+    from nxm_deploy.fileio import check_utf8
 
     path = tmp_path / "t.txt"
     text = "a\u00e9\u20ac\U0001d11e\n" * 50  # 1-, 2-, 3- and 4-byte characters
