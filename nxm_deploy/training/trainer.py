@@ -58,6 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME  # the Trainer's last write in a checkpoint; on_save comes after
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -835,10 +836,6 @@ def check_fingerprint(output_dir: str | os.PathLike, fingerprint: str) -> None:
         os.replace(tmp, path)
 
 
-#: File the Trainer writes last into a checkpoint (``Trainer._save_checkpoint``); callbacks' ``on_save`` come after it.
-TRAINER_STATE_NAME = "trainer_state.json"
-
-
 def _checkpoint_step(path: Path) -> int | None:
     name = path.name
     prefix = f"{PREFIX_CHECKPOINT_DIR}-"
@@ -868,8 +865,8 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, required: Iterable[s
     Args:
         output_dir: a training phase's checkpoint directory (``args.output_dir``).
         required: file names that a complete checkpoint holds besides ``trainer_state.json``.
-        remove_incomplete: delete the skipped folders (the main process; every rank must have called this first,
-            so call it between two barriers under torchrun); else they are left for the Trainer to overwrite.
+        remove_incomplete: delete the skipped folders (the main process only; the choice of the complete folder
+            does not depend on whether they are gone yet); else they are left for the Trainer to overwrite.
 
     Returns:
         str | None: the checkpoint folder's path.
@@ -907,10 +904,8 @@ def train_resumable(trainer: Trainer, fingerprint: str) -> dict:
     output_dir = trainer.args.output_dir
     check_fingerprint(output_dir, fingerprint)
     required = (ADMM_STATE_NAME,) if getattr(trainer, "admm", None) is not None else ()
-    resume = last_complete_checkpoint(output_dir, required)  # every rank decides before rank 0 removes any folder
-    barrier()
-    if is_main_process():
-        last_complete_checkpoint(output_dir, required, remove_incomplete=True)
+    # rank 0 removes the incomplete folders; the others find the same complete one whether or not they are gone yet
+    resume = last_complete_checkpoint(output_dir, required, remove_incomplete=is_main_process())
     barrier()
     resumed_from = int(resume.rsplit("-", 1)[-1]) if resume else 0
     if resume:
