@@ -33,13 +33,11 @@ _OPTIMIZER_TYPES = {"gpt2": "gpt2", "gpt_neox": "gpt_neox", "bart": "bart", "t5"
 
 
 def optimizer_settings(config) -> dict:
-    """``model_type``, ``num_heads`` and ``hidden_size`` of ``optimize_model`` for a Hugging Face config."""
-    heads = next((getattr(config, k) for k in ("num_attention_heads", "n_head", "num_heads")
-                  if isinstance(getattr(config, k, None), int)), 0)
-    hidden = next((getattr(config, k) for k in ("hidden_size", "n_embd", "d_model", "dim")
-                   if isinstance(getattr(config, k, None), int)), 0)
+    """``model_type``, ``num_heads`` and ``hidden_size`` of ``optimize_model`` for a Hugging Face config (its
+    ``attribute_map`` gives every architecture these two names; 0 lets the optimizer detect them)."""
     return {"model_type": _OPTIMIZER_TYPES.get(getattr(config, "model_type", ""), "bert"),
-            "num_heads": heads, "hidden_size": hidden}
+            "num_heads": int(getattr(config, "num_attention_heads", 0) or 0),
+            "hidden_size": int(getattr(config, "hidden_size", 0) or 0)}
 
 
 def make_ort_peers(dense_path: str | Path, out_dir: str | Path, config) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 from nxm_deploy.layout import RunLayout
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text, read_json
 from nxm_deploy.config.recipe import Recipe
+from nxm_deploy.export.ort_peer import DENSE_FP32_OPT, DENSE_INT8_DYNAMIC
 from nxm_deploy.validate.gates import delta_pt
 
 RUNTIMES = {
@@ -41,7 +42,7 @@ def _delta(metrics: dict | None, base: dict | None, key: str) -> str:
 
 
 #: the peers of the CPU rows (:mod:`nxm_deploy.export.ort_peer`) and their short names in the report
-_PEER_SHORT = {"dense_fp32_opt": "optimized FP32", "dense_int8_dynamic": "quantize_dynamic"}
+_PEER_SHORT = {DENSE_FP32_OPT: "optimized FP32", DENSE_INT8_DYNAMIC: "quantize_dynamic"}
 
 
 def runner_label(name: str, pattern: str) -> str:
@@ -58,8 +59,8 @@ def runner_label(name: str, pattern: str) -> str:
     base, _, suffix = name.partition("_cuda") if "_cuda" in name else name.partition("_trtep")
     label = {"dense_fp32": "dense FP32 ONNX", "sparse_int8": f"sparse {pattern} INT8 Q/DQ ONNX",
              "cpu_int8": f"sparse {pattern} INT8 CPU ONNX (U8S8 MatMulInteger)",
-             "dense_fp32_opt": "peer: dense FP32 ONNX, ORT transformer optimizer",
-             "dense_int8_dynamic": "peer: dense INT8 ONNX, ORT optimizer + quantize_dynamic"}.get(base or name, name)
+             DENSE_FP32_OPT: "peer: dense FP32 ONNX, ORT transformer optimizer",
+             DENSE_INT8_DYNAMIC: "peer: dense INT8 ONNX, ORT optimizer + quantize_dynamic"}.get(base or name, name)
     return label
 
 
