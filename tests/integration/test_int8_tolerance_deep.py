@@ -120,11 +120,17 @@ def per_batch_max(diff_dir, candidate: str = "sparse_int8") -> list[float]:
             zip(saved_logits(diff_dir, "torch_int8_fakequant"), saved_logits(diff_dir, candidate))]
 
 
-def test_honest_int8_export_passes_every_batch(exported) -> None:
+def checked(exported, onnx_file: str) -> tuple[dict, dict, dict, list[float]]:
+    """``(diff, INT8 tolerance, the gated INT8 row, max |Δ| per batch)`` of ``onnx_file`` against the twin."""
     run, model = exported
-    diff = diff_against_twin(run, model, "sparse_int8_qdq.onnx")
-    tol, row = diff["tolerances"]["int8"], int8_row(diff)
-    maxima = per_batch_max(run / "diff_sparse_int8_qdq")
+    diff = diff_against_twin(run, model, onnx_file)
+    return (diff, diff["tolerances"]["int8"], int8_row(diff),
+            per_batch_max(run / f"diff_{onnx_file.removesuffix('.onnx')}"))
+
+
+def test_honest_int8_export_passes_every_batch(exported) -> None:
+    run = exported[0]
+    diff, tol, row, maxima = checked(exported, "sparse_int8_qdq.onnx")
     print(f"\nhonest max |Δ| per batch {np.round(maxima, 4).tolist()}; atol {tol['atol']:.4f} "
           f"(limited by the {tol['limited_by']}; d {tol['observed_impl_max_abs_diff']:.4f}, "
           f"q {tol['quantization_max_abs_diff']:.4f}, s {tol['rounding_noise_rms']:.4f}, cap {tol['cap']:.4f})")
@@ -143,10 +149,7 @@ def test_honest_int8_export_passes_every_batch(exported) -> None:
 
 
 def test_planted_weight_scale_error_fails(exported) -> None:
-    run, model = exported
-    diff = diff_against_twin(run, model, "planted.onnx")
-    tol, row = diff["tolerances"]["int8"], int8_row(diff)
-    maxima = per_batch_max(run / "diff_planted")
+    diff, tol, row, maxima = checked(exported, "planted.onnx")
     print(f"\nplanted ({PLANTED} weight scale x2) max |Δ| per batch {np.round(maxima, 4).tolist()}; "
           f"atol {tol['atol']:.4f} (limited by the {tol['limited_by']}; d {tol['observed_impl_max_abs_diff']:.4f})")
     # the broken graph's own noise would widen the tolerance: the cap (twin only) holds it
