@@ -75,8 +75,14 @@ class TaskConfig(_Strict):
     name: str = "rte"
     glue_dir: str | None = Field(None, description="GLUE TSV root; else --glue-dir, NXM_GLUE_DIR, or HF datasets")
     max_seq_length: int = Field(128, ge=8, le=512, description="truncation length; causal_lm: the block size")
-    max_train_examples: int | None = Field(None, ge=1, description="causal_lm: documents (lines) read")
+    max_train_examples: int | None = Field(None, ge=1, description="training examples read (causal_lm: documents, "
+                                           "lines); see train_subset_seed")
     max_eval_examples: int | None = Field(None, ge=1, description="causal_lm: documents (lines) read")
+    # left out of the recipe's dump while unset, so that recipes without it keep their stage keys (stages.json)
+    train_subset_seed: int | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="with max_train_examples: a uniform random subset of the training examples drawn with this "
+        "seed (file order kept); unset: the first max_train_examples")
     train_file: str | None = Field(None, description="your own training data: .csv, .tsv, .jsonl/.json or .parquet "
                                    "(causal_lm also .txt: one document per line)")
     eval_file: str | None = Field(None, description="your own evaluation data (same columns as train_file)")
@@ -190,6 +196,10 @@ class SparsityConfig(_Strict):
     """n:m pattern and which Linear layers get it (fnmatch globs over module names)."""
 
     pattern: str = "2:4"
+    method: str = Field("admm", description="how the sparse stage finds the mask: a registered method "
+                        "(nxm_deploy.sparsity.methods: magnitude, admm, wanda, sparsegpt)")
+    calibration_batches: int = Field(8, ge=1, description="wanda, sparsegpt: training batches whose activations "
+                                     "score the weights (the first ones of the first epoch)")
     include: list[str] | None = Field(
         None, min_length=1, description="fnmatch globs over Linear module names; default (None): the architecture "
         "registry's Q/K/V/O and MLP projections (nxm_deploy.architectures)")
@@ -201,6 +211,14 @@ class SparsityConfig(_Strict):
         NMPattern.parse(value)  # raises ConfigError with a hint
         return value
 
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, value: str) -> str:
+        from nxm_deploy.sparsity.methods import get_method
+
+        get_method(value)  # raises ConfigError listing the methods
+        return value
+
 
 class DenseStageConfig(_Strict):
     """Dense fine-tune: the teacher and the dense baseline."""
@@ -210,13 +228,14 @@ class DenseStageConfig(_Strict):
 
 
 class ADMMStageConfig(_Strict):
-    """n:m sparse fine-tune with distillation from the dense model (NxMTransformer + GPUSQ-TLM workflow 1).
+    """The sparse stage: the mask method's training (ADMM) and the masked fine-tune, with distillation from the dense
+    model (NxMTransformer + GPUSQ-TLM workflow 1).
 
-    ``method: magnitude`` is the ASP baseline in the same framework (one-shot magnitude mask + masked
-    fine-tune for ``epochs + masked_finetune_epochs``); the ADMM-only fields are then unused.
+    ``sparsity.method`` finds the mask (:mod:`nxm_deploy.sparsity.methods`). ADMM trains ``epochs`` epochs, then the
+    masked fine-tune runs ``masked_finetune_epochs``; a one-shot method (magnitude, Wanda, SparseGPT) gets the same
+    budget as masked fine-tune, ``epochs + masked_finetune_epochs``. The ADMM-only fields are read by ADMM alone.
     """
 
-    method: Literal["admm", "magnitude"] = "admm"
     epochs: float = Field(3.0, gt=0)
     learning_rate: float = Field(5e-5, gt=0)
     rho: float = Field(DEFAULT_RHO, gt=0)
@@ -229,15 +248,6 @@ class ADMMStageConfig(_Strict):
         "step W <- (W + lr*rho*(Z-U)) / (1 + lr*rho) after each optimizer step (rho on another scale, e.g. 100-1000)")
     masked_finetune_epochs: float = Field(1.0, ge=0, description="masked fine-tune after the hard projection")
     distill: bool = True
-
-    #: the fields only ``method: admm`` reads (the ADMM iteration); magnitude pruning ignores them
-    ADMM_ONLY: ClassVar[tuple[str, ...]] = ("rho", "rho_factor", "rho_max", "update_interval", "u_init", "penalty_mode")
-
-    def unread_fields(self) -> tuple[str, ...]:
-        """The fields the configured ``method`` does not read: :attr:`ADMM_ONLY` for ``magnitude``, none for
-        ``admm``. A stage's key leaves them out (:meth:`Recipe.unread_keys`), so an ADMM change does not rerun a
-        magnitude stage."""
-        return self.ADMM_ONLY if self.method == "magnitude" else ()
 
     @field_validator("update_interval")
     @classmethod
@@ -380,6 +390,27 @@ class Recipe(_Strict):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_moved(cls, data):
+        """``train.admm.method`` (recipes before the mask-method registry) reads as ``sparsity.method``."""
+        train = data.get("train") if isinstance(data, dict) else None  # a validated section on assignment
+        admm = train.get("admm") if isinstance(train, dict) else None
+        if not isinstance(admm, dict) or "method" not in admm:
+            return data
+        data = copy.deepcopy(data)
+        method = data["train"]["admm"].pop("method")
+        sparsity = data.get("sparsity")
+        if sparsity is None:
+            sparsity = data["sparsity"] = {}
+        if not isinstance(sparsity, dict):
+            return data  # the schema names the bad section
+        if "method" in sparsity and sparsity["method"] != method:
+            raise ValueError(f"train.admm.method {method!r} and sparsity.method {sparsity['method']!r} disagree: "
+                             "give sparsity.method only (train.admm.method is its old spelling)")
+        sparsity["method"] = method
+        return data
+
     @field_validator("name")
     @classmethod
     def _plain_directory_name(cls, value: str) -> str:
@@ -394,9 +425,12 @@ class Recipe(_Strict):
         return self.model_dump(mode="json", by_alias=True)
 
     def unread_keys(self) -> frozenset[str]:
-        """Dotted keys (as in :meth:`to_dict`) that no stage reads under this recipe's choices: the ADMM-only
-        fields of ``train.admm`` when its method is ``magnitude`` (:meth:`ADMMStageConfig.unread_fields`)."""
-        return frozenset(f"train.admm.{name}" for name in self.train.admm.unread_fields())
+        """Dotted keys (as in :meth:`to_dict`) that no stage reads under this recipe's choices: the method-only keys
+        that ``sparsity.method`` does not read (:func:`nxm_deploy.sparsity.methods.unread_keys`: the ADMM fields of
+        ``train.admm`` under a one-shot method, the calibration of the data-aware methods under ADMM and magnitude)."""
+        from nxm_deploy.sparsity.methods import unread_keys
+
+        return unread_keys(self.sparsity.method)
 
     def data_digests(self) -> dict[str, str]:
         """sha256 of your own data files (``task.train_file`` / ``task.eval_file``; ``missing`` when absent); {} for
@@ -444,7 +478,8 @@ def _format_validation_error(path: str, exc: ValidationError) -> tuple[str, str 
             if cause.hint:
                 hints.append(cause.hint)
         else:
-            lines.append(f"'{loc}': {err['msg']} (got {err.get('input')!r})".replace("\n", " "))
+            got = f" (got {err.get('input')!r})" if err["loc"] else ""  # not the whole recipe
+            lines.append(f"'{loc}': {err['msg']}{got}".replace("\n", " "))
     return f"Recipe {path}: " + "; ".join(lines), "; ".join(hints) or None
 
 

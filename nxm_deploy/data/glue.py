@@ -114,6 +114,7 @@ def load_task_split(
     split: str,
     glue_dir: str | os.PathLike[str] | None = None,
     max_examples: int | None = None,
+    subset_seed: int | None = None,
 ) -> TaskExamples:
     """Load one split of a GLUE task.
 
@@ -123,6 +124,9 @@ def load_task_split(
         glue_dir (str | os.PathLike | None): GLUE data dir; ``None`` falls back to ``NXM_GLUE_DIR`` and
             then to the Hugging Face dataset ``nyu-mll/glue``.
         max_examples (int | None): keep only the first ``max_examples`` examples (file order; >= 1).
+        subset_seed (int | None): with ``max_examples``: keep a uniform random subset of ``max_examples`` examples
+            instead (``numpy.random.default_rng(subset_seed)``, without replacement; file order kept), the same for
+            every training seed. Every example is read first.
 
     Returns:
         TaskExamples: texts and labels (int64 class ids, or float32 scores for STS-B).
@@ -145,6 +149,8 @@ def load_task_split(
             f"max_examples={max_examples!r} must be an integer >= 1 (or None for all examples).",
             hint="Drop the limit, or pass a positive count.",
         )
+    if subset_seed is not None and max_examples is not None:
+        return random_subset(load_task_split(spec, split, glue_dir), max_examples, subset_seed)
     if spec.is_causal_lm:  # documents; the labels of a causal LM are its tokens (nxm_deploy.data.lm.group_texts)
         from nxm_deploy.data.lm import load_documents
 
@@ -159,6 +165,18 @@ def load_task_split(
     if root is None:
         return _load_hf(spec, split, max_examples)
     return _load_tsv(spec, split, root, max_examples, from_env=glue_dir is None or str(glue_dir) == "")
+
+
+def random_subset(examples: TaskExamples, size: int, seed: int) -> TaskExamples:
+    """``size`` examples drawn uniformly without replacement with ``numpy.random.default_rng(seed)``, in their file
+    order; all of them when there are no more than ``size``."""
+    n = len(examples.labels)
+    if size >= n:
+        return examples
+    keep = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+    return TaskExamples(texts_a=[examples.texts_a[i] for i in keep],
+                        texts_b=None if examples.texts_b is None else [examples.texts_b[i] for i in keep],
+                        labels=np.asarray(examples.labels)[keep], skipped_rows=examples.skipped_rows)
 
 
 # --------------------------------------------------------------------------------------------------

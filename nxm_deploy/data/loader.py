@@ -284,7 +284,7 @@ class TaskData:
         task = recipe.task.spec()
         root = resolve_glue_dir(glue_dir or recipe.task.glue_dir)
         cfg = recipe.task
-        train = load_task_split(task, "train", root, cfg.max_train_examples)
+        train = load_task_split(task, "train", root, cfg.max_train_examples, cfg.train_subset_seed)
         dev = load_task_split(task, "dev", root, cfg.max_eval_examples)
         return cls(task, tokenizer, train, dev, cfg.max_seq_length)
 

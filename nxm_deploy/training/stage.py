@@ -39,8 +39,10 @@ from nxm_deploy.errors import ConfigError, RunDirError, SparsityVerificationErro
 from nxm_deploy.models import load_base_model, load_saved_model, save_model_dir
 from nxm_deploy.quantization import calibrate, quantize_model_, quantized_modules
 from nxm_deploy.quantization.placement import place_quantizers_
-from nxm_deploy.sparsity import count_nm_violations, nm_mask
+from nxm_deploy.sparsity import count_nm_violations
 from nxm_deploy.sparsity.admm import apply_masks_
+from nxm_deploy.sparsity.methods import MaskResult, MaskSearch, get_method
+from nxm_deploy.sparsity.methods.magnitude import magnitude_masks
 from nxm_deploy.sparsity.targets import require_targets, target_names
 from nxm_deploy.ranks import barrier, is_main_process, world_size
 from nxm_deploy.training.trainer import (
@@ -257,6 +259,11 @@ def _cpu_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s state on the CPU (a candidate to restore later; never an alias of the live tensors)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def _kd(recipe: Recipe, teacher, enabled: bool, weights=None) -> dict:
     """Trainer keywords of distillation from ``teacher`` with ``weights`` (default ``train.distillation``); none
     when ``enabled`` is False."""
@@ -303,42 +310,79 @@ def train_dense(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> d
     return manifest
 
 
-def _admm_phase(student, data, recipe: Recipe, run_dir: Path, kd: dict) -> tuple[dict, list, dict]:
-    """ADMM W-steps (task/KD loss + penalty or proximal step), Z/U updates on schedule, hard projection.
+def admm_masks(search: MaskSearch) -> MaskResult:
+    """The ``admm`` mask method (:mod:`nxm_deploy.sparsity.methods`): ADMM W-steps (task/KD loss + penalty or
+    proximal step), Z/U updates on schedule, then the hard projection of the kept epoch's W.
 
-    Returns ``(masks, admm_history, train_stats)``; ``train_stats["epoch_metrics"]`` are the hard-projected dev
-    scores of each epoch (NxMTransformer's evaluation). The phase's last Trainer checkpoint stays until the stage
-    ends: a stage killed in the masked fine-tune resumes this phase from it (weights, ADMM state, log history;
-    no step left to train) and projects the same weights again.
+    NxMTransformer (Holmes et al., NeurIPS 2021), Eq. 4-7. ``train.select: best`` keeps the ADMM epoch whose
+    hard-projected model scores best on dev (the authors' evaluation); that projection is a candidate of the stage
+    (:attr:`MaskResult.candidate`). The phase's last Trainer checkpoint stays until the stage ends: a stage killed
+    in the masked fine-tune resumes this phase from it (weights, ADMM state, log history; no step left to train)
+    and projects the same weights again.
     """
-    acfg = recipe.train.admm
+    recipe, acfg = search.recipe, search.recipe.train.admm
     admm = ADMMCallback.from_recipe(recipe, squash_at_end=False)
-    log.info("ADMM %s%s: %s epochs at lr %g, rho %g (%s)", recipe.pattern, " + KD" if kd else "", acfg.epochs,
+    log.info("ADMM %s%s: %s epochs at lr %g, rho %g (%s)", recipe.pattern, " + KD" if search.kd else "", acfg.epochs,
              acfg.learning_rate, acfg.rho, acfg.penalty_mode)
-    trainer = build_trainer(student, data, recipe.train, output_dir=_phase_dir(run_dir, "admm", "admm"),
-                            epochs=acfg.epochs, learning_rate=acfg.learning_rate, admm=admm, **kd)
-    stats = train_resumable(trainer, _fingerprint(recipe, run_dir, "admm", "admm"))
+    trainer = build_trainer(search.student, search.data, recipe.train,
+                            output_dir=_phase_dir(search.run_dir, "admm", "admm"), epochs=acfg.epochs,
+                            learning_rate=acfg.learning_rate, admm=admm, **search.kd)
+    stats = train_resumable(trainer, search.fingerprint("admm"))
     masks = {k: v.cpu() for k, v in admm.finish().items()}  # hard projection of the kept epoch's W
-    stats["rank_checksums"] = _same_on_every_rank({**masks, **_cpu_state(student)}, "ADMM masks and weights")
-    return masks, list(admm.sparsifier.history), stats
+    stats["rank_checksums"] = _same_on_every_rank({**masks, **_cpu_state(search.student)}, "ADMM masks and weights")
+    return MaskResult(masks=masks, epochs=acfg.epochs, stats=stats, history=list(admm.sparsifier.history),
+                      candidate={"label": f"ADMM hard projection (epoch {stats.get('selected_epoch')})",
+                                 "epoch": stats.get("selected_epoch")})
+
+
+def mask_agreement(masks: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict:
+    """How ``masks`` differ from ``reference`` (both ``fqn -> bool``, True = keep): the fraction of kept positions
+    of ``masks`` that ``reference`` prunes, over all layers and at most in one layer."""
+    kept = differ = 0
+    worst = 0.0
+    for fqn, mask in masks.items():
+        mask = mask.bool().cpu()
+        n_kept = int(mask.sum())
+        n_differ = int((mask & ~reference[fqn].bool().cpu()).sum())
+        kept, differ = kept + n_kept, differ + n_differ
+        worst = max(worst, n_differ / max(n_kept, 1))
+    return {"kept_positions_differing": differ / max(kept, 1), "max_layer": worst}
+
+
+def better_candidate(task, challenger: dict, incumbent: dict) -> bool:
+    """Whether dev metrics ``challenger`` beat ``incumbent`` on the task's primary metric (strictly: a tie keeps the
+    incumbent, the earlier candidate, as the Trainer's ``load_best_model_at_end`` does;
+    ``benchmarks/PROTOCOL.md``, protocol v2)."""
+    a, b = challenger.get(task.primary_metric), incumbent.get(task.primary_metric)
+    if a is None or a != a:
+        return False
+    if b is None or b != b:
+        return True
+    return a > b if task.greater_is_better else a < b
 
 
 def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dict:
     """n:m sparse fine-tune from the dense model; writes ``sparse/``.
 
-    ``train.admm.method``: ``admm`` (NxMTransformer: ADMM + KD from the dense model, hard projection, masked
-    fine-tune) or ``magnitude`` (ASP baseline: one-shot magnitude mask, masked fine-tune for the same number of
-    epochs). Masks are enforced after every optimizer step of the masked fine-tune
-    (:class:`~nxm_deploy.training.trainer.MaskedFinetuneCallback`). ``train.select`` picks the kept epoch of each
-    phase (ADMM: by the hard-projected dev score; the projection then uses that epoch's weights).
+    ``sparsity.method`` finds the mask (:mod:`nxm_deploy.sparsity.methods`: ``magnitude``, ``admm``, ``wanda``,
+    ``sparsegpt``); then every method gets the same KD masked fine-tune (masks enforced after every optimizer step,
+    :class:`~nxm_deploy.training.trainer.MaskedFinetuneCallback`) for the rest of the stage's epochs
+    (``train.admm.epochs + masked_finetune_epochs`` in all). ``train.select: best`` keeps, among the method's
+    candidate (ADMM's hard projection of its best epoch) and every masked epoch, the best on dev by the task's primary
+    metric, ties to the earlier (protocol v2, ``benchmarks/PROTOCOL.md``). The manifest records how the mask differs
+    from the n:m magnitude mask of the same dense weights.
 
     Raises:
         RunDirError: the dense stage has not finished; checkpoints of another recipe.
+        ConfigError: an unknown ``sparsity.method``.
+        MissingDependencyError: the method's extra is not installed (SparseGPT: ModelOpt).
         SparsityVerificationError: a pruned weight is non-zero at the end.
     """
     run_dir = Path(run_dir)
     _setup(recipe)
     read_stage_manifest(run_dir, "dense")
+    method = get_method(recipe.sparsity.method)
+    find = method.function()  # before any work: a missing extra stops here
     task = recipe.task.spec()
     cfg, acfg = recipe.train, recipe.train.admm
     pattern = recipe.pattern
@@ -349,17 +393,23 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
     decisions = require_targets(student, pattern, recipe.sparsity.include, recipe.sparsity.exclude)
     targets = target_names(decisions)
     kd = _kd(recipe, teacher, acfg.distill)
-    history, stats = [], None
-    if acfg.method == "admm":
-        masks, history, stats = _admm_phase(student, data, recipe, run_dir, kd)
-        finetune_epochs = acfg.masked_finetune_epochs
-    else:  # "magnitude": ASP baseline -- one-shot n:m magnitude mask of the dense model, then masked fine-tune
-        masks = {f"{name}.weight": nm_mask(student.get_submodule(name).weight, pattern) for name in targets}
-        apply_masks_(student, masks)
-        finetune_epochs = acfg.epochs + acfg.masked_finetune_epochs  # the same training budget as ADMM
+    device = train_device(cfg)
+    search = MaskSearch(recipe=recipe, run_dir=run_dir, student=student, teacher=teacher, data=data, targets=targets,
+                        pattern=pattern, kd=kd,
+                        calibration=calibration_loop(data, cfg, recipe.sparsity.calibration_batches, device),
+                        device=device, fingerprint=lambda phase: _fingerprint(recipe, run_dir, "admm", phase))
+    log.info("sparse stage: %s %s masks (%s)", pattern, method.label, method.source.split(":")[0])
+    result = find(search)
+    student.cpu()
+    apply_masks_(student, result.masks)
+    masks = result.masks
+    agreement = mask_agreement(masks, magnitude_masks(teacher, targets, pattern))
+    log.info("mask: %.2f%% of kept positions differ from the magnitude mask", 100 * agreement["kept_positions_differing"])
+    finetune_epochs = max(acfg.epochs + acfg.masked_finetune_epochs - result.epochs, 0.0)
     # scored by an evaluation-only Trainer: evaluating the training Trainer before train() keeps accelerate
     # from wrapping the model in DDP under torchrun
     projected_metrics = evaluate_model(student, data, cfg)
+    candidate_state = _snapshot(student) if result.candidate is not None and cfg.select == "best" else None
     trainer = build_trainer(student, data, cfg, output_dir=_phase_dir(run_dir, "admm", "masked_finetune"),
                             epochs=finetune_epochs, learning_rate=acfg.learning_rate,
                             callbacks=[MaskedFinetuneCallback(masks)], **kd)
@@ -367,16 +417,22 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
     if finetune_epochs > 0:
         log.info("masked fine-tune: %s epochs at lr %g", finetune_epochs, acfg.learning_rate)
         ft_stats = train_resumable(trainer, _fingerprint(recipe, run_dir, "admm", "masked_finetune"))
+    metrics = dev_metrics(trainer)
+    kept = f"masked fine-tune epoch {ft_stats['selected_epoch']}" if ft_stats else "the masks, no fine-tune"
+    if candidate_state is not None and not better_candidate(task, metrics, projected_metrics):
+        student.load_state_dict(candidate_state)  # the method's own model wins (a tie goes to it, the earlier)
+        metrics, kept = projected_metrics, result.candidate["label"]
+    log.info("sparse stage keeps %s", kept)
     mask_check = check_masks(student, masks, pattern)
     mask_check["rank_checksums"] = _same_on_every_rank({**masks, **_cpu_state(student)}, "n:m masks and weights")
-    metrics = dev_metrics(trainer)
     log.info("sparse dev %s", metrics)
     epoch_metrics = [{"after": f"epoch {e['epoch']:g}", **{k: v for k, v in e.items() if k not in ("epoch", "step")}}
-                     for e in (stats or {}).get("epoch_metrics", [])]
+                     for e in (result.stats or {}).get("epoch_metrics", [])]
     manifest = {
         "stage": "admm", "recipe_sha256": recipe.sha256(), "task": task.name, "pattern": str(pattern),
         "metrics": metrics, "metrics_after_projection": projected_metrics, "epoch_metrics": epoch_metrics,
-        "method": acfg.method, "admm_history": history, "admm": acfg.model_dump(mode="json"), "train": stats,
+        "method": method.name, "kept": kept, "mask_vs_magnitude": agreement, "method_details": result.details,
+        "admm_history": result.history, "admm": acfg.model_dump(mode="json"), "train": result.stats,
         "masked_finetune": ft_stats, "mask_check": mask_check, "select": cfg.select,
         **_where(trainer),
         "targets": targets, "layers": [d.to_dict() for d in decisions],
@@ -462,6 +518,7 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
     calibrate(student, calibration_loop(data, cfg, qcfg.calibration_batches, device),
               method=qcfg.calibration_method, percentile=qcfg.percentile)
     ptq_metrics = evaluate_model(student, data, cfg)  # not the training Trainer (see train_admm)
+    ptq_state = _snapshot(student) if cfg.select == "best" and qcfg.epochs > 0 else None
     trainer = build_trainer(student, data, cfg, output_dir=_phase_dir(run_dir, "qat", "qat"),
                             epochs=qcfg.epochs, learning_rate=qcfg.learning_rate, quantized=True,
                             callbacks=[MaskedFinetuneCallback(masks)], **kd)
@@ -471,9 +528,14 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
         log.info("INT8 QAT%s: %s epochs at lr %g", f" + KD ({qcfg.teacher} teacher)" if kd else "", qcfg.epochs,
                  qcfg.learning_rate)
         stats = train_resumable(trainer, _fingerprint(recipe, run_dir, "qat", "qat"))
+    metrics = dev_metrics(trainer)
+    kept = f"QAT epoch {stats['selected_epoch']}" if stats else "PTQ"
+    if ptq_state is not None and not better_candidate(task, metrics, ptq_metrics):
+        student.load_state_dict(ptq_state)  # the PTQ model is a candidate too, the earliest (protocol v2)
+        metrics, kept = ptq_metrics, "PTQ"
+    log.info("QAT stage keeps %s", kept)
     mask_check = check_masks(student, masks, pattern)
     mask_check["rank_checksums"] = _same_on_every_rank(_cpu_state(student), "QAT weights and scales")
-    metrics = dev_metrics(trainer)
     log.info("QAT INT8 dev %s", metrics)
     quant_info = {
         "quantized_modules": targets, "num_bits": 8, "symmetric": True, "zero_point": 0,
@@ -490,7 +552,7 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
         "stage": "qat", "recipe_sha256": recipe.sha256(), "task": task.name, "pattern": str(pattern),
         "kd_teacher": qcfg.teacher if qcfg.distill else None,
         "kd_weights": (qcfg.distillation or recipe.train.distillation).model_dump() if qcfg.distill else None,
-        "metrics": metrics, "ptq_metrics": ptq_metrics, "train": stats, "mask_check": mask_check,
+        "metrics": metrics, "ptq_metrics": ptq_metrics, "kept": kept, "train": stats, "mask_check": mask_check,
         "select": cfg.select, **_where(trainer),
     }
 

@@ -219,11 +219,11 @@ class ADMMCallback(TrainerCallback):
         """Build from a recipe's ``sparsity`` and ``train.admm`` sections (pattern, globs, rho schedule, interval).
 
         Raises:
-            ConfigError: when ``train.admm.method`` is not ``admm``.
+            ConfigError: when ``sparsity.method`` is not ``admm``.
         """
         acfg = recipe.train.admm
-        if acfg.method != "admm":
-            raise ConfigError(f"train.admm.method={acfg.method!r}: ADMMCallback runs method 'admm' only.")
+        if recipe.sparsity.method != "admm":
+            raise ConfigError(f"sparsity.method={recipe.sparsity.method!r}: ADMMCallback runs method 'admm' only.")
         kwargs = dict(pattern=recipe.sparsity.pattern, rho=acfg.rho, rho_factor=acfg.rho_factor,
                       rho_max=acfg.rho_max, u_init=acfg.u_init, include=recipe.sparsity.include,
                       exclude=list(recipe.sparsity.exclude), update_interval=acfg.update_interval)
