@@ -1,23 +1,31 @@
-"""Accuracy table: dense vs 2:4 magnitude (ASP) vs 2:4 ADMM, each followed by INT8 QAT, on GLUE tasks and seeds.
+"""Accuracy table (protocol v2, ``benchmarks/PROTOCOL.md``): dense vs every 2:4 mask method, each + INT8 QAT, on GLUE
+tasks and seeds.
 
-A thin driver of the public CLI. Every cell is one command, printed in the table as the command that reproduces it:
+A thin driver of the public CLI. Every cell is one command, printed in the table as the command that reproduces it.
+The dense cell of a (task, seed) trains the dense model alone; every method's cell adopts it (``--from-run``: copied
+and checked by hash), so all methods start from the same dense model:
 
-    nxm-deploy run recipes/bench_accuracy.yaml --run-dir <work>/<task>/seed<k>/<method> \\
-        --set name=acc_<task>_s<k>_<method> --set task.name=<task> --set train.seed=<k> \\
-        --set train.admm.method=<method> [--from-run <work>/<task>/seed<k>/magnitude]
+    nxm-deploy train recipes/bench_accuracy.yaml --stage dense --run-dir <work>/<task>/seed<k>/dense \
+        --set name=acc2_<task>_s<k>_dense --set task.name=<task> --set train.seed=<k>
+    nxm-deploy run recipes/bench_accuracy.yaml --run-dir <work>/<task>/seed<k>/<method> \
+        --set name=acc2_<task>_s<k>_<method> --set task.name=<task> --set train.seed=<k> \
+        --set sparsity.method=<method> --from-run <work>/<task>/seed<k>/dense
 
-The magnitude cell of a (task, seed) trains the dense model; the ADMM cell adopts it (``--from-run``: copied and
-checked by hash), so both sparse methods start from the same dense model. A cell gives four numbers: the dense
-FP32 ONNX model and the deployed 2:4 INT8 ONNX model under ONNX Runtime (``validation.json``), and the sparse FP
-PyTorch model (``sparse/manifest.json``). Resumable: a cell that finished is up to date for ``nxm-deploy run`` and
-costs seconds; a killed one resumes from its training checkpoints.
+A method cell gives three numbers: the dense FP32 ONNX model and the deployed 2:4 INT8 ONNX model under ONNX Runtime
+(``validation.json``), and the sparse FP PyTorch model (``sparse/manifest.json``); its manifest also says how far its
+mask is from the magnitude mask. Resumable: a finished cell is up to date and costs seconds; a killed one resumes from
+its training checkpoints. The methods are the registry's (:mod:`nxm_deploy.sparsity.methods`).
+
+Tasks: GLUE names, plus ``sst2_8k``: SST-2 on a seeded 8,000-example training subset (full dev set), reported beside
+the average of the main tasks (RTE, MRPC, STS-B: comparable with the table of protocol v1).
 
 Score (0-100): MRPC mean of F1 and accuracy, STS-B mean of Pearson and Spearman, other tasks the primary metric.
-Writes ``<out>.json`` (top-level ``average``: ``dense``, ``magnitude``, ``admm``, ``magnitude_int8``,
-``admm_int8`` -> mean over tasks of the mean over seeds, only where every cell finished) and ``<out>.md``.
+Writes ``<out>.json`` (top-level ``average``: ``dense``, every method and ``<method>_int8`` -> mean over the main tasks
+of the mean over seeds, only where every cell finished; ``best_int8``: the method with the best deployed average) and
+``<out>.md``.
 
 Usage:
-    .venv/bin/python tools/bench_accuracy.py [--tasks rte mrpc stsb] [--seeds 0 1 2] [--time-budget-min 120]
+    .venv/bin/python tools/bench_accuracy.py [--tasks rte mrpc stsb sst2_8k] [--seeds 0 1 2] [--methods ...]
     .venv/bin/python tools/bench_accuracy.py --report-only
 """
 
@@ -39,23 +47,50 @@ from nxm_deploy.data.tasks import get_task
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text
 from nxm_deploy.layout import RunLayout
 from nxm_deploy.machine import machine_line
+from nxm_deploy.sparsity.methods import METHODS as MASK_METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/bench_accuracy.yaml"
-WORK_DIR = "runs/bench_accuracy"
+WORK_DIR = "runs/acc2"
+#: protocol v1's work dir (benchmarks/accuracy_glue.md before protocol v2; tools/pilot_admm_report.py reads it)
+WORK_DIR_V1 = "runs/bench_accuracy"
+#: the main tasks: their average is the table's (comparable with protocol v1)
 TASKS = ("rte", "mrpc", "stsb")
-METHODS = ("magnitude", "admm")
-VARIANTS = ("dense", "magnitude", "admm", "magnitude_int8", "admm_int8")
-#: the PyTorch models' last epochs (the table's rows are the best dev epochs, the protocol's model selection)
-LAST_EPOCH = ("dense_last", "magnitude_last", "admm_last")
-LABELS = {"dense": "dense FP32 (ONNX)", "magnitude": "2:4 magnitude (PyTorch)", "admm": "2:4 ADMM (PyTorch)",
-          "magnitude_int8": "2:4 magnitude + INT8 QAT (ONNX Runtime)", "admm_int8": "2:4 ADMM + INT8 QAT (ONNX Runtime)",
-          "dense_last": "dense, last epoch (PyTorch)", "magnitude_last": "2:4 magnitude, last epoch (PyTorch)",
-          "admm_last": "2:4 ADMM, last epoch (PyTorch)"}
+#: table task -> (GLUE task, the overrides that make it): SST-2 on a seeded 8k training subset (PROTOCOL.md)
+TASK_SETS = {"sst2_8k": ("sst2", ("task.max_train_examples=8000", "task.train_subset_seed=0"))}
+METHODS = tuple(MASK_METHODS)
+DENSE = "dense"
 #: README block the table is written into (between these markers)
 README_MARKERS = ("<!-- accuracy_glue:begin (tools/bench_accuracy.py writes this block) -->", "<!-- accuracy_glue:end -->")
 #: task -> the metrics averaged into its score
 SCORE = {"mrpc": ("f1", "accuracy"), "stsb": ("pearson", "spearman")}
+
+
+def variants(methods) -> tuple[str, ...]:
+    """The table's rows: dense, each method's sparse FP model, each method's deployed INT8 model."""
+    return (DENSE, *methods, *(f"{m}_int8" for m in methods))
+
+
+def last_epoch_variants(methods) -> tuple[str, ...]:
+    """The PyTorch models' last epochs (the table's rows are the kept candidates, protocol v2's selection)."""
+    return (f"{DENSE}_last", *(f"{m}_last" for m in methods))
+
+
+def label(variant: str) -> str:
+    """A row's label, from the method registry."""
+    if variant == DENSE:
+        return "dense FP32 (ONNX)"
+    if variant == f"{DENSE}_last":
+        return "dense, last epoch (PyTorch)"
+    method, _, kind = variant.partition("_")
+    name = MASK_METHODS[method].label
+    return {"": f"2:4 {name} (PyTorch)", "int8": f"2:4 {name} + INT8 QAT (ONNX Runtime)",
+            "last": f"2:4 {name}, last epoch (PyTorch)"}[kind]
+
+
+def glue_task(task: str) -> str:
+    """The GLUE task of a table task (``sst2_8k`` -> ``sst2``)."""
+    return TASK_SETS.get(task, (task, ()))[0]
 
 
 def run_dir(work: Path, task: str, seed: int, method: str) -> Path:
@@ -63,14 +98,19 @@ def run_dir(work: Path, task: str, seed: int, method: str) -> Path:
 
 
 def cell_argv(work: Path, task: str, seed: int, method: str, recipe: str = RECIPE, sets=()) -> list[str]:
-    """The ``nxm-deploy`` arguments of one cell (what the table prints as its reproduce command)."""
-    argv = ["run", recipe, "--run-dir", str(run_dir(work, task, seed, method)),
-            "--set", f"name=acc_{task}_s{seed}_{method}", "--set", f"task.name={task}", "--set", f"train.seed={seed}",
-            "--set", f"train.admm.method={method}"]
+    """The ``nxm-deploy`` arguments of one cell (what the table prints as its reproduce command): the dense cell
+    (``method`` ``dense``) trains the dense stage alone; a method cell adopts it."""
+    head = ["train", recipe, "--stage", "dense"] if method == DENSE else ["run", recipe]
+    argv = [*head, "--run-dir", str(run_dir(work, task, seed, method)), "--set", f"name=acc2_{task}_s{seed}_{method}",
+            "--set", f"task.name={glue_task(task)}", "--set", f"train.seed={seed}"]
+    for item in TASK_SETS.get(task, (task, ()))[1]:
+        argv += ["--set", item]
+    if method != DENSE:
+        argv += ["--set", f"sparsity.method={method}"]
     for item in sets:
         argv += ["--set", item]
-    if method != METHODS[0]:
-        argv += ["--from-run", str(run_dir(work, task, seed, METHODS[0]))]
+    if method != DENSE:
+        argv += ["--from-run", str(run_dir(work, task, seed, DENSE))]
     return argv
 
 
@@ -80,6 +120,7 @@ def score(task: str, metrics: dict | None) -> float | None:
     as 0."""
     if not metrics:
         return None
+    task = glue_task(task)
     keys = SCORE.get(task) or (get_task(task).primary_metric,)
     values = [metrics.get(k) for k in keys]
     if any(v is None for v in values):
@@ -90,7 +131,7 @@ def score(task: str, metrics: dict | None) -> float | None:
 def score_definition(task: str) -> str:
     """How :func:`score` scores ``task``, in words."""
     return {"stsb": "mean(Pearson, Spearman) x 100", "mrpc": "mean(F1, accuracy) x 100"}.get(
-        task, f"{get_task(task).primary_metric} x 100")
+        task, f"{get_task(glue_task(task)).primary_metric} x 100")
 
 
 def _last_epoch(task: str, epoch_metrics: list | None) -> float | None:
@@ -101,8 +142,8 @@ def _last_epoch(task: str, epoch_metrics: list | None) -> float | None:
 
 
 def read_cell(work: Path, task: str, seed: int, method: str) -> dict | None:
-    """The numbers of one finished cell, or None: best-epoch scores (the kept models), last-epoch scores of the
-    PyTorch phases, the final ADMM residual and the machine that ran the cell."""
+    """The numbers of one finished method cell, or None: the kept models' scores, last-epoch scores of the PyTorch
+    phases, the final ADMM residual, how the mask differs from magnitude's, and the machine that ran the cell."""
     layout = RunLayout(run_dir(work, task, seed, method))
     if not layout.validation.is_file() or not layout.stage_manifest("admm").is_file():
         return None
@@ -110,12 +151,13 @@ def read_cell(work: Path, task: str, seed: int, method: str) -> dict | None:
     sparse = json.loads(layout.stage_manifest("admm").read_text())
     dense = json.loads(layout.stage_manifest("dense").read_text())
     metrics = validation.get("metrics") or {}
-    return {"dense": score(task, metrics.get("dense_fp32")), method: score(task, sparse.get("metrics")),
+    return {DENSE: score(task, metrics.get("dense_fp32")), method: score(task, sparse.get("metrics")),
             f"{method}_int8": score(task, metrics.get("sparse_int8")),
-            "dense_last": _last_epoch(task, dense.get("epoch_metrics")),
+            f"{DENSE}_last": _last_epoch(task, dense.get("epoch_metrics")),
             f"{method}_last": _last_epoch(task, (sparse.get("masked_finetune") or {}).get("epoch_metrics")),
             "admm_residual": (sparse.get("admm_history") or [{}])[-1].get("relative_residual"),
-            "machine": validation.get("machine")}
+            "mask_differing": (sparse.get("mask_vs_magnitude") or {}).get("kept_positions_differing"),
+            "kept": sparse.get("kept"), "machine": validation.get("machine")}
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -123,13 +165,19 @@ def _mean_std(values: list[float]) -> dict:
             "n": len(values)}
 
 
-def build_table(work: Path, tasks, seeds, argv_of) -> dict:
-    """Cells, per-task mean ± std and the average over tasks of every variant (complete variants only)."""
+def build_table(work: Path, tasks, seeds, methods, argv_of) -> dict:
+    """Cells, per-task mean ± std, the average over the main tasks of every variant (complete variants only) and the
+    best deployed method."""
+    rows, lasts = variants(methods), last_epoch_variants(methods)
     cells, per_task = [], {}
     for task in tasks:
-        values = {v: [] for v in VARIANTS + LAST_EPOCH}
+        values = {v: [] for v in rows + lasts}
         for seed in seeds:
-            for method in METHODS:
+            cells.append({"task": task, "seed": seed, "method": DENSE, "finished": RunLayout(
+                run_dir(work, task, seed, DENSE)).stage_manifest("dense").is_file(),
+                "command": "nxm-deploy " + shlex.join(argv_of(task, seed, DENSE))})
+            dense_taken = False
+            for method in methods:
                 cell = read_cell(work, task, seed, method)
                 command = "nxm-deploy " + shlex.join(argv_of(task, seed, method))
                 cells.append({"task": task, "seed": seed, "method": method, "command": command,
@@ -137,21 +185,30 @@ def build_table(work: Path, tasks, seeds, argv_of) -> dict:
                 if cell is None:
                     continue
                 own = (method, f"{method}_int8", f"{method}_last")
-                for variant in own + (("dense", "dense_last") if method == METHODS[0] else ()):
+                if not dense_taken:  # one dense model per (task, seed): every method cell adopted it
+                    own += (DENSE, f"{DENSE}_last")
+                    dense_taken = True
+                for variant in own:
                     if cell.get(variant) is not None:
                         values[variant].append(cell[variant])
         per_task[task] = {v: _mean_std(vals) for v, vals in values.items() if vals}
-    def complete_means(variants) -> dict:
+    main = [t for t in tasks if t in TASKS]
+
+    def complete_means(names) -> dict:
         out = {}
-        for variant in variants:
-            rows = [per_task[t].get(variant) for t in tasks]
-            if all(r is not None and r["n"] == len(seeds) for r in rows):
-                out[variant] = statistics.fmean(r["mean"] for r in rows)
+        for variant in names:
+            found = [per_task[t].get(variant) for t in main]
+            if main and all(r is not None and r["n"] == len(seeds) for r in found):
+                out[variant] = statistics.fmean(r["mean"] for r in found)
         return out
 
-    # "average": the issue's five variants; the last epochs apart, so that the key keeps its contract
-    return {"cells": cells, "per_task": per_task, "average": complete_means(VARIANTS),
-            "average_last_epoch": complete_means(LAST_EPOCH)}
+    average = complete_means(rows)
+    deployed = {m: average[f"{m}_int8"] for m in methods if f"{m}_int8" in average}
+    best = max(deployed, key=deployed.get) if deployed else None
+    if best is not None:
+        average["best_int8"] = {"method": best, "value": deployed[best]}
+    return {"cells": cells, "per_task": per_task, "main_tasks": main, "average": average,
+            "average_last_epoch": complete_means(lasts)}
 
 
 def _row(result: dict, variant: str) -> str:
@@ -159,81 +216,123 @@ def _row(result: dict, variant: str) -> str:
     for task in result["tasks"]:
         s = result["per_task"].get(task, {}).get(variant)
         cells.append("–" if s is None else f"{s['mean']:.2f} ± {s['std']:.2f} (n={s['n']})")
-    avg = result["average" if variant in VARIANTS else "average_last_epoch"].get(variant)
-    return f"| {LABELS[variant]} | " + " | ".join(cells) + f" | {'incomplete' if avg is None else f'{avg:.2f}'} |"
+    avg = result["average_last_epoch" if variant.endswith("_last") else "average"].get(variant)
+    return f"| {label(variant)} | " + " | ".join(cells) + f" | {'incomplete' if avg is None else f'{avg:.2f}'} |"
 
 
 def _header(result: dict) -> list[str]:
-    return ["| | " + " | ".join(result["tasks"]) + " | average |", "|---|" + "---|" * (len(result["tasks"]) + 1)]
+    main = "average of " + ", ".join(result["main_tasks"]) if result["main_tasks"] else "average"
+    return ["| | " + " | ".join(result["tasks"]) + f" | {main} |", "|---|" + "---|" * (len(result["tasks"]) + 1)]
 
 
-#: issue 15's targets: (label, variant, reference, least difference in points; None = an absolute bound)
-TARGETS = (("dense reference average >= 75.0", "dense", None, 75.0),
-           ("2:4 ADMM >= magnitude + 0.5", "admm", "magnitude", 0.5),
-           ("deployed 2:4 ADMM INT8 within 1.0 of dense", "admm_int8", "dense", -1.0))
+def _mean_over(result: dict, tasks, variant: str) -> float | None:
+    found = [result["per_task"].get(t, {}).get(variant) for t in tasks]
+    return None if not tasks or any(f is None for f in found) else statistics.fmean(f["mean"] for f in found)
+
+
+def targets(result: dict) -> list[dict]:
+    """Issue 30's targets: ``{"label", "value", "bound", "met"}`` each; ``met`` None until the cells it needs finished
+    (the value is then the partial one, on the tasks that have them, or None)."""
+    out = []
+    main, avg = result["main_tasks"], result["average"]
+    complete = all(len(result["seeds"]) == (result["per_task"].get(t, {}).get(DENSE) or {}).get("n") for t in main)
+    best = avg.get("best_int8")
+    if best is not None and DENSE in avg:
+        value = best["value"] - avg[DENSE]
+        out.append({"label": f"best deployed method ({best['method']}) within 0.5 of dense", "value": value,
+                    "bound": -0.5, "met": value >= -0.5})
+    else:
+        out.append({"label": "best deployed method within 0.5 of dense", "value": None, "bound": -0.5, "met": None})
+    for kind in ("", "_int8"):
+        a, m = _mean_over(result, main, f"admm{kind}"), _mean_over(result, main, f"magnitude{kind}")
+        value = None if a is None or m is None else a - m
+        done = f"admm{kind}" in avg and f"magnitude{kind}" in avg
+        out.append({"label": f"ADMM - magnitude >= -0.2 ({'deployed INT8' if kind else 'sparse FP'})", "value": value,
+                    "bound": -0.2, "met": (value >= -0.2) if done else None})
+    aware = [m for m in ("wanda", "sparsegpt") if f"{m}_int8" in avg]
+    if aware and complete:
+        best_aware = max(aware, key=lambda m: avg[f"{m}_int8"])
+        diffs = [c["mask_differing"] for c in result["cells"] if c["method"] == best_aware and c["task"] in main
+                 and c.get("mask_differing") is not None]
+        value = statistics.fmean(diffs) if diffs else None
+        out.append({"label": f"best data-aware method's mask ({best_aware}) differs from magnitude's in >= 5 % of kept "
+                             "positions", "value": value, "bound": 0.05, "met": None if value is None else value >= 0.05})
+    else:
+        out.append({"label": "best data-aware method's mask differs from magnitude's in >= 5 % of kept positions",
+                    "value": None, "bound": 0.05, "met": None})
+    if "sst2_8k" in result["tasks"]:
+        rows = result["per_task"].get("sst2_8k", {})
+        a, m = rows.get("admm_int8"), rows.get("magnitude_int8")
+        value = None if a is None or m is None else a["mean"] - m["mean"]
+        done = a is not None and m is not None and a["n"] == m["n"] == len(result["seeds"])
+        out.append({"label": "SST-2-8k: ADMM - magnitude deployed >= +0.5", "value": value, "bound": 0.5,
+                    "met": (value >= 0.5) if done else None})
+    return out
 
 
 def target_lines(result: dict) -> list[str]:
-    """One line per target: the value on the tasks where both variants have cells (the average once complete)."""
+    """One line per target (:func:`targets`): its value and a verdict."""
     lines = []
-    for label, variant, reference, bound in TARGETS:
-        tasks = [t for t in result["tasks"] if variant in result["per_task"].get(t, {})
-                 and (reference is None or reference in result["per_task"][t])]
-        if not tasks:
-            lines.append(f"- {label}: not measured yet")
-            continue
-        def mean_of(v):
-            return statistics.fmean(result["per_task"][t][v]["mean"] for t in tasks)
-        value = mean_of(variant) - (mean_of(reference) if reference else 0.0)
-        complete = result["average"].get(variant) is not None and (reference is None or
-                                                                   result["average"].get(reference) is not None)
-        where = "average over tasks" if complete else f"so far, on {', '.join(tasks)} only"
-        verdict = ("met" if value >= bound else "**missed**") if complete else "not decided until every cell ran"
-        shown = f"{value:.2f}" if reference is None else f"{value:+.2f}"
-        lines.append(f"- {label}: {shown} ({where}): {verdict}")
+    for t in targets(result):
+        shown = "not measured yet" if t["value"] is None else (
+            f"{100 * t['value']:.1f} %" if "kept positions" in t["label"] else f"{t['value']:+.2f}")
+        verdict = {True: "met", False: "**missed**", None: "not decided until every cell ran"}[t["met"]]
+        lines.append(f"- {t['label']}: {shown}: {verdict}")
     return lines
 
 
 def render_markdown(result: dict) -> str:
-    lines = ["# Accuracy: dense vs 2:4 magnitude vs 2:4 ADMM, each + INT8 QAT (MiniLM-L6, GLUE dev)", "",
+    methods = result["methods"]
+    lines = ["# Accuracy: dense vs 2:4 mask methods, each + INT8 QAT (MiniLM-L6, GLUE dev; protocol v2)", "",
              f"Command: `{result['command']}`  ", f"Date (UTC): {result['date']}  ", f"Versions: {result['versions']}  ",
              f"Machine of the report: {result['machine']}", "",
-             "Protocol: `benchmarks/PROTOCOL.md`; base recipe `recipes/bench_accuracy.yaml`. Score 0-100 (MRPC: mean of "
-             "F1 and accuracy; STS-B: mean of Pearson and Spearman), mean ± std over seeds. INT8 rows: the exported "
-             "2:4 INT8 ONNX model under ONNX Runtime; dense: the dense FP32 ONNX model of the same run; sparse FP "
-             "rows: the kept (best dev epoch) PyTorch model. An average is given only where every cell finished.", "",
-             *_header(result), *(_row(result, v) for v in VARIANTS), "", "Targets:", "", *target_lines(result), "",
-             "Last epoch instead of the best one:", "",
-             *_header(result), *(_row(result, v) for v in LAST_EPOCH)]
+             "Protocol v2: `benchmarks/PROTOCOL.md`; base recipe `recipes/bench_accuracy.yaml`. Score 0-100 (MRPC: mean "
+             "of F1 and accuracy; STS-B: mean of Pearson and Spearman), mean ± std over seeds. INT8 rows: the exported "
+             "2:4 INT8 ONNX model under ONNX Runtime; dense: the dense FP32 ONNX model of the same run; sparse FP rows: "
+             "the kept candidate (PyTorch). The average is over the main tasks only (sst2_8k beside it) and is given "
+             "only where every cell finished.", "",
+             *_header(result), *(_row(result, v) for v in variants(methods)), "", "Targets (issue 30):", "",
+             *target_lines(result), "", "Last epoch instead of the kept candidate:", "",
+             *_header(result), *(_row(result, v) for v in last_epoch_variants(methods))]
     done = [c for c in result["cells"] if c["finished"]]
     lines += ["", f"{len(done)} of {len(result['cells'])} cells finished. Each cell, the command that reproduces it "
               "and the machine that ran it:", "",
-              "| task | seed | method | dense | sparse FP | sparse INT8 | ADMM residual | machine | command |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| task | seed | method | dense | sparse FP | sparse INT8 | kept | mask vs magnitude | ADMM residual | "
+              "machine | command |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(v, spec=".2f"):
         return "–" if v is None else format(v, spec)
 
     for c in result["cells"]:
         m = c["method"]
-        lines.append(f"| {c['task']} | {c['seed']} | {m} | {fmt(c.get('dense'))} | {fmt(c.get(m))} | "
-                     f"{fmt(c.get(m + '_int8'))} | {fmt(c.get('admm_residual') if m == 'admm' else None, '.3f')} | "
+        if m == DENSE:
+            lines.append(f"| {c['task']} | {c['seed']} | dense | | | | | | | {'finished' if c['finished'] else 'not run yet'}"
+                         f" | `{c['command']}` |")
+            continue
+        differing = c.get("mask_differing")
+        lines.append(f"| {c['task']} | {c['seed']} | {m} | {fmt(c.get(DENSE))} | {fmt(c.get(m))} | "
+                     f"{fmt(c.get(m + '_int8'))} | {c.get('kept') or '–'} | "
+                     f"{'–' if differing is None else f'{100 * differing:.1f} %'} | "
+                     f"{fmt(c.get('admm_residual') if m == 'admm' else None, '.3f')} | "
                      f"{c.get('machine') or 'not run yet'} | `{c['command']}` |")
     return "\n".join(lines) + "\n"
 
 
 def render_readme_block(result: dict, out: Path) -> str:
-    """The README's results table: the best-epoch rows, each with the command of its seed-0 cell on the first task."""
+    """The README's results table: the kept candidates' rows, each with the command of its seed-0 cell on the first
+    task (and the dense cell's command that the method cells adopt)."""
     task = result["tasks"][0]
     cmd = {c["method"]: c["command"] for c in result["cells"] if c["task"] == task and c["seed"] == result["seeds"][0]}
-    rows = [_row(result, v) for v in VARIANTS]
     lines = [f"From `{out.with_suffix('.md')}` (`{result['command']}`, {result['date'][:10]}, {result['machine']}).",
-             "", *_header(result), *rows, "", "Targets (issue 15):", "", *target_lines(result), "",
+             "", *_header(result), *(_row(result, v) for v in variants(result["methods"])), "",
+             "Targets (issue 30):", "", *target_lines(result), "",
              f"Reproduce one cell of a row ({task}, seed {result['seeds'][0]}; other tasks and seeds: `--set task.name=`, "
-             "`--set train.seed=`, and the run directory):", ""]
-    for variant in VARIANTS:
-        method = "admm" if variant.startswith("admm") else METHODS[0]
-        lines.append(f"- {LABELS[variant]}: `{cmd.get(method, '')}`")
+             "`--set train.seed=`, and the run directory). First the dense model, which every method cell adopts:", "",
+             f"- dense: `{cmd.get(DENSE, '')}`"]
+    for variant in variants(result["methods"]):
+        method = variant.partition("_")[0]
+        if method != DENSE:
+            lines.append(f"- {label(variant)}: `{cmd.get(method, '')}`")
     return "\n".join(lines)
 
 
@@ -258,9 +357,10 @@ def write_outputs(out: Path, args, work: Path) -> dict:
     def argv_of(task, seed, method):
         return cell_argv(work, task, seed, method, args.recipe, args.set)
 
-    table = build_table(work, args.tasks, args.seeds, argv_of)
+    table = build_table(work, args.tasks, args.seeds, args.methods, argv_of)
     # the command that runs (or resumes) every cell of this table, whichever invocation wrote the report
-    command = ["python", "tools/bench_accuracy.py", "--tasks", *args.tasks, "--seeds", *map(str, args.seeds)]
+    command = ["python", "tools/bench_accuracy.py", "--tasks", *args.tasks, "--seeds", *map(str, args.seeds),
+               "--methods", *args.methods]
     if args.recipe != RECIPE:
         command += ["--recipe", args.recipe]
     for item in args.set:
@@ -271,7 +371,8 @@ def write_outputs(out: Path, args, work: Path) -> dict:
               "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
               "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, python "
                           f"{platform.python_version()}, nxm_deploy {nxm_deploy.__version__}",
-              "machine": machine_line(), "tasks": list(args.tasks), "seeds": list(args.seeds), **table}
+              "machine": machine_line(), "tasks": list(args.tasks), "seeds": list(args.seeds),
+              "methods": list(args.methods), "protocol": 2, **table}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), result)
     atomic_write_text(out.with_suffix(".md"), render_markdown(result))
@@ -284,6 +385,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--recipe", default=RECIPE)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides for every cell")
     p.add_argument("--work-dir", default=WORK_DIR)
@@ -295,7 +397,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     work, out, start = Path(args.work_dir), Path(args.out), time.monotonic()
     failed = []
-    cells = [] if args.report_only else itertools.product(args.seeds, args.tasks, METHODS)
+    cells = [] if args.report_only else itertools.product(args.seeds, args.tasks, (DENSE, *args.methods))
     for seed, task, method in cells:
         if args.time_budget_min is not None and time.monotonic() - start > 60 * args.time_budget_min:
             print("time budget spent: stopping before the next cell", flush=True)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_accuracy import TASKS, WORK_DIR, run_dir, score  # noqa: E402  (the table's score and cell layout)
+from bench_accuracy import TASKS, WORK_DIR_V1, run_dir, score  # noqa: E402  (the table's score; v1's cells)
 
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from nxm_deploy.layout import RunLayout  # noqa: E402
@@ -35,7 +35,7 @@ CONFIGS = {
     "rho500_epoch": (_round2("rho500_epoch"), "rho 500 constant (round 1's choice)"),
     "rho200_epoch": (_round2("rho200_epoch"), "rho 200 constant"),
     "rho100x3_epoch": (_round2("rho100x3_epoch"), "rho 100, 300, 900"),
-    "magnitude": (lambda t: run_dir(Path(WORK_DIR), t, 0, "magnitude"),
+    "magnitude": (lambda t: run_dir(Path(WORK_DIR_V1), t, 0, "magnitude"),
                   "one-shot magnitude (the table's cell), for reference"),
 }
 RESIDUAL_BOUND = 0.05

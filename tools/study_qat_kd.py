@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_accuracy import RECIPE, cell_argv, run_dir as table_run_dir, score  # the table's cells and score (tools/)
+from bench_accuracy import RECIPE, WORK_DIR_V1, cell_argv, run_dir as table_run_dir, score  # the table's cells and score (tools/)
 
 from nxm_deploy.config.recipe import load_recipe
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", nargs="+", default=["mrpc"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--work-dir", default="runs/qat_kd")
-    p.add_argument("--table-dir", default="runs/bench_accuracy", help="work dir of tools/bench_accuracy.py")
+    p.add_argument("--table-dir", default=WORK_DIR_V1, help="work dir of tools/bench_accuracy.py")
     p.add_argument("--out", default="benchmarks/qat_kd")
     p.add_argument("--glue-dir", default=None)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
