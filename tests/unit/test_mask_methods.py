@@ -130,3 +130,13 @@ def test_the_seeded_training_subset_is_fixed_and_keeps_file_order(glue_dir):
     recipe = load_recipe(RECIPE, ["task.name=sst2", "task.max_train_examples=200", "task.train_subset_seed=0"])
     assert recipe.task.train_subset_seed == 0
     assert "train_subset_seed" not in load_recipe(RECIPE).to_dict()["task"]  # unset: the stage keys stay
+
+
+def test_the_cli_refuses_an_unknown_method_with_one_line_and_exit_2(tmp_path, capsys):
+    from nxm_deploy.cli.main import main
+
+    code = main(["run", str(ROOT / "recipes" / "tiny_smoke.yaml"), "--run-dir", str(tmp_path / "run"),
+                 "--set", "sparsity.method=obs"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert "sparsity.method 'obs' is not a mask method" in err[0] and not any("Traceback" in line for line in err)
