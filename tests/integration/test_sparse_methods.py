@@ -34,7 +34,7 @@ def _with(base: dict, **sections) -> dict:
     return data
 
 
-@pytest.mark.parametrize("method", ["admm", "magnitude", "wanda"])
+@pytest.mark.parametrize("method", ["admm", "magnitude", "wanda", "sparsegpt"])
 def test_sparse_method(dense_run, glue_dir, method):
     from transformers import AutoModelForSequenceClassification
 
@@ -53,11 +53,13 @@ def test_sparse_method(dense_run, glue_dir, method):
     differing = manifest["mask_vs_magnitude"]["kept_positions_differing"]
     if method == "magnitude":
         assert differing == 0.0
-    elif method == "wanda":  # activation norms reorder the kept weights of some groups
+    elif method in ("wanda", "sparsegpt"):  # activations reorder the kept weights of some groups
         assert 0.0 < differing < 1.0 and manifest["method_details"]["calibration_batches"] == 8
     model = AutoModelForSequenceClassification.from_pretrained(run_dir / "sparse")
     masks = load_masks(run_dir)
     assert len(masks) == 12
+    for dense_layer in ("bert.pooler.dense", "classifier"):  # not targets: no method prunes them
+        assert float((model.get_submodule(dense_layer).weight == 0).float().mean()) < 0.01
     for fqn, mask in masks.items():
         weight = model.get_submodule(fqn.rpartition(".")[0]).weight.detach()
         assert torch.all(weight[~mask] == 0)

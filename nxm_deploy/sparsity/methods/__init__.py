@@ -17,6 +17,7 @@ one method when it runs.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,7 +131,9 @@ class MaskMethod:
         if self.module is None:
             return
         try:
-            importlib.import_module(self.module)
+            with warnings.catch_warnings():  # version chatter at import (ModelOpt: "transformers X is not tested")
+                warnings.simplefilter("ignore")
+                importlib.import_module(self.module)
         except ImportError as exc:
             raise MissingDependencyError(
                 f"sparsity.method {self.name} needs {self.module} ({exc.name or exc}), which is not installed.",
@@ -150,8 +153,8 @@ METHODS: dict[str, MaskMethod] = {m.name: m for m in (
                "|W_ij| * ||X_j||_2, n:m groups along the input axis, block by block",
                "nxm_deploy.sparsity.methods.wanda:find_masks", reads=CALIBRATION_KEYS),
     MaskMethod("sparsegpt", "SparseGPT",
-               "SparseGPT (Frantar & Alistarh, ICML 2023), through NVIDIA ModelOpt's mts.sparsify(mode='sparsegpt'): "
-               "OBS mask selection and reconstruction of the kept weights from calibration Hessians",
+               "SparseGPT (Frantar & Alistarh, ICML 2023), Alg. 1, through NVIDIA ModelOpt's "
+               "mts.sparsify(mode='sparsegpt'): the OBS mask from calibration Hessians (ModelOpt keeps the mask only)",
                "nxm_deploy.sparsity.methods.sparsegpt:find_masks", reads=CALIBRATION_KEYS, extra="modelopt",
                module="modelopt.torch.sparsity"),
 )}
