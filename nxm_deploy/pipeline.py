@@ -14,7 +14,7 @@ from nxm_deploy.fileio import atomic_write_json, atomic_write_text, read_json
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.errors import ConfigError, RunDirError
 
-from nxm_deploy.layout import RunLayout
+from nxm_deploy.run.layout import RunLayout
 
 log = logging.getLogger("nxm_deploy.pipeline")
 

@@ -3,7 +3,7 @@
 A run is the chain ``dense -> admm -> qat -> export -> engines -> validate`` (then the report). Each stage is a
 :class:`Stage`: its name, the recipe keys that decide its output (``reads``), the stages whose artifacts it reads
 (``inputs``, checked by the sha256 of their manifests), and the one output of the run directory it writes
-(:class:`~nxm_deploy.layout.RunLayout`), committed atomically together with its manifest by the stage itself.
+(:class:`~nxm_deploy.run.layout.RunLayout`), committed atomically together with its manifest by the stage itself.
 
 :func:`run_stages` runs stages in order. A stage is **up to date**, and skipped, when the run's ledger
 (``stages.json``) records the same key for it -- the hash of the recipe values it reads, of its own data files
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from nxm_deploy.errors import ConfigError, RunDirError
 from nxm_deploy.fileio import LockBusy, atomic_write_json, exclusive_lock, read_json, sha256_file
-from nxm_deploy.layout import RunLayout
+from nxm_deploy.run.layout import RunLayout
 from nxm_deploy.ranks import is_main_process
 
 log = logging.getLogger("nxm_deploy.stages")

@@ -108,3 +108,28 @@ def test_tensorrt_is_imported_only_in_engine_trt() -> None:
             hits[path.relative_to(PACKAGE_DIR.parent).as_posix()] = found
     assert "nxm_deploy/engine/trt.py" in hits, "the TensorRT builder no longer imports tensorrt?"
     assert set(hits) <= {"nxm_deploy/engine/trt.py", "nxm_deploy/engine/trt_runtime.py"}, hits  # build + runtime
+
+
+def _imports_of(path: Path) -> set[str]:
+    """The ``nxm_deploy`` modules that ``path`` imports anywhere (top level or inside functions)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nxm_deploy"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("nxm_deploy"))
+    return found
+
+
+@pytest.mark.parametrize("lower, higher", [
+    ("export", "nxm_deploy.training"), ("validate", "nxm_deploy.training"),  # they read runs through nxm_deploy.run
+    ("run", "nxm_deploy.training"), ("run", "nxm_deploy.export"), ("run", "nxm_deploy.validate"),
+    ("run", "nxm_deploy.engine"), ("run", "nxm_deploy.client"), ("run", "nxm_deploy.cli"),
+])
+def test_a_lower_layer_never_imports_a_higher_one(lower, higher) -> None:
+    offenders = {str(p.relative_to(PACKAGE_DIR)): sorted(m for m in _imports_of(p) if m == higher or m.startswith(higher + "."))
+                 for p in (PACKAGE_DIR / lower).rglob("*.py")}
+    offenders = {k: v for k, v in offenders.items() if v}
+    assert not offenders, f"nxm_deploy/{lower} imports {higher}: {offenders}"

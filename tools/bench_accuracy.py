@@ -45,7 +45,7 @@ from pathlib import Path
 
 from nxm_deploy.data.tasks import get_task
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text
-from nxm_deploy.layout import RunLayout
+from nxm_deploy.run.layout import RunLayout
 from nxm_deploy.machine import machine_line
 from nxm_deploy.sparsity.methods import METHODS as MASK_METHODS
 

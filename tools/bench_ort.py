@@ -105,12 +105,13 @@ def op_profile(path: Path, feeds: dict, threads: int, rounds: int) -> dict:
 def bench_run(run_dir: Path, args) -> dict:
     import yaml
 
-    from nxm_deploy.data import get_task, load_task_split, make_dataloader, resolve_glue_dir
+    from nxm_deploy.data import load_task_split, make_dataloader, resolve_glue_dir
     from nxm_deploy.data.loader import encode_fixed
     from nxm_deploy.data.metrics import compute_metrics
+    from nxm_deploy.config.recipe import load_recipe
     from nxm_deploy.fileio import read_json
-    from nxm_deploy.layout import RunLayout
-    from nxm_deploy.models import load_saved_model
+    from nxm_deploy.run.layout import RunLayout
+    from nxm_deploy.run.reader import load_stage_model, read_stage_manifest
 
     layout = RunLayout(run_dir)
     manifest = read_json(layout.onnx_manifest)
@@ -120,9 +121,10 @@ def bench_run(run_dir: Path, args) -> dict:
         raise SystemExit(f"error: {run_dir} has no {', '.join(missing)}: rerun `nxm-deploy export {run_dir}` "
                          "(the export stage writes the ONNX Runtime peers since 2026-12-05)")
     recipe = yaml.safe_load(layout.recipe.read_text())
-    task = get_task(recipe["task"]["name"])
+    task = load_recipe(layout.recipe).task.spec()
     max_len = int(recipe["task"]["max_seq_length"])
-    model, tokenizer = load_saved_model(layout.stage_dir("dense"))
+    read_stage_manifest(run_dir, "dense")  # the dense model's files as its stage wrote them
+    model, tokenizer = load_stage_model(run_dir, "dense")
     shape = shape_name(model.config)
     random_init = bool((recipe.get("model") or {}).get("random_init"))
     del model

@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO / "tools"))
 from bench_accuracy import score, score_definition  # noqa: E402  (tools' score convention)
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from nxm_deploy.machine import machine  # noqa: E402
+from nxm_deploy.run.layout import CPU_INT8_ONNX, SPARSE_ONNX, RunLayout  # noqa: E402
 
 RECIPE = "recipes/bench_quantizer_groups.yaml"
 #: cell -> (gemm_outputs, attention); "inputs_weights" is the graph before the groups existed.
@@ -69,8 +70,8 @@ def base_run(root: Path, task: str, glue: list[str], log: Path) -> tuple[Path, l
     run = root / task / "bench_quantizer_groups"
     cmds = [["train", RECIPE, "--set", f"task.name={task}", "--runs-root", str(root / task), "--stage", "dense", *glue],
             ["train", str(run), "--stage", "admm"]]
-    if not (REPO / run / "sparse" / "manifest.json").is_file():
-        if not (REPO / run / "dense" / "manifest.json").is_file():
+    if not RunLayout(REPO / run).stage_manifest("admm").is_file():
+        if not RunLayout(REPO / run).stage_manifest("dense").is_file():
             cli(*cmds[0], log=log)
         cli(*cmds[1], log=log)
     return run, cmds
@@ -91,9 +92,10 @@ def run_cell(root: Path, task: str, cell: str, base: Path, glue: list[str], cell
     args = cell_args(root, task, cell, base, glue)
     start = time.perf_counter()
     cli(*args, log=log)
-    qat = read_json(REPO / root / task / cell / "qat" / "manifest.json")
-    quant = read_json(REPO / root / task / cell / "qat" / "quant.json")
-    sparse = read_json(REPO / base / "sparse" / "manifest.json")
+    layout = RunLayout(REPO / root / task / cell)
+    qat = read_json(layout.stage_manifest("qat"))
+    quant = read_json(layout.quant_info())
+    sparse = read_json(RunLayout(REPO / base).stage_manifest("admm"))
     result = {
         "task": task, "cell": cell, "quantizers": dict(zip(("gemm_outputs", "attention"), CELLS[cell])),
         "command": "nxm-deploy " + shlex.join(args),
@@ -117,12 +119,11 @@ def latency(root: Path, task: str, cells: list[str], runs: int, threads: int, lo
 
     runners = {}
     for cell in cells:
-        run = REPO / root / task / cell
-        if not (run / "onnx" / "manifest.json").is_file():
+        run = RunLayout(REPO / root / task / cell)
+        if not run.onnx_manifest.is_file():
             cli("export", str(root / task / cell), log=log)
-        runners[f"{cell}/qdq"] = OnnxRuntimeRunner(run / "onnx" / "sparse_int8_qdq.onnx", f"{cell}/qdq",
-                                                   intra_op_threads=threads)
-        runners[f"{cell}/cpu_int8"] = OnnxRuntimeRunner(run / "onnx" / "sparse_int8_cpu.onnx", f"{cell}/cpu_int8",
+        runners[f"{cell}/qdq"] = OnnxRuntimeRunner(run.onnx(SPARSE_ONNX), f"{cell}/qdq", intra_op_threads=threads)
+        runners[f"{cell}/cpu_int8"] = OnnxRuntimeRunner(run.onnx(CPU_INT8_ONNX), f"{cell}/cpu_int8",
                                                         intra_op_threads=threads)
     out = {"threads": threads, "runs": runs, "shapes": {}}
     for r in runners.values():

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nxm_deploy.machine import machine  # noqa: E402
+from nxm_deploy.run.layout import RunLayout  # noqa: E402
 
 TARGET_RATIO = 0.9
 PREPARE = ("import sys; from nxm_deploy.config.recipe import load_recipe; from nxm_deploy.pipeline import "
@@ -108,12 +109,12 @@ def main() -> int:
     cli = ["-m", "nxm_deploy.cli.main"]
 
     dense_run = work / "dense_run"
-    if not (dense_run / "dense" / "manifest.json").is_file():
+    if not RunLayout(dense_run).stage_manifest("dense").is_file():
         print(f"dense stage (baseline, shared by both stacks) -> {dense_run}", flush=True)
         _run(trees["baseline"], ["-c", PREPARE, str(recipe), str(dense_run)], work / "dense_prepare.log")
         _run(trees["baseline"], cli + ["train", str(dense_run), "--stage", "dense", "--glue-dir", glue],
              work / "dense.log")
-    dense_metrics = json.loads((dense_run / "dense" / "manifest.json").read_text())["metrics"]
+    dense_metrics = json.loads(RunLayout(dense_run).stage_manifest("dense").read_text())["metrics"]
 
     results: dict[str, list] = {"baseline": [], "trainer": []}
     for rep in range(args.repeats):
@@ -121,7 +122,8 @@ def main() -> int:
         for impl in order:
             tree, run_dir = trees[impl], work / f"{impl}_{rep}"
             _run(tree, ["-c", PREPARE, str(recipe), str(run_dir)], work / f"{impl}_{rep}_prepare.log")
-            shutil.copytree(dense_run / "dense", run_dir / "dense", dirs_exist_ok=True)
+            shutil.copytree(RunLayout(dense_run).stage_dir("dense"), RunLayout(run_dir).stage_dir("dense"),
+                            dirs_exist_ok=True)
             cell = {"repeat": rep}
             if "dense" in args.stages:  # each stack also fine-tunes its own dense model (metrics and speed only)
                 dense_dir = work / f"{impl}_{rep}_dense"
@@ -129,7 +131,7 @@ def main() -> int:
                 print(f"repeat {rep}: {impl} dense ...", flush=True)
                 wall = _run(tree, cli + ["train", str(dense_dir), "--stage", "dense", "--glue-dir", glue],
                             work / f"{impl}_{rep}_dense.log")
-                numbers = _stage_numbers(json.loads((dense_dir / "dense" / "manifest.json").read_text()), "dense")
+                numbers = _stage_numbers(json.loads(RunLayout(dense_dir).stage_manifest("dense").read_text()), "dense")
                 numbers.update(wall_seconds=round(wall, 1), steps_per_s_wall=numbers["steps"] / wall)
                 cell["dense"] = numbers
                 print(f"  {impl} dense: {numbers['steps']} steps, {numbers['train_seconds']} s training, "
@@ -138,8 +140,7 @@ def main() -> int:
                 print(f"repeat {rep}: {impl} {stage} ...", flush=True)
                 wall = _run(tree, cli + ["train", str(run_dir), "--stage", stage, "--glue-dir", glue],
                             work / f"{impl}_{rep}_{stage}.log")
-                sub = {"admm": "sparse", "qat": "qat"}[stage]
-                numbers = _stage_numbers(json.loads((run_dir / sub / "manifest.json").read_text()), stage)
+                numbers = _stage_numbers(json.loads(RunLayout(run_dir).stage_manifest(stage).read_text()), stage)
                 numbers["wall_seconds"] = round(wall, 1)
                 numbers["steps_per_s_wall"] = numbers["steps"] / wall
                 cell[stage] = numbers

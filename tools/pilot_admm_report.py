@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_accuracy import TASKS, WORK_DIR_V1, run_dir, score  # noqa: E402  (the table's score; v1's cells)
 
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text  # noqa: E402
-from nxm_deploy.layout import RunLayout  # noqa: E402
+from nxm_deploy.run.layout import RunLayout  # noqa: E402
 from nxm_deploy.machine import machine_line  # noqa: E402
 
 

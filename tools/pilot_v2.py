@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_accuracy import score  # noqa: E402  the table's score of a metrics dict
+from bench_accuracy import DENSE, run_dir, score  # noqa: E402  the table's dense cells and score
 
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text  # noqa: E402
-from nxm_deploy.layout import RunLayout  # noqa: E402
+from nxm_deploy.run.layout import RunLayout  # noqa: E402
 from nxm_deploy.machine import machine_line  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,8 @@ def cell(name: str, task: str, stage: str, run_dir: Path, sets: list[str], sourc
 
 
 def dense_dir(task: str) -> Path:
-    return WORK / task / "seed0" / "dense"
+    """The table's dense cell of (task, seed 0): the pilots start from the dense models the table adopts."""
+    return run_dir(WORK, task, 0, DENSE)
 
 
 def p1_dir(task: str, lr: str) -> Path:

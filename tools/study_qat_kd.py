@@ -34,7 +34,7 @@ from bench_accuracy import RECIPE, WORK_DIR_V1, cell_argv, run_dir as table_run_
 
 from nxm_deploy.config.recipe import load_recipe
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text
-from nxm_deploy.layout import RunLayout
+from nxm_deploy.run.layout import RunLayout
 from nxm_deploy.machine import machine_line
 
 #: variant -> QAT overrides on top of the table's recipe (the loss in full; ``distillation=null``: train.distillation)

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from nxm_deploy import __version__
-from nxm_deploy.layout import RunLayout
+from nxm_deploy.run.layout import RunLayout
 from nxm_deploy.errors import EXIT_CODES, ConfigError, NxmError, RunDirError, exit_code
 
 log = logging.getLogger("nxm_deploy.cli")
@@ -184,7 +184,7 @@ def _inspect_sparsity(args) -> int:
     model = Path(args.model)
     if not model.is_file():
         raise ConfigError(f"ONNX model {model} not found.")
-    from nxm_deploy.layout import MANIFEST
+    from nxm_deploy.run.layout import MANIFEST
 
     manifest_path = Path(args.manifest) if args.manifest else model.parent / MANIFEST
     layer_map, expected, pattern = None, None, args.pattern
@@ -313,7 +313,8 @@ def _dispatch(args) -> int:
         return 0 if (report.get("sparsity_check") or {}).get("ok") else 1
     if args.command == "train":
         from nxm_deploy.stages import TRAINING, StageContext, run_stages
-        from nxm_deploy.training.stage import adopt_stages, check_adoption, read_stage_manifest
+        from nxm_deploy.run.reader import read_stage_manifest
+        from nxm_deploy.training.stage import adopt_stages, check_adoption
         from nxm_deploy.ranks import is_main_process
 
         stages = TRAINING if args.stage == "all" else (args.stage,)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from nxm_deploy.layout import MANIFEST, RunLayout
+from nxm_deploy.run.layout import MANIFEST, TOKENIZER, RunLayout
 from nxm_deploy.fileio import check_recorded_file, check_sha256
 from nxm_deploy.errors import ConfigError, RunDirError
 
@@ -215,19 +215,17 @@ def load_artifacts(run_dir: str | Path, model: str = "sparse_int8") -> RunArtifa
     if not onnx_path.is_file():
         raise RunDirError(f"ONNX model {onnx_path} named in {manifest_path} not found.", hint=f"Re-run `nxm-deploy export {run_dir}`.")
 
-    tokenizer_json = next((layout.stage_dir(d) / "tokenizer.json" for d in tokenizer_dirs
-                           if (layout.stage_dir(d) / "tokenizer.json").is_file()), None)
+    tokenizer_json = next((layout.tokenizer_file(d) for d in tokenizer_dirs if layout.tokenizer_file(d).is_file()), None)
     if tokenizer_json is None:
         raise RunDirError(
-            f"No tokenizer.json in {' or '.join(str(layout.stage_dir(d)) for d in tokenizer_dirs)}.",
+            f"No {TOKENIZER} in {' or '.join(str(layout.stage_dir(d)) for d in tokenizer_dirs)}.",
             hint="The client needs a fast-tokenizer file (saved by the training stages with transformers).",
         )
     tok_cfg_path = tokenizer_json.with_name("tokenizer_config.json")
     for path in (tokenizer_json, tok_cfg_path):  # as the training stage wrote them (its manifest's sha256)
         check_recorded_file(path, f"nxm-deploy train {run_dir} --stage {path.parent.name}")
     tokenizer_config = _read_json(tok_cfg_path, "Tokenizer config") if tok_cfg_path.is_file() else {}
-    config_path = next((layout.stage_dir(d) / "config.json" for d in ("dense", "qat")
-                        if (layout.stage_dir(d) / "config.json").is_file()), None)
+    config_path = next((layout.model_config(d) for d in ("dense", "qat") if layout.model_config(d).is_file()), None)
     if config_path:
         check_recorded_file(config_path, f"nxm-deploy train {run_dir} --stage {config_path.parent.name}")
     config = _read_json(config_path, "Model config") if config_path else {}

@@ -22,7 +22,7 @@ import numpy as np
 from nxm_deploy.client.artifacts import RunArtifacts, load_artifacts, read_verified
 from nxm_deploy.client.tokenization import Item, TextEncoder, normalize_inputs
 from nxm_deploy.errors import ConfigError, MissingDependencyError, RunDirError
-from nxm_deploy.layout import RunLayout
+from nxm_deploy.run.layout import RunLayout
 
 log = logging.getLogger("nxm_deploy.client")
 
@@ -192,8 +192,8 @@ class TextClassifier:
     # ------------------------------------------------------------------------------------------ properties
     @property
     def is_regression(self) -> bool:
-        """True when the model returns one score per input."""
-        return self.labels is None
+        """True when the model returns one score per input (:attr:`RunArtifacts.is_regression`)."""
+        return self.artifacts.is_regression
 
     @property
     def closed(self) -> bool:

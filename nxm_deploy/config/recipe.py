@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -126,7 +126,7 @@ class TaskConfig(_Strict):
 
     @model_validator(mode="after")
     def _preset_or_files(self):
-        from nxm_deploy.data.tasks import TASKS, _normalize, get_task
+        from nxm_deploy.data.tasks import TASKS, get_task, normalize_task_name
 
         own = {k: getattr(self, k) for k in ("train_file", "eval_file", "dataset", "dataset_config", "text_columns",
                                              "labels", "metric") if getattr(self, k) is not None}
@@ -168,7 +168,7 @@ class TaskConfig(_Strict):
         if self.text_columns is None:
             raise ConfigError("Own data needs task.text_columns (one column, or two for text pairs).",
                               hint="e.g. text_columns: [question, answer]")
-        if _normalize(self.name) in TASKS:
+        if normalize_task_name(self.name) in TASKS:
             raise ConfigError(f"task.name {self.name!r} is a GLUE preset; your own data needs its own name.",
                               hint="e.g. task.name: support_tickets")
         if self.metric in ("pearson", "spearman") and self.labels is not None:

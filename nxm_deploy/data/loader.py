@@ -294,7 +294,3 @@ class TaskData:
         sampler = EpochSeededLengthGroupedSampler(self.train.lengths(), batch_size, seed)
         sampler.set_epoch(epoch)
         return DataLoader(self.train, batch_size=batch_size, sampler=sampler, collate_fn=self.collator)
-
-    def dev_loader(self, batch_size: int) -> DataLoader:
-        """The dev set longest-first in batches of ``batch_size`` (labels included), e.g. for ONNX Runtime scoring."""
-        return DataLoader(self.dev, batch_size=batch_size, sampler=self.dev.longest_first(), collate_fn=self.collator)

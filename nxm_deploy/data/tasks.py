@@ -157,7 +157,8 @@ TASKS: dict[str, TaskSpec] = {}
 """Canonical task name -> spec. Filled by :func:`register_task`."""
 
 
-def _normalize(name: str) -> str:
+def normalize_task_name(name: str) -> str:
+    """A task name as the registry keys it: lower case, without spaces, ``_`` and ``-`` (``"SST-2"`` -> ``"sst2"``)."""
     return re.sub(r"[\s_\-]+", "", name).lower()
 
 
@@ -179,7 +180,7 @@ def register_task(name: str) -> Callable[[Callable[[], TaskSpec]], Callable[[], 
     Raises:
         ConfigError: when ``name`` is already registered or differs from the spec's ``name``.
     """
-    key = _normalize(name)
+    key = normalize_task_name(name)
 
     def decorator(factory: Callable[[], TaskSpec]) -> Callable[[], TaskSpec]:
         spec = factory()
@@ -188,7 +189,7 @@ def register_task(name: str) -> Callable[[Callable[[], TaskSpec]], Callable[[], 
                 f"Task factory for '{name}' returned {type(spec).__name__}, not a TaskSpec.",
                 hint="Return a TaskSpec from the decorated function.",
             )
-        if _normalize(spec.name) != key or spec.name != spec.name.lower():
+        if normalize_task_name(spec.name) != key or spec.name != spec.name.lower():
             raise ConfigError(
                 f"Task registered as '{name}' has spec name {spec.name!r}; they must match and be lower-case.",
                 hint="Use the same lower-case name in register_task and TaskSpec.",
@@ -225,7 +226,7 @@ def get_task(name: str | TaskSpec) -> TaskSpec:
             f"Task name must be a string, got {type(name).__name__} {name!r}.",
             hint=f"Use one of: {', '.join(sorted(TASKS))}.",
         )
-    spec = TASKS.get(_normalize(name))
+    spec = TASKS.get(normalize_task_name(name))
     if spec is None:
         raise ConfigError(
             f"Unknown task {name!r}; known tasks are: {', '.join(sorted(TASKS))}.",

@@ -32,14 +32,13 @@ attention-mask fill value (``finfo(float32).min``) is a sentinel, not a range, a
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from nxm_deploy.fileio import atomic_write_json, read_json, save_onnx, sha256_file
+from nxm_deploy.fileio import atomic_write_json, read_json, sha256_file, write_onnx
 from nxm_deploy.errors import ExportError
 from nxm_deploy.ort import make_session
 
@@ -331,13 +330,9 @@ def _convert_locked(source: Path, target: Path, keep: list[str], check_parity: b
     feeds = parity_feeds(source)
     ranged = range_check(source, feeds)
     model, fp32_nodes, ops = convert_model_to_fp16(model, keep, fp32_node_names=ranged)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        save_onnx(model, tmp, target.name)
-        onnx.checker.check_model(str(tmp))
-        os.replace(tmp, target)
+        write_onnx(model, target, check=lambda tmp: onnx.checker.check_model(str(tmp)))
     except Exception as exc:
-        tmp.unlink(missing_ok=True)
         raise ExportError(f"FP16 conversion of {source} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     del model
     parity = fp16_parity(source, target, feeds, int8=int8) if check_parity else {"ok": None, "skipped": True}

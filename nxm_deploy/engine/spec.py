@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nxm_deploy.errors import ConfigError
-from nxm_deploy.layout import TIMING_CACHE
+from nxm_deploy.run.layout import TIMING_CACHE
 
 Auto = Literal["auto"]
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from nxm_deploy.layout import MANIFEST, RunLayout
+from nxm_deploy.run.layout import MANIFEST, RunLayout
 from nxm_deploy.fileio import (
     atomic_write_bytes, atomic_write_json, atomic_write_text, check_recorded_file, file_lock, read_json, sha256_file,
 )
@@ -107,7 +107,7 @@ def _recipe_limits(run_dir: Path) -> tuple[int | None, int | None]:
         with contextlib.suppress(ConfigError):
             max_seq = load_recipe(recipe).task.max_seq_length
     for stage in ("dense", "qat", "admm"):
-        config = RunLayout(run_dir).stage_dir(stage) / "config.json"
+        config = RunLayout(run_dir).model_config(stage)
         if config.is_file():
             with contextlib.suppress(OSError, ValueError, AttributeError):
                 from nxm_deploy.models import config_max_positions  # torch-free

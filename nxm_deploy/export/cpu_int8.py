@@ -43,17 +43,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from nxm_deploy.fileio import save_onnx
+from nxm_deploy.fileio import write_onnx
 from nxm_deploy.errors import ExportError
 from nxm_deploy.export.int8_weights import broadcast_scale, int8_codes
-from nxm_deploy.export.verify import _attr, _Graph, _load, _node_name, _reshape_target
+from nxm_deploy.export.graph import Graph, attr, load_model_proto, node_name, reshape_target
 
 log = logging.getLogger("nxm_deploy.export")
 
 __all__ = ["CPU_INT8_ONNX", "compare_logits", "make_cpu_int8"]
 
-#: file name of the CPU INT8 model next to the Q/DQ model in ``<run>/onnx/``.
-CPU_INT8_ONNX = "sparse_int8_cpu.onnx"
+from nxm_deploy.run.layout import CPU_INT8_ONNX  # noqa: E402  the CPU INT8 model's file name in ``<run>/onnx/``
 A_ZERO_POINT = 128
 FORMS = ("fused", "standard")
 _PREFIX = "cpu_int8/"
@@ -81,7 +80,7 @@ class _Plan:
 class _Converter:
     def __init__(self, proto: onnx.ModelProto, base_dir: str):
         self.proto = proto
-        self.graph = _Graph(proto, base_dir)
+        self.graph = Graph(proto, base_dir)
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in proto.graph.node:
             for name in node.input:
@@ -107,13 +106,13 @@ class _Converter:
         return node if node is not None and node.op_type == op_type else None
 
     @staticmethod
-    def _apply(node: onnx.NodeProto, array: np.ndarray, graph: _Graph) -> np.ndarray | None:
+    def _apply(node: onnx.NodeProto, array: np.ndarray, graph: Graph) -> np.ndarray | None:
         if node.op_type == "Identity":
             return array
         if node.op_type == "Transpose":
-            perm = _attr(node, "perm") or list(reversed(range(array.ndim)))
+            perm = attr(node, "perm") or list(reversed(range(array.ndim)))
             return np.transpose(array, perm)
-        target = _reshape_target(graph, node, array.shape)
+        target = reshape_target(graph, node, array.shape)
         return None if target is None else array.reshape(target)
 
     def qparams(self, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray] | str:
@@ -159,7 +158,7 @@ class _Converter:
                 return f"weight {q_params}"
             if q_params[0].shape != scale.shape or not np.array_equal(q_params[0], scale):
                 return "weight QuantizeLinear and DequantizeLinear scales differ"
-            if scale.size > 1 and int(_attr(q, "axis", 1)) != int(_attr(dq, "axis", 1)):
+            if scale.size > 1 and int(attr(q, "axis", 1)) != int(attr(dq, "axis", 1)):
                 return "weight QuantizeLinear and DequantizeLinear axes differ"
             pre: list[onnx.NodeProto] = []
             name = q.input[0]
@@ -178,7 +177,7 @@ class _Converter:
                 array = self._apply(node, array, self.graph)
                 if array is None:
                     return "weight Reshape with a non-constant shape"
-            q_scale = broadcast_scale(scale, int(_attr(q, "axis", 1)), array.shape)
+            q_scale = broadcast_scale(scale, int(attr(q, "axis", 1)), array.shape)
             if isinstance(q_scale, str):
                 return q_scale
             codes = int8_codes(array, q_scale)
@@ -187,7 +186,7 @@ class _Converter:
             codes = self.const(source)
             if codes is None or codes.dtype != np.int8:
                 return "weight DequantizeLinear reads neither a QuantizeLinear nor constant int8 codes"
-        full_scale = broadcast_scale(scale, int(_attr(dq, "axis", 1)), codes.shape)
+        full_scale = broadcast_scale(scale, int(attr(dq, "axis", 1)), codes.shape)
         if isinstance(full_scale, str):
             return full_scale
         full_scale = np.broadcast_to(full_scale, codes.shape)
@@ -236,10 +235,10 @@ class _Converter:
         transpose_b = False
         alpha, gemm_bias = 1.0, None
         if node.op_type == "Gemm":
-            if _attr(node, "transA", 0):
+            if attr(node, "transA", 0):
                 return "Gemm with transA=1"
-            transpose_b = bool(_attr(node, "transB", 0))
-            alpha = float(_attr(node, "alpha", 1.0))
+            transpose_b = bool(attr(node, "transB", 0))
+            alpha = float(attr(node, "alpha", 1.0))
         weight = self.weight(node.input[1], transpose_b)
         if isinstance(weight, str):
             return weight
@@ -252,7 +251,7 @@ class _Converter:
             n = weight.codes.shape[1]
             if c is None or c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
                 return "Gemm C is not a constant vector"
-            gemm_bias = np.broadcast_to(float(_attr(node, "beta", 1.0)) * c.astype(np.float32).reshape(-1), (n,)).astype(np.float32)
+            gemm_bias = np.broadcast_to(float(attr(node, "beta", 1.0)) * c.astype(np.float32).reshape(-1), (n,)).astype(np.float32)
         return _Plan(node, act[0], act[1], weight, key, alpha, gemm_bias)
 
     def bias_add(self, output: str, n: int) -> tuple[onnx.NodeProto, np.ndarray] | None:
@@ -392,7 +391,7 @@ def make_cpu_int8(
 
     if form not in FORMS:
         raise ConfigError(f"form={form!r} is not one of {FORMS}.")
-    proto, source_text, base_dir = _load(qdq_model_path)
+    proto, source_text, base_dir = load_model_proto(qdq_model_path)
     conv = _Converter(proto, base_dir)
     graph = proto.graph
 
@@ -429,7 +428,7 @@ def make_cpu_int8(
     for index, node in enumerate(graph.node):
         if node.op_type not in ("MatMul", "Gemm"):
             continue
-        name = _node_name(node, index)
+        name = node_name(node, index)
         plan = conv.plan(node)
         if isinstance(plan, str):
             left.append({"node": name, "op_type": node.op_type, "reason": plan})
@@ -512,19 +511,17 @@ def make_cpu_int8(
     model.producer_name = "nxm_deploy.export.cpu_int8"
 
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    try:
-        save_onnx(model, tmp, out_path.name)
-        if check:
-            if form == "standard":
-                onnx.checker.check_model(str(tmp))
-            from nxm_deploy.ort import make_session
 
-            make_session(tmp)
-        os.replace(tmp, out_path)
+    def checked(tmp: Path) -> None:
+        if form == "standard":
+            onnx.checker.check_model(str(tmp))
+        from nxm_deploy.ort import make_session
+
+        make_session(tmp)
+
+    try:
+        write_onnx(model, out_path, check=checked if check else None)
     except Exception as exc:
-        tmp.unlink(missing_ok=True)
         raise ExportError(f"CPU INT8 model {out_path} failed its check: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
 
     ops = Counter(n.op_type for n in out_graph.node)

@@ -18,14 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from nxm_deploy.fileio import EXTERNAL_DATA_BYTES, save_onnx, sha256_file
+from nxm_deploy.fileio import sha256_file, write_onnx
 from nxm_deploy.export.parity import logit_stats
 from nxm_deploy.errors import ExportError
 
 log = logging.getLogger("nxm_deploy.export")
 
-DENSE_ONNX = "dense_fp32.onnx"
-SPARSE_ONNX = "sparse_int8_qdq.onnx"
 
 
 class _LogitsOnly(nn.Module):
@@ -103,7 +101,7 @@ def export_model(
     names = list(sample)
     wrapper = _LogitsOnly(model, names).eval()
     dynamic_axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
-    tmp = path.with_name(f".{path.name}.tmp")
+    traced = path.with_name(f".{path.name}.{os.getpid()}.traced")
     try:
         with torch.no_grad():  # a causal LM's logits [B, L, vocab] have a sequence axis too
             rank = wrapper(*(sample[n] for n in names)).ndim
@@ -111,30 +109,20 @@ def export_model(
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                wrapper, tuple(sample[n] for n in names), str(tmp), input_names=names, output_names=["logits"],
+                wrapper, tuple(sample[n] for n in names), str(traced), input_names=names, output_names=["logits"],
                 dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
             )
-        proto = onnx.load(str(tmp))
-        if proto.ByteSize() > EXTERNAL_DATA_BYTES:
-            save_onnx(proto, tmp, path.name)
-        onnx.checker.check_model(str(tmp))
-        os.replace(tmp, path)
+        write_onnx(onnx.load(str(traced)), path, check=lambda tmp: onnx.checker.check_model(str(tmp)))
     except Exception as exc:
-        tmp.unlink(missing_ok=True)
         raise ExportError(f"ONNX export to {path} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    finally:
+        traced.unlink(missing_ok=True)
     return path
 
 
 def save_model(proto, path: str | Path) -> Path:
-    """Write an ONNX ``proto`` to ``path`` atomically (temp file + rename; external data over 2 GB)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_onnx(proto, tmp, path.name)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write an ONNX ``proto`` to ``path`` atomically (:func:`nxm_deploy.fileio.write_onnx`, without a check)."""
+    return write_onnx(proto, path)
 
 
 def guard_qdq(onnx_model, expected_quantized: int) -> dict:

@@ -23,8 +23,7 @@ from pathlib import Path
 log = logging.getLogger("nxm_deploy.export")
 
 #: file names of the two peer models in ``<run>/onnx/``
-DENSE_FP32_OPT_ONNX = "dense_fp32_opt.onnx"
-DENSE_INT8_DYNAMIC_ONNX = "dense_int8_dynamic.onnx"
+from nxm_deploy.run.layout import DENSE_FP32_OPT_ONNX, DENSE_INT8_DYNAMIC_ONNX  # noqa: E402
 #: runner names of the peers in validation (and keys of the export manifest's ``ort_peers``)
 DENSE_FP32_OPT, DENSE_INT8_DYNAMIC = "dense_fp32_opt", "dense_int8_dynamic"
 PEERS = (DENSE_FP32_OPT, DENSE_INT8_DYNAMIC)

@@ -57,7 +57,7 @@ import numpy as np
 import onnx
 
 from nxm_deploy.errors import ExportError
-from nxm_deploy.export.verify import _attr, _Graph, _load, _node_name, _reshape_target
+from nxm_deploy.export.graph import Graph, attr, load_model_proto, node_name, reshape_target
 
 log = logging.getLogger("nxm_deploy.export")
 
@@ -87,7 +87,7 @@ RULES: dict[str, str] = {
 
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 _PASS_OPS = {"Identity", "Cast"}  # layout-neutral between a weight DequantizeLinear and its consumer
-_LAYOUT_OPS = {"Transpose", "Reshape"}
+LAYOUT_OPS = {"Transpose", "Reshape"}
 _LAYER_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
 
 
@@ -225,12 +225,12 @@ def _key(node: onnx.NodeProto) -> tuple:
 class _Linter:
     def __init__(self, proto: onnx.ModelProto, path: str, base_dir: str):
         self.proto = proto
-        self.graph = _Graph(proto, base_dir)
+        self.graph = Graph(proto, base_dir)
         self.path = path
         self.names: dict[int, str] = {}
         self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
         for index, node in enumerate(proto.graph.node):
-            self.names[_key(node)] = _node_name(node, index)
+            self.names[_key(node)] = node_name(node, index)
             for slot, name in enumerate(node.input):
                 if name:
                     self.consumers.setdefault(name, []).append((node, slot))
@@ -270,7 +270,7 @@ class _Linter:
 
     @staticmethod
     def _axis(node: onnx.NodeProto) -> int:
-        return int(_attr(node, "axis", 1))
+        return int(attr(node, "axis", 1))
 
     # ------------------------------------------------------------------------------------- parameters
     def check_params(self, node: onnx.NodeProto, input_dtype: np.dtype | None) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -309,19 +309,19 @@ class _Linter:
 
     # ------------------------------------------------------------------------------------- weight walk
     def weight_shape(self, tensor: str) -> tuple[int, ...] | None:
-        """Shape of a constant-derived tensor, following the walk of verify's ``_Graph.trace``."""
+        """Shape of a constant-derived tensor, following the walk of verify's ``Graph.trace``."""
         trace = self.graph.trace(tensor)
         if trace is None or trace.stop is not None:
             return None
         shape = self.graph.shape(trace.initializer)
         for node in trace.chain:
             if node.op_type == "Transpose":
-                perm = _attr(node, "perm") or list(reversed(range(len(shape))))
+                perm = attr(node, "perm") or list(reversed(range(len(shape))))
                 if sorted(perm) != list(range(len(shape))):
                     return None
                 shape = tuple(shape[p] for p in perm)
             elif node.op_type == "Reshape":
-                shape = _reshape_target(self.graph, node, shape)
+                shape = reshape_target(self.graph, node, shape)
                 if shape is None:
                     return None
         return tuple(shape)
@@ -336,14 +336,14 @@ class _Linter:
         while stack:
             name, path, shapes = stack.pop()
             for node, slot in self.consumers.get(name, []):
-                if node.op_type in _PASS_OPS or (node.op_type in _LAYOUT_OPS and slot == 0):
+                if node.op_type in _PASS_OPS or (node.op_type in LAYOUT_OPS and slot == 0):
                     cur = shapes[-1]
                     nxt: tuple[int, ...] | None = cur
                     if cur is not None and node.op_type == "Transpose":
-                        perm = _attr(node, "perm") or list(reversed(range(len(cur))))
+                        perm = attr(node, "perm") or list(reversed(range(len(cur))))
                         nxt = tuple(cur[p] for p in perm) if sorted(perm) == list(range(len(cur))) else None
                     elif cur is not None and node.op_type == "Reshape":
-                        nxt = _reshape_target(self.graph, node, cur)
+                        nxt = reshape_target(self.graph, node, cur)
                     if len(path) < 16:
                         stack.append((node.output[0], [*path, node], [*shapes, nxt]))
                 else:
@@ -358,12 +358,12 @@ class _Linter:
             return rank - 1 if slot == 1 else rank - 2
         if node.op_type == "Gemm" and rank == 2:
             if slot == 1:
-                return 0 if _attr(node, "transB", 0) else 1
+                return 0 if attr(node, "transB", 0) else 1
             if slot == 0:
-                return 1 if _attr(node, "transA", 0) else 0
+                return 1 if attr(node, "transA", 0) else 0
         if node.op_type == "Conv" and slot == 1 and rank >= 2:
             return 0
-        if node.op_type == "ConvTranspose" and slot == 1 and rank >= 2 and int(_attr(node, "group", 1)) == 1:
+        if node.op_type == "ConvTranspose" and slot == 1 and rank >= 2 and int(attr(node, "group", 1)) == 1:
             return 1
         return f"weight read by {node.op_type} (input {slot})"
 
@@ -373,7 +373,7 @@ class _Linter:
             node = path[i]
             if node.op_type == "Transpose":
                 in_shape = shapes[i]
-                perm = _attr(node, "perm") or list(reversed(range(len(in_shape or ()))))
+                perm = attr(node, "perm") or list(reversed(range(len(in_shape or ()))))
                 axis = int(perm[axis])
             elif node.op_type == "Reshape":
                 a, b = shapes[i], shapes[i + 1]
@@ -428,7 +428,7 @@ class _Linter:
                     continue
                 checked = True
                 if expected != axis:
-                    via = "".join(f" -> {p.op_type}" + (f"(perm={list(_attr(p, 'perm') or [])})" if p.op_type == "Transpose" else "")
+                    via = "".join(f" -> {p.op_type}" + (f"(perm={list(attr(p, 'perm') or [])})" if p.op_type == "Transpose" else "")
                                   for p in path)
                     self.add(lead, "weight-axis", f"weight '{lead.input[0]}' {list(shape)} is quantized per channel on "
                              f"axis {axis}, but {consumer.op_type} '{self.name(consumer)}' reads it (DequantizeLinear"
@@ -448,7 +448,7 @@ class _Linter:
                 return False
             if node.op_type == "DequantizeLinear":
                 return True
-            if node.op_type not in _PASS_OPS | _LAYOUT_OPS:
+            if node.op_type not in _PASS_OPS | LAYOUT_OPS:
                 return False
             tensor = node.input[0]
         return False
@@ -464,7 +464,7 @@ class _Linter:
                 continue
             if node.op_type == "Add" and not bias_seen and self.graph.trace(node.input[1 - slot]) is not None:
                 ok = self.output_quantized(node.output[0], depth + 1, True)
-            elif node.op_type in _PASS_OPS or (node.op_type in _LAYOUT_OPS and slot == 0):
+            elif node.op_type in _PASS_OPS or (node.op_type in LAYOUT_OPS and slot == 0):
                 ok = self.output_quantized(node.output[0], depth + 1, bias_seen)
             else:
                 ok = False
@@ -643,7 +643,7 @@ def lint_qdq(model: str | os.PathLike | onnx.ModelProto, layer_map: dict[str, st
     Raises:
         ExportError: when the file does not exist or cannot be parsed.
     """
-    proto, path_text, base_dir = _load(model)
+    proto, path_text, base_dir = load_model_proto(model)
     if sparse_rule and layer_map is None:
         from nxm_deploy.export.verify import read_sparsity_metadata
 

@@ -14,23 +14,23 @@ from onnx import numpy_helper
 from nxm_deploy import __version__
 from nxm_deploy.fileio import atomic_write_json, sha256_file
 from nxm_deploy.config.recipe import Recipe
-from nxm_deploy.layout import RunLayout
+from nxm_deploy.run.layout import CPU_INT8_ONNX, DENSE_ONNX, SPARSE_ONNX, SPARSITY_REPORT, RunLayout
 from nxm_deploy.data import load_task_split, resolve_glue_dir
 from nxm_deploy.data.loader import encode_fixed, make_dataloader
 from nxm_deploy.errors import ExportError
 from nxm_deploy.export.onnx import (
-    DENSE_ONNX, SPARSE_ONNX, export_model, file_record, guard_qdq, layer_map_for, model_input_names, onnx_parity,
+    export_model, file_record, guard_qdq, layer_map_for, model_input_names, onnx_parity,
     save_model,
 )
 from nxm_deploy.export.int8_weights import store_int8_weights
-from nxm_deploy.export.cpu_int8 import CPU_INT8_ONNX, compare_logits, make_cpu_int8
+from nxm_deploy.export.cpu_int8 import compare_logits, make_cpu_int8
 from nxm_deploy.export.ort_peer import make_ort_peers
 from nxm_deploy.export.parity import INT8_MIN_AGREEMENT, INT8_TIE_MARGIN
 from nxm_deploy.export.qdq_lint import sparse_int8_summary, verify_qdq
 from nxm_deploy.export.verify import verify_onnx_sparsity, write_sparsity_metadata
 from nxm_deploy.quantization import export_mode
 from nxm_deploy.quantization.placement import use_eager_attention
-from nxm_deploy.training.stage import check_masks, load_masks, load_qat_model, load_stage_model, read_stage_manifest
+from nxm_deploy.run.reader import check_masks, load_masks, load_qat_model, load_stage_model, read_stage_manifest
 
 log = logging.getLogger("nxm_deploy.export")
 
@@ -110,7 +110,7 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     report = verify_onnx_sparsity(sparse_proto, pattern, layer_map=layer_map, expected=set(targets))
     report.path = str(sparse_path)
     report_dict = report.to_dict()
-    atomic_write_json(out / "sparsity_report.json", report_dict)
+    atomic_write_json(out / SPARSITY_REPORT, report_dict)
 
     # the same learned scales as an ONNX Runtime CPU artifact (u8 activations, int8 weight codes, integer MatMul)
     cpu_path = out / CPU_INT8_ONNX
@@ -165,7 +165,7 @@ def export_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = Non
     }
     peer_paths = [out / r["file"] for r in peers.values() if "file" in r]
     manifest["files"] = {p.name: sha256_file(p) for p in (dense_path, sparse_path, cpu_path, *peer_paths,
-                                                           out / "sparsity_report.json")}
+                                                           out / SPARSITY_REPORT)}
     atomic_write_json(RunLayout(run_dir).onnx_manifest, manifest)
     log.info("exported %s and %s", dense_path, sparse_path)
     return manifest

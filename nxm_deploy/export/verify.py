@@ -29,14 +29,13 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from nxm_deploy.errors import ExportError, PatternError, SparsityVerificationError
+from nxm_deploy.export.graph import Graph, Trace, attr, load_model_proto, node_name, reshape_target
 from nxm_deploy.sparsity.mask import count_nm_violations
 from nxm_deploy.sparsity.pattern import NMPattern
 
@@ -45,8 +44,6 @@ logger = logging.getLogger("nxm_deploy.export")
 __all__ = ["LayerSparsity", "SparsityReport", "check_onnx_sparsity", "verify_onnx_sparsity"]
 
 _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "MatMulInteger": 1, "MatMulIntegerToFloat": 1}
-_SAME_LAYOUT_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "Identity"}
-_LAYOUT_OPS = {"Transpose", "Reshape"}
 _UNKNOWN_AXIS = -1
 
 
@@ -224,124 +221,6 @@ class SparsityReport:
         return "\n".join(lines)
 
 
-@dataclass
-class _Trace:
-    """Where a weight input comes from: an initializer plus the ops between it and the consumer."""
-
-    initializer: str
-    chain: list[onnx.NodeProto]  # forward order: chain[0] reads the initializer
-    stop: onnx.NodeProto | None = None  # an op the walk cannot see through (weight still constant)
-
-
-class _Graph:
-    """Name maps of one ONNX graph plus per-initializer caches."""
-
-    def __init__(self, model: onnx.ModelProto, base_dir: str):
-        graph = model.graph
-        self.base_dir = base_dir
-        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
-        self.constants: dict[str, onnx.NodeProto] = {}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        for node in graph.node:
-            for out in node.output:
-                if out:
-                    self.producer[out] = node
-            if node.op_type == "Constant" and node.output:
-                self.constants[node.output[0]] = node
-        self._arrays: dict[str, np.ndarray] = {}
-        self._const_derived: dict[str, bool] = {}
-
-    def is_const(self, name: str) -> bool:
-        return name in self.initializers or name in self.constants
-
-    def array(self, name: str) -> np.ndarray:
-        """The value of an initializer or ``Constant`` output (cached)."""
-        if name not in self._arrays:
-            if name in self.initializers:
-                value = numpy_helper.to_array(self.initializers[name], base_dir=self.base_dir)
-            else:
-                value = _constant_value(self.constants[name])
-            self._arrays[name] = np.asarray(value)
-        return self._arrays[name]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        if name in self.initializers:
-            return tuple(int(d) for d in self.initializers[name].dims)
-        return tuple(self.array(name).shape)
-
-    def dtype(self, name: str) -> str:
-        if name in self.initializers:
-            try:
-                return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.initializers[name].data_type)))
-            except Exception:  # noqa: BLE001 - exotic types: fall back to the ONNX name
-                return onnx.TensorProto.DataType.Name(self.initializers[name].data_type).lower()
-        return str(self.array(name).dtype)
-
-    def const_leaves(self, name: str) -> list[str] | None:
-        """Constant tensors ``name`` is computed from, or None when it depends on a graph input."""
-        leaves: list[str] = []
-        stack, seen = [name], set()
-        while stack:
-            tensor = stack.pop()
-            if tensor in seen or not tensor:
-                continue
-            seen.add(tensor)
-            if self.is_const(tensor):
-                leaves.append(tensor)
-                continue
-            if self._const_derived.get(tensor) is False:
-                return None
-            node = self.producer.get(tensor)
-            if node is None:  # graph input
-                self._const_derived[name] = False
-                return None
-            stack.extend(node.input)
-        self._const_derived[name] = True
-        return leaves
-
-    def trace(self, tensor: str) -> _Trace | None:
-        """Walk back from a weight input to its initializer; None when it is not constant."""
-        backward: list[onnx.NodeProto] = []
-        name, seen = tensor, set()
-        while not self.is_const(name):
-            if name in seen:
-                return None
-            seen.add(name)
-            node = self.producer.get(name)
-            if node is None:
-                return None  # graph input: an activation
-            if node.op_type in _SAME_LAYOUT_OPS or node.op_type in _LAYOUT_OPS:
-                backward.append(node)
-                name = node.input[0]
-                continue
-            leaves = self.const_leaves(name)
-            if not leaves:
-                return None
-            largest = max(leaves, key=lambda t: math.prod(self.shape(t)))
-            return _Trace(initializer=largest, chain=list(reversed(backward)), stop=node)
-        return _Trace(initializer=name, chain=list(reversed(backward)))
-
-
-def _constant_value(node: onnx.NodeProto) -> np.ndarray:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
-        if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
-            return np.asarray(onnx.helper.get_attribute_value(attr))
-    raise ValueError(f"Constant node '{node.name}' has no dense value attribute")
-
-
-def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
-
-
-def _node_name(node: onnx.NodeProto, index: int) -> str:
-    return node.name or f"{node.op_type}_{index}"
-
-
 def _consumer_axis(node: onnx.NodeProto, rank: int) -> int | str:
     """Reduction axis of the weight as the consumer sees it, or a skip reason."""
     if node.op_type in ("MatMul", "MatMulInteger", "MatMulIntegerToFloat"):
@@ -351,38 +230,24 @@ def _consumer_axis(node: onnx.NodeProto, rank: int) -> int | str:
     if node.op_type == "Gemm":
         if rank != 2:
             return f"Gemm weight of rank {rank}"
-        return 1 if _attr(node, "transB", 0) else 0
+        return 1 if attr(node, "transB", 0) else 0
     if rank < 2:  # Conv
         return f"Conv weight of rank {rank}"
     return 1
 
 
-def _reshape_target(graph: _Graph, node: onnx.NodeProto, in_shape: tuple[int, ...]) -> tuple[int, ...] | None:
-    if len(node.input) < 2 or not graph.is_const(node.input[1]):
-        return None
-    target = [int(d) for d in graph.array(node.input[1]).reshape(-1)]
-    allow_zero = bool(_attr(node, "allowzero", 0))
-    out = [in_shape[i] if (d == 0 and not allow_zero and i < len(in_shape)) else d for i, d in enumerate(target)]
-    if out.count(-1) == 1:
-        known = math.prod(d for d in out if d != -1)
-        out[out.index(-1)] = math.prod(in_shape) // known if known else 0
-    if any(d < 0 for d in out) or math.prod(out) != math.prod(in_shape):
-        return None
-    return tuple(out)
-
-
-def _map_axis(graph: _Graph, trace: _Trace, consumer: onnx.NodeProto) -> int | str:
+def _map_axis(graph: Graph, trace: Trace, consumer: onnx.NodeProto) -> int | str:
     """Map the consumer's reduction axis back through ``trace.chain``; an int axis or a skip reason."""
     shapes = [graph.shape(trace.initializer)]
     for node in trace.chain:  # forward: shape after each op
         shape = shapes[-1]
         if node.op_type == "Transpose":
-            perm = _attr(node, "perm") or list(reversed(range(len(shape))))
+            perm = attr(node, "perm") or list(reversed(range(len(shape))))
             if sorted(perm) != list(range(len(shape))):
                 return f"transpose perm {list(perm)} does not fit shape {list(shape)}"
             shape = tuple(shape[p] for p in perm)
         elif node.op_type == "Reshape":
-            target = _reshape_target(graph, node, shape)
+            target = reshape_target(graph, node, shape)
             if target is None:
                 return "reshape with a non-constant or invalid shape"
             shape = target
@@ -394,7 +259,7 @@ def _map_axis(graph: _Graph, trace: _Trace, consumer: onnx.NodeProto) -> int | s
     for i in range(len(trace.chain) - 1, -1, -1):  # backward: consumer axis -> producer axis
         node, in_shape, out_shape = trace.chain[i], shapes[i], shapes[i + 1]
         if node.op_type == "Transpose":
-            perm = _attr(node, "perm") or list(reversed(range(len(in_shape))))
+            perm = attr(node, "perm") or list(reversed(range(len(in_shape))))
             axis = int(perm[axis])
         elif node.op_type == "Reshape":
             keeps = (
@@ -407,7 +272,7 @@ def _map_axis(graph: _Graph, trace: _Trace, consumer: onnx.NodeProto) -> int | s
     return axis
 
 
-def _zero_point(graph: _Graph, trace: _Trace) -> tuple[np.ndarray | None, str | None]:
+def _zero_point(graph: Graph, trace: Trace) -> tuple[np.ndarray | None, str | None]:
     """Zero point to compare codes against, when the initializer holds codes read by a DequantizeLinear.
 
     Returns:
@@ -432,8 +297,8 @@ def _zero_point(graph: _Graph, trace: _Trace) -> tuple[np.ndarray | None, str | 
         shape = graph.shape(trace.initializer)
         if zero.ndim == 0 or zero.size == 1:
             return zero.reshape(()).astype(np.int64), None
-        dq_axis = int(_attr(node, "axis", 1)) % len(shape)
-        block = int(_attr(node, "block_size", 0) or 0)
+        dq_axis = int(attr(node, "axis", 1)) % len(shape)
+        block = int(attr(node, "block_size", 0) or 0)
         if zero.ndim == 1 and zero.shape[0] == shape[dq_axis]:
             view = [1] * len(shape)
             view[dq_axis] = shape[dq_axis]
@@ -442,22 +307,6 @@ def _zero_point(graph: _Graph, trace: _Trace) -> tuple[np.ndarray | None, str | 
             return np.repeat(zero.astype(np.int64), block, axis=dq_axis), None
         return None, f"zero point of shape {list(zero.shape)} does not fit weight {list(shape)}"
     return None, None
-
-
-def _load(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str, str]:
-    if isinstance(model, onnx.ModelProto):
-        return model, "<in-memory>", ""
-    path = Path(os.fspath(model))
-    if not path.is_file():
-        raise ExportError(f"ONNX model {str(path)!r} does not exist.", hint="Export the model first.")
-    try:
-        proto = onnx.load(str(path), load_external_data=True)
-    except Exception as exc:  # noqa: BLE001 - protobuf / external-data errors vary by onnx version
-        raise ExportError(
-            f"Cannot load ONNX model {str(path)!r}: {exc}",
-            hint="Keep external data files next to the .onnx file, as onnx.save writes them.",
-        ) from exc
-    return proto, str(path), str(path.parent)
 
 
 def check_onnx_sparsity(
@@ -491,11 +340,11 @@ def check_onnx_sparsity(
         ExportError: when the file does not exist or cannot be parsed.
     """
     pattern = NMPattern.parse(pattern)
-    proto, path_text, base_dir = _load(model)
-    graph = _Graph(proto, base_dir)
+    proto, path_text, base_dir = load_model_proto(model)
+    graph = Graph(proto, base_dir)
     counted: dict[tuple[str, int, str], tuple[int, int, tuple[int, ...] | None, float] | str] = {}
 
-    def count(trace: _Trace, axis: int) -> tuple[int, int, tuple[int, ...] | None, float] | str:
+    def count(trace: Trace, axis: int) -> tuple[int, int, tuple[int, ...] | None, float] | str:
         quant = next((n for n in trace.chain if n.op_type in ("QuantizeLinear", "DequantizeLinear")), None)
         zero_input = quant.input[2] if quant is not None and quant.op_type == "DequantizeLinear" and len(quant.input) > 2 else ""
         key = (trace.initializer, axis, zero_input)
@@ -525,7 +374,7 @@ def check_onnx_sparsity(
     for index, node in enumerate(proto.graph.node):
         if node.op_type not in _WEIGHT_INPUT or len(node.input) <= _WEIGHT_INPUT[node.op_type]:
             continue
-        name = _node_name(node, index)
+        name = node_name(node, index)
         trace = graph.trace(node.input[_WEIGHT_INPUT[node.op_type]])
         if trace is None:
             logger.debug("%s %s: weight is not constant, not listed", node.op_type, name)

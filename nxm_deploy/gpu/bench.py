@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from nxm_deploy.errors import ConfigError, MissingDependencyError
-from nxm_deploy.layout import RunLayout
+from nxm_deploy.run.layout import RunLayout
 
 log = logging.getLogger("nxm_deploy.gpu")
 
@@ -103,7 +103,7 @@ def shape_set_of_run(run_dir: str | Path) -> tuple[str, dict]:
     Raises:
         ConfigError: not a run directory with a trained dense model.
     """
-    config = RunLayout(run_dir).stage_dir("dense") / "config.json"
+    config = RunLayout(run_dir).model_config("dense")
     if not config.is_file():
         raise ConfigError(f"{run_dir} has no dense/config.json.", hint="Give a run directory whose dense stage finished.")
     data = json.loads(config.read_text())

@@ -26,25 +26,25 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import save_file, save_model
 
-from nxm_deploy.fileio import atomic_dir, atomic_write_json, file_hashes, read_json, sha256_file, verify_stage_files
+from nxm_deploy.fileio import atomic_dir, atomic_write_json, file_hashes, sha256_file
 from nxm_deploy.config.recipe import Recipe
-from nxm_deploy.layout import MANIFEST, RunLayout
+from nxm_deploy.run.layout import MANIFEST, MASKS, QAT_WEIGHTS, QUANT_INFO, RunLayout
 from nxm_deploy.stages import (
     TRAINING, StageContext, differing_keys, get_stage, is_up_to_date, open_run_dir, record_stage, stage_key,
 )
 from nxm_deploy.data import TaskData
-from nxm_deploy.errors import ConfigError, RunDirError, SparsityVerificationError
-from nxm_deploy.models import load_base_model, load_saved_model, save_model_dir
-from nxm_deploy.quantization import calibrate, quantize_model_, quantized_modules
+from nxm_deploy.errors import ConfigError, SparsityVerificationError
+from nxm_deploy.models import load_base_model, save_model_dir
+from nxm_deploy.quantization import calibrate, quantize_model_
 from nxm_deploy.quantization.placement import place_quantizers_
-from nxm_deploy.sparsity import count_nm_violations
 from nxm_deploy.sparsity.admm import apply_masks_
 from nxm_deploy.sparsity.methods import MaskResult, MaskSearch, get_method
 from nxm_deploy.sparsity.methods.magnitude import magnitude_masks
 from nxm_deploy.sparsity.targets import require_targets, target_names
 from nxm_deploy.ranks import barrier, is_main_process, world_size
+from nxm_deploy.run.reader import check_masks, load_masks, load_stage_model, read_stage_manifest
 from nxm_deploy.training.trainer import (
     ADMMCallback, MaskedFinetuneCallback, build_trainer, dev_metrics, evaluate_model, rank_checksums, train_device,
     train_resumable,
@@ -104,22 +104,6 @@ def _write_stage(run_dir: Path, stage: str, write) -> None:
             write(tmp)
     barrier()
     _drop_checkpoints(run_dir, stage)
-
-
-def read_stage_manifest(run_dir: str | Path, stage: str) -> dict:
-    """Manifest of a finished stage; every file it recorded is checked against its sha256.
-
-    Raises:
-        RunDirError: the stage has not finished in this run directory, or one of its files was changed after
-            it was written (one line: which file, which manifest, the command that regenerates it).
-    """
-    path = RunLayout(run_dir).stage_manifest(stage)
-    if not path.is_file():
-        raise RunDirError(
-            f"Stage '{stage}' has no finished artifact in {path.parent}.",
-            hint=f"Run `nxm-deploy train {run_dir} --stage {stage}` (or `nxm-deploy run`) first.",
-        )
-    return verify_stage_files(path.parent, f"nxm-deploy train {run_dir} --stage {stage}")
 
 
 def adopt_stages(recipe: Recipe, run_dir: str | Path, source: str | Path, stages: tuple[str, ...] = ("dense", "admm"),
@@ -200,43 +184,6 @@ def check_adoption(recipe: Recipe, source: str | Path, stages: tuple[str, ...] =
                                "stages in this run.")
     for stage in stages:
         read_stage_manifest(source, stage)  # every recorded file as its stage wrote it
-
-
-def verify_finished_stages(run_dir: str | Path) -> list[str]:
-    """Check the files of every training stage that has finished in ``run_dir`` against their manifests.
-
-    Returns the stages checked. Raises :class:`RunDirError` as :func:`read_stage_manifest`.
-    """
-    done = [stage for stage in TRAINING if (RunLayout(run_dir).stage_manifest(stage)).is_file()]
-    for stage in done:
-        read_stage_manifest(run_dir, stage)
-    return done
-
-
-def check_masks(model, masks: dict[str, torch.Tensor], pattern) -> dict:
-    """Every masked weight exactly 0 and every group within the pattern; INT8 codes of pruned weights 0.
-
-    Raises:
-        SparsityVerificationError: naming each layer that breaks a rule.
-    """
-    problems, layers = [], 0
-    qmods = quantized_modules(model)
-    for fqn, mask in masks.items():
-        module_fqn = fqn.rpartition(".")[0]
-        weight = model.get_submodule(module_fqn).weight.detach()
-        mask = mask.to(weight.device)
-        layers += 1
-        nonzero_pruned = int((weight[~mask] != 0).sum())
-        _, bad, first = count_nm_violations(weight.float().cpu().numpy(), pattern, axis=1)
-        if nonzero_pruned or bad:
-            problems.append(f"{module_fqn}: {nonzero_pruned} pruned weights nonzero, {bad} groups over {pattern} (first {first})")
-        if module_fqn in qmods:
-            codes = qmods[module_fqn].weight_quantizer.int8_codes(weight)
-            if int((codes[~mask] != 0).sum()):
-                problems.append(f"{module_fqn}: INT8 codes of pruned weights are not 0")
-    if problems:
-        raise SparsityVerificationError("Mask check failed: " + "; ".join(problems))
-    return {"layers_checked": layers, "pattern": str(pattern), "ok": True}
 
 
 def _same_on_every_rank(tensors: dict[str, torch.Tensor], what: str) -> list[float]:
@@ -440,46 +387,12 @@ def train_admm(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> di
 
     def write(tmp):
         save_model_dir(student, tokenizer, tmp)
-        save_file({k: v.cpu().contiguous() for k, v in masks.items()}, str(tmp / "masks.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in masks.items()}, str(tmp / MASKS))
         manifest["files"] = file_hashes(tmp)
         atomic_write_json(tmp / MANIFEST, manifest)
 
     _write_stage(run_dir, "admm", write)
     return manifest
-
-
-def stage_dir(run_dir: str | Path, stage: str) -> Path:
-    """The directory of a training stage (``dense``, ``admm`` -> ``sparse/``, ``qat``) in a run."""
-    return _stage_dir(Path(run_dir), stage)
-
-
-def load_stage_model(run_dir: str | Path, stage: str):
-    """``(model, tokenizer)`` of a finished ``dense`` or ``admm`` (sparse FP) stage of a run."""
-    return load_saved_model(stage_dir(run_dir, stage))
-
-
-def load_masks(run_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Bool masks (True = keep) by tensor fqn, from ``sparse/masks.safetensors``."""
-    return load_file(str(_stage_dir(Path(run_dir), "admm") / "masks.safetensors"))
-
-
-def load_qat_model(run_dir: str | Path):
-    """Rebuild the QAT model (sparse model + QuantLinear targets + trained state): ``(model, tokenizer, quant_info)``.
-
-    Raises:
-        RunDirError: the QAT stage has not finished.
-    """
-    run_dir = Path(run_dir)
-    read_stage_manifest(run_dir, "qat")
-    qdir = _stage_dir(run_dir, "qat")
-    info = read_json(qdir / "quant.json")
-    model, tokenizer = load_stage_model(run_dir, "admm")
-    quantize_model_(model, info["quantized_modules"], learn_amax=False)
-    groups = info.get("quantizer_groups") or {"gemm_outputs": False, "attention": False}  # runs before the groups
-    place_quantizers_(model, info["quantized_modules"], learn_amax=False, **groups)
-    load_model(model, str(qdir / "model.safetensors"))  # strict; a tied tensor (GPT-2's lm_head = wte) is saved once
-    model.eval()
-    return model, tokenizer, info
 
 
 def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dict:
@@ -557,9 +470,9 @@ def train_qat(recipe: Recipe, run_dir: Path, glue_dir: str | None = None) -> dic
     }
 
     def write(tmp):
-        save_model(student, str(tmp / "model.safetensors"), force_contiguous=True)  # tied tensors once
+        save_model(student, str(tmp / QAT_WEIGHTS), force_contiguous=True)  # tied tensors once
         tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / "quant.json", quant_info)
+        atomic_write_json(tmp / QUANT_INFO, quant_info)
         manifest["files"] = file_hashes(tmp)
         atomic_write_json(tmp / MANIFEST, manifest)
 

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from nxm_deploy.fileio import read_json, sha256_file
-from nxm_deploy.layout import RunLayout
+from nxm_deploy.run.layout import RunLayout
 from nxm_deploy.errors import ValidationError
 
 log = logging.getLogger("nxm_deploy.validate")

@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from nxm_deploy.layout import RunLayout
+from nxm_deploy.run.layout import RunLayout
 
 log = logging.getLogger("nxm_deploy.validate")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nxm_deploy.layout import RunLayout
+from nxm_deploy.run.layout import RunLayout
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text, read_json
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.export.ort_peer import DENSE_FP32_OPT, DENSE_INT8_DYNAMIC
@@ -35,10 +35,6 @@ PPL_UNIT = " (1 pt = 1 % of the dense perplexity; + = lower perplexity, better)"
 
 def _fmt_delta(value: float | None) -> str:
     return "–" if value is None else f"{value:+.2f} pt"
-
-
-def _delta(metrics: dict | None, base: dict | None, key: str) -> str:
-    return _fmt_delta(delta_pt(metrics, base, key))
 
 
 #: the peers of the CPU rows (:mod:`nxm_deploy.export.ort_peer`) and their short names in the report
@@ -83,7 +79,7 @@ def build_report(recipe: Recipe, run_dir: str | Path) -> dict:
     sparse = _maybe(layout.stage_manifest("admm"))
     qat = _maybe(layout.stage_manifest("qat"))
     export = _maybe(layout.onnx_manifest)
-    sparsity = _maybe(layout.onnx("sparsity_report.json"))
+    sparsity = _maybe(layout.sparsity_report)
     engines = _maybe(layout.engine_status)
     validation = _maybe(layout.validation) or {}
     task = recipe.task.spec()

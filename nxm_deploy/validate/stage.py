@@ -34,8 +34,7 @@ from nxm_deploy.data import load_task_split, make_dataloader, resolve_glue_dir
 from nxm_deploy.data.loader import encode_fixed
 from nxm_deploy.data.metrics import compute_metrics, lm_nll_sums
 from nxm_deploy.errors import ConfigError, RunDirError, ValidationError
-from nxm_deploy.layout import RunLayout
-from nxm_deploy.export.onnx import DENSE_ONNX, SPARSE_ONNX
+from nxm_deploy.run.layout import CPU_INT8_ONNX, CPU_INT8_ONNX_LEGACY, DENSE_ONNX, SPARSE_ONNX, RunLayout
 from nxm_deploy.export.ort_peer import PEERS
 from nxm_deploy.validate.diff import DEFAULT_TOLERANCE_FACTOR, FAKEQUANT_FP64, make_feeds, run_diff
 from nxm_deploy.validate.gates import delta_pt, evaluate_gates, gate_settings, raise_for_gates
@@ -49,7 +48,7 @@ log = logging.getLogger("nxm_deploy.validate")
 
 DENSE, SPARSE, CPU_INT8 = "dense_fp32", "sparse_int8", "cpu_int8"
 #: files the CPU INT8 model may have when the export manifest does not name it
-CPU_INT8_CANDIDATES = ("sparse_int8_cpu.onnx", "model.cpu_int8.onnx")
+CPU_INT8_CANDIDATES = (CPU_INT8_ONNX, CPU_INT8_ONNX_LEGACY)
 #: validate-section settings read with getattr (recipes that predate them get these defaults)
 SETTING_DEFAULTS = {"diff_examples": 32, "diff_batch_size": 8, "diff_tolerance_factor": DEFAULT_TOLERANCE_FACTOR}
 MIN_TIMED_RUNS = 20
@@ -146,7 +145,7 @@ def cuda_torch_runners(run_dir: Path, names: list[str]) -> tuple[dict, list[dict
 
     if not torch.cuda.is_available():
         return {}, [{"name": "pytorch CUDA runners", "reason": "no CUDA device (torch.cuda.is_available() is False)"}]
-    from nxm_deploy.training.stage import load_qat_model, load_stage_model, read_stage_manifest, stage_dir
+    from nxm_deploy.run.reader import load_qat_model, load_stage_model, read_stage_manifest, stage_dir
 
     targets = list(read_stage_manifest(run_dir, "admm")["targets"])
     loaders = {"dense": lambda: load_stage_model(run_dir, "dense")[0],
@@ -205,7 +204,7 @@ def _torch_runners(run_dir: Path, names: list[str]) -> dict:
     quantizers off and the twin in FP64 (:data:`~nxm_deploy.validate.diff.FAKEQUANT_FP64`, its own rounding
     noise for the INT8 tolerance; a second, FP64 copy of the QAT model while it runs)."""
     from nxm_deploy.quantization.fake_quant import float64_copy
-    from nxm_deploy.training.stage import load_qat_model, load_stage_model, stage_dir
+    from nxm_deploy.run.reader import load_qat_model, load_stage_model, stage_dir
 
     dense, _ = load_stage_model(run_dir, "dense")
     qat, _, _ = load_qat_model(run_dir)
@@ -243,7 +242,7 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
-    from nxm_deploy.training.stage import verify_finished_stages
+    from nxm_deploy.run.reader import verify_finished_stages
 
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from nxm_deploy.cli.main import main
-from nxm_deploy.export.onnx import DENSE_ONNX, SPARSE_ONNX
+from nxm_deploy.run.layout import DENSE_ONNX, SPARSE_ONNX
 from nxm_deploy.export.verify import read_sparsity_metadata, write_sparsity_metadata
 from nxm_deploy.stages import read_ledger
 from tiny_models import build_tiny_qdq, plant_third_nonzero

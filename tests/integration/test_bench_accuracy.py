@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nxm_deploy.cli.main import main
-from nxm_deploy.layout import RunLayout
+from nxm_deploy.run.layout import RunLayout
 from nxm_deploy.stages import read_ledger
 from tiny_models import tool_module
 

@@ -28,8 +28,9 @@ import nxm_deploy.training.stage as stage_module
 from nxm_deploy.config.recipe import recipe_from_dict
 from nxm_deploy.fileio import read_json
 from nxm_deploy.errors import RunDirError
-from nxm_deploy.layout import RunLayout
-from nxm_deploy.training.stage import load_masks, train_admm, train_dense, train_qat
+from nxm_deploy.run.layout import RunLayout
+from nxm_deploy.run.reader import load_masks
+from nxm_deploy.training.stage import train_admm, train_dense, train_qat
 
 pytestmark = pytest.mark.slow
 

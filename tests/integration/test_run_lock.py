@@ -18,7 +18,7 @@ import time
 import pytest
 
 from nxm_deploy.errors import RunDirError
-from nxm_deploy.layout import RunLayout
+from nxm_deploy.run.layout import RunLayout
 from nxm_deploy.stages import STAGES, hold_run_dir
 
 

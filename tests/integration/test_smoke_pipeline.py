@@ -143,7 +143,7 @@ def test_ort_peers_are_built_scored_timed_and_never_gated(run_dir) -> None:
 def test_qat_model_keeps_exact_zeros(run_dir) -> None:
     import torch
 
-    from nxm_deploy.training.stage import load_masks, load_qat_model
+    from nxm_deploy.run.reader import load_masks, load_qat_model
 
     model, _, info = load_qat_model(run_dir)
     masks = load_masks(run_dir)

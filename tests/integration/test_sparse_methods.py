@@ -10,7 +10,8 @@ import torch
 
 from nxm_deploy.config.recipe import recipe_from_dict
 from nxm_deploy.sparsity import count_nm_violations
-from nxm_deploy.training.stage import load_masks, load_stage_model, train_admm, train_dense, train_qat
+from nxm_deploy.run.reader import load_masks, load_stage_model
+from nxm_deploy.training.stage import train_admm, train_dense, train_qat
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +72,7 @@ def test_a_better_earlier_candidate_is_kept(tiny_recipe_dict, glue_dir, tmp_path
     the QAT epochs (protocol v2). A fine-tune at a rate that blows the weights up (lr 1e10: STS-B predictions turn
     non-finite, Pearson undefined) loses to them, and the stage keeps the earlier model: its weights and its metrics."""
     from nxm_deploy.data import TaskData
-    from nxm_deploy.training.stage import load_qat_model
+    from nxm_deploy.run.reader import load_qat_model
     from nxm_deploy.training.trainer import evaluate_model
 
     data = _with(tiny_recipe_dict, task__name="stsb", task__max_train_examples=128, train__select="best",

@@ -28,7 +28,8 @@ def make_run(run_dir: str | Path, *, hidden: int = 64, layers: int = 1, heads: i
     from transformers import BertConfig, BertForSequenceClassification
 
     from nxm_deploy.fileio import atomic_write_json
-    from nxm_deploy.export.onnx import DENSE_ONNX, SPARSE_ONNX, export_model, file_record, layer_map_for
+    from nxm_deploy.export.onnx import export_model, file_record, layer_map_for
+    from nxm_deploy.run.layout import DENSE_ONNX, SPARSE_ONNX
     from nxm_deploy.quantization import export_mode
     from nxm_deploy.quantization.fake_quant import calibrate, quantize_model_
     from nxm_deploy.quantization.placement import place_quantizers_

@@ -18,7 +18,7 @@ import yaml
 from nxm_deploy.cli.main import main
 from nxm_deploy.config.recipe import recipe_from_dict
 from nxm_deploy.data.tasks import TASKS
-from nxm_deploy.layout import RunLayout
+from nxm_deploy.run.layout import RunLayout
 from nxm_deploy.pipeline import prepare_run_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

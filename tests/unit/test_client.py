@@ -54,7 +54,8 @@ def _build_run(root: Path, task: str, num_labels: int, same_models: bool = False
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from nxm_deploy.export.onnx import DENSE_ONNX, SPARSE_ONNX, export_model, file_record
+    from nxm_deploy.export.onnx import export_model, file_record
+    from nxm_deploy.run.layout import DENSE_ONNX, SPARSE_ONNX
     from nxm_deploy.models import embedded_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())

@@ -17,8 +17,6 @@ import contextlib
 import io
 import logging
 
-import torch
-
 from nxm_deploy.errors import SparsityVerificationError
 from nxm_deploy.sparsity.methods import MaskResult, MaskSearch
 

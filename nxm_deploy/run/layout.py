@@ -15,7 +15,8 @@
       report.md  report.json  plots/  the report
     runs/.<name>.lock      held by the process that runs stages in runs/<name> (pid, host, start, command)
 
-No other module spells these names: they ask :class:`RunLayout` (a test scans the package for path literals).
+No other module spells these names, nor the file names inside the folders (:data:`FILE_NAMES`): they ask
+:class:`RunLayout` or take the constants from here (a test scans the package and ``tools/`` for the literals).
 This module imports neither torch nor transformers.
 """
 
@@ -26,10 +27,34 @@ from pathlib import Path
 
 #: training stage name -> its directory
 TRAINING_DIRS = {"dense": "dense", "admm": "sparse", "qat": "qat"}
+
+# -- the files inside the run's folders (stage folders included)
+MANIFEST = "manifest.json"
+#: sparse/: the n:m masks (bool, True = keep, by tensor fqn)
+MASKS = "masks.safetensors"
+#: qat/: the quantizer description and the QAT model's state dict (weights and scales)
+QUANT_INFO = "quant.json"
+QAT_WEIGHTS = "model.safetensors"
+#: a training stage's Hugging Face model config and fast-tokenizer file (save_pretrained layout)
+MODEL_CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+#: onnx/: the exported models
+DENSE_ONNX = "dense_fp32.onnx"
+SPARSE_ONNX = "sparse_int8_qdq.onnx"
+CPU_INT8_ONNX = "sparse_int8_cpu.onnx"
+#: the CPU INT8 model's name in runs exported before it was renamed (validation still finds it)
+CPU_INT8_ONNX_LEGACY = "model.cpu_int8.onnx"
+DENSE_FP32_OPT_ONNX = "dense_fp32_opt.onnx"
+DENSE_INT8_DYNAMIC_ONNX = "dense_int8_dynamic.onnx"
+SPARSITY_REPORT = "sparsity_report.json"
+#: engines/: what the engines stage built or skipped
+ENGINE_STATUS = "status.json"
+#: every file name of a run's folders (what the path-literal test looks for outside this module)
+FILE_NAMES = (MANIFEST, MASKS, QUANT_INFO, QAT_WEIGHTS, MODEL_CONFIG, TOKENIZER, DENSE_ONNX, SPARSE_ONNX, CPU_INT8_ONNX,
+              CPU_INT8_ONNX_LEGACY, DENSE_FP32_OPT_ONNX, DENSE_INT8_DYNAMIC_ONNX, SPARSITY_REPORT, ENGINE_STATUS)
 #: every top-level entry of a run directory (what the path-literal test looks for)
 ENTRIES = ("recipe.yaml", "run.json", "stages.json", "timings.json", "checkpoints", "dense", "sparse", "qat", "onnx",
            "engines", "validation.json", "diff", "report.md", "report.json", "plots")
-MANIFEST = "manifest.json"
 #: default TensorRT timing cache of an engine spec, relative to the run directory (``{trt}``, ``{sm}`` filled in at
 #: build time: a cache fits only the TensorRT version and GPU that wrote it)
 TIMING_CACHE = "engines/timing__trt{trt}__sm{sm}.cache"
@@ -73,6 +98,26 @@ class RunLayout:
     def stage_manifest(self, stage: str) -> Path:
         return self.stage_dir(stage) / MANIFEST
 
+    def masks(self) -> Path:
+        """``sparse/masks.safetensors``: the n:m masks of the sparse stage."""
+        return self.stage_dir("admm") / MASKS
+
+    def quant_info(self) -> Path:
+        """``qat/quant.json``: which modules and tensors are quantized, how they were calibrated."""
+        return self.stage_dir("qat") / QUANT_INFO
+
+    def qat_weights(self) -> Path:
+        """``qat/model.safetensors``: the QAT model's state dict (weights and quantizer scales)."""
+        return self.stage_dir("qat") / QAT_WEIGHTS
+
+    def model_config(self, stage: str) -> Path:
+        """A training stage's Hugging Face ``config.json``."""
+        return self.stage_dir(stage) / MODEL_CONFIG
+
+    def tokenizer_file(self, stage: str) -> Path:
+        """A training stage's fast-tokenizer file, ``tokenizer.json``."""
+        return self.stage_dir(stage) / TOKENIZER
+
     def checkpoints(self, stage: str | None = None, phase: str | None = None) -> Path:
         """``checkpoints/`` (or a stage's, or one phase's, folder inside)."""
         path = self.root / "checkpoints"
@@ -91,6 +136,11 @@ class RunLayout:
     def onnx_manifest(self) -> Path:
         return self.onnx_dir / MANIFEST
 
+    @property
+    def sparsity_report(self) -> Path:
+        """``onnx/sparsity_report.json``: the per-layer n:m check of the exported sparse graph."""
+        return self.onnx_dir / SPARSITY_REPORT
+
     def onnx(self, name: str | Path) -> Path:
         """An exported model by file name (an absolute path is returned as is)."""
         path = Path(name)
@@ -103,7 +153,7 @@ class RunLayout:
 
     @property
     def engine_status(self) -> Path:
-        return self.engines_dir / "status.json"
+        return self.engines_dir / ENGINE_STATUS
 
     def engine(self, name: str | Path) -> Path:
         """A plan or engine manifest in ``engines/`` by file name."""
