@@ -33,6 +33,26 @@ def glue_dir() -> Path:
     pytest.skip("GLUE data not found: set NXM_GLUE_DIR or place it at ../shared/data/glue")
 
 
+#: the session's tiny run: the tiny recipe with the report's Polygraphy CLI re-run and plots on (off in the recipe for
+#: the suite's speed), so that the tests of the run check them
+TINY_RUN_SETS = ("validate.polygraphy_cli_checks=1", "validate.plots=true")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(glue_dir, tmp_path_factory) -> tuple[int, Path]:
+    """``(exit code, run dir)`` of one full ``nxm-deploy run`` of ``recipes/tiny_smoke.yaml`` (+ :data:`TINY_RUN_SETS`),
+    shared by the tests of the session. cwd = repository root: engine spec paths are relative to it. A test that
+    changes the run works on a copy."""
+    from nxm_deploy.cli.main import main
+
+    run_dir = tmp_path_factory.mktemp("tiny_run") / "tiny_smoke"
+    sets = [arg for item in TINY_RUN_SETS for arg in ("--set", item)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO_ROOT)
+        rc = main(["-q", "run", str(TINY_RECIPE), "--glue-dir", str(glue_dir), "--run-dir", str(run_dir), *sets])
+    return rc, run_dir
+
+
 @pytest.fixture
 def tiny_recipe_dict() -> dict:
     """The parsed YAML of ``recipes/tiny_smoke.yaml`` (a fresh dict per test, free to modify)."""

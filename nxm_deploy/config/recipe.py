@@ -372,6 +372,10 @@ class ValidateConfig(_Strict):
     diff_examples: int = Field(32, ge=1)
     diff_batch_size: int = Field(8, ge=1)
     diff_tolerance_factor: float = Field(4.0, gt=0, description="k of the INT8 tolerance rule")
+    polygraphy_cli_checks: int = Field(1, ge=0, description="re-run this many of the report's printed `polygraphy run` "
+                                       "commands (ONNX Runtime CPU, INT8 first) with the Polygraphy CLI: its verdict "
+                                       "must agree with the in-process one; 0: none")
+    plots: bool = Field(True, description="draw the report's PNG plots (plots/)")
 
 
 class Recipe(_Strict):

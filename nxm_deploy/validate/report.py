@@ -111,7 +111,8 @@ def build_report(recipe: Recipe, run_dir: str | Path) -> dict:
     labels = {name: runner_label(name, pattern) for name in runners}
     plot_rows = [{"label": f"{r['model']} [{r['runtime']}]", "delta_pt": r["delta_pt"]} for r in accuracy]
     plots = write_plots(run_dir, latency=validation.get("latency"), accuracy_rows=plot_rows, metric=primary,
-                        sparsity=sparsity, pattern=pattern, labels=labels, gates=validation.get("gates"))
+                        sparsity=sparsity, pattern=pattern, labels=labels, gates=validation.get("gates")) \
+        if recipe.validate_.plots else {}
     report = {
         "name": recipe.name, "recipe_sha256": recipe.sha256(), "model": recipe.model.source, "task": task.name,
         "primary_metric": primary, "pattern": pattern, "accuracy": accuracy, "baseline": baseline,

@@ -50,7 +50,8 @@ DENSE, SPARSE, CPU_INT8 = "dense_fp32", "sparse_int8", "cpu_int8"
 #: files the CPU INT8 model may have when the export manifest does not name it
 CPU_INT8_CANDIDATES = (CPU_INT8_ONNX, CPU_INT8_ONNX_LEGACY)
 #: validate-section settings read with getattr (recipes that predate them get these defaults)
-SETTING_DEFAULTS = {"diff_examples": 32, "diff_batch_size": 8, "diff_tolerance_factor": DEFAULT_TOLERANCE_FACTOR}
+SETTING_DEFAULTS = {"diff_examples": 32, "diff_batch_size": 8, "diff_tolerance_factor": DEFAULT_TOLERANCE_FACTOR,
+                    "polygraphy_cli_checks": 1}
 MIN_TIMED_RUNS = 20
 
 
@@ -324,7 +325,8 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
                 runner.activate()
                 torch_stack.callback(runner.deactivate)
             diff = run_diff({**torch_runners, **active}, feeds, layout.diff_dir, run_dir,
-                            factor=float(settings["diff_tolerance_factor"]))
+                            factor=float(settings["diff_tolerance_factor"]),
+                            verify_cli=int(settings["polygraphy_cli_checks"]))
         del torch_runners
         for row in diff["comparisons"]:
             if row.get("command"):

@@ -102,3 +102,8 @@ def test_two_concurrent_runs_on_one_run_directory(tmp_path, repo_root, glue_dir)
     for stage in STAGES:
         assert f"stage {stage.name}: up to date" in out, stage.name
     assert json.loads(RunLayout(run_dir).timings.read_text()) == {stage.name: 0.0 for stage in STAGES}
+    # the tiny recipe turns the report's Polygraphy CLI re-run and its plots off (the session's tiny run turns them on)
+    layout = RunLayout(run_dir)
+    assert json.loads(layout.report_json.read_text())["plots"] == {} and not layout.plots_dir.exists()
+    rows = json.loads(layout.validation.read_text())["diff"]["comparisons"]
+    assert rows and not any("cli_exit_code" in row for row in rows)

@@ -26,14 +26,10 @@ TAMPERED_MODULE = "bert.encoder.layer.1.intermediate.dense"
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
-@pytest.fixture(scope="module")
-def smoke(glue_dir, tmp_path_factory) -> tuple[int, Path]:
-    """``(exit code, run dir)`` of one full run. cwd = repository root: engine spec paths are relative to it."""
-    run_dir = tmp_path_factory.mktemp("smoke") / "tiny_smoke"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(REPO_ROOT)
-        rc = main(["-q", "run", str(RECIPE), "--glue-dir", str(glue_dir), "--run-dir", str(run_dir)])
-    return rc, run_dir
+@pytest.fixture
+def smoke(tiny_run) -> tuple[int, Path]:
+    """``(exit code, run dir)`` of the session's tiny run (``tests/conftest.py``)."""
+    return tiny_run
 
 
 @pytest.fixture
@@ -292,14 +288,19 @@ def test_build_engine_reruns_alone(run_dir, capsys, monkeypatch) -> None:
         assert rc in (0, 5) and "tiny_smoke_2of4_int8" in out  # 5: a post-build check failed (reported)
 
 # ----------------------------------------------------------------------------------------------- the stage chain
-def test_second_run_is_up_to_date_and_a_qat_change_reruns_qat_onwards(run_dir, glue_dir, caplog) -> None:
+def test_second_run_is_up_to_date_and_a_qat_change_reruns_qat_onwards(run_dir, glue_dir, caplog, tmp_path) -> None:
     """``nxm-deploy run`` again skips every stage (the ledger's keys hold); a changed QAT setting reruns qat,
-    export, engines and validate, and keeps dense and admm (nxm_deploy.stages). Runs last: it changes the run."""
+    export, engines and validate, and keeps dense and admm (nxm_deploy.stages). On a copy of the session's run."""
+    import shutil
+
+    from conftest import TINY_RUN_SETS
     from nxm_deploy.stages import STAGES, read_ledger
 
+    run_dir = shutil.copytree(run_dir, tmp_path / "tiny_smoke")
     first = read_ledger(run_dir)
     assert list(first) == [s.name for s in STAGES]
-    argv = ["-q", "run", str(RECIPE), "--glue-dir", str(glue_dir), "--run-dir", str(run_dir)]
+    argv = ["-q", "run", str(RECIPE), "--glue-dir", str(glue_dir), "--run-dir", str(run_dir),
+            *(arg for item in TINY_RUN_SETS for arg in ("--set", item))]
     with pytest.MonkeyPatch.context() as mp, caplog.at_level("INFO", logger="nxm_deploy.stages"):
         mp.chdir(REPO_ROOT)
         assert main(argv) == 0

@@ -20,12 +20,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE = REPO_ROOT / "recipes" / "tiny_smoke.yaml"
 
 
-@pytest.fixture(scope="module")
-def run_dir(glue_dir, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("validate") / "tiny_smoke"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(REPO_ROOT)
-        rc = main(["-q", "run", str(RECIPE), "--glue-dir", str(glue_dir), "--run-dir", str(path)])
+@pytest.fixture
+def run_dir(tiny_run) -> Path:
+    """The session's tiny run (``tests/conftest.py``), Polygraphy CLI re-run and plots on."""
+    rc, path = tiny_run
     assert rc == 0
     return path
 
