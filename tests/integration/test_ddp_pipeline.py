@@ -1,4 +1,4 @@
-"""``torchrun --nproc_per_node=2 nxm-deploy train RECIPE`` (gloo, CPU) against the same command in one process.
+"""``torchrun --nproc_per_node=2 nxm-deploy run RECIPE`` (gloo, CPU) against ``nxm-deploy train`` in one process.
 
 The tiny smoke recipe without dropout (so one process and two differ only by float summation order: the global
 batch of 32 is split 16 + 16 over the ranks, the length-grouped order is drawn per global batch, DDP averages the
@@ -33,12 +33,13 @@ pytestmark = [
 ]
 
 
-def _train(tmp: Path, recipe: Path, glue_dir: Path, processes: int) -> Path:
+def _invoke(tmp: Path, recipe: Path, glue_dir: Path, processes: int, command: str) -> tuple[Path, str]:
+    """``nxm-deploy <command> RECIPE`` in one process, or under torchrun with ``processes``; (run dir, stdout)."""
     runs = tmp / f"runs{processes}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("WORLD_SIZE", None)
-    cli = ["-m", "nxm_deploy.cli.main", "-q", "train", str(recipe), "--runs-root", str(runs), "--glue-dir", str(glue_dir)]
+    cli = ["-m", "nxm_deploy.cli.main", "-q", command, str(recipe), "--runs-root", str(runs), "--glue-dir", str(glue_dir)]
     if processes > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *cli]
     else:
@@ -46,19 +47,23 @@ def _train(tmp: Path, recipe: Path, glue_dir: Path, processes: int) -> Path:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "Traceback" not in proc.stderr
-    return runs / "tiny_smoke"
+    return runs / "tiny_smoke", proc.stdout
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, glue_dir, tiny_recipe_dict_module):
+    """The training stages in one process (``nxm-deploy train``), and the whole chain under torchrun with 2 processes
+    (``nxm-deploy run``: one torchrun invocation for every multi-process check of the pipeline)."""
     tmp = tmp_path_factory.mktemp("ddp_pipeline")
     data = json.loads(json.dumps(tiny_recipe_dict_module))
     data["model"]["random_init"].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     data["train"].update(device="cpu", num_threads=1)
-    data["engine"] = {"specs": []}  # training only
+    data["engine"] = {"specs": []}  # no TensorRT here
     recipe = tmp / "tiny_smoke.yaml"
     recipe.write_text(yaml.safe_dump(data, sort_keys=False))
-    return {1: _train(tmp, recipe, glue_dir, 1), 2: _train(tmp, recipe, glue_dir, 2)}
+    one, _ = _invoke(tmp, recipe, glue_dir, 1, "train")
+    two, stdout = _invoke(tmp, recipe, glue_dir, 2, "run")
+    return {1: one, 2: two, "stdout": stdout}
 
 
 def _manifest(run: Path, sub: str) -> dict:
@@ -92,21 +97,9 @@ def test_two_processes_match_one_process(runs):
     assert agree > 0.999
 
 
-def test_run_under_torchrun_reports_once_from_rank_zero(tmp_path, glue_dir, tiny_recipe_dict_module):
+def test_run_under_torchrun_reports_once_from_rank_zero(runs):
     """``nxm-deploy run`` under torchrun: both ranks train, rank 0 alone exports, validates and prints the report."""
-    data = json.loads(json.dumps(tiny_recipe_dict_module))
-    data["train"].update(device="cpu", num_threads=1)
-    data["engine"] = {"specs": []}
-    recipe = tmp_path / "tiny_smoke.yaml"
-    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "nxm_deploy.cli.main", "-q", "run", str(recipe), "--runs-root", str(tmp_path / "runs"),
-           "--glue-dir", str(glue_dir)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert sum(line.startswith("report: ") for line in proc.stdout.splitlines()) == 1  # rank 0 only
-    run = tmp_path / "runs" / "tiny_smoke"
+    assert sum(line.startswith("report: ") for line in runs["stdout"].splitlines()) == 1  # rank 0 only
+    run = runs[2]
     assert (run / "report.md").is_file() and json.loads((run / "onnx" / "manifest.json").read_text())["parity"]["ok"]
     assert _manifest(run, "qat")["world_size"] == 2

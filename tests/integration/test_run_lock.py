@@ -78,7 +78,8 @@ def test_a_held_run_directory_is_refused_naming_its_holder_and_a_dead_holder_is_
 def test_two_concurrent_runs_on_one_run_directory(tmp_path, repo_root, glue_dir):
     run_dir = tmp_path / "runs" / "tiny"
     args = ("run", str(repo_root / "recipes" / "tiny_smoke.yaml"), "--run-dir", str(run_dir), "--glue-dir",
-            str(glue_dir))
+            str(glue_dir), "--set", "task.max_train_examples=64", "--set", "task.max_eval_examples=32",
+            "--set", "validate.latency_shapes=[[1, 64]]", "--set", "validate.timed_runs=2")  # smaller: the lock's the point
     logs = [tmp_path / f"run{i}.log" for i in range(3)]
     first = _cli(logs[0], *args)
     try:

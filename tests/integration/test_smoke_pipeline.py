@@ -191,11 +191,12 @@ def test_qat_kd_teacher_dense_or_sparse(run_dir, glue_dir, tiny_recipe_dict, tmp
 
 
 def test_same_recipe_reuses_the_run_dir(run_dir) -> None:
+    from conftest import TINY_RUN_SETS
     from nxm_deploy.config.recipe import load_recipe
     from nxm_deploy.pipeline import prepare_run_dir
 
     manifest_before = (run_dir / "onnx" / "manifest.json").read_bytes()
-    assert prepare_run_dir(load_recipe(RECIPE), run_dir, overwrite=False) == run_dir
+    assert prepare_run_dir(load_recipe(RECIPE, TINY_RUN_SETS), run_dir, overwrite=False) == run_dir
     assert (run_dir / "onnx" / "manifest.json").read_bytes() == manifest_before  # nothing removed
 
 

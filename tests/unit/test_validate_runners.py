@@ -243,6 +243,7 @@ def test_report_writes_markdown_json_and_plots(tmp_path) -> None:
     from nxm_deploy.validate.report import build_report
 
     run, recipe = _run_dir(tmp_path)
+    recipe.validate_.plots = True  # the tiny recipe turns them off
     (run / "validation.json").write_text(json.dumps(_validation()))
     layers = [{"module": f"bert.encoder.layer.{i // 6}.{m}", "node": "n", "initializer": "w", "shape": [4, 4], "axis": 1,
                "groups_checked": 4, "groups_violating": 0, "density": 0.5, "status": "sparse", "expected_sparse": True}
