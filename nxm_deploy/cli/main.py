@@ -298,9 +298,10 @@ def _dispatch(args) -> int:
         from nxm_deploy.config.recipe import load_recipe
         from nxm_deploy.pipeline import run_pipeline
         from nxm_deploy.ranks import is_main_process
+
+        recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe fails before torch is imported
         from nxm_deploy.training.trainer import init_distributed
 
-        recipe = load_recipe(args.recipe, args.overrides)
         init_distributed(recipe.train)
         run_dir = Path(args.run_dir) if args.run_dir else Path(args.runs_root) / recipe.name
         report = run_pipeline(recipe, run_dir, args.glue_dir, recipe_path=args.recipe, overwrite=args.overwrite,
@@ -312,23 +313,23 @@ def _dispatch(args) -> int:
         print(f"report: {layout.report_md}  ({layout.report_json})")
         return 0 if (report.get("sparsity_check") or {}).get("ok") else 1
     if args.command == "train":
-        from nxm_deploy.stages import TRAINING, StageContext, run_stages
-        from nxm_deploy.run.reader import read_stage_manifest
-        from nxm_deploy.training.stage import adopt_stages, check_adoption
+        from nxm_deploy.config.recipe import load_recipe
         from nxm_deploy.ranks import is_main_process
+        from nxm_deploy.stages import TRAINING, StageContext, open_run_dir, run_stages
 
         stages = TRAINING if args.stage == "all" else (args.stage,)
         before = TRAINING[:TRAINING.index(stages[0])]
-        if args.from_run:
-            if not before:
-                raise ConfigError("--from-run copies the stages before --stage; with --stage dense/all there are none.",
-                                  hint="e.g. nxm-deploy train RECIPE --stage qat --from-run runs/<base run>")
-            from nxm_deploy.config.recipe import load_recipe
-            from nxm_deploy.stages import open_run_dir
+        if args.from_run and not before:
+            raise ConfigError("--from-run copies the stages before --stage; with --stage dense/all there are none.",
+                              hint="e.g. nxm-deploy train RECIPE --stage qat --from-run runs/<base run>")
+        target = Path(args.target)
+        is_recipe = not target.is_dir() and (target.suffix in (".yaml", ".yml") or target.is_file())
+        target_recipe = load_recipe(target, args.overrides) if is_recipe else None  # fails before torch loads
+        from nxm_deploy.run.reader import read_stage_manifest
+        from nxm_deploy.training.stage import adopt_stages, check_adoption
 
-            target = Path(args.target)  # checked before the run directory is created
-            check_adoption(open_run_dir(target) if target.is_dir() else load_recipe(target, args.overrides),
-                           args.from_run, before)
+        if args.from_run:  # checked before the run directory is created
+            check_adoption(target_recipe or open_run_dir(target), args.from_run, before)
         recipe, run_dir, glue_dir, _ = _resolve(args, create=not Path(args.target).is_dir(), distributed=True)
         if args.from_run:
             adopted = adopt_stages(recipe, run_dir, args.from_run, before, checked=True)
@@ -387,14 +388,20 @@ def _dispatch_distributed(args) -> int:
     """:func:`_dispatch`, then (under torchrun) wait for every rank and end the process group."""
     if args.command not in ("run", "train"):
         return _dispatch(args)
-    from nxm_deploy.training.trainer import shutdown_distributed
+
+    def shutdown(wait: bool) -> None:
+        if "torch.distributed" not in sys.modules:  # nothing started one (a bad recipe stops before torch loads)
+            return
+        from nxm_deploy.training.trainer import shutdown_distributed
+
+        shutdown_distributed(wait=wait)
 
     try:
         status = _dispatch(args)
     except BaseException:
-        shutdown_distributed(wait=False)  # a failed rank must not wait for the others in a barrier
+        shutdown(wait=False)  # a failed rank must not wait for the others in a barrier
         raise
-    shutdown_distributed()
+    shutdown(wait=True)
     return status
 
 

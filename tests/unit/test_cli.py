@@ -417,3 +417,18 @@ def test_bad_set_fails_before_training(capsys, tmp_path, tiny_recipe_dict, fake_
     assert rc == 2
     assert_one_error(err, "train.admm.rhoo", "--set")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_recipe_fails_before_torch_is_imported(tmp_path):
+    """`nxm-deploy run`/`train` on a missing or invalid recipe answers in a fraction of a second: the recipe is read
+    before torch and transformers are imported (and nothing ends a process group that never started)."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain: {sed: 1}\n")
+    code = ("import sys; from nxm_deploy.cli.main import main; "
+            f"codes = [main(['run', {str(tmp_path / 'missing.yaml')!r}]), main(['run', {str(bad)!r}]), "
+            f"main(['train', {str(bad)!r}])]; print(codes, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "[2, 2, 2] False", proc.stdout + proc.stderr
