@@ -26,15 +26,12 @@ pytestmark = pytest.mark.slow
 MODULE = "bert.encoder.layer.1.intermediate.dense"
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_recipe_dict_module, glue_dir) -> Path:
-    tmp = tmp_path_factory.mktemp("contract")
-    data = json.loads(json.dumps(tiny_recipe_dict_module))
-    data["engine"] = {"specs": []}
-    recipe = tmp / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
-    assert main(["-q", "run", str(recipe), "--glue-dir", str(glue_dir), "--runs-root", str(tmp / "runs")]) == 0
-    return tmp / "runs" / data["name"]
+@pytest.fixture
+def run(tiny_run) -> Path:
+    """The session's tiny run (``tests/conftest.py``); the tests that change a run work on :func:`run_copy`."""
+    rc, path = tiny_run
+    assert rc == 0
+    return path
 
 
 @pytest.fixture
