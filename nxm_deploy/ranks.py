@@ -35,3 +35,25 @@ def barrier() -> None:
     dist = _group()
     if dist is not None:
         dist.barrier()
+
+
+def rank_checksums(tensors) -> list[float]:
+    """A float64 checksum of ``tensors`` (index-weighted sums in name order) from every rank, rank order.
+
+    Equal entries mean every rank holds the same tensors (e.g. the n:m masks after a DDP stage); one entry in a
+    single process.
+    """
+    import torch
+    import torch.distributed as dist
+
+    total = torch.zeros((), dtype=torch.float64)
+    for name in sorted(tensors):
+        flat = tensors[name].detach().flatten().double().cpu()
+        total += (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [float(total)]
+    backend_device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+    local = total.reshape(1).to(backend_device)
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return [float(g.item()) for g in gathered]

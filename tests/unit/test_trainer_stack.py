@@ -16,6 +16,8 @@ from nxm_deploy.data import get_task  # noqa: E402
 from nxm_deploy.distillation import DistillationConfig, distillation_loss  # noqa: E402
 from nxm_deploy.errors import ConfigError, RunDirError  # noqa: E402
 from nxm_deploy.quantization import quantize_model_  # noqa: E402
+from transformers.trainer import TRAINER_STATE_NAME  # noqa: E402
+
 from nxm_deploy.training import trainer as tr  # noqa: E402
 from tiny_models import tiny_bert, tiny_dataset, training_args  # noqa: E402
 
@@ -176,7 +178,7 @@ def test_last_complete_checkpoint_skips_folders_a_kill_while_saving_left(tmp_pat
         path = tmp_path / f"checkpoint-{step}"
         path.mkdir()
         if state is not None:
-            (path / tr.TRAINER_STATE_NAME).write_text(state % step if "%d" in state else state)
+            (path / TRAINER_STATE_NAME).write_text(state % step if "%d" in state else state)
         for name in extra:
             (path / name).write_bytes(b"x")
         return path
