@@ -103,8 +103,6 @@ def op_profile(path: Path, feeds: dict, threads: int, rounds: int) -> dict:
 
 
 def bench_run(run_dir: Path, args) -> dict:
-    import yaml
-
     from nxm_deploy.data import load_task_split, make_dataloader, resolve_glue_dir
     from nxm_deploy.data.loader import encode_fixed
     from nxm_deploy.data.metrics import compute_metrics
@@ -120,18 +118,18 @@ def bench_run(run_dir: Path, args) -> dict:
     if missing:
         raise SystemExit(f"error: {run_dir} has no {', '.join(missing)}: rerun `nxm-deploy export {run_dir}` "
                          "(the export stage writes the ONNX Runtime peers since 2026-12-05)")
-    recipe = yaml.safe_load(layout.recipe.read_text())
-    task = load_recipe(layout.recipe).task.spec()
-    max_len = int(recipe["task"]["max_seq_length"])
+    recipe = load_recipe(layout.recipe)
+    task = recipe.task.spec()
+    max_len = recipe.task.max_seq_length
     read_stage_manifest(run_dir, "dense")  # the dense model's files as its stage wrote them
     model, tokenizer = load_stage_model(run_dir, "dense")
     shape = shape_name(model.config)
-    random_init = bool((recipe.get("model") or {}).get("random_init"))
+    random_init = bool(recipe.model.random_init)
     del model
-    glue = args.glue_dir or recipe["task"].get("glue_dir") or os.environ.get("NXM_GLUE_DIR")
+    glue = args.glue_dir or recipe.task.glue_dir or os.environ.get("NXM_GLUE_DIR")
     if not glue and (REPO.parent / "shared" / "data" / "glue").is_dir():
         glue = str(REPO.parent / "shared" / "data" / "glue")
-    dev = load_task_split(task, "dev", resolve_glue_dir(glue), recipe["task"].get("max_eval_examples"))
+    dev = load_task_split(task, "dev", resolve_glue_dir(glue), recipe.task.max_eval_examples)
 
     runners = {name: OnnxRuntimeRunner(models[name]["path"], name, intra_op_threads=args.threads) for name in MODELS}
     for runner in runners.values():

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from nxm_deploy.errors import ConfigError, NxmError
+from nxm_deploy.errors import ConfigError
 from nxm_deploy.sparsity.pattern import DEFAULT_RHO, NMPattern
 
 
@@ -470,34 +470,13 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:
     return sha256_file(path)
 
 
-def _format_validation_error(path: str, exc: ValidationError) -> tuple[str, str | None]:
-    lines, hints = [], []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        cause = (err.get("ctx") or {}).get("error")
-        if err["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{loc}'")
-        elif isinstance(cause, NxmError):
-            lines.append(f"'{loc}': {cause.message}")
-            if cause.hint:
-                hints.append(cause.hint)
-        else:
-            got = f" (got {err.get('input')!r})" if err["loc"] else ""  # not the whole recipe
-            lines.append(f"'{loc}': {err['msg']}{got}".replace("\n", " "))
-    return f"Recipe {path}: " + "; ".join(lines), "; ".join(hints) or None
-
-
 def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
-    """Validate a recipe mapping. Raises :class:`ConfigError` naming every bad key."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"Recipe {source}: top level must be a mapping, got {type(data).__name__}.")
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        message, hint = _format_validation_error(source, exc)
-        raise ConfigError(
-            message, hint=hint or "See recipes/bench_accuracy.yaml for the keys in use; every key and its default: nxm_deploy/config/recipe.py."
-        ) from None
+    """Validate a recipe mapping. Raises :class:`ConfigError` naming every bad key
+    (:func:`nxm_deploy.config.yamlfile.validate_mapping`)."""
+    from nxm_deploy.config.yamlfile import validate_mapping
+
+    return validate_mapping(Recipe, data, f"Recipe {source}", hint="See recipes/bench_accuracy.yaml for the keys in use; "
+                            "every key and its default: nxm_deploy/config/recipe.py.")
 
 
 _PATTERN_TEXT = re.compile(r"^\s*\d+\s*:\s*\d+\s*$")
@@ -563,20 +542,14 @@ def read_recipe_mapping(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     Raises:
         ConfigError: missing file, YAML syntax error, a ``base`` that is not a file, or a ``base`` cycle.
     """
+    from nxm_deploy.config.yamlfile import read_yaml_mapping
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Recipe file {path} not found.", hint="Pass a path such as recipes/tiny_smoke.yaml.")
     if path.resolve() in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
         raise ConfigError(f"Recipe {path}: its base chain is a cycle ({chain}).", hint="Remove one `base:` key.")
-    from nxm_deploy.fileio import check_utf8
-
-    check_utf8(path, "Recipe file", error=ConfigError)  # configuration, not task data
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"Recipe {path} is not valid YAML: {exc}".replace("\n", " ")) from None
-    if isinstance(data, dict) and BASE_KEY in data:
+    data = read_yaml_mapping(path, "Recipe", missing_hint="Pass a path such as recipes/tiny_smoke.yaml.")
+    if BASE_KEY in data:
         base = data.pop(BASE_KEY)
         if not isinstance(base, str) or not base:
             raise ConfigError(f"Recipe {path}: `base` must be a recipe path, got {base!r}.",

@@ -14,8 +14,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nxm_deploy.errors import ConfigError
 from nxm_deploy.run.layout import TIMING_CACHE
@@ -227,23 +226,11 @@ def load_engine_spec(path: str | Path) -> EngineSpec:
     Raises:
         ConfigError: missing file, bad YAML, unknown key or bad value.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Engine spec {path} not found.", hint="Specs live in engines/*.yaml.")
-    from nxm_deploy.fileio import check_utf8
+    from nxm_deploy.config.yamlfile import read_yaml_mapping, validate_mapping
 
-    check_utf8(path, "Engine spec", error=ConfigError)  # configuration, not task data
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"Engine spec {path} is not valid YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"Engine spec {path} must be a mapping of keys, got {type(data).__name__}.")
-    try:
-        return EngineSpec.model_validate(data)
-    except ValidationError as exc:
-        errs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"Engine spec {path}: {errs}") from None
+    data = read_yaml_mapping(path, "Engine spec", missing_hint="Specs live in engines/*.yaml.")
+    return validate_mapping(EngineSpec, data, f"Engine spec {path}",
+                            hint="Every key and its default: nxm_deploy/engine/spec.py; examples in engines/*.yaml.")
 
 
 def resolve_run_dir(spec: EngineSpec, spec_path: str | Path | None, run_dir: str | Path | None) -> Path:
