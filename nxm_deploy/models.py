@@ -193,6 +193,20 @@ def is_causal_lm_config(config: dict) -> bool:
     return any(is_causal_lm_class(str(a)) for a in config.get("architectures") or [])
 
 
+def logits_shape_problem(shape, num_labels: int, batch_shape) -> str | None:
+    """Why a model's logits of ``shape`` do not fit its task, or None when they do: ``[B, num_labels]`` for a
+    classifier or regressor (``num_labels`` 1), ``[B, L, vocab]`` for a causal LM (``num_labels`` 0) on inputs of
+    ``batch_shape`` ``[B, L]``. The one output check of validation and the client; torch-free."""
+    shape = tuple(int(d) for d in shape)
+    if num_labels == 0:
+        if len(shape) != 3 or shape[:2] != tuple(batch_shape):
+            return f"logits of shape {list(shape)}, but a causal LM returns [B, L, vocab] for inputs {list(batch_shape)}"
+        return None
+    if len(shape) != 2 or shape[1] != num_labels:
+        return f"logits of shape {list(shape)}, but the task needs [B, {num_labels}] ({num_labels} output(s) per input)"
+    return None
+
+
 def config_max_positions(config: dict) -> int | None:
     """The longest sequence a saved ``config.json`` (as a dict) allows: ``max_position_embeddings``, GPT-2's
     ``n_positions``; None when it records neither (relative-position models)."""

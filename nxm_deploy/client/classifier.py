@@ -229,10 +229,12 @@ class TextClassifier:
         want = 1 if self.labels is None else len(self.labels)
         probe = self._encoder.encode(["probe"] if not self._pair_task else [("probe", "probe")])
         got = self._backend.run(probe.feeds)
-        if got.ndim != 2 or got.shape[1] != want:
+        from nxm_deploy.models import logits_shape_problem  # the check validation makes too
+
+        problem = logits_shape_problem(got.shape, want, next(iter(probe.feeds.values())).shape)
+        if problem:
             raise RunDirError(
-                f"Model {self.artifacts.onnx_path.name} returns logits of shape {list(got.shape)}, but task "
-                f"{self.artifacts.task!r} needs {want} output(s) per input.",
+                f"Model {self.artifacts.onnx_path.name} of task {self.artifacts.task!r} returns {problem}.",
                 hint="The run directory mixes artifacts of different runs; re-run export.",
             )
 

@@ -430,17 +430,11 @@ def check_io(runner, expected_inputs: list[str], num_labels: int, probe: dict[st
     out = runner.infer(probe)
     if "logits" not in out:
         raise ValidationError(f"Runner {runner.name} ({runner.source}) has outputs {list(out)}, expected 'logits'.")
-    logits = np.asarray(out["logits"])
-    if num_labels == 0:
-        if logits.ndim != 3 or logits.shape[:2] != next(iter(probe.values())).shape:
-            raise ValidationError(
-                f"Runner {runner.name} ({runner.source}) returns logits of shape {logits.shape}, but a causal LM "
-                "returns [B, L, vocab] for inputs [B, L].",
-                hint="The model was exported as a classifier; re-export it from this run.")
-        return
-    if logits.ndim != 2 or logits.shape[1] != num_labels:
+    from nxm_deploy.models import logits_shape_problem
+
+    problem = logits_shape_problem(np.shape(out["logits"]), num_labels, next(iter(probe.values())).shape)
+    if problem:
         raise ValidationError(
-            f"Runner {runner.name} ({runner.source}) returns logits of shape {logits.shape}, but the task has "
-            f"{num_labels} label(s): expected [B, {num_labels}].",
-            hint="The model was trained for another task or label count; re-export it from this run.",
-        )
+            f"Runner {runner.name} ({runner.source}) returns {problem}.",
+            hint="The model was exported as a classifier; re-export it from this run." if num_labels == 0 else
+            "The model was trained for another task or label count; re-export it from this run.")
