@@ -12,7 +12,7 @@ manifest records):
 * ``cpu_int8``: our CPU INT8 artifact (:mod:`nxm_deploy.export.cpu_int8`; the same learned scales).
 
 Latency: batch 1 and batch 32 at sequence length 128 (``--seq``), ``--warmup`` untimed rounds, then ``--runs``
-interleaved rounds (runner order rotated each round, :func:`nxm_deploy.validate.latency.measure_ab`); medians.
+interleaved rounds (runner order rotated each round, :func:`nxm_deploy.timing.measure_ab`); medians.
 Accuracy: the dev-set metric of each model (the run's task and ``max_seq_length``) and the agreement of ``cpu_int8``
 with ``sparse_int8``. Where a goal is missed, ONNX Runtime's profiler (``enable_profiling``) is run on ``cpu_int8``
 and on the peer it missed against, and the time per operator type is written beside the result.
@@ -49,7 +49,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from nxm_deploy.export.ort_peer import DENSE_FP32_OPT, DENSE_INT8_DYNAMIC  # noqa: E402
 from nxm_deploy.machine import machine  # noqa: E402
-from nxm_deploy.validate.latency import measure_ab  # noqa: E402
+from nxm_deploy.timing import measure_ab  # noqa: E402
 from nxm_deploy.validate.runners import OnnxRuntimeRunner  # noqa: E402
 from nxm_deploy.validate.stage import CPU_INT8, DENSE, SPARSE, onnx_models  # noqa: E402
 

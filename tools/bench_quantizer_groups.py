@@ -11,7 +11,7 @@ A thin driver of the public CLI. Per task (MRPC and STS-B by default, one seed):
    + KD dev metric; the cell JSON records the exact command;
 3. ORT CPU latency of the exported graphs: ``nxm-deploy export`` of the ``inputs_weights`` cell (the graph before
    the groups existed) and of the default cell, then the Q/DQ graphs and the CPU INT8 artifacts of both, timed in
-   one process, interleaved (:func:`nxm_deploy.validate.latency.measure_ab`).
+   one process, interleaved (:func:`nxm_deploy.timing.measure_ab`).
 
 Writes ``benchmarks/qat_quantizer_groups.{md,json}`` and ``benchmarks/qat_quantizer_groups_cells/``. Cells are
 resumable: a cell whose JSON exists is read, not rerun.
@@ -114,7 +114,7 @@ def latency(root: Path, task: str, cells: list[str], runs: int, threads: int, lo
     """Export each cell's run and time its Q/DQ graph and CPU INT8 artifact in one process (batch 1 and 32)."""
     import numpy as np
 
-    from nxm_deploy.validate.latency import measure_ab
+    from nxm_deploy.timing import measure_ab
     from nxm_deploy.validate.runners import OnnxRuntimeRunner
 
     runners = {}

@@ -5,7 +5,7 @@
     out), 2:4 INT8 (``torch._cslt_sparse_mm``, alpha-scaled FP16 out). Operands are prepared (quantized,
     compressed) before timing. Each timed sample is ``reps`` back-to-back calls between two CUDA events, divided
     by ``reps``; the variants are interleaved per round (order rotated each round, as in
-    :mod:`nxm_deploy.validate.latency`); medians. Timed twice: launched eagerly from Python, and replayed from
+    :mod:`nxm_deploy.timing`); medians. Timed twice: launched eagerly from Python, and replayed from
     one CUDA graph of the ``reps`` calls (no launch / descriptor set-up cost on the host).
 (b) **End to end**: a BERT encoder (``BertModel``, random weights with the 2:4 pattern imposed on every encoder
     Linear by magnitude: speed does not depend on the values, only on the pattern) at ``batch x seq`` in
@@ -125,33 +125,29 @@ def linear_shapes(dims: dict) -> dict[str, tuple[int, int]]:
 def _time_interleaved(fns: dict, rounds: int, warmup: int, reps: int = 1,
                       budget_s: float | None = None) -> dict[str, list[float]]:
     """Per name, up to ``rounds`` samples in ms of one call of ``fns[name]`` (``reps`` calls between two CUDA events);
-    with ``budget_s``, rounds stop once that many seconds have passed (at least 3 rounds)."""
-    import time
-
+    with ``budget_s``, rounds stop once that many seconds have passed (at least 3 rounds). The loop is
+    :func:`nxm_deploy.timing.interleaved`."""
     import torch
 
-    from nxm_deploy.validate.latency import round_order
+    from nxm_deploy.timing import interleaved
+
+    def calls(name: str) -> None:
+        for _ in range(reps):
+            fns[name]()
+
+    def measure(name: str) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        calls(name)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
 
     names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            for _ in range(reps):
-                fns[name]()
-    torch.cuda.synchronize()
-    out: dict[str, list[float]] = {name: [] for name in names}
-    begin = time.perf_counter()
-    for i in range(rounds):
-        if budget_s is not None and i >= 3 and time.perf_counter() - begin > budget_s:
-            break
-        for name in round_order(names, i):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                fns[name]()
-            end.record()
-            end.synchronize()
-            out[name].append(start.elapsed_time(end) / reps)
-    return out
+    if warmup:
+        interleaved(names, 0, measure, warmup=warmup, warm=calls)
+        torch.cuda.synchronize()
+    return interleaved(names, rounds, measure, budget_s=budget_s)
 
 
 def _wall_call_s(fn, calls: int = 3) -> float:
@@ -191,8 +187,10 @@ def _graph_of(fn, reps: int, warmup: int = 2):
 
 
 def _summary(samples: dict[str, list[float]]) -> dict[str, dict]:
-    return {name: {"p50_ms": float(np.median(v)), "p10_ms": float(np.percentile(v, 10)),
-                   "p90_ms": float(np.percentile(v, 90)), "samples": len(v)} for name, v in samples.items()}
+    """Per name, the latency summary (:func:`nxm_deploy.timing.latency_stats_ms`) of samples in ms, and their count."""
+    from nxm_deploy.timing import latency_stats_ms
+
+    return {name: {**latency_stats_ms(v), "samples": len(v)} for name, v in samples.items()}
 
 
 # ----------------------------------------------------------------------------------------------- (a) GEMMs

@@ -15,7 +15,7 @@ Runners (:mod:`nxm_deploy.validate.runners`, all Polygraphy runners):
 
 Steps: task metric on the full dev set per runner (deltas against ``dense_fp32``); output diff with Polygraphy
 (:mod:`nxm_deploy.validate.diff`); interleaved latency on the recipe's (batch, seq) grid
-(:mod:`nxm_deploy.validate.latency`); CI gates (:mod:`nxm_deploy.validate.gates`). Writes ``validation.json`` and
+(:mod:`nxm_deploy.timing`); CI gates (:mod:`nxm_deploy.validate.gates`). Writes ``validation.json`` and
 ``diff/``; on a failed gate it also writes the report, then raises.
 """
 
@@ -39,7 +39,7 @@ from nxm_deploy.export.ort_peer import PEERS
 from nxm_deploy.validate.diff import DEFAULT_TOLERANCE_FACTOR, FAKEQUANT_FP64, make_feeds, run_diff
 from nxm_deploy.validate.gates import delta_pt, evaluate_gates, gate_settings, raise_for_gates
 from nxm_deploy.machine import machine_line
-from nxm_deploy.validate.latency import measure_ab
+from nxm_deploy.timing import measure_ab
 from nxm_deploy.validate.runners import (
     OnnxRuntimeRunner, TorchCudaRunner, TorchRunner, check_io, ort_gpu_backends, quantizers_disabled,
 )

@@ -24,7 +24,7 @@ from nxm_deploy.errors import (
 from nxm_deploy.validate.gates import (
     accuracy_gate, delta_pt, diff_gate, evaluate_gates, gate_settings, latency_gate, raise_for_gates,
 )
-from nxm_deploy.validate.latency import measure_ab, percentiles_ms, round_order, speedup_stats, summarize
+from nxm_deploy.timing import measure_ab, percentiles_ms, round_order, speedup_stats, summarize
 
 
 # ----------------------------------------------------------------------------------------------- latency maths

@@ -1,4 +1,5 @@
-"""A/B latency measurement: warm-up, interleaved timed runs, percentiles and same-run speedup ratios.
+"""A/B latency measurement: warm-up, interleaved timed runs, percentiles and same-run speedup ratios; the one timing
+loop and latency summary of validation (:func:`measure_ab`) and the GPU benchmark (``nxm_deploy.gpu.bench``).
 
 Interleaving: in timed round ``i`` every runner runs once, in the runner order rotated by ``i``. A slow period
 of the machine (another job, thermal throttling) then hits every runner in the same rounds, and because each
@@ -13,17 +14,27 @@ from __future__ import annotations
 import numpy as np
 
 
-def percentiles_ms(seconds: list[float]) -> dict[str, float]:
-    """p50/p90/p99 and mean of a list of durations in seconds, returned in milliseconds."""
-    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+def latency_stats_ms(ms) -> dict[str, float]:
+    """p10/p50/p90/p99 and mean of durations in milliseconds (the one latency summary).
+
+    Raises:
+        ValueError: no durations.
+    """
+    ms = np.asarray(ms, dtype=np.float64)
     if ms.size == 0:
         raise ValueError("no timings")
     return {
+        "p10_ms": float(np.percentile(ms, 10)),
         "p50_ms": float(np.percentile(ms, 50)),
         "p90_ms": float(np.percentile(ms, 90)),
         "p99_ms": float(np.percentile(ms, 99)),
         "mean_ms": float(ms.mean()),
     }
+
+
+def percentiles_ms(seconds: list[float]) -> dict[str, float]:
+    """:func:`latency_stats_ms` of durations given in seconds."""
+    return latency_stats_ms(np.asarray(seconds, dtype=np.float64) * 1e3)
 
 
 def round_order(names: list[str], round_index: int) -> list[str]:
@@ -32,6 +43,32 @@ def round_order(names: list[str], round_index: int) -> list[str]:
         return []
     k = round_index % len(names)
     return names[k:] + names[:k]
+
+
+def interleaved(names: list[str], rounds: int, measure, *, warmup: int = 0, warm=None, budget_s: float | None = None,
+                min_rounds: int = 3) -> dict[str, list[float]]:
+    """The one interleaved timing loop: ``warmup`` untimed rounds (``warm(name)``, default ``measure``), then up to
+    ``rounds`` timed rounds; in round ``i`` each name is measured once, in the order :func:`round_order` rotates by
+    ``i``. ``measure(name)`` returns one duration (any unit). With ``budget_s``, no round starts after that many
+    seconds once ``min_rounds`` rounds are done.
+
+    Returns:
+        dict: name -> its durations, in round order.
+    """
+    import time
+
+    warm = warm or measure
+    for _ in range(warmup):
+        for name in names:
+            warm(name)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    begin = time.perf_counter()
+    for i in range(rounds):
+        if budget_s is not None and i >= min_rounds and time.perf_counter() - begin > budget_s:
+            break
+        for name in round_order(names, i):
+            out[name].append(measure(name))
+    return out
 
 
 def speedup_stats(base_s: list[float], model_s: list[float]) -> dict[str, float]:
@@ -98,13 +135,11 @@ def measure_ab(runners: dict, feeds: dict[str, np.ndarray], warmup_runs: int, ti
     if baseline not in runners:
         raise ValueError(f"baseline {baseline!r} is not one of the runners {names}")
     batch = int(next(iter(feeds.values())).shape[0])
-    for _ in range(warmup_runs):
-        for name in names:
-            runners[name].infer(feeds)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(timed_runs):
-        for name in round_order(names, i):
-            runners[name].infer(feeds)
-            times[name].append(runners[name].last_inference_s)
+
+    def measure(name: str) -> float:
+        runners[name].infer(feeds)
+        return runners[name].last_inference_s
+
+    times = interleaved(names, timed_runs, measure, warmup=warmup_runs)
     chosen = {name: (baselines or {}).get(name, baseline) for name in names}
     return summarize(times, batch, chosen, references)
