@@ -27,11 +27,14 @@ of the mean over seeds, only where every cell finished; ``best_int8``: the metho
 Usage:
     .venv/bin/python tools/bench_accuracy.py [--tasks rte mrpc stsb sst2_8k] [--seeds 0 1 2] [--methods ...]
     .venv/bin/python tools/bench_accuracy.py --report-only
+    # two lanes, one per core, sharing the cells (each cell at one thread):
+    .venv/bin/python tools/bench_accuracy.py --lanes --threads 1 & .venv/bin/python tools/bench_accuracy.py --lanes --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -48,6 +51,9 @@ from nxm_deploy.fileio import atomic_write_json, atomic_write_text
 from nxm_deploy.run.layout import RunLayout
 from nxm_deploy.machine import machine_line
 from nxm_deploy.sparsity.methods import METHODS as MASK_METHODS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lanes  # noqa: E402  (tools/lanes.py: cells shared by several drivers)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/bench_accuracy.yaml"
@@ -394,6 +400,9 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget-min", type=float, default=None, help="start no new cell after this many minutes")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--readme", default="README.md", help="README whose accuracy_glue block is rewritten ('' for none)")
+    p.add_argument("--lanes", action="store_true", help="share the cells with other drivers started the same way "
+                   "(tools/lanes.py: each takes the next cell nobody holds); start one per core with --threads 1")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of each cell (train.num_threads)")
     args = p.parse_args(argv)
     work, out, start = Path(args.work_dir), Path(args.out), time.monotonic()
     failed = []
@@ -405,8 +414,16 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "nxm_deploy.cli", "-q", *cell_argv(work, task, seed, method, args.recipe, args.set)]
         if args.glue_dir:
             cmd += ["--glue-dir", args.glue_dir]
-        print(f"cell {task} seed {seed} {method}: nxm-deploy {shlex.join(cmd[3:])}", flush=True)
-        rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+        if args.threads:  # speed only: no stage reads it
+            cmd += ["--set", f"train.num_threads={args.threads}"]
+        cell_dir = run_dir(work, task, seed, method)
+        with lanes.claimed(cell_dir) if args.lanes else contextlib.nullcontext(True) as mine:
+            if not mine:
+                continue  # another lane runs it
+            if method != DENSE and args.lanes:  # the dense cell it adopts, maybe in another lane
+                lanes.wait_for(RunLayout(run_dir(work, task, seed, DENSE)).stage_manifest("dense"))
+            print(f"cell {task} seed {seed} {method}: nxm-deploy {shlex.join(cmd[3:])}", flush=True)
+            rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
         if rc != 0:
             failed.append((task, seed, method, rc))
             print(f"  exit {rc}", flush=True)

@@ -22,7 +22,6 @@ import datetime as dt
 import json
 import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lanes  # noqa: E402  the cells' claims, shared with bench_accuracy
 from bench_accuracy import DENSE, run_dir, score  # noqa: E402  the table's dense cells and score
 
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text  # noqa: E402
@@ -184,22 +184,6 @@ def pick_p3(results: dict) -> dict:
 
 
 # -- lanes --------------------------------------------------------------------------------------------------------
-def _claim(c: dict) -> bool:
-    claim = Path(c["run_dir"] + ".claim")
-    claim.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        claim.mkdir()
-    except FileExistsError:
-        try:
-            pid = int((claim / "pid").read_text())
-            os.kill(pid, 0)
-            return False  # a live lane holds it
-        except (OSError, ValueError):
-            pass  # its holder died: take it over
-    (claim / "pid").write_text(str(os.getpid()))
-    return True
-
-
 def run_lane(args) -> int:
     env = {**os.environ, "TQDM_DISABLE": "1"}
     while True:
@@ -207,18 +191,13 @@ def run_lane(args) -> int:
         if not todo:
             print("every pilot cell that can be named now has finished", flush=True)
             return 0
-        taken = None
-        for c in todo:
-            if _claim(c):
-                taken = c
-                break
+        taken = next((c for c in todo if lanes.claim(c["run_dir"])), None)
         if taken is None:
             time.sleep(60)  # the rest are held by other lanes; P2/P3 appear when P1 picks
             continue
         try:
-            while taken["source"] is not None and not (RunLayout(taken["source"]).stage_manifest(
-                    "admm" if taken["stage"] == "run" else "dense")).is_file():
-                time.sleep(30)
+            if taken["source"] is not None:  # its input cell, maybe in another lane
+                lanes.wait_for(RunLayout(taken["source"]).stage_manifest("admm" if taken["stage"] == "run" else "dense"))
             argv = [str(REPO / ".venv/bin/nxm-deploy"), "-q", *taken["argv"], "--glue-dir", args.glue_dir,
                     "--set", f"train.num_threads={args.threads}"]
             print(f"{dt.datetime.now():%H:%M:%S} start {taken['task']} {taken['name']}", flush=True)
@@ -228,7 +207,7 @@ def run_lane(args) -> int:
                 print("command: nxm-deploy " + shlex.join(taken["argv"]), flush=True)
                 return code
         finally:
-            shutil.rmtree(taken["run_dir"] + ".claim", ignore_errors=True)
+            lanes.release(taken["run_dir"])
 
 
 # -- report -------------------------------------------------------------------------------------------------------
