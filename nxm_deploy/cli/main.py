@@ -177,13 +177,12 @@ def _resolve(args, *, create: bool = False, distributed: bool = False):
 
 
 def _inspect_sparsity(args) -> int:
-    from nxm_deploy.fileio import read_json, sha256_file
+    model = Path(args.model)
+    if not model.is_file():  # before the checker (and torch) is imported
+        raise ConfigError(f"ONNX model {model} not found.")
     from nxm_deploy.errors import ExportError
     from nxm_deploy.export.verify import check_onnx_sparsity, read_sparsity_metadata
-
-    model = Path(args.model)
-    if not model.is_file():
-        raise ConfigError(f"ONNX model {model} not found.")
+    from nxm_deploy.fileio import read_json, sha256_file
     from nxm_deploy.run.layout import MANIFEST
 
     manifest_path = Path(args.manifest) if args.manifest else model.parent / MANIFEST

@@ -420,8 +420,9 @@ def test_bad_set_fails_before_training(capsys, tmp_path, tiny_recipe_dict, fake_
 
 
 def test_a_bad_recipe_fails_before_torch_is_imported(tmp_path):
-    """`nxm-deploy run`/`train` on a missing or invalid recipe answers in a fraction of a second: the recipe is read
-    before torch and transformers are imported (and nothing ends a process group that never started)."""
+    """`nxm-deploy run`/`train` on a missing or invalid recipe, and `inspect sparsity` on a missing model, answer in a
+    fraction of a second: the input is checked before torch and transformers are imported (and nothing ends a process
+    group that never started)."""
     import subprocess
     import sys
 
@@ -429,6 +430,7 @@ def test_a_bad_recipe_fails_before_torch_is_imported(tmp_path):
     bad.write_text("name: x\ntrain: {sed: 1}\n")
     code = ("import sys; from nxm_deploy.cli.main import main; "
             f"codes = [main(['run', {str(tmp_path / 'missing.yaml')!r}]), main(['run', {str(bad)!r}]), "
-            f"main(['train', {str(bad)!r}])]; print(codes, 'torch' in sys.modules)")
+            f"main(['train', {str(bad)!r}]), main(['inspect', 'sparsity', {str(tmp_path / 'missing.onnx')!r}])]; "
+            "print(codes, 'torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.stdout.strip().splitlines()[-1] == "[2, 2, 2] False", proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2] False", proc.stdout + proc.stderr
