@@ -71,12 +71,6 @@ def preflight(recipe: Recipe, glue_dir: str | None = None, recipe_path: str | Pa
     return {"glue_dir": str(Path(root).resolve()) if root is not None else None, "engine_specs": [str(s) for s in specs]}
 
 
-def read_run_info(run_dir: str | Path) -> dict:
-    """``run.json`` of a run directory (recipe hash, glue dir, engine spec paths); {} when absent."""
-    marker = RunLayout(run_dir).run_info
-    return read_json(marker) if marker.is_file() else {}
-
-
 def prepare_run_dir(recipe: Recipe, run_dir: str | Path, overwrite: bool = False, info: dict | None = None) -> Path:
     """Create ``run_dir`` for ``recipe``, or reuse the run it holds.
 

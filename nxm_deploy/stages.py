@@ -112,24 +112,6 @@ STAGES: tuple[Stage, ...] = (
 TRAINING: tuple[str, ...] = tuple(s.name for s in STAGES if s.every_rank)
 
 
-def open_run_dir(run_dir: str | Path):
-    """The recipe (:class:`~nxm_deploy.config.recipe.Recipe`) stored in an existing run directory.
-
-    Raises:
-        RunDirError: not a run directory.
-    """
-    run_dir = Path(run_dir)
-    from nxm_deploy.config.recipe import load_recipe  # the torch-free schema
-
-    layout = RunLayout(run_dir)
-    if not layout.recipe.is_file():
-        raise RunDirError(
-            f"{run_dir} is not a run directory (no {layout.recipe.name}).",
-            hint="Start a run with `nxm-deploy run RECIPE.yaml` or `nxm-deploy train RECIPE.yaml`.",
-        )
-    return load_recipe(layout.recipe)
-
-
 def get_stage(name: str) -> Stage:
     """The registered stage called ``name``.
 

@@ -134,3 +134,10 @@ def test_a_lower_layer_never_imports_a_higher_one(lower, higher) -> None:
                  for p in (PACKAGE_DIR / lower).rglob("*.py")}
     offenders = {k: v for k, v in offenders.items() if v}
     assert not offenders, f"nxm_deploy/{lower} imports {higher}: {offenders}"
+
+
+def test_reading_a_run_does_not_import_torch() -> None:
+    """The run reader (manifests, recipe, run.json) is cheap: its model loaders import torch when called."""
+    proc = _run_python('import sys, nxm_deploy.run.reader, nxm_deploy.stages; print("torch" in sys.modules)')
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False"]

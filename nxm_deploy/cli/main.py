@@ -135,8 +135,8 @@ def _resolve(args, *, create: bool = False, distributed: bool = False):
     run directory's lock from here to its end (:func:`_hold`).
     """
     from nxm_deploy.config.recipe import load_recipe
-    from nxm_deploy.pipeline import preflight, prepare_run_dir, read_run_info
-    from nxm_deploy.stages import open_run_dir
+    from nxm_deploy.pipeline import preflight, prepare_run_dir
+    from nxm_deploy.run.reader import open_run_dir, read_run_info
 
     path = Path(args.target)
     if path.is_dir():
@@ -314,7 +314,8 @@ def _dispatch(args) -> int:
     if args.command == "train":
         from nxm_deploy.config.recipe import load_recipe
         from nxm_deploy.ranks import is_main_process
-        from nxm_deploy.stages import TRAINING, StageContext, open_run_dir, run_stages
+        from nxm_deploy.run.reader import open_run_dir
+        from nxm_deploy.stages import TRAINING, StageContext, run_stages
 
         stages = TRAINING if args.stage == "all" else (args.stage,)
         before = TRAINING[:TRAINING.index(stages[0])]

@@ -1,24 +1,48 @@
 """The one way to read a run's artifacts: manifests checked against the sha256 their stage recorded, the stage models,
-the n:m masks, the QAT model, and the mask contract of a sparse model.
+the n:m masks, the QAT model, the mask contract of a sparse model, and the run's recipe and ``run.json``.
 
 Export, validation, the engines stage, the client, the GPU benchmark and the tools read a run through here; none of
 them imports the training stages. Paths come from :class:`~nxm_deploy.run.layout.RunLayout`.
+
+Importing it imports neither torch nor transformers: the model loaders import them when called, so the CLI and the
+stage executor read run directories cheaply.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, load_model
+from typing import TYPE_CHECKING
 
 from nxm_deploy.errors import RunDirError, SparsityVerificationError
 from nxm_deploy.fileio import read_json, verify_stage_files
-from nxm_deploy.models import load_saved_model
-from nxm_deploy.quantization import quantize_model_, quantized_modules
-from nxm_deploy.quantization.placement import place_quantizers_
 from nxm_deploy.run.layout import TRAINING_DIRS, RunLayout
-from nxm_deploy.sparsity import count_nm_violations
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+def read_run_info(run_dir: str | Path) -> dict:
+    """``run.json`` of a run directory (recipe hash, glue dir, engine spec paths); {} when absent."""
+    marker = RunLayout(run_dir).run_info
+    return read_json(marker) if marker.is_file() else {}
+
+
+def open_run_dir(run_dir: str | Path):
+    """The recipe (:class:`~nxm_deploy.config.recipe.Recipe`) stored in an existing run directory.
+
+    Raises:
+        RunDirError: not a run directory.
+    """
+    run_dir = Path(run_dir)
+    from nxm_deploy.config.recipe import load_recipe  # the torch-free schema
+
+    layout = RunLayout(run_dir)
+    if not layout.recipe.is_file():
+        raise RunDirError(
+            f"{run_dir} is not a run directory (no {layout.recipe.name}).",
+            hint="Start a run with `nxm-deploy run RECIPE.yaml` or `nxm-deploy train RECIPE.yaml`.",
+        )
+    return load_recipe(layout.recipe)
 
 
 def read_stage_manifest(run_dir: str | Path, stage: str) -> dict:
@@ -55,11 +79,15 @@ def stage_dir(run_dir: str | Path, stage: str) -> Path:
 
 def load_stage_model(run_dir: str | Path, stage: str):
     """``(model, tokenizer)`` of a finished ``dense`` or ``admm`` (sparse FP) stage of a run."""
+    from nxm_deploy.models import load_saved_model
+
     return load_saved_model(stage_dir(run_dir, stage))
 
 
 def load_masks(run_dir: str | Path) -> dict[str, torch.Tensor]:
     """Bool masks (True = keep) by tensor fqn, from ``sparse/masks.safetensors``."""
+    from safetensors.torch import load_file
+
     return load_file(str(RunLayout(run_dir).masks()))
 
 
@@ -69,6 +97,11 @@ def load_qat_model(run_dir: str | Path):
     Raises:
         RunDirError: the QAT stage has not finished.
     """
+    from safetensors.torch import load_model
+
+    from nxm_deploy.quantization import quantize_model_
+    from nxm_deploy.quantization.placement import place_quantizers_
+
     run_dir = Path(run_dir)
     read_stage_manifest(run_dir, "qat")
     layout = RunLayout(run_dir)
@@ -88,6 +121,9 @@ def check_masks(model, masks: dict[str, torch.Tensor], pattern) -> dict:
     Raises:
         SparsityVerificationError: naming each layer that breaks a rule.
     """
+    from nxm_deploy.quantization import quantized_modules
+    from nxm_deploy.sparsity import count_nm_violations
+
     problems, layers = [], 0
     qmods = quantized_modules(model)
     for fqn, mask in masks.items():

@@ -32,7 +32,7 @@ from nxm_deploy.fileio import atomic_dir, atomic_write_json, file_hashes, sha256
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.run.layout import MANIFEST, MASKS, QAT_WEIGHTS, QUANT_INFO, RunLayout
 from nxm_deploy.stages import (
-    TRAINING, StageContext, differing_keys, get_stage, is_up_to_date, open_run_dir, record_stage, stage_key,
+    TRAINING, StageContext, differing_keys, get_stage, is_up_to_date, record_stage, stage_key,
 )
 from nxm_deploy.data import TaskData
 from nxm_deploy.errors import ConfigError, SparsityVerificationError
@@ -44,7 +44,7 @@ from nxm_deploy.sparsity.methods import MaskResult, MaskSearch, get_method
 from nxm_deploy.sparsity.methods.magnitude import magnitude_masks
 from nxm_deploy.sparsity.targets import require_targets, target_names
 from nxm_deploy.ranks import barrier, is_main_process, world_size
-from nxm_deploy.run.reader import check_masks, load_masks, load_stage_model, read_stage_manifest
+from nxm_deploy.run.reader import check_masks, load_masks, load_stage_model, open_run_dir, read_stage_manifest
 from nxm_deploy.training.trainer import (
     ADMMCallback, MaskedFinetuneCallback, build_trainer, dev_metrics, evaluate_model, rank_checksums, train_device,
     train_resumable,
