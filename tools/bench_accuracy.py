@@ -103,21 +103,34 @@ def run_dir(work: Path, task: str, seed: int, method: str) -> Path:
     return work / task / f"seed{seed}" / method
 
 
+def nxm_argv(head: list[str], run_dir: Path, sets, from_run: Path | None = None) -> list[str]:
+    """``nxm-deploy`` arguments of a benchmark cell: ``head`` (``["run", RECIPE]`` or a ``train`` command), the run
+    directory, ``--set`` overrides, and the run whose finished stages it adopts. The table's and the pilots' cells."""
+    argv = [*head, "--run-dir", str(run_dir)]
+    for item in sets:
+        argv += ["--set", item]
+    return argv + (["--from-run", str(from_run)] if from_run is not None else [])
+
+
+def cell_command(argv: list[str], glue_dir: str | None, threads: int | None) -> list[str]:
+    """The process that runs a cell's ``argv`` quietly (this interpreter's ``nxm-deploy``), on ``glue_dir`` and at
+    ``threads`` torch threads (``train.num_threads``: speed only, no stage reads it)."""
+    cmd = [sys.executable, "-m", "nxm_deploy.cli", "-q", *argv]
+    if glue_dir:
+        cmd += ["--glue-dir", glue_dir]
+    if threads:
+        cmd += ["--set", f"train.num_threads={threads}"]
+    return cmd
+
+
 def cell_argv(work: Path, task: str, seed: int, method: str, recipe: str = RECIPE, sets=()) -> list[str]:
     """The ``nxm-deploy`` arguments of one cell (what the table prints as its reproduce command): the dense cell
     (``method`` ``dense``) trains the dense stage alone; a method cell adopts it."""
     head = ["train", recipe, "--stage", "dense"] if method == DENSE else ["run", recipe]
-    argv = [*head, "--run-dir", str(run_dir(work, task, seed, method)), "--set", f"name=acc2_{task}_s{seed}_{method}",
-            "--set", f"task.name={glue_task(task)}", "--set", f"train.seed={seed}"]
-    for item in TASK_SETS.get(task, (task, ()))[1]:
-        argv += ["--set", item]
-    if method != DENSE:
-        argv += ["--set", f"sparsity.method={method}"]
-    for item in sets:
-        argv += ["--set", item]
-    if method != DENSE:
-        argv += ["--from-run", str(run_dir(work, task, seed, DENSE))]
-    return argv
+    own = [f"name=acc2_{task}_s{seed}_{method}", f"task.name={glue_task(task)}", f"train.seed={seed}",
+           *TASK_SETS.get(task, (task, ()))[1], *([f"sparsity.method={method}"] if method != DENSE else [])]
+    return nxm_argv(head, run_dir(work, task, seed, method), [*own, *sets],
+                    run_dir(work, task, seed, DENSE) if method != DENSE else None)
 
 
 def score(task: str, metrics: dict | None) -> float | None:
@@ -411,11 +424,7 @@ def main(argv=None) -> int:
         if args.time_budget_min is not None and time.monotonic() - start > 60 * args.time_budget_min:
             print("time budget spent: stopping before the next cell", flush=True)
             break
-        cmd = [sys.executable, "-m", "nxm_deploy.cli", "-q", *cell_argv(work, task, seed, method, args.recipe, args.set)]
-        if args.glue_dir:
-            cmd += ["--glue-dir", args.glue_dir]
-        if args.threads:  # speed only: no stage reads it
-            cmd += ["--set", f"train.num_threads={args.threads}"]
+        cmd = cell_command(cell_argv(work, task, seed, method, args.recipe, args.set), args.glue_dir, args.threads)
         cell_dir = run_dir(work, task, seed, method)
         with lanes.claimed(cell_dir) if args.lanes else contextlib.nullcontext(True) as mine:
             if not mine:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lanes  # noqa: E402  the cells' claims, shared with bench_accuracy
-from bench_accuracy import DENSE, run_dir, score  # noqa: E402  the table's dense cells and score
+from bench_accuracy import DENSE, cell_command, nxm_argv, run_dir, score  # noqa: E402  the table's cells and score
 
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from nxm_deploy.run.layout import RunLayout  # noqa: E402
@@ -55,13 +55,8 @@ def p3_configs(lr: str) -> dict[str, list[str]]:
 
 
 def cell(name: str, task: str, stage: str, run_dir: Path, sets: list[str], source: Path | None) -> dict:
-    argv = ["train", RECIPE, "--stage", stage] if stage != "run" else ["run", RECIPE]
-    argv += ["--run-dir", str(run_dir), "--set", f"name=acc2_{task}_s0_{name}", "--set", f"task.name={task}",
-             "--set", "train.seed=0"]
-    for item in sets:
-        argv += ["--set", item]
-    if source is not None:
-        argv += ["--from-run", str(source)]
+    head = ["train", RECIPE, "--stage", stage] if stage != "run" else ["run", RECIPE]
+    argv = nxm_argv(head, run_dir, [f"name=acc2_{task}_s0_{name}", f"task.name={task}", "train.seed=0", *sets], source)
     return {"name": name, "task": task, "stage": stage, "run_dir": str(run_dir), "argv": argv,
             "source": None if source is None else str(source)}
 
@@ -185,7 +180,6 @@ def pick_p3(results: dict) -> dict:
 
 # -- lanes --------------------------------------------------------------------------------------------------------
 def run_lane(args) -> int:
-    env = {**os.environ, "TQDM_DISABLE": "1"}
     while True:
         todo = [c for c in cells() if not finished(c)]
         if not todo:
@@ -198,10 +192,8 @@ def run_lane(args) -> int:
         try:
             if taken["source"] is not None:  # its input cell, maybe in another lane
                 lanes.wait_for(RunLayout(taken["source"]).stage_manifest("admm" if taken["stage"] == "run" else "dense"))
-            argv = [str(REPO / ".venv/bin/nxm-deploy"), "-q", *taken["argv"], "--glue-dir", args.glue_dir,
-                    "--set", f"train.num_threads={args.threads}"]
             print(f"{dt.datetime.now():%H:%M:%S} start {taken['task']} {taken['name']}", flush=True)
-            code = subprocess.call(argv, cwd=REPO, env=env)
+            code = subprocess.call(cell_command(taken["argv"], args.glue_dir, args.threads), cwd=REPO)
             print(f"{dt.datetime.now():%H:%M:%S} end {taken['task']} {taken['name']}: exit {code}", flush=True)
             if code != 0:
                 print("command: nxm-deploy " + shlex.join(taken["argv"]), flush=True)

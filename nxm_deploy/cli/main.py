@@ -126,13 +126,14 @@ def _hold(args, run_dir: Path) -> None:
         held.enter_context(hold_run_dir(run_dir))
 
 
-def _resolve(args, *, create: bool = False, distributed: bool = False):
+def _resolve(args, *, create: bool = False, distributed: bool = False, recipe=None):
     """``(recipe, run_dir, glue_dir, info)`` for a stage command's target (a run directory or a recipe file).
 
     A recipe file maps to ``<runs-root>/<name>``; an existing run there must hold the same recipe. The glue
     dir defaults to the one the run was started with (``run.json``). ``distributed``: under torchrun, start the
     process group as soon as the recipe is known (before rank 0 creates the run directory). The command holds the
-    run directory's lock from here to its end (:func:`_hold`).
+    run directory's lock from here to its end (:func:`_hold`). ``recipe``: the target recipe file, already loaded
+    with the command's overrides.
     """
     from nxm_deploy.config.recipe import load_recipe
     from nxm_deploy.pipeline import preflight, prepare_run_dir
@@ -150,7 +151,7 @@ def _resolve(args, *, create: bool = False, distributed: bool = False):
 
             init_distributed(recipe.train)
     elif path.suffix in (".yaml", ".yml") or path.is_file():
-        recipe = load_recipe(path, getattr(args, "overrides", ()))
+        recipe = recipe or load_recipe(path, getattr(args, "overrides", ()))
         if distributed:
             from nxm_deploy.training.trainer import init_distributed
 
@@ -330,7 +331,8 @@ def _dispatch(args) -> int:
 
         if args.from_run:  # checked before the run directory is created
             check_adoption(target_recipe or open_run_dir(target), args.from_run, before)
-        recipe, run_dir, glue_dir, _ = _resolve(args, create=not Path(args.target).is_dir(), distributed=True)
+        recipe, run_dir, glue_dir, _ = _resolve(args, create=target_recipe is not None, distributed=True,
+                                                recipe=target_recipe)
         if args.from_run:
             adopted = adopt_stages(recipe, run_dir, args.from_run, before, checked=True)
             if is_main_process():

@@ -17,7 +17,7 @@ import contextlib
 import io
 import logging
 
-from nxm_deploy.errors import SparsityVerificationError
+from nxm_deploy.errors import ConfigError, SparsityVerificationError
 from nxm_deploy.sparsity.methods import MaskResult, MaskSearch
 
 log = logging.getLogger("nxm_deploy.sparsity")
@@ -40,8 +40,6 @@ def find_masks(search: MaskSearch) -> MaskResult:
         ConfigError: a pattern other than 2:4 (ModelOpt's SparseGPT mode knows 2:4 only).
         SparsityVerificationError: ModelOpt left a target without its mask (e.g. a dimension it skips).
     """
-    from nxm_deploy.errors import ConfigError
-
     if (search.pattern.n_keep, search.pattern.m_group) != (2, 4):
         raise ConfigError(f"sparsity.method sparsegpt runs through ModelOpt, whose SparseGPT mode makes 2:4 masks only; "
                           f"the recipe asks for {search.pattern}.",

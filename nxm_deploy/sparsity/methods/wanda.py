@@ -86,8 +86,9 @@ def find_masks(search: MaskSearch) -> MaskResult:
     was_training = model.training
     model.eval()
     masks = {}
+    blocks = blocks_of(search.targets)
     try:
-        for block, names in blocks_of(search.targets).items():
+        for block, names in blocks.items():
             norms = input_norms(model, names, search.calibration)
             block_masks = {f"{name}.weight": wanda_mask(model.get_submodule(name).weight, norms[name],
                                                         search.pattern).cpu() for name in names}
@@ -97,4 +98,4 @@ def find_masks(search: MaskSearch) -> MaskResult:
     finally:
         model.train(was_training)
     batches = search.recipe.sparsity.calibration_batches
-    return MaskResult(masks=masks, details={"calibration_batches": batches, "blocks": len(blocks_of(search.targets))})
+    return MaskResult(masks=masks, details={"calibration_batches": batches, "blocks": len(blocks)})
