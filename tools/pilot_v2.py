@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lanes  # noqa: E402  the cells' claims, shared with bench_accuracy
-from bench_accuracy import DENSE, cell_command, nxm_argv, run_dir, score  # noqa: E402  the table's cells and score
+from bench_accuracy import DENSE, TASK_SETS, cell_argv, cell_command, nxm_argv, run_dir, score  # noqa: E402  the table's cells and score
 
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from nxm_deploy.run.layout import RunLayout  # noqa: E402
@@ -87,6 +87,22 @@ def cells() -> list[dict]:
                  ["sparsity.method=admm", f"train.admm.learning_rate={lr}", *sets], dense_dir(t))
             for t in TASKS for name, sets in p3_configs(lr).items()]
     return out
+
+
+def table_dense_cells() -> list[dict]:
+    """The accuracy table's other dense cells (seeds 1 and 2, and SST-2-8k's three seeds): they read no pilot's pick,
+    so a lane with no pilot cell to take trains them instead of waiting. Their commands are the table's own
+    (:func:`bench_accuracy.cell_argv`), so the table finds them finished."""
+    table_tasks = (*TASKS, *TASK_SETS)
+    return [{"name": f"table_dense_s{seed}", "task": task, "stage": "dense", "source": None,
+             "run_dir": str(run_dir(WORK, task, seed, DENSE)), "argv": cell_argv(WORK, task, seed, DENSE)}
+            for seed in (0, 1, 2) for task in table_tasks if (task, seed) not in {(t, 0) for t in TASKS}]
+
+
+def lane_cells() -> list[dict]:
+    """What a lane takes, in order: the pilot cells, then the table's dense cells (P2 and P3 cells, named once P1
+    picks, come before any dense cell left)."""
+    return cells() + table_dense_cells()
 
 
 def finished(c: dict) -> bool:
@@ -181,9 +197,9 @@ def pick_p3(results: dict) -> dict:
 # -- lanes --------------------------------------------------------------------------------------------------------
 def run_lane(args) -> int:
     while True:
-        todo = [c for c in cells() if not finished(c)]
+        todo = [c for c in lane_cells() if not finished(c)]
         if not todo:
-            print("every pilot cell that can be named now has finished", flush=True)
+            print("every pilot cell that can be named now, and every dense cell of the table, has finished", flush=True)
             return 0
         taken = next((c for c in todo if lanes.claim(c["run_dir"])), None)
         if taken is None:
