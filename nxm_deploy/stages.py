@@ -7,7 +7,9 @@ A run is the chain ``dense -> admm -> qat -> export -> engines -> validate`` (th
 
 :func:`run_stages` runs stages in order. A stage is **up to date**, and skipped, when the run's ledger
 (``stages.json``) records the same key for it -- the hash of the recipe values it reads, of its own data files
-and of its inputs' manifests -- and its manifest (and every file the manifest records) is still the one it wrote.
+and of its inputs' manifests (for ``engines`` also of its spec files and of this machine's TensorRT version and
+GPU) -- and its manifest (and every file the manifest records) is still the one it wrote. That rule,
+:func:`recorded_up_to_date`, is the only one: ``nxm-deploy build-engine`` applies it to each engine too.
 Change a recipe section and the stages that read it rerun, with every stage downstream of them (their inputs'
 manifests changed); the stages before are kept. A killed stage resumes from its training checkpoints. The same
 ``reads`` decide which checkpoints a training phase may resume from and whether ``--from-run`` may adopt a stage.
@@ -28,12 +30,14 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nxm_deploy.errors import ConfigError, RunDirError
-from nxm_deploy.fileio import LockBusy, atomic_write_json, exclusive_lock, read_json, sha256_file
+from nxm_deploy.fileio import (
+    LockBusy, atomic_write_json, exclusive_lock, read_json, sha256_file, verify_stage_files,
+)
 from nxm_deploy.run.layout import RunLayout
 from nxm_deploy.ranks import is_main_process
 
@@ -169,20 +173,32 @@ def differing_keys(recipe, other, stages: Iterable[str]) -> dict[str, tuple]:
     return {k: (ours.get(k), theirs.get(k)) for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)}
 
 
+def engine_environment() -> dict:
+    """What of this machine decides the ``engines`` stage's output: ``{"tensorrt": version, "sm": "90"}``, None
+    for what is missing (a CPU machine: both None). Probed by :func:`nxm_deploy.engine.trt.probe_environment`
+    (ctypes and the ``tensorrt`` import; no CUDA context). Never raises."""
+    from nxm_deploy.engine import trt
+
+    env = trt.probe_environment()
+    return {"tensorrt": env.tensorrt_version, "sm": env.gpu.sm if env.gpu is not None else None}
+
+
 def stage_key(stage: Stage, ctx: StageContext) -> str:
     """The up-to-date key of ``stage`` in ``ctx``: what it reads of the recipe, its inputs' manifests (sha256),
-    and for ``engines`` the content of the engine spec files."""
+    and for ``engines`` the content of the engine spec files and this machine's TensorRT version and GPU SM
+    (:func:`engine_environment`), so a run whose engines were skipped on a CPU machine builds them when resumed
+    on a GPU machine, and a rerun on the same machine stays up to date."""
     layout = ctx.layout
     inputs = {}
     for name in stage.inputs:
         path = get_stage(name).manifest(layout)
         inputs[name] = sha256_file(path) if path.is_file() else None
     extra = {}
+    data = {"recipe": recipe_key(ctx.recipe, stage.name), "inputs": inputs, "extra": extra}
     if stage.name == "engines":
-        extra = {str(p): (sha256_file(p) if Path(p).is_file() else None) for p in ctx.engine_specs}
-    data = json.dumps({"recipe": recipe_key(ctx.recipe, stage.name), "inputs": inputs, "extra": extra},
-                      sort_keys=True)
-    return hashlib.sha256(data.encode()).hexdigest()
+        extra.update({str(p): (sha256_file(p) if Path(p).is_file() else None) for p in ctx.engine_specs})
+        data["environment"] = engine_environment()
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def read_ledger(run_dir: str | Path) -> dict:
@@ -191,29 +207,56 @@ def read_ledger(run_dir: str | Path) -> dict:
     return read_json(path) if path.is_file() else {}
 
 
-def _output_intact(stage: Stage, ctx: StageContext) -> bool:
-    """Whether the files the stage's manifest records are still as written (training stages, export)."""
-    from nxm_deploy.fileio import verify_stage_files
+def recorded_up_to_date(recorded_key: str | None, key: str, files: Mapping[Path, str | None], *,
+                        stage_dir: Path | None = None, regenerate: str = "nxm-deploy run",
+                        what: str = "output") -> bool:
+    """The one rule for "up to date, skip it": of a stage (:func:`is_up_to_date`, the record is its ledger entry)
+    and of one engine (:func:`nxm_deploy.engine.stage.up_to_date`, the record is the engine's manifest).
 
-    manifest = stage.manifest(ctx.layout)
-    try:
-        if stage.name in TRAINING or stage.name == "export":
-            verify_stage_files(manifest.parent, f"nxm-deploy run {ctx.run_dir}")
-    except RunDirError as exc:
-        log.warning("stage %s: %s; it runs again", stage.name, exc.message)
+    Up to date when, checked in this order:
+
+    1. the record's key ``recorded_key`` equals ``key``, what decides the output now;
+    2. every file of ``files`` (``{path: sha256 the record holds for it}``: a stage's manifest, an engine's plan)
+       exists and has that sha256; a file the record holds no sha256 for is not up to date;
+    3. with ``stage_dir``: every file its ``manifest.json`` records (key ``files``) still has its recorded sha256
+       (:func:`nxm_deploy.fileio.verify_stage_files`); a file that fails is logged as a warning
+       (``<what>: <which file, how>; it runs again``, ``regenerate`` is the command in the message).
+
+    Returns:
+        bool: True when the output can be kept; a missing or changed file is "not up to date", never an error.
+
+    Raises:
+        OSError: a file exists but cannot be read (permissions).
+    """
+    if not key or recorded_key != key:
         return False
+    for path, recorded in files.items():
+        if not recorded or not Path(path).is_file() or sha256_file(path) != recorded:
+            return False
+    if stage_dir is not None:
+        try:
+            verify_stage_files(stage_dir, regenerate)
+        except RunDirError as exc:
+            log.warning("%s: %s; it runs again", what, exc.message)
+            return False
     return True
 
 
 def is_up_to_date(stage: Stage, ctx: StageContext, key: str | None = None) -> bool:
-    """Whether ``stage`` can be skipped: the ledger records ``key`` for it and its output is as it wrote it."""
+    """Whether ``stage`` can be skipped (:func:`recorded_up_to_date`): the ledger records ``key`` (default: the
+    stage's key now, :func:`stage_key`) for it, its manifest has the sha256 the ledger records, and for training
+    stages and the export every file the manifest records is intact.
+
+    Raises:
+        ValueError / OSError: ``stages.json`` is not readable JSON (a changed or missing output is no error).
+    """
     entry = read_ledger(ctx.run_dir).get(stage.name) or {}
     manifest = stage.manifest(ctx.layout)
-    if entry.get("key") != (key or stage_key(stage, ctx)) or not manifest.is_file():
-        return False
-    if sha256_file(manifest) != entry.get("manifest_sha256"):
-        return False
-    return _output_intact(stage, ctx)
+    checks_files = stage.name in TRAINING or stage.name == "export"
+    return recorded_up_to_date(entry.get("key"), key or stage_key(stage, ctx),
+                               {manifest: entry.get("manifest_sha256")},
+                               stage_dir=manifest.parent if checks_files else None,
+                               regenerate=f"nxm-deploy run {ctx.run_dir}", what=f"stage {stage.name}")
 
 
 def record_stage(ctx: StageContext, name: str, seconds: float = 0.0, key: str | None = None) -> None:

@@ -128,6 +128,9 @@ def _imports_of(path: Path) -> set[str]:
     ("run", "nxm_deploy.training"), ("run", "nxm_deploy.export"), ("run", "nxm_deploy.validate"),
     ("run", "nxm_deploy.engine"), ("run", "nxm_deploy.client"), ("run", "nxm_deploy.cli"),
     ("gpu", "nxm_deploy.validate"),  # one timing loop (nxm_deploy.timing) serves both
+    # the runtimes serve validation, the report and the client: none of them, nor training, below
+    ("runtimes", "nxm_deploy.validate"), ("runtimes", "nxm_deploy.client"), ("runtimes", "nxm_deploy.training"),
+    ("runtimes", "nxm_deploy.cli"), ("runtimes", "nxm_deploy.pipeline"),
 ])
 def test_a_lower_layer_never_imports_a_higher_one(lower, higher) -> None:
     offenders = {str(p.relative_to(PACKAGE_DIR)): sorted(m for m in _imports_of(p) if m == higher or m.startswith(higher + "."))

@@ -50,8 +50,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from nxm_deploy.export.ort_peer import DENSE_FP32_OPT, DENSE_INT8_DYNAMIC  # noqa: E402
 from nxm_deploy.machine import machine  # noqa: E402
 from nxm_deploy.timing import measure_ab  # noqa: E402
-from nxm_deploy.validate.runners import OnnxRuntimeRunner  # noqa: E402
-from nxm_deploy.validate.stage import CPU_INT8, DENSE, SPARSE, onnx_models  # noqa: E402
+from nxm_deploy.run.reader import CPU_INT8_MODEL as CPU_INT8, DENSE_MODEL as DENSE, SPARSE_MODEL as SPARSE  # noqa: E402
+from nxm_deploy.run.reader import export_models  # noqa: E402
+from nxm_deploy.runtimes.onnxruntime import OnnxRuntimeRunner  # noqa: E402
 
 MODELS = (DENSE, DENSE_FP32_OPT, DENSE_INT8_DYNAMIC, SPARSE, CPU_INT8)
 #: (goal key, batch, reference, target ratio of p50(reference) / p50(cpu_int8))
@@ -113,7 +114,7 @@ def bench_run(run_dir: Path, args) -> dict:
 
     layout = RunLayout(run_dir)
     manifest = read_json(layout.onnx_manifest)
-    models = onnx_models(run_dir, manifest)  # hash-checked against the export manifest
+    models = export_models(run_dir, manifest)  # hash-checked against the export manifest
     missing = [m for m in MODELS if m not in models]
     if missing:
         raise SystemExit(f"error: {run_dir} has no {', '.join(missing)}: rerun `nxm-deploy export {run_dir}` "

@@ -115,7 +115,7 @@ def latency(root: Path, task: str, cells: list[str], runs: int, threads: int, lo
     import numpy as np
 
     from nxm_deploy.timing import measure_ab
-    from nxm_deploy.validate.runners import OnnxRuntimeRunner
+    from nxm_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
 
     runners = {}
     for cell in cells:

@@ -4,7 +4,7 @@
 (``tokenizers``) and an ONNX Runtime session or TensorRT engine; ``predict`` / ``predict_logits`` classify
 texts or text pairs; ``MicroBatcher`` groups concurrent single requests. Imports neither torch nor
 transformers. The runner of a single ONNX model (Polygraphy's interface) is
-:class:`nxm_deploy.validate.runners.OnnxRuntimeRunner`.
+:class:`nxm_deploy.runtimes.onnxruntime.OnnxRuntimeRunner`.
 """
 
 from nxm_deploy.client.batching import MicroBatcher

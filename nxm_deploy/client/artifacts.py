@@ -5,7 +5,8 @@ Sources (all written by the pipeline): ``recipe.yaml`` (``task.name``, ``task.ma
 ``dense/config.json`` (``id2label``, ``max_position_embeddings``), ``{qat,dense}/tokenizer.json`` +
 ``tokenizer_config.json`` and ``engines/status.json`` (built TensorRT engines).
 
-The YAML is parsed here directly: :mod:`nxm_deploy.config` imports torch, the client must not.
+The run is read through :mod:`nxm_deploy.run.reader` (the recipe, the export manifest, the built engines); neither
+torch nor transformers is imported.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from nxm_deploy.run.layout import MANIFEST, TOKENIZER, RunLayout
-from nxm_deploy.fileio import check_recorded_file, check_sha256
+from nxm_deploy.fileio import check_recorded_file
+from nxm_deploy.run.layout import TOKENIZER, RunLayout
+from nxm_deploy.run.reader import engine_for_onnx, read_export_manifest
 from nxm_deploy.errors import ConfigError, RunDirError
 
 #: model name -> (manifest key, training stages whose directory holds the tokenizer, in order of preference)
@@ -104,36 +106,19 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def _read_recipe(run_dir: Path) -> dict:
-    path = RunLayout(run_dir).recipe
-    if not path.is_file():
-        raise RunDirError(
-            f"{run_dir} is not a run directory (no recipe.yaml).",
-            hint="Pass the directory of a finished run, e.g. runs/minilm_mrpc_2of4_int8.",
-        )
-    from nxm_deploy.config.recipe import load_recipe  # the schema (no torch): the run's recipe as the pipeline reads it
-
-    try:
-        return load_recipe(path).to_dict()
-    except ConfigError as exc:
-        raise RunDirError(f"{path} is not a valid recipe: {exc.message}", hint=exc.hint) from exc
-
-
-def read_verified(path: Path, expected_sha256: str | None) -> bytes:
-    """Read ``path`` and check its sha256 against the recorded one.
-
-    Returns:
-        bytes: the file content (so the bytes that were checked are the bytes that get loaded).
+    """The run's recipe as a dict (:func:`nxm_deploy.run.reader.open_run_dir`, the torch-free schema).
 
     Raises:
-        RunDirError: the file is missing, or its hash differs (the message names the file and both hashes).
+        RunDirError: not a run directory, or its recipe is not valid.
     """
-    if not path.is_file():
-        raise RunDirError(f"Artifact {path} not found.", hint="Re-run `nxm-deploy export RUN_DIR`.")
-    data = path.read_bytes()
-    if expected_sha256 is not None:
-        check_sha256(path, expected_sha256, manifest=path.parent / MANIFEST,
-                     regenerate=f"nxm-deploy export {path.parent.parent}", data=data)
-    return data
+    from nxm_deploy.run.reader import open_run_dir
+
+    try:
+        return open_run_dir(run_dir).to_dict()
+    except RunDirError:
+        raise
+    except ConfigError as exc:
+        raise RunDirError(f"{RunLayout(run_dir).recipe} is not a valid recipe: {exc.message}", hint=exc.hint) from exc
 
 
 def _labels(task_name: str | None, run_dir: Path, config: dict) -> tuple[str, ...] | None:
@@ -151,36 +136,9 @@ def _labels(task_name: str | None, run_dir: Path, config: dict) -> tuple[str, ..
     )
 
 
-def find_engine(run_dir: Path, onnx_sha256: str, prefer_sparse: bool) -> tuple[Path, dict] | None:
-    """A built TensorRT plan made from the ONNX file with ``onnx_sha256`` (``engines/status.json``), or None.
-
-    Records whose plan file is missing are ignored. With several matches, ``prefer_sparse`` picks one built
-    with ``sparse_weights`` first.
-    """
-    status_path = RunLayout(run_dir).engine_status
-    if not status_path.is_file():
-        return None
-    try:
-        records = _read_json(status_path, "Engine status").get("engines", [])
-    except RunDirError:
-        return None
-    built = []
-    for record in records:
-        if not isinstance(record, dict) or record.get("status") != "built" or not record.get("engine"):
-            continue
-        if record.get("onnx_sha256") != onnx_sha256:
-            continue
-        plan = RunLayout(run_dir).engine(record["engine"])
-        if plan.is_file():
-            built.append((plan, record))
-    if not built:
-        return None
-    built.sort(key=lambda item: bool(item[1].get("sparse_weights")) != prefer_sparse)
-    return built[0]
-
-
 def load_artifacts(run_dir: str | Path, model: str = "sparse_int8") -> RunArtifacts:
-    """Read the run manifest of ``run_dir`` for ``model`` (no hash check yet; see :func:`read_verified`).
+    """Read the run manifest of ``run_dir`` for ``model`` (the model file's hash is checked when it is loaded:
+    :func:`nxm_deploy.run.reader.read_verified`).
 
     Args:
         run_dir: a run directory written by ``nxm-deploy run`` (at least through the export stage).
@@ -201,9 +159,7 @@ def load_artifacts(run_dir: str | Path, model: str = "sparse_int8") -> RunArtifa
     max_seq = task_cfg.get("max_seq_length")
     layout = RunLayout(run_dir)
     manifest_path = layout.onnx_manifest
-    if not manifest_path.is_file():
-        raise RunDirError(f"No export manifest {manifest_path}.", hint=f"Run `nxm-deploy export {run_dir}` first.")
-    manifest = _read_json(manifest_path, "Export manifest")
+    manifest = read_export_manifest(run_dir)
     key, tokenizer_dirs = MODELS[model]
     record = manifest.get(key)
     if not isinstance(record, dict) or "file" not in record or "sha256" not in record:
@@ -242,12 +198,12 @@ def load_artifacts(run_dir: str | Path, model: str = "sparse_int8") -> RunArtifa
               if isinstance(v, int) and not isinstance(v, bool) and 0 < v < _NO_LIMIT]
     if not limits:
         raise RunDirError(f"{layout.recipe} has no task.max_seq_length and the model records no limit.")
-    engine = find_engine(run_dir, str(record["sha256"]), prefer_sparse=model == "sparse_int8")
+    engine = engine_for_onnx(run_dir, str(record["sha256"]), prefer_sparse=model == "sparse_int8")
     return RunArtifacts(
         run_dir=run_dir, model=model, task=None if task_name is None else str(task_name),
         labels=_labels(task_name, run_dir, config), max_length=min(limits), input_names=tuple(inputs),
         onnx_path=onnx_path, onnx_sha256=str(record["sha256"]), tokenizer_json=tokenizer_json,
-        tokenizer_config=tokenizer_config, engine_path=None if engine is None else engine[0],
-        engine_record=None if engine is None else engine[1],
+        tokenizer_config=tokenizer_config, engine_path=None if engine is None else Path(engine["plan_path"]),
+        engine_record=engine,
         text_columns=len(task_cfg["text_columns"]) if task_cfg.get("text_columns") else None,
     )

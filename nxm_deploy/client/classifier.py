@@ -19,16 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from nxm_deploy.client.artifacts import RunArtifacts, load_artifacts, read_verified
+from nxm_deploy.client.artifacts import RunArtifacts, load_artifacts
 from nxm_deploy.client.tokenization import Item, TextEncoder, normalize_inputs
 from nxm_deploy.errors import ConfigError, MissingDependencyError, RunDirError
-from nxm_deploy.run.layout import RunLayout
+from nxm_deploy.runtimes import Runtime, client_runtime, client_runtimes
 
 log = logging.getLogger("nxm_deploy.client")
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
 DEFAULT_BATCH_SIZE = 32
-_TRT_HINT = "pip install 'nxm-deploy[trt]' on a machine with an NVIDIA GPU, or use backend='onnxruntime'."
 
 
 def _positive_int(name: str, value) -> int:
@@ -37,43 +35,40 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
-def choose_backend(requested: str, artifacts: RunArtifacts) -> tuple[str, str]:
-    """Pick the backend for ``requested`` (``"auto"``, ``"tensorrt"`` or ``"onnxruntime"``).
+def choose_backend(requested: str, artifacts: RunArtifacts) -> tuple[Runtime, str]:
+    """Pick the runtime for ``requested`` (``"auto"`` or a runtime's client name: ``"tensorrt"``, ``"onnxruntime"``).
 
-    ``"auto"`` picks ``"tensorrt"`` only when ``engines/status.json`` lists a built engine made from the chosen
-    ONNX file *and* ``tensorrt`` (with cuda-python) imports; otherwise ``"onnxruntime"``.
+    ``"auto"`` takes the first runtime, in ``client_priority`` order (TensorRT, then ONNX Runtime), whose artifact
+    the run has for this model (a built engine made from the chosen ONNX file) and that can run here.
 
     Returns:
-        (backend, reason): the backend name and a one-line reason.
+        (runtime, reason): the runtime and a one-line reason.
 
     Raises:
         ConfigError: unknown ``requested``.
-        MissingDependencyError: ``"tensorrt"`` requested and TensorRT is not importable (with a hint).
-        RunDirError: ``"tensorrt"`` requested and no built engine exists for this model.
+        MissingDependencyError: the requested runtime cannot run here (its reason and install hint).
+        RunDirError: the requested runtime's artifact is missing (e.g. no built engine for this model).
     """
-    if requested not in BACKENDS:
-        raise ConfigError(f"backend={requested!r} is not one of {list(BACKENDS)}.", hint="Use 'auto' (default).")
-    if requested == "onnxruntime":
-        return "onnxruntime", "requested"
-    from nxm_deploy.engine import trt_runtime
-
-    if requested == "tensorrt":
-        reason = trt_runtime.unavailable_reason()
+    if requested != "auto":
+        runtime = client_runtime(requested)
+        reason = runtime.unavailable_reason()
         if reason is not None:
-            raise MissingDependencyError(f"backend='tensorrt' needs TensorRT: {reason}", hint=_TRT_HINT)
-        if artifacts.engine_path is None:
-            raise RunDirError(
-                f"No built TensorRT engine for model '{artifacts.model}' ({artifacts.onnx_path.name}, sha256 "
-                f"{artifacts.onnx_sha256[:12]}...) in {RunLayout(artifacts.run_dir).engine_status}.",
-                hint=f"Run `nxm-deploy build-engine {artifacts.run_dir}` on a GPU machine, or use backend='onnxruntime'.",
-            )
-        return "tensorrt", "requested"
-    if artifacts.engine_path is None:
-        return "onnxruntime", "auto: no built TensorRT engine for this model"
-    reason = trt_runtime.unavailable_reason()
-    if reason is not None:
-        return "onnxruntime", f"auto: engine {artifacts.engine_path.name} present but {reason}"
-    return "tensorrt", f"auto: engine {artifacts.engine_path.name}"
+            raise MissingDependencyError(f"backend={requested!r} needs {runtime.label}: {reason}",
+                                         hint=getattr(runtime.implementation(), "CLIENT_HINT", None))
+        runtime.function("client_artifact")(artifacts, required=True)
+        return runtime, "requested"
+    passed = []
+    for runtime in client_runtimes():
+        artifact = runtime.function("client_artifact")(artifacts)
+        if artifact is None:
+            passed.append(f"no {getattr(runtime.implementation(), 'CLIENT_ARTIFACT', runtime.label)} for this model")
+            continue
+        reason = runtime.unavailable_reason()
+        if reason is not None:
+            passed.append(f"{Path(artifact).name} present but {reason}")
+            continue
+        return runtime, "auto: " + "; ".join([*passed, Path(artifact).name])
+    raise MissingDependencyError("No runtime of the client can run this model here: " + "; ".join(passed))
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -89,7 +84,8 @@ class TextClassifier:
 
     Attributes:
         artifacts (RunArtifacts): what was read from the run directory.
-        backend (str): ``"onnxruntime"`` or ``"tensorrt"``.
+        backend (str): the runtime's client name, ``"onnxruntime"`` or ``"tensorrt"``.
+        file (str): the file it runs (the ONNX model or the engine plan).
         backend_reason (str): why that backend was chosen.
         labels (tuple[str, ...] | None): class names by class id; None for regression.
         max_length (int): longest input in tokens (model limit, capped by the engine profile).
@@ -103,6 +99,7 @@ class TextClassifier:
         self._backend = backend_impl
         self._encoder = encoder
         self.backend = backend_impl.name
+        self.file = backend_impl.runner.source  # the artifact it runs (its file name)
         self.backend_reason = backend_reason
         self.labels = artifacts.labels
         self.max_length = encoder.max_length
@@ -157,24 +154,20 @@ class TextClassifier:
         if intra_op_threads is not None:
             intra_op_threads = _positive_int("intra_op_threads", intra_op_threads)
         artifacts = load_artifacts(path, model)
-        chosen, reason = choose_backend(backend, artifacts)
+        runtime, reason = choose_backend(backend, artifacts)
+        options = {"verify_hashes": verify_hashes, "intra_op_threads": intra_op_threads, "providers": providers,
+                   "trt_contexts": trt_contexts}
         impl = None
-        if chosen == "tensorrt":
-            record = artifacts.engine_record or {}
-            data = read_verified(artifacts.engine_path, record.get("engine_sha256") if verify_hashes else None)
+        while impl is None:
             try:
-                impl = RunnerBackend.tensorrt(data, contexts=trt_contexts, label=artifacts.engine_path.name)
+                impl = RunnerBackend(runtime, *runtime.function("open_client")(artifacts, options))
             except (MissingDependencyError, RunDirError, RuntimeError) as exc:
-                if backend == "tensorrt":
+                fallback = next((r for r in client_runtimes() if r.client_priority > runtime.client_priority), None)
+                if backend != "auto" or fallback is None:
                     raise
-                reason = f"auto: TensorRT engine failed to load ({type(exc).__name__}: {exc}); using onnxruntime"
+                reason = f"auto: {runtime.label} failed to load ({type(exc).__name__}: {exc}); using {fallback.client}"
                 log.warning("%s", reason)
-        if impl is None:
-            data = read_verified(artifacts.onnx_path, artifacts.onnx_sha256 if verify_hashes else None)
-            external = artifacts.onnx_path.with_name(artifacts.onnx_path.name + ".data").is_file()
-            impl = RunnerBackend.onnxruntime(artifacts.onnx_path if external else data,
-                                            intra_op_threads=intra_op_threads, providers=providers,
-                                            label=artifacts.onnx_path.name)
+                runtime = fallback
         try:
             max_length = artifacts.max_length
             if impl.max_sequence_length is not None:
@@ -208,7 +201,7 @@ class TextClassifier:
             "backend_reason": self.backend_reason,
             "runtime": None if self._backend is None else self._backend.description,
             "onnx": a.onnx_path.name, "onnx_sha256": a.onnx_sha256,
-            "engine": None if a.engine_path is None or self.backend != "tensorrt" else a.engine_path.name,
+            "engine": self.file if a.engine_path is not None and self.file == a.engine_path.name else None,
             "max_length": self.max_length, "labels": None if self.labels is None else list(self.labels),
         }
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import TextIO
 
 from nxm_deploy.errors import ConfigError
+from nxm_deploy.runtimes import client_runtimes
 
-BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime")
 MODEL_CHOICES = ("sparse_int8", "dense")
 
 
@@ -36,8 +36,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--jsonl", default=None, metavar="FILE",
                         help="batch mode: one input per line ('-' = stdin): a JSON string, [text, text_pair] or "
                              '{"text": ..., "text_pair": ..., "id": ...}; prints one JSON line per input')
-    parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
-                        help="auto: TensorRT when an engine is built and TensorRT imports, else ONNX Runtime")
+    parser.add_argument("--backend", choices=["auto", *(r.client for r in client_runtimes())], default="auto",
+                        help="auto: the first runtime whose artifact the run has and that can run here (TensorRT "
+                             "when an engine is built and TensorRT runs, else ONNX Runtime)")
     parser.add_argument("--model", choices=MODEL_CHOICES, default="sparse_int8",
                         help="sparse_int8 (deployed, default) or dense (FP32 baseline)")
     parser.add_argument("--batch-size", type=int, default=32, help="inputs per model call (default 32)")

@@ -15,8 +15,9 @@ Two entry points:
 Engines are written to ``<run_dir>/engines/<name>__trt<ver>__sm<cc>__{sparse|dense}.plan`` with a manifest
 ``.json`` (TensorRT version, GPU, driver/CUDA, ONNX and spec sha256, flags, profile, build seconds, engine
 sha256, the check) and the inspector's layer JSON ``.layers.json``. A build is skipped as "up to date" when
-the manifest's build key (spec, ONNX, TensorRT version, SM, profile) matches and the plan still has its
-recorded hash. Files are written to a temporary name and renamed; one lock file per engine and one for
+the manifest's build key (spec, ONNX, FP16 graph, TensorRT version, SM, profile) matches and the plan still has
+its recorded hash: the run's one rule, :func:`nxm_deploy.stages.recorded_up_to_date`, applied to each engine
+(:func:`up_to_date`). Files are written to a temporary name and renamed; one lock file per engine and one for
 ``status.json`` make concurrent builds of the same run safe (the timing cache is locked by Polygraphy).
 """
 
@@ -250,18 +251,26 @@ def engine_paths(spec: EngineSpec, run_dir: Path, tensorrt_version: str, sm: str
 
 
 def up_to_date(manifest_path: Path, plan: Path, key: str) -> dict | None:
-    """The stored manifest when the engine is up to date (same build key, plan file with the recorded hash)."""
-    if not (manifest_path.is_file() and plan.is_file()):
+    """The stored manifest when the engine is up to date, else None: :func:`nxm_deploy.stages.recorded_up_to_date`
+    (the one rule, also the run's) with the engine manifest as the record, its ``build_key`` against ``key``
+    (:func:`build_key`) and the plan file against its ``engine_sha256``. A missing or unreadable manifest, a missing
+    or changed plan, is not up to date.
+
+    Raises:
+        OSError: the plan file exists but cannot be read.
+    """
+    from nxm_deploy.stages import recorded_up_to_date
+
+    if not manifest_path.is_file():
         return None
     try:
         manifest = read_json(manifest_path)
     except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict) or manifest.get("build_key") != key:
+    if not isinstance(manifest, dict):
         return None
-    if manifest.get("engine_sha256") != sha256_file(plan):
-        return None
-    return manifest
+    intact = recorded_up_to_date(manifest.get("build_key"), key, {plan: manifest.get("engine_sha256")})
+    return manifest if intact else None
 
 
 def make_manifest(inputs: EngineInputs, *, plan: Path, layers_path: Path, key: str, tensorrt_version: str,

@@ -70,14 +70,21 @@ class Environment:
     cuda_error: str | None = None
 
     @property
-    def reason(self) -> str | None:
-        """One line saying what is missing and how to install it, or None."""
+    def problem(self) -> str | None:
+        """What is missing or does not fit (TensorRT, the GPU, the CUDA versions) and how to fix it, in one line;
+        None when nothing is."""
         if self.cuda_error and not (self.tensorrt_error or self.gpu_error):
-            return f"cannot build TensorRT engines here: {self.cuda_error}"
+            return self.cuda_error
         missing = [m for m in (self.tensorrt_error, self.gpu_error) if m]
         if not missing:
             return None
-        return f"cannot build TensorRT engines here: {'; '.join(missing)}. Install: {INSTALL_HINT}."
+        return f"{'; '.join(missing)}. Install: {INSTALL_HINT}."
+
+    @property
+    def reason(self) -> str | None:
+        """Why engines cannot be built here (:attr:`problem`), or None."""
+        problem = self.problem
+        return None if problem is None else f"cannot build TensorRT engines here: {problem}"
 
     def to_dict(self) -> dict:
         out = asdict(self)

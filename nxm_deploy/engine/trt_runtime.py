@@ -41,16 +41,6 @@ def _cudart() -> ModuleType:
         return require("cuda.cudart", "trt")
 
 
-def unavailable_reason() -> str | None:
-    """None when ``tensorrt`` and ``cuda-python`` import; else the reason in one line. Creates no CUDA context."""
-    try:
-        _tensorrt()
-        _cudart()
-    except MissingDependencyError as exc:
-        return exc.message
-    return None
-
-
 def _check(cudart: ModuleType, result):
     """Unpack a cuda-python ``(err, *values)`` tuple; raise RuntimeError on a CUDA error."""
     if not isinstance(result, tuple):
@@ -92,7 +82,7 @@ class _Slot:
 
 
 class TrtEngineRunner:
-    """Deserialize a TensorRT plan and run it; same shape as :class:`nxm_deploy.validate.runners.OnnxRuntimeRunner`.
+    """Deserialize a TensorRT plan and run it; same shape as :class:`nxm_deploy.runtimes.onnxruntime.OnnxRuntimeRunner`.
 
     Args:
         engine: ``.plan`` file, or the serialized engine bytes (e.g. already read and hash-checked).

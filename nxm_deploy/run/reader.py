@@ -1,5 +1,6 @@
 """The one way to read a run's artifacts: manifests checked against the sha256 their stage recorded, the stage models,
-the n:m masks, the QAT model, the mask contract of a sparse model, and the run's recipe and ``run.json``.
+the n:m masks, the QAT model, the mask contract of a sparse model, the run's recipe and ``run.json``, the exported
+ONNX models (checked against the export manifest) and the built TensorRT engines (checked against their manifests).
 
 Export, validation, the engines stage, the client, the GPU benchmark and the tools read a run through here; none of
 them imports the training stages. Paths come from :class:`~nxm_deploy.run.layout.RunLayout`.
@@ -13,9 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nxm_deploy.errors import RunDirError, SparsityVerificationError
-from nxm_deploy.fileio import read_json, verify_stage_files
-from nxm_deploy.run.layout import TRAINING_DIRS, RunLayout
+from nxm_deploy.errors import RunDirError, SparsityVerificationError, ValidationError
+from nxm_deploy.fileio import check_recorded_file, check_sha256, read_json, sha256_file, verify_stage_files
+from nxm_deploy.run.layout import (
+    CPU_INT8_ONNX, CPU_INT8_ONNX_LEGACY, DENSE_ONNX, MANIFEST, SPARSE_ONNX, TRAINING_DIRS, RunLayout,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -142,3 +145,128 @@ def check_masks(model, masks: dict[str, torch.Tensor], pattern) -> dict:
     if problems:
         raise SparsityVerificationError("Mask check failed: " + "; ".join(problems))
     return {"layers_checked": layers, "pattern": str(pattern), "ok": True}
+
+
+# --------------------------------------------------------------------------------------------- exported models
+
+#: the run's ONNX model names (validation's runner names, the client's ``model=``) and their export manifest keys
+DENSE_MODEL, SPARSE_MODEL, CPU_INT8_MODEL = "dense_fp32", "sparse_int8", "cpu_int8"
+#: files the CPU INT8 model may have when the export manifest does not name it (runs exported before it did)
+CPU_INT8_CANDIDATES = (CPU_INT8_ONNX, CPU_INT8_ONNX_LEGACY)
+
+
+def read_export_manifest(run_dir: str | Path) -> dict:
+    """``onnx/manifest.json`` of a run.
+
+    Raises:
+        RunDirError: the export stage has not run (no manifest).
+    """
+    layout = RunLayout(run_dir)
+    if not layout.onnx_manifest.is_file():
+        raise RunDirError(f"No exported models in {layout.onnx_dir} (no {layout.onnx_manifest.name}).",
+                          hint=f"Run `nxm-deploy export {run_dir}` first.")
+    return read_json(layout.onnx_manifest)
+
+
+def export_models(run_dir: str | Path, manifest: dict | None = None) -> dict[str, dict]:
+    """name -> ``{"path", "precision", "sparse"[, "peer"]}`` of the run's ONNX models: ``dense_fp32``,
+    ``sparse_int8``, ``cpu_int8`` when present, and ONNX Runtime's peers (:mod:`nxm_deploy.export.ort_peer`, key
+    ``ort_peers``, ``peer: True``), each file checked against the sha256 the export stage recorded.
+
+    Raises:
+        RunDirError: no export manifest; a model it names is missing or differs from its recorded sha256.
+    """
+    layout = RunLayout(run_dir)
+    manifest = read_export_manifest(run_dir) if manifest is None else manifest
+    onnx_dir = layout.onnx_dir
+    models = {
+        DENSE_MODEL: {"path": onnx_dir / (manifest.get("dense") or {}).get("file", DENSE_ONNX), "precision": "fp32",
+                      "sparse": False},
+        SPARSE_MODEL: {"path": onnx_dir / (manifest.get(SPARSE_MODEL) or {}).get("file", SPARSE_ONNX),
+                       "precision": "int8", "sparse": True},
+    }
+    cpu_file = (manifest.get(CPU_INT8_MODEL) or {}).get("file")
+    candidates = (cpu_file,) if cpu_file else CPU_INT8_CANDIDATES
+    found = next((onnx_dir / c for c in candidates if cpu_file or (onnx_dir / c).is_file()), None)
+    if found is not None:
+        models[CPU_INT8_MODEL] = {"path": found, "precision": "int8", "sparse": True}
+    for name, record in (manifest.get("ort_peers") or {}).items():
+        if "file" in record:  # ONNX Runtime's own CPU path for the dense model
+            models[name] = {"path": onnx_dir / record["file"], "precision": "int8" if "quantize_dynamic" in record
+                            else "fp32", "sparse": False, "peer": True}
+    for name, info in models.items():
+        if not info["path"].is_file():
+            raise RunDirError(f"ONNX model {name} ({info['path']}) named by {layout.onnx_manifest} is missing.",
+                              hint=f"Re-run `nxm-deploy export {run_dir}`.")
+        check_recorded_file(info["path"], f"nxm-deploy export {run_dir}")  # the bytes the export stage wrote
+    return models
+
+
+def read_verified(path: str | Path, expected_sha256: str | None) -> bytes:
+    """The bytes of an artifact (an ONNX model, an engine plan), checked against ``expected_sha256`` (None: not
+    checked), so the bytes that were checked are the bytes that get loaded.
+
+    Raises:
+        RunDirError: the file is missing, or its hash differs (the message names the file and both hashes).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RunDirError(f"Artifact {path} not found.", hint="Re-run `nxm-deploy export RUN_DIR`.")
+    data = path.read_bytes()
+    if expected_sha256 is not None:
+        check_sha256(path, expected_sha256, manifest=path.parent / MANIFEST,
+                     regenerate=f"nxm-deploy export {path.parent.parent}", data=data)
+    return data
+
+
+# --------------------------------------------------------------------------------------------- TensorRT engines
+
+
+def engine_records(run_dir: str | Path) -> list[dict]:
+    """The ``engines/status.json`` records of the engines built in a run whose plan file exists, each with
+    ``plan_path``; [] when no engine stage ran or the file is unreadable."""
+    layout = RunLayout(run_dir)
+    if not layout.engine_status.is_file():
+        return []
+    try:
+        records = read_json(layout.engine_status).get("engines", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    out = []
+    for record in records:
+        if not isinstance(record, dict) or record.get("status") != "built" or not record.get("engine"):
+            continue
+        plan = layout.engine(record["engine"])
+        out.append({**record, "plan_path": str(plan)})
+    return out
+
+
+def engine_for_onnx(run_dir: str | Path, onnx_sha256: str, prefer_sparse: bool) -> dict | None:
+    """The record (:func:`engine_records`) of a built engine made from the ONNX file with ``onnx_sha256`` whose
+    plan exists, or None; with several, ``prefer_sparse`` picks one built with ``sparse_weights`` first."""
+    built = [r for r in engine_records(run_dir) if r.get("onnx_sha256") == onnx_sha256 and Path(r["plan_path"]).is_file()]
+    built.sort(key=lambda r: bool(r.get("sparse_weights")) != prefer_sparse)
+    return built[0] if built else None
+
+
+def built_engines(run_dir: str | Path) -> list[dict]:
+    """Manifests of the engines ``engines/status.json`` records as built, each with ``plan_path``, checked: the
+    plan and its manifest exist and the plan has the sha256 its manifest records.
+
+    Raises:
+        ValidationError: a recorded engine's plan or manifest is missing, or the plan's hash differs.
+    """
+    layout = RunLayout(run_dir)
+    out = []
+    for record in engine_records(run_dir):
+        plan = Path(record["plan_path"])
+        manifest_path = layout.engine(record.get("manifest") or plan.with_suffix(".json").name)
+        if not plan.is_file() or not manifest_path.is_file():
+            raise ValidationError(f"Engine {record.get('name')}: {plan if not plan.is_file() else manifest_path} is "
+                                  "missing.", hint="Rebuild with `nxm-deploy build-engine RUN_DIR`.")
+        manifest = read_json(manifest_path)
+        if manifest.get("engine_sha256") and manifest["engine_sha256"] != sha256_file(plan):
+            raise ValidationError(f"Engine {record.get('name')}: {plan.name} does not match the sha256 in its manifest.",
+                                  hint="The plan was replaced or corrupted; rebuild with `nxm-deploy build-engine RUN_DIR`.")
+        out.append({**manifest, "plan_path": str(plan)})
+    return out

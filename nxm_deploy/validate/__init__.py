@@ -1,7 +1,7 @@
 """Validation of a run's deployable models, in one process, and the run report.
 
-* :mod:`~nxm_deploy.validate.runners` - ONNX Runtime (CPU / CUDA / TensorRT EP), TensorRT engines and PyTorch
-  behind Polygraphy's runner interface (context manager, ``infer(feed_dict)``);
+* the runners come from the runtimes (:mod:`nxm_deploy.runtimes`: ONNX Runtime, TensorRT, PyTorch behind
+  Polygraphy's runner interface); :mod:`~nxm_deploy.validate.runners` checks each one's inputs and outputs;
 * :mod:`~nxm_deploy.validate.stage` - :func:`validate_stage`: dev-set metric per runner, output diff, latency grid,
   gates; writes ``validation.json`` and ``diff/``;
 * :mod:`~nxm_deploy.timing` - interleaved A/B timing, percentiles, same-run speedups;

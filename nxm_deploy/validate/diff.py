@@ -75,7 +75,7 @@ INT8_FALSE_ALARM = 1e-3
 #: rms of ``ORT - twin`` over the twin's own rounding-noise rms when their roundings are independent (worst case)
 INT8_DECORRELATION = 2.0 ** 0.5
 #: the fake-quant twin run in FP64: its difference to ``torch_int8_fakequant`` is the twin's own rounding noise
-FAKEQUANT_FP64 = "torch_int8_fakequant_fp64"
+from nxm_deploy.runtimes.pytorch import FAKEQUANT_FP64  # noqa: E402  the FP64 twin's runner name
 #: INT8 atol when there is no fake-quant reference to derive one from (the export stage's parity bound)
 INT8_FALLBACK_ATOL = 5e-2
 DEFAULT_TOLERANCE_FACTOR = 4.0
@@ -280,19 +280,15 @@ def save_polygraphy_files(out_dir: Path, feeds: list[dict[str, np.ndarray]], res
 def polygraphy_argv(model: str, backend: str, reference_outputs: str, atol: float, rtol: float,
                     inputs: str) -> list[str] | None:
     """``polygraphy run`` arguments that re-run a comparison by hand (paths relative to the run directory),
-    or None for a backend Polygraphy's CLI cannot run on its own (PyTorch)."""
-    if backend == "onnxruntime-cpu":
-        runner = ["--onnxrt"]
-    elif backend == "onnxruntime-cuda":
-        runner = ["--onnxrt", "--providers", "cuda"]
-    elif backend == "onnxruntime-tensorrt":
-        runner = ["--onnxrt", "--providers", "tensorrt", "cuda"]
-    elif backend == "tensorrt":
-        runner = ["--trt", "--model-type", "engine"]
-    else:
+    or None for a runtime Polygraphy's CLI cannot run on its own (PyTorch): the runtime's ``polygraphy`` flags
+    (:data:`nxm_deploy.runtimes.RUNTIMES`)."""
+    from nxm_deploy.runtimes import RUNTIMES
+
+    runtime = RUNTIMES.get(backend)
+    if runtime is None or runtime.polygraphy is None:
         return None
-    return ["polygraphy", "run", model, *runner, "--load-inputs", inputs, "--load-outputs", reference_outputs,
-            "--atol", f"{atol:.6g}", "--rtol", f"{rtol:.6g}", "--check-error-stat", "elemwise"]
+    return ["polygraphy", "run", model, *runtime.polygraphy, "--load-inputs", inputs, "--load-outputs",
+            reference_outputs, "--atol", f"{atol:.6g}", "--rtol", f"{rtol:.6g}", "--check-error-stat", "elemwise"]
 
 
 def format_command(argv: list[str], cwd: str | Path | None = None) -> str:
@@ -329,22 +325,26 @@ def default_comparisons(runners: dict) -> list[Comparison]:
         why="INT8 perturbation itself (same QAT weights, quantizers off): bounds the INT8 tolerance")
     add("torch_int8_fakequant", FAKEQUANT_FP64, "int8", gated=False,
         why="the twin's own INT8 rounding noise (FP32 vs FP64 arithmetic): bounds the INT8 tolerance")
+    from nxm_deploy.runtimes import get_runtime
+
     for name, runner in runners.items():
-        if name in ("dense_fp32", "sparse_int8") or runner.backend == "pytorch-cpu":
+        runtime = get_runtime(runner.backend)
+        if name in ("dense_fp32", "sparse_int8") or not runtime.validation:  # the references themselves
             continue
         if getattr(runner, "peer", False):
             add("dense_fp32", name, runner.precision if runner.precision == "int8" else "fp32", gated=False,
                 why="ONNX Runtime's own CPU path for the dense model (the peer) vs dense FP32: reported only")
             continue
-        if runner.backend == "pytorch-cuda" and runner.precision == "int8":
+        if runner.precision == "int8" and not runtime.int8_gated:
             add("sparse_int8", name, "int8", gated=False,
-                why="INT8 GEMMs with an FP16 remainder (PyTorch CUDA) vs the FP32-remainder Q/DQ reference: reported")
-        elif runner.backend == "pytorch-cuda" and runner.sparse:
-            add("dense_fp32", name, "gpu_float", gated=False, why="sparse FP16 vs dense FP32: different models, reported only")
+                why=f"INT8 GEMMs with an FP16 remainder ({runtime.label}) vs the FP32-remainder Q/DQ reference: reported")
         elif runner.precision == "int8":
             add("sparse_int8", name, "int8", why=f"INT8 on {runner.backend} vs the ORT CPU Q/DQ reference")
+        elif runner.sparse and not runtime.int8_gated:
+            add("dense_fp32", name, "gpu_float", gated=False,
+                why=f"sparse {runner.precision.upper()} vs dense FP32: different models, reported only")
         else:
-            tol = "fp32" if runner.backend == "onnxruntime-cpu" else "gpu_float"
+            tol = "fp32" if runtime.device == "cpu" else "gpu_float"
             add("dense_fp32", name, tol, why=f"dense on {runner.backend} vs ORT CPU FP32")
     add("dense_fp32", "sparse_int8", "int8", gated=False, why="dense FP32 vs sparse INT8: different models, reported only")
     return comps

@@ -9,13 +9,9 @@ from nxm_deploy.run.layout import RunLayout
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text, read_json
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.export.ort_peer import DENSE_FP32_OPT, DENSE_INT8_DYNAMIC
+from nxm_deploy.runtimes import runtime_label
 from nxm_deploy.validate.gates import delta_pt
 
-RUNTIMES = {
-    "onnxruntime-cpu": "ONNX Runtime CPU", "onnxruntime-cuda": "ONNX Runtime CUDA EP",
-    "onnxruntime-tensorrt": "ONNX Runtime TensorRT EP", "tensorrt": "TensorRT",
-    "pytorch-cpu": "PyTorch CPU", "pytorch-cuda": "PyTorch CUDA",
-}
 _RESERVED = {"batch_size", "sequence_length"}
 
 
@@ -41,23 +37,25 @@ def _fmt_delta(value: float | None) -> str:
 _PEER_SHORT = {DENSE_FP32_OPT: "optimized FP32", DENSE_INT8_DYNAMIC: "quantize_dynamic"}
 
 
-def runner_label(name: str, pattern: str) -> str:
-    """Human name of a validation runner."""
-    if name.startswith("trt_"):
-        return f"TensorRT engine {name[4:]}"
-    if name.startswith("torch_"):
-        return {"torch_dense_fp32": "dense FP32 (PyTorch)", "torch_int8_fakequant": f"sparse {pattern} INT8 fake-quant (PyTorch)",
-                "torch_int8_fakequant_fp64": f"sparse {pattern} INT8 fake-quant in FP64 (PyTorch)",
-                "torch_qat_fp32": f"sparse {pattern} QAT weights, quantizers off (PyTorch)",
-                "torch_cuda_dense_fp16": "dense FP16 (PyTorch CUDA, CUDA graphs)",
-                "torch_cuda_sparse_fp16": f"sparse {pattern} FP16 (PyTorch CUDA, cuSPARSELt, CUDA graphs)",
-                "torch_cuda_sparse_int8": f"sparse {pattern} INT8 (PyTorch CUDA, cuSPARSELt, CUDA graphs)"}.get(name, name)
-    base, _, suffix = name.partition("_cuda") if "_cuda" in name else name.partition("_trtep")
-    label = {"dense_fp32": "dense FP32 ONNX", "sparse_int8": f"sparse {pattern} INT8 Q/DQ ONNX",
-             "cpu_int8": f"sparse {pattern} INT8 CPU ONNX (U8S8 MatMulInteger)",
-             DENSE_FP32_OPT: "peer: dense FP32 ONNX, ORT transformer optimizer",
-             DENSE_INT8_DYNAMIC: "peer: dense INT8 ONNX, ORT optimizer + quantize_dynamic"}.get(base or name, name)
-    return label
+def _label(runners: dict, name: str) -> str:
+    """The label the runtime gave runner ``name`` (``validation.json``'s ``runners``), else its name."""
+    return (runners.get(name) or {}).get("label") or name
+
+
+def _runtime(runners: dict, name: str) -> str:
+    """The report label of runner ``name``'s runtime."""
+    return runtime_label((runners.get(name) or {}).get("backend"))
+
+
+def _method_words(name: str) -> str:
+    """How the sparse stage found its mask, for the report (the mask method's label: ``ADMM``, ``Wanda + masked
+    fine-tune``)."""
+    from nxm_deploy.sparsity.methods import METHODS
+
+    method = METHODS.get(name)
+    if method is None:
+        return name
+    return method.label if name == "admm" else f"{method.label} + masked fine-tune"
 
 
 def _runners(validation: dict) -> dict[str, dict]:
@@ -87,7 +85,7 @@ def build_report(recipe: Recipe, run_dir: str | Path) -> dict:
     pattern = recipe.sparsity.pattern
     runners = _runners(validation)
     base_torch = (dense or {}).get("metrics")
-    method = "ADMM" if (sparse or {}).get("method", "admm") == "admm" else "one-shot magnitude + masked fine-tune"
+    method = _method_words((sparse or {}).get("method", "admm"))
     kd = " + KD" if recipe.train.admm.distill else ""
     accuracy = [
         {"name": "torch_dense", "model": "dense FP32", "runtime": "PyTorch", "metrics": base_torch, "stage": "dense"},
@@ -103,12 +101,11 @@ def build_report(recipe: Recipe, run_dir: str | Path) -> dict:
     metrics = validation.get("metrics") or {}
     baseline = validation.get("baseline", "dense_fp32")
     for name, values in metrics.items():
-        info = runners.get(name, {})
-        accuracy.append({"name": name, "model": runner_label(name, pattern),
-                         "runtime": RUNTIMES.get(info.get("backend"), info.get("backend", "?")), "metrics": values,
+        accuracy.append({"name": name, "model": _label(runners, name), "runtime": _runtime(runners, name),
+                         "metrics": values,
                          "stage": "validate",
                          "delta_pt": None if name == baseline else delta_pt(values, metrics.get(baseline), primary)})
-    labels = {name: runner_label(name, pattern) for name in runners}
+    labels = {name: _label(runners, name) for name in runners}
     plot_rows = [{"label": f"{r['model']} [{r['runtime']}]", "delta_pt": r["delta_pt"]} for r in accuracy]
     plots = write_plots(run_dir, latency=validation.get("latency"), accuracy_rows=plot_rows, metric=primary,
                         sparsity=sparsity, pattern=pattern, labels=labels, gates=validation.get("gates")) \
@@ -173,13 +170,13 @@ def _summary(report: dict) -> list[str]:
         for name, s in row.items():
             if name in _RESERVED or not isinstance(s, dict):
                 continue
-            text = f"{runner_label(name, pattern)} {s['p50_ms']:.1f} ms"
+            text = f"{_label(runners, name)} {s['p50_ms']:.1f} ms"
             if s.get("speedup") is not None and s.get("baseline") not in (None, name):
                 text += f" ({s['speedup']:.2f}×, p10–p90 {s['speedup_p10']:.2f}–{s['speedup_p90']:.2f}"
                 text += "".join(f"; {s[f'speedup_vs_{p}']:.2f}× vs {_PEER_SHORT[p]}" for p in _PEER_SHORT
                                 if s.get(f"speedup_vs_{p}") is not None) + ")"
             parts.append(text)
-        backends = sorted({RUNTIMES.get(runners.get(n, {}).get("backend"), "?") for n in row if n not in _RESERVED})
+        backends = sorted({_runtime(runners, n) for n in row if n not in _RESERVED})
         lines.append(f"- Latency p50 b{row['batch_size']}×s{row['sequence_length']} ({', '.join(backends)}): "
                      + "; ".join(parts) + ".")
     diff = report.get("diff")
@@ -299,8 +296,8 @@ def _markdown(report: dict, sparsity: dict | None) -> str:
                     f"{s['speedup']:.2f}× ({s['speedup_p10']:.2f}–{s['speedup_p90']:.2f})"
                 peers = " | ".join("–" if s.get(f"speedup_vs_{p}") is None else f"{s[f'speedup_vs_{p}']:.2f}×"
                                    for p in _PEER_SHORT)
-                lines.append(f"| {row['batch_size']}×{row['sequence_length']} | {runner_label(name, pattern)} | "
-                             f"{RUNTIMES.get(runners.get(name, {}).get('backend'), '?')} | {s['p50_ms']:.2f} | "
+                lines.append(f"| {row['batch_size']}×{row['sequence_length']} | {_label(runners, name)} | "
+                             f"{_runtime(runners, name)} | {s['p50_ms']:.2f} | "
                              f"{s['p90_ms']:.2f} | {s['p99_ms']:.2f} | {s['throughput_seq_per_s']:.1f} | {speed} | "
                              f"{peers} |")
         if any(r.get("backend") == "onnxruntime-cpu" for r in runners.values()):

@@ -1,6 +1,7 @@
 """Validation stage: every model of a run on the same dev set, latency grid and diff inputs, in one process.
 
-Runners (:mod:`nxm_deploy.validate.runners`, all Polygraphy runners):
+Runners: every runtime of :data:`nxm_deploy.runtimes.RUNTIMES` that validates gives its runners on the run (all
+Polygraphy runners, each with the label the report shows), in registration order:
 
 * ONNX Runtime CPU: ``dense_fp32``, ``sparse_int8`` (Q/DQ) and, when the export wrote it, ``cpu_int8``
   (``onnx/manifest.json`` key ``cpu_int8``); the peers ``dense_fp32_opt`` and ``dense_int8_dynamic`` (ONNX Runtime's
@@ -10,8 +11,10 @@ Runners (:mod:`nxm_deploy.validate.runners`, all Polygraphy runners):
   (``<model>_cuda``, ``<model>_trtep``);
 * TensorRT engines recorded as built in ``engines/status.json`` (``trt_<engine name>``), checked against this
   machine from their manifests before loading;
-* PyTorch (``torch_dense_fp32``, ``torch_int8_fakequant``, ``torch_qat_fp32`` and
-  ``torch_int8_fakequant_fp64``): output diff only.
+* PyTorch CUDA when a GPU is visible (``torch_cuda_dense_fp16``, ``torch_cuda_sparse_fp16``,
+  ``torch_cuda_sparse_int8``);
+* PyTorch on the CPU (``torch_dense_fp32``, ``torch_int8_fakequant``, ``torch_qat_fp32`` and
+  ``torch_int8_fakequant_fp64``, :func:`nxm_deploy.runtimes.pytorch.diff_runners`): output diff only.
 
 Steps: task metric on the full dev set per runner (deltas against ``dense_fp32``); output diff with Polygraphy
 (:mod:`nxm_deploy.validate.diff`); interleaved latency on the recipe's (batch, seq) grid
@@ -28,27 +31,25 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from nxm_deploy.fileio import atomic_write_json, check_recorded_file, read_json
+from nxm_deploy.fileio import atomic_write_json
 from nxm_deploy.config.recipe import Recipe
 from nxm_deploy.data import load_task_split, make_dataloader, resolve_glue_dir
 from nxm_deploy.data.loader import encode_fixed
 from nxm_deploy.data.metrics import compute_metrics, lm_nll_sums
-from nxm_deploy.errors import ConfigError, RunDirError, ValidationError
-from nxm_deploy.run.layout import CPU_INT8_ONNX, CPU_INT8_ONNX_LEGACY, DENSE_ONNX, SPARSE_ONNX, RunLayout
+from nxm_deploy.errors import ConfigError, ValidationError
+from nxm_deploy.run.layout import RunLayout
+from nxm_deploy.run.reader import CPU_INT8_MODEL, DENSE_MODEL, SPARSE_MODEL, export_models, read_export_manifest
 from nxm_deploy.export.ort_peer import PEERS
-from nxm_deploy.validate.diff import DEFAULT_TOLERANCE_FACTOR, FAKEQUANT_FP64, make_feeds, run_diff
+from nxm_deploy.validate.diff import DEFAULT_TOLERANCE_FACTOR, make_feeds, run_diff
 from nxm_deploy.validate.gates import delta_pt, evaluate_gates, gate_settings, raise_for_gates
 from nxm_deploy.machine import machine_line
 from nxm_deploy.timing import measure_ab
-from nxm_deploy.validate.runners import (
-    OnnxRuntimeRunner, TorchCudaRunner, TorchRunner, check_io, ort_gpu_backends, quantizers_disabled,
-)
+from nxm_deploy.runtimes import get_runtime
+from nxm_deploy.validate.runners import check_io
 
 log = logging.getLogger("nxm_deploy.validate")
 
-DENSE, SPARSE, CPU_INT8 = "dense_fp32", "sparse_int8", "cpu_int8"
-#: files the CPU INT8 model may have when the export manifest does not name it
-CPU_INT8_CANDIDATES = (CPU_INT8_ONNX, CPU_INT8_ONNX_LEGACY)
+DENSE, SPARSE, CPU_INT8 = DENSE_MODEL, SPARSE_MODEL, CPU_INT8_MODEL
 #: validate-section settings read with getattr (recipes that predate them get these defaults)
 SETTING_DEFAULTS = {"diff_examples": 32, "diff_batch_size": 8, "diff_tolerance_factor": DEFAULT_TOLERANCE_FACTOR,
                     "polygraphy_cli_checks": 1}
@@ -63,98 +64,27 @@ def settings_of(recipe: Recipe) -> dict:
     return {k: getattr(vcfg, k, default) for k, default in SETTING_DEFAULTS.items()}
 
 
-def onnx_models(run_dir: Path, manifest: dict) -> dict[str, dict]:
-    """name -> ``{"path", "precision", "sparse"}`` of the run's ONNX models (``cpu_int8`` only when present).
+def make_runners(run_dir: Path, manifest: dict, grid: list[tuple[int, int]], threads: int | None,
+                 pattern: str = "2:4") -> tuple[dict, list[dict]]:
+    """Every runtime's runners on the run (inactive), in registration order (:data:`nxm_deploy.runtimes.RUNTIMES`),
+    and the ``skipped`` list (name, reason).
 
     Raises:
-        RunDirError: a model the manifest names is missing, or differs from the sha256 the manifest records.
+        RunDirError: an ONNX model the export manifest names is missing or altered.
+        ValidationError: a built engine that cannot run here (another TensorRT / GPU, profile vs grid).
     """
-    layout = RunLayout(run_dir)
-    onnx_dir = layout.onnx_dir
-    models = {
-        DENSE: {"path": onnx_dir / (manifest.get("dense") or {}).get("file", DENSE_ONNX), "precision": "fp32", "sparse": False},
-        SPARSE: {"path": onnx_dir / (manifest.get("sparse_int8") or {}).get("file", SPARSE_ONNX), "precision": "int8", "sparse": True},
-    }
-    cpu_file = (manifest.get(CPU_INT8) or {}).get("file")
-    if cpu_file:
-        models[CPU_INT8] = {"path": onnx_dir / cpu_file, "precision": "int8", "sparse": True}
-    else:
-        for candidate in CPU_INT8_CANDIDATES:
-            if (onnx_dir / candidate).is_file():
-                models[CPU_INT8] = {"path": onnx_dir / candidate, "precision": "int8", "sparse": True}
-                break
-    for name, record in (manifest.get("ort_peers") or {}).items():
-        if "file" in record:  # ONNX Runtime's own CPU path for the dense model (nxm_deploy.export.ort_peer)
-            models[name] = {"path": onnx_dir / record["file"], "precision": "int8" if "quantize_dynamic" in record
-                            else "fp32", "sparse": False, "peer": True}
-    for name, info in models.items():
-        if not info["path"].is_file():
-            raise RunDirError(f"ONNX model {name} ({info['path']}) named by {layout.onnx_manifest} is missing.",
-                              hint=f"Re-run `nxm-deploy export {run_dir}`.")
-        check_recorded_file(info["path"], f"nxm-deploy export {run_dir}")  # the bytes the export stage wrote
-    return models
+    from nxm_deploy.runtimes import RUNTIMES
+    from nxm_deploy.runtimes.base import RuntimeInputs
 
-
-def _gpu_visible() -> bool:
-    try:
-        from nxm_deploy.engine.trt import probe_gpu
-
-        return probe_gpu()[0] is not None
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def make_runners(run_dir: Path, manifest: dict, grid: list[tuple[int, int]], threads: int | None) -> tuple[dict, list[dict]]:
-    """All non-PyTorch runners (inactive) and the ``skipped`` list (name, reason)."""
-    from nxm_deploy.validate.engines import engine_runners
-
-    models = onnx_models(run_dir, manifest)
-    runners = {name: OnnxRuntimeRunner(m["path"], name, intra_op_threads=threads, precision=m["precision"],
-                                       sparse=m["sparse"], peer=m.get("peer", False)) for name, m in models.items()}
-    skipped = [{"name": name, "reason": record["error"]} for name, record in (manifest.get("ort_peers") or {}).items()
-               if "error" in record]
-    backends = ort_gpu_backends()
-    if backends and _gpu_visible():
-        suffix = {"onnxruntime-cuda": "cuda", "onnxruntime-tensorrt": "trtep"}
-        for backend in backends:
-            for name, m in models.items():
-                if name == CPU_INT8 or m.get("peer"):  # the CPU-specific graphs
-                    continue
-                runners[f"{name}_{suffix[backend]}"] = OnnxRuntimeRunner(
-                    m["path"], f"{name}_{suffix[backend]}", backend=backend, precision=m["precision"], sparse=m["sparse"])
-    elif backends:
-        skipped.append({"name": "onnxruntime GPU providers", "reason": "onnxruntime-gpu is installed but no GPU is visible"})
-    engines, engine_skips = engine_runners(run_dir, grid)
-    runners.update(engines)
-    skipped += engine_skips
-    cuda, cuda_skips = cuda_torch_runners(run_dir, list(manifest["inputs"]))
-    runners.update(cuda)
-    skipped += cuda_skips
+    inputs = RuntimeInputs(run_dir=run_dir, export_manifest=manifest, onnx_models=export_models(run_dir, manifest),
+                           grid=grid, intra_op_threads=threads, input_names=list(manifest["inputs"]), pattern=pattern)
+    runners, skipped = {}, []
+    for runtime in RUNTIMES.values():
+        if runtime.validation:
+            found, skips = runtime.function("validation_runners")(inputs, runtime)
+            runners.update(found)
+            skipped += skips
     return runners, skipped
-
-
-#: PyTorch CUDA runners: name -> (training stage whose model it runs, variant); the dense FP16 one is their latency baseline
-CUDA_RUNNERS = {"torch_cuda_dense_fp16": ("dense", "dense-fp16"), "torch_cuda_sparse_fp16": ("admm", "sparse-fp16"),
-                "torch_cuda_sparse_int8": ("qat", "sparse-int8")}
-
-
-def cuda_torch_runners(run_dir: Path, names: list[str]) -> tuple[dict, list[dict]]:
-    """The run's models on the GPU through PyTorch (:class:`TorchCudaRunner`, inactive) when CUDA is available:
-    dense FP16 (the baseline), 2:4 FP16 and 2:4 INT8 (cuSPARSELt, the QAT model's learned scales); else
-    ``({}, [skipped entry])``."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return {}, [{"name": "pytorch CUDA runners", "reason": "no CUDA device (torch.cuda.is_available() is False)"}]
-    from nxm_deploy.run.reader import load_qat_model, load_stage_model, read_stage_manifest, stage_dir
-
-    targets = list(read_stage_manifest(run_dir, "admm")["targets"])
-    loaders = {"dense": lambda: load_stage_model(run_dir, "dense")[0],
-               "admm": lambda: load_stage_model(run_dir, "admm")[0],
-               "qat": lambda: load_qat_model(run_dir)[0]}
-    return {name: TorchCudaRunner(loaders[stage], name, names, variant=variant, targets=targets,
-                                  source=stage_dir(run_dir, stage))
-            for name, (stage, variant) in CUDA_RUNNERS.items()}, []
 
 
 def fit_to_profile(feed: dict[str, np.ndarray], lo: tuple[int, int] | None, hi: tuple[int, int] | None) -> list[tuple[dict, int]]:
@@ -200,26 +130,6 @@ def predict(runner, batches: list[dict[str, np.ndarray]], reduce=None) -> np.nda
     return np.concatenate(out)
 
 
-def _torch_runners(run_dir: Path, names: list[str]) -> dict:
-    """The PyTorch runners of the output diff: dense FP32, the QAT model's fake-quant twin, the twin with its
-    quantizers off and the twin in FP64 (:data:`~nxm_deploy.validate.diff.FAKEQUANT_FP64`, its own rounding
-    noise for the INT8 tolerance; a second, FP64 copy of the QAT model while it runs)."""
-    from nxm_deploy.quantization.fake_quant import float64_copy
-    from nxm_deploy.run.reader import load_qat_model, load_stage_model, stage_dir
-
-    dense, _ = load_stage_model(run_dir, "dense")
-    qat, _, _ = load_qat_model(run_dir)
-    return {
-        "torch_dense_fp32": TorchRunner(dense, "torch_dense_fp32", names, source=stage_dir(run_dir, "dense")),
-        "torch_int8_fakequant": TorchRunner(qat, "torch_int8_fakequant", names, precision="int8", sparse=True,
-                                            source=stage_dir(run_dir, "qat")),
-        "torch_qat_fp32": TorchRunner(qat, "torch_qat_fp32", names, context=quantizers_disabled, sparse=True,
-                                      source=stage_dir(run_dir, "qat")),
-        FAKEQUANT_FP64: TorchRunner(lambda: float64_copy(qat), FAKEQUANT_FP64, names, precision="int8", sparse=True,
-                                    source=stage_dir(run_dir, "qat")),
-    }
-
-
 def latency_baselines(runners: dict) -> dict[str, str | None]:
     """Each runner's baseline: the first dense runner of its backend (None when the backend has none)."""
     dense_of: dict[str, str] = {}
@@ -247,10 +157,8 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
 
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
-    if not layout.onnx_manifest.is_file():
-        raise RunDirError(f"No exported models in {layout.onnx_dir}.", hint=f"Run `nxm-deploy export {run_dir}` first.")
+    manifest = read_export_manifest(run_dir)
     verify_finished_stages(run_dir)  # the training artifacts behind the models (tokenizer, PyTorch rows) as written
-    manifest = read_json(layout.onnx_manifest)
     names = list(manifest["inputs"])
     task = recipe.task.spec()
     vcfg = recipe.validate_
@@ -276,30 +184,28 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
 
     reduce = nll_sums if task.is_causal_lm else None
 
-    runners, skipped = make_runners(run_dir, manifest, grid, vcfg.intra_op_threads)
+    runners, skipped = make_runners(run_dir, manifest, grid, vcfg.intra_op_threads, recipe.sparsity.pattern)
     probe = {k: v for k, v in encode_fixed(tokenizer, dev, max_len, 1).items() if k in names}
     with contextlib.ExitStack() as stack:
         active = {}
         for name, runner in runners.items():
             try:
                 runner.activate()
-            except ValidationError as exc:
-                if runner.backend.startswith("onnxruntime-") and runner.backend != "onnxruntime-cpu":
-                    skipped.append({"name": name, "reason": exc.message})
-                    continue
-                raise
-            except (RuntimeError, ConfigError) as exc:  # a GPU kernel this torch / GPU refuses: the rest still runs
-                if runner.backend != "pytorch-cuda":
+            except (RuntimeError, ConfigError) as exc:  # ConfigError covers ValidationError
+                if not get_runtime(runner.backend).optional:
                     raise
-                log.error("%s not run: %s", name, exc)
-                skipped.append({"name": name, "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+                # a GPU provider or kernel this machine refuses: the rest still runs
+                reason = exc.message if isinstance(exc, ConfigError) else \
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                log.error("%s not run: %s", name, reason)
+                skipped.append({"name": name, "reason": reason})
                 continue
             stack.callback(runner.deactivate)
             check_io(runner, names, task.num_labels, probe)
             active[name] = runner
         for name, runner in active.items():
             if getattr(runner, "max_shape", None) is not None:  # engine: the profile as deserialized
-                from nxm_deploy.validate.engines import check_grid_in_profile
+                from nxm_deploy.runtimes.tensorrt import check_grid_in_profile
 
                 check_grid_in_profile(grid, runner.min_shape, runner.max_shape, name)
 
@@ -319,7 +225,9 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
                 diff_batch = max(min(diff_batch, runner.max_shape[0]), runner.min_shape[0])
                 diff_len = min(max(diff_len, runner.min_shape[1]), runner.max_shape[1])
         feeds = make_feeds(tokenizer, dev, names, int(settings["diff_examples"]), diff_batch, diff_len)
-        torch_runners = _torch_runners(run_dir, names)
+        from nxm_deploy.runtimes.pytorch import diff_runners
+
+        torch_runners = diff_runners(run_dir, names, recipe.sparsity.pattern)
         with contextlib.ExitStack() as torch_stack:
             for runner in torch_runners.values():
                 runner.activate()

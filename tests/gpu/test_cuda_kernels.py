@@ -116,7 +116,7 @@ def test_graphed_forward_replays_per_shape(tmp_path):
 
 
 def test_torch_cuda_runner_labels_and_timing(tmp_path):
-    from nxm_deploy.validate.runners import TorchCudaRunner
+    from nxm_deploy.runtimes.pytorch import TorchCudaRunner
 
     model, names = _tiny_qat(tmp_path)
     runner = TorchCudaRunner(model, "torch_cuda_sparse_int8", ["input_ids", "attention_mask"], variant="sparse-int8",

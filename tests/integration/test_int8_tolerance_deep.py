@@ -25,7 +25,8 @@ from tiny_models import build_tiny_qdq
 
 from nxm_deploy.quantization.fake_quant import float64_copy
 from nxm_deploy.validate.diff import FAKEQUANT_FP64, logits_of, run_diff
-from nxm_deploy.validate.runners import OnnxRuntimeRunner, TorchRunner, quantizers_disabled
+from nxm_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
+from nxm_deploy.runtimes.pytorch import TorchRunner, quantizers_disabled
 
 pytestmark = pytest.mark.slow
 

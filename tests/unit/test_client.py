@@ -24,6 +24,7 @@ from nxm_deploy.client import MicroBatcher, TextClassifier
 from nxm_deploy.client.cli import add_predict_arguments, predict_cli
 from nxm_deploy.client.tokenization import TextEncoder
 from nxm_deploy.engine import trt_runtime
+from nxm_deploy.runtimes import tensorrt as trt_rt
 from nxm_deploy.errors import ConfigError, MissingDependencyError, RunDirError
 
 pytestmark = pytest.mark.skipif(
@@ -234,7 +235,7 @@ def test_auto_is_onnxruntime_without_engine(client):
 
 def test_auto_is_onnxruntime_when_tensorrt_is_missing(run_copy, monkeypatch):
     _fake_engine(run_copy)
-    monkeypatch.setattr(trt_runtime, "unavailable_reason", lambda: "Module 'tensorrt' is required (test)")
+    monkeypatch.setattr(trt_rt, "unavailable_reason", lambda: "Module 'tensorrt' is required (test)")
     with TextClassifier.from_artifacts(run_copy) as c:
         assert c.backend == "onnxruntime"
         assert "present but" in c.backend_reason
@@ -244,12 +245,12 @@ def test_auto_is_onnxruntime_when_tensorrt_is_missing(run_copy, monkeypatch):
 
 
 def test_tensorrt_requested_without_engine(run_dir, monkeypatch):
-    monkeypatch.setattr(trt_runtime, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(trt_rt, "unavailable_reason", lambda: None)
     with pytest.raises(RunDirError, match="No built TensorRT engine"):
         TextClassifier.from_artifacts(run_dir, backend="tensorrt")
 
 
-@pytest.mark.skipif(trt_runtime.unavailable_reason() is None, reason="TensorRT is installed here")
+@pytest.mark.skipif(trt_rt.unavailable_reason() is None, reason="TensorRT is installed here")
 def test_tensorrt_requested_without_tensorrt(run_dir):
     with pytest.raises(MissingDependencyError, match="tensorrt") as info:
         TextClassifier.from_artifacts(run_dir, backend="tensorrt")
@@ -287,7 +288,7 @@ def test_modified_onnx_is_refused(run_copy):
 
 
 @pytest.mark.parametrize("remove, match", [
-    ("onnx/manifest.json", "No export manifest"),
+    ("onnx/manifest.json", "No exported models"),
     ("recipe.yaml", "not a run directory"),
     ("onnx/dense_fp32.onnx", "dense_fp32.onnx"),
 ])
@@ -500,7 +501,7 @@ print("LOADED", loaded)
 
 
 # ----------------------------------------------------------------------------------------------- TensorRT (GPU)
-TRT_REASON = trt_runtime.unavailable_reason()
+TRT_REASON = trt_rt.unavailable_reason()
 
 
 @pytest.mark.trt

@@ -2,6 +2,7 @@
 from the run's recipe, skipped records in a pipeline run, exit codes (3 here: no TensorRT / GPU), engine
 naming, manifest and the up-to-date decision. Nothing here imports or imitates TensorRT."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,11 +18,11 @@ from nxm_deploy.fileio import read_json, sha256_file
 from nxm_deploy.engine.spec import EngineSpec
 from nxm_deploy.cli.main import main as cli_main
 from nxm_deploy.engine.stage import (
-    build_engine, build_key, engine_paths,
+    EngineInputs, build_engine, build_key, build_prepared, engine_paths,
     engine_stage, make_manifest, prepare_inputs, status_record, up_to_date, update_status,
 )
-from nxm_deploy.engine.trt import GpuInfo, probe_environment, tensorrt_unavailable_reason
-from nxm_deploy.errors import ConfigError, RunDirError
+from nxm_deploy.engine.trt import Environment, GpuInfo, probe_environment, tensorrt_unavailable_reason
+from nxm_deploy.errors import ConfigError, MissingDependencyError, RunDirError
 
 ROOT = Path(__file__).resolve().parents[2]
 REASON = tensorrt_unavailable_reason()
@@ -248,8 +249,65 @@ def test_manifest_and_up_to_date_decision(tmp_path, run):
     assert failed["status"] == "check failed: x runs FP32, the spec requests INT8"
 
 
+def _inputs(tmp_path, spec: EngineSpec, batch_max: int = 8) -> EngineInputs:
+    """The inputs of a build as :func:`prepare_inputs` returns them, without an ONNX file (never read here)."""
+    onnx_file = tmp_path / "onnx" / spec.onnx
+    shape = {"min": [1, 16], "opt": [4, 16], "max": [batch_max, 16]}
+    return EngineInputs(spec=spec, spec_path=None, run_dir=tmp_path, source_onnx=onnx_file, source_sha256="a" * 64,
+                        graph_onnx=onnx_file, graph_sha256="a" * 64, input_names=["input_ids"],
+                        profile={"input_ids": shape}, layer_map=None, sparse_modules=[], pattern="2:4", fp16=None)
+
+
+def _write_built_engine(inputs: EngineInputs, env: Environment) -> dict:
+    """A plan file and the manifest a build writes for it (the fields the up-to-date path reads)."""
+    version, gpu = env.tensorrt_version, env.gpu
+    plan, manifest_path, _ = engine_paths(inputs.spec, inputs.run_dir, version, gpu.sm)
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    plan.write_bytes(f"plan of {inputs.spec.name}".encode())
+    manifest = {"name": inputs.spec.name, "status": "built", "engine": plan.name, "engine_sha256": sha256_file(plan),
+                "build_key": build_key(inputs, version, gpu.sm), "precision": inputs.spec.precision,
+                "sparse_weights": inputs.spec.sparse_weights, "onnx_sha256": inputs.source_sha256,
+                "tensorrt": version, "gpu": {"name": gpu.name, "sm": gpu.sm}, "build_s": 1.0,
+                "check": {"summary": "ok"}}
+    manifest_path.write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_build_prepared_decides_up_to_date_per_engine(tmp_path, caplog):
+    """build-engine skips each engine by the run's rule on its own manifest and plan: a changed spec rebuilds that
+    engine alone, a changed plan file is rebuilt, --force rebuilds. A rebuild here stops at the TensorRT import."""
+    gpu = GpuInfo(name="NVIDIA H100 80GB HBM3", compute_capability="9.0", driver="550.54.15",
+                  cuda_driver_api="12.4", cuda_runtime="12.4")
+    env = Environment(tensorrt_version="10.13.0.35", gpu=gpu)
+    a = _inputs(tmp_path, EngineSpec(**SPARSE, name="a"))
+    b = _inputs(tmp_path, EngineSpec(**DENSE16, name="b"))
+    written = {i.spec.name: _write_built_engine(i, env) for i in (a, b)}
+    with caplog.at_level("INFO", logger="nxm_deploy.engine"):
+        for inputs in (a, b):
+            record = build_prepared(inputs, env)
+            assert record["action"] == "up to date"
+            assert record["engine_sha256"] == written[inputs.spec.name]["engine_sha256"]
+    assert f"engine a: up to date ({written['a']['engine']})" in caplog.text
+    assert f"engine b: up to date ({written['b']['engine']})" in caplog.text
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here: a rebuild would build (tests/trt covers it)")
+    changed_b = _inputs(tmp_path, EngineSpec(**{**DENSE16, "batch_size": {"min": 1, "opt": 4, "max": 16}}, name="b"),
+                        batch_max=16)
+    assert build_prepared(a, env)["action"] == "up to date"  # a's spec did not change
+    with pytest.raises(MissingDependencyError):
+        build_prepared(changed_b, env)  # b's did: its key differs, so it is built
+    with pytest.raises(MissingDependencyError):
+        build_prepared(a, env, force=True)
+    plan = tmp_path / "engines" / written["a"]["engine"]
+    plan.write_bytes(b"a replaced plan")
+    with pytest.raises(MissingDependencyError):
+        build_prepared(a, env)  # the plan no longer has the hash its manifest records
+    assert plan.read_bytes() == b"a replaced plan"  # nothing written by a build that did not run
+
+
 def test_status_records_are_merged_and_read_by_the_client(tmp_path):
-    from nxm_deploy.client.artifacts import find_engine
+    from nxm_deploy.run.reader import engine_for_onnx
 
     run_dir = tmp_path / "run"
     (run_dir / "engines").mkdir(parents=True)
@@ -260,8 +318,8 @@ def test_status_records_are_merged_and_read_by_the_client(tmp_path):
                              "sparse_weights": True, "engine_sha256": sha256_file(plan)}])
     records = read_json(run_dir / "engines" / "status.json")["engines"]
     assert [(r["name"], r["status"]) for r in records] == [("b", "skipped: no GPU"), ("a", "built")]
-    found = find_engine(run_dir, "abc", prefer_sparse=True)
-    assert found is not None and found[0] == plan
+    found = engine_for_onnx(run_dir, "abc", prefer_sparse=True)
+    assert found is not None and Path(found["plan_path"]) == plan
 
 
 # ------------------------------------------------------------------------------------------- without TensorRT

@@ -150,7 +150,7 @@ def test_bench_gpu_without_a_gpu_is_one_line_exit_3(capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer of a machine without a GPU")
 def test_cuda_runner_refuses_to_activate_without_cuda():
     from nxm_deploy.errors import ValidationError
-    from nxm_deploy.validate.runners import TorchCudaRunner
+    from nxm_deploy.runtimes.pytorch import TorchCudaRunner
 
     runner = TorchCudaRunner(torch.nn.Linear(2, 2), "torch_cuda_sparse_int8", ["input_ids"], variant="sparse-int8",
                              targets=[])

@@ -15,8 +15,9 @@ from nxm_deploy.errors import ConfigError, NxmError
 from nxm_deploy.validate.diff import (
     FAKEQUANT_FP64, INT8_ATOL_FLOOR, default_comparisons, gaussian_max_z, int8_tolerance,
 )
-from nxm_deploy.validate.engines import (
-    built_engines, check_engine_manifest, check_grid_in_profile, engine_runners, profile_range,
+from nxm_deploy.run.reader import built_engines
+from nxm_deploy.runtimes.tensorrt import (
+    check_engine_manifest, check_grid_in_profile, engine_runners, profile_range,
 )
 from nxm_deploy.errors import (
     AccuracyRegressionError, LatencyRegressionError, OutputMismatchError, ValidationError, exit_code,
@@ -338,13 +339,23 @@ def test_built_engines_and_skips(tmp_path) -> None:
     run = _engine_run(tmp_path)
     (found,) = built_engines(run)
     assert found["name"] == "eng" and found["plan_path"].endswith(".plan")
-    no_trt = SimpleNamespace(reason="cannot build TensorRT engines here: TensorRT is not installed", tensorrt_version=None, gpu=None)
+    from nxm_deploy.engine.trt import Environment, GpuInfo
+
+    def gpu(sm):
+        return GpuInfo(name="GPU", compute_capability=f"{sm[0]}.{sm[1]}", driver=None, cuda_driver_api="12.4",
+                       cuda_runtime=None)
+
+    no_trt = Environment(tensorrt_error="TensorRT is not installed", gpu=gpu("90"), cuda={"cuda_python": "12.6"})
     runners, skipped = engine_runners(run, [(1, 128)], env=no_trt)
-    assert runners == {} and skipped == [{"name": "eng", "reason": no_trt.reason}]
-    other_gpu = SimpleNamespace(reason=None, tensorrt_version="10.3.0", gpu=SimpleNamespace(sm="80", name="A100"))
+    assert runners == {} and len(skipped) == 1 and skipped[0]["name"] == "eng"
+    assert skipped[0]["reason"].startswith("cannot run TensorRT engines here: TensorRT is not installed")
+    no_cuda_python = Environment(tensorrt_version="10.3.0", gpu=gpu("90"), cuda={"cuda_python": None})
+    runners, skipped = engine_runners(run, [(1, 128)], env=no_cuda_python)
+    assert runners == {} and "cuda-python is not installed" in skipped[0]["reason"]
+    other_gpu = Environment(tensorrt_version="10.3.0", gpu=gpu("80"), cuda={"cuda_python": "12.6"})
     with pytest.raises(ValidationError, match="SM 90"):
         engine_runners(run, [(1, 128)], env=other_gpu)
-    same = SimpleNamespace(reason=None, tensorrt_version="10.3.0", gpu=SimpleNamespace(sm="90", name="H100"))
+    same = Environment(tensorrt_version="10.3.0", gpu=gpu("90"), cuda={"cuda_python": "12.6"})
     with pytest.raises(ValidationError, match="outside engine eng's profile"):
         engine_runners(run, [(1, 512)], env=same)
     runners, skipped = engine_runners(run, [(1, 128), (32, 128)], env=same)

@@ -15,7 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from nxm_deploy.validate.diff import Comparison, compare, collect_outputs, run_diff, run_polygraphy
 from nxm_deploy.errors import AccuracyRegressionError, ValidationError
-from nxm_deploy.validate.runners import OnnxRuntimeRunner, TorchRunner, check_io, quantizers_disabled
+from nxm_deploy.runtimes.onnxruntime import OnnxRuntimeRunner
+from nxm_deploy.runtimes.pytorch import TorchRunner, quantizers_disabled
+from nxm_deploy.validate.runners import check_io
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["input_ids", "attention_mask", "token_type_ids"]
@@ -75,8 +77,8 @@ def test_onnxruntime_runner_is_a_polygraphy_runner(tmp_path) -> None:
         out = runner.infer({k: v.astype(np.int32) for k, v in feed.items()})  # int32 ids are accepted
         assert out["logits"].shape == (4, 2) and out["logits"].dtype == np.float32
         assert runner.last_inference_s > 0
-        assert runner.describe() == {"name": "dense_fp32", "backend": "onnxruntime-cpu", "precision": "fp32",
-                                     "sparse": False, "source": str(tmp_path / "m.onnx")}
+        assert runner.describe() == {"name": "dense_fp32", "label": "dense_fp32", "backend": "onnxruntime-cpu",
+                                     "precision": "fp32", "sparse": False, "source": str(tmp_path / "m.onnx")}
         with pytest.raises(ValidationError, match="token_type_ids"):
             runner.infer({"input_ids": feed["input_ids"], "attention_mask": feed["attention_mask"]})
         with pytest.raises(ValidationError, match="integer"):
@@ -212,9 +214,9 @@ def _validation() -> dict:
         "cpu_int8": {"p50_ms": c, "p90_ms": c * 1.1, "p99_ms": c * 1.3, "mean_ms": c, "throughput_seq_per_s": b * 1e3 / c,
                      "baseline": "dense_fp32", "speedup": d / c, "speedup_vs_dense_fp32": d / c, "speedup_p10": d / c - 0.3,
                      "speedup_p90": d / c + 0.3, "runs": 20}}
-    runners = {"dense_fp32": {"name": "dense_fp32", "backend": "onnxruntime-cpu", "precision": "fp32", "sparse": False, "source": "onnx/dense_fp32.onnx"},
-               "sparse_int8": {"name": "sparse_int8", "backend": "onnxruntime-cpu", "precision": "int8", "sparse": True, "source": "onnx/sparse_int8_qdq.onnx"},
-               "cpu_int8": {"name": "cpu_int8", "backend": "onnxruntime-cpu", "precision": "int8", "sparse": True, "source": "onnx/sparse_int8_cpu.onnx"}}
+    runners = {"dense_fp32": {"name": "dense_fp32", "label": "dense FP32 ONNX", "backend": "onnxruntime-cpu", "precision": "fp32", "sparse": False, "source": "onnx/dense_fp32.onnx"},
+               "sparse_int8": {"name": "sparse_int8", "label": "sparse 2:4 INT8 Q/DQ ONNX", "backend": "onnxruntime-cpu", "precision": "int8", "sparse": True, "source": "onnx/sparse_int8_qdq.onnx"},
+               "cpu_int8": {"name": "cpu_int8", "label": "sparse 2:4 INT8 CPU ONNX (U8S8 MatMulInteger)", "backend": "onnxruntime-cpu", "precision": "int8", "sparse": True, "source": "onnx/sparse_int8_cpu.onnx"}}
     metrics = {"dense_fp32": {"accuracy": 0.54}, "sparse_int8": {"accuracy": 0.556}, "cpu_int8": {"accuracy": 0.552}}
     latency = [row(1, 30.0, 16.0, 12.0), row(32, 470.0, 215.0, 180.0)]
     diff = {"inputs": "4 batches of 8 real dev examples padded to 128 tokens", "batches": 4,
