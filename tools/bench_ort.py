@@ -51,7 +51,7 @@ from nxm_deploy.export.ort_peer import DENSE_FP32_OPT, DENSE_INT8_DYNAMIC  # noq
 from nxm_deploy.machine import machine  # noqa: E402
 from nxm_deploy.timing import measure_ab  # noqa: E402
 from nxm_deploy.run.reader import CPU_INT8_MODEL as CPU_INT8, DENSE_MODEL as DENSE, SPARSE_MODEL as SPARSE  # noqa: E402
-from nxm_deploy.run.reader import export_models  # noqa: E402
+from nxm_deploy.run.reader import export_models, read_export_manifest  # noqa: E402
 from nxm_deploy.runtimes.onnxruntime import OnnxRuntimeRunner  # noqa: E402
 
 MODELS = (DENSE, DENSE_FP32_OPT, DENSE_INT8_DYNAMIC, SPARSE, CPU_INT8)
@@ -108,12 +108,11 @@ def bench_run(run_dir: Path, args) -> dict:
     from nxm_deploy.data.loader import encode_fixed
     from nxm_deploy.data.metrics import compute_metrics
     from nxm_deploy.config.recipe import load_recipe
-    from nxm_deploy.fileio import read_json
     from nxm_deploy.run.layout import RunLayout
     from nxm_deploy.run.reader import load_stage_model, read_stage_manifest
 
     layout = RunLayout(run_dir)
-    manifest = read_json(layout.onnx_manifest)
+    manifest = read_export_manifest(run_dir)
     models = export_models(run_dir, manifest)  # hash-checked against the export manifest
     missing = [m for m in MODELS if m not in models]
     if missing:

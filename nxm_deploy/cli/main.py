@@ -368,10 +368,10 @@ def _dispatch(args) -> int:
 
     ctx = StageContext(recipe, run_dir, glue_dir, list(info.get("engine_specs") or []))
     if args.command == "export":
-        from nxm_deploy.fileio import read_json
+        from nxm_deploy.run.reader import read_export_manifest
 
         run_stages(ctx, ["export"], force=["export"])
-        manifest = read_json(RunLayout(run_dir).onnx_manifest)
+        manifest = read_export_manifest(run_dir)
         check = manifest["sparsity_check"]
         print(f"exported {RunLayout(run_dir).onnx_dir}: {check['sparse_layers']}/{check['expected_sparse']} layers verified {manifest['pattern']}")
         return 0

@@ -11,14 +11,12 @@ torch nor transformers is imported.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from nxm_deploy.fileio import check_recorded_file
 from nxm_deploy.run.layout import TOKENIZER, RunLayout
-from nxm_deploy.run.reader import engine_for_onnx, read_export_manifest
+from nxm_deploy.run.reader import engine_for_onnx, read_export_manifest, read_model_config, tokenizer_files
 from nxm_deploy.errors import ConfigError, RunDirError
 
 #: model name -> (manifest key, training stages whose directory holds the tokenizer, in order of preference)
@@ -94,17 +92,6 @@ def _task_spec(name):
         return None
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        with open(path) as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise RunDirError(f"{what} {path} is not valid JSON ({exc}).", hint="Re-run the stage that writes it.") from exc
-    if not isinstance(data, dict):
-        raise RunDirError(f"{what} {path} must hold a JSON object, got {type(data).__name__}.")
-    return data
-
-
 def _read_recipe(run_dir: Path) -> dict:
     """The run's recipe as a dict (:func:`nxm_deploy.run.reader.open_run_dir`, the torch-free schema).
 
@@ -171,20 +158,13 @@ def load_artifacts(run_dir: str | Path, model: str = "sparse_int8") -> RunArtifa
     if not onnx_path.is_file():
         raise RunDirError(f"ONNX model {onnx_path} named in {manifest_path} not found.", hint=f"Re-run `nxm-deploy export {run_dir}`.")
 
-    tokenizer_json = next((layout.tokenizer_file(d) for d in tokenizer_dirs if layout.tokenizer_file(d).is_file()), None)
+    tokenizer_json, tokenizer_config = tokenizer_files(run_dir, tokenizer_dirs)
     if tokenizer_json is None:
         raise RunDirError(
             f"No {TOKENIZER} in {' or '.join(str(layout.stage_dir(d)) for d in tokenizer_dirs)}.",
             hint="The client needs a fast-tokenizer file (saved by the training stages with transformers).",
         )
-    tok_cfg_path = tokenizer_json.with_name("tokenizer_config.json")
-    for path in (tokenizer_json, tok_cfg_path):  # as the training stage wrote them (its manifest's sha256)
-        check_recorded_file(path, f"nxm-deploy train {run_dir} --stage {path.parent.name}")
-    tokenizer_config = _read_json(tok_cfg_path, "Tokenizer config") if tok_cfg_path.is_file() else {}
-    config_path = next((layout.model_config(d) for d in ("dense", "qat") if layout.model_config(d).is_file()), None)
-    if config_path:
-        check_recorded_file(config_path, f"nxm-deploy train {run_dir} --stage {config_path.parent.name}")
-    config = _read_json(config_path, "Model config") if config_path else {}
+    _, config = read_model_config(run_dir, ("dense", "qat"))
     from nxm_deploy.models import config_max_positions, is_causal_lm_config  # torch-free
 
     if is_causal_lm_config(config):

@@ -101,20 +101,17 @@ class EngineInputs:
 def _recipe_limits(run_dir: Path) -> tuple[int | None, int | None]:
     """(recipe ``task.max_seq_length``, model ``max_position_embeddings``) of a run, None where unknown."""
     max_seq = max_pos = None
-    recipe = RunLayout(run_dir).recipe
-    if recipe.is_file():
-        from nxm_deploy.config.recipe import load_recipe  # the schema (no torch), as the pipeline reads it
+    if RunLayout(run_dir).recipe.is_file():
+        from nxm_deploy.run.reader import open_run_dir  # the schema (no torch), as the pipeline reads it
 
         with contextlib.suppress(ConfigError):
-            max_seq = load_recipe(recipe).task.max_seq_length
-    for stage in ("dense", "qat", "admm"):
-        config = RunLayout(run_dir).model_config(stage)
-        if config.is_file():
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                from nxm_deploy.models import config_max_positions  # torch-free
+            max_seq = open_run_dir(run_dir).task.max_seq_length
+    from nxm_deploy.models import config_max_positions  # torch-free
+    from nxm_deploy.run.reader import read_model_config
 
-                max_pos = config_max_positions(read_json(config))
-            break
+    with contextlib.suppress(OSError, RunDirError, AttributeError):
+        path, config = read_model_config(run_dir)
+        max_pos = config_max_positions(config) if path is not None else None
     return max_seq, max_pos
 
 

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 from nxm_deploy.errors import ConfigError, MissingDependencyError
-from nxm_deploy.run.layout import RunLayout
 
 log = logging.getLogger("nxm_deploy.gpu")
 
@@ -103,10 +102,11 @@ def shape_set_of_run(run_dir: str | Path) -> tuple[str, dict]:
     Raises:
         ConfigError: not a run directory with a trained dense model.
     """
-    config = RunLayout(run_dir).model_config("dense")
-    if not config.is_file():
-        raise ConfigError(f"{run_dir} has no dense/config.json.", hint="Give a run directory whose dense stage finished.")
-    data = json.loads(config.read_text())
+    from nxm_deploy.run.reader import read_model_config
+
+    config, data = read_model_config(run_dir, ("dense",))
+    if config is None:
+        raise ConfigError(f"{run_dir} has no dense model config.", hint="Give a run directory whose dense stage finished.")
     dims = {k: int(data[k]) for k in SHAPE_SETS["minilm"] if k in data}
     if len(dims) != 4:
         raise ConfigError(f"{config} is not a BERT-style encoder config (needs {', '.join(SHAPE_SETS['minilm'])}).")

@@ -38,6 +38,7 @@ QAT_WEIGHTS = "model.safetensors"
 #: a training stage's Hugging Face model config and fast-tokenizer file (save_pretrained layout)
 MODEL_CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 #: onnx/: the exported models
 DENSE_ONNX = "dense_fp32.onnx"
 SPARSE_ONNX = "sparse_int8_qdq.onnx"
@@ -50,7 +51,7 @@ SPARSITY_REPORT = "sparsity_report.json"
 #: engines/: what the engines stage built or skipped
 ENGINE_STATUS = "status.json"
 #: every file name of a run's folders (what the path-literal test looks for outside this module)
-FILE_NAMES = (MANIFEST, MASKS, QUANT_INFO, QAT_WEIGHTS, MODEL_CONFIG, TOKENIZER, DENSE_ONNX, SPARSE_ONNX, CPU_INT8_ONNX,
+FILE_NAMES = (MANIFEST, MASKS, QUANT_INFO, QAT_WEIGHTS, MODEL_CONFIG, TOKENIZER, TOKENIZER_CONFIG, DENSE_ONNX, SPARSE_ONNX, CPU_INT8_ONNX,
               CPU_INT8_ONNX_LEGACY, DENSE_FP32_OPT_ONNX, DENSE_INT8_DYNAMIC_ONNX, SPARSITY_REPORT, ENGINE_STATUS)
 #: every top-level entry of a run directory (what the path-literal test looks for)
 ENTRIES = ("recipe.yaml", "run.json", "stages.json", "timings.json", "checkpoints", "dense", "sparse", "qat", "onnx",

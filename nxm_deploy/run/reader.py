@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from nxm_deploy.errors import RunDirError, SparsityVerificationError, ValidationError
 from nxm_deploy.fileio import check_recorded_file, check_sha256, read_json, sha256_file, verify_stage_files
 from nxm_deploy.run.layout import (
-    CPU_INT8_ONNX, CPU_INT8_ONNX_LEGACY, DENSE_ONNX, MANIFEST, SPARSE_ONNX, TRAINING_DIRS, RunLayout,
+    CPU_INT8_ONNX, CPU_INT8_ONNX_LEGACY, DENSE_ONNX, MANIFEST, SPARSE_ONNX, TOKENIZER_CONFIG, TRAINING_DIRS, RunLayout,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -145,6 +145,47 @@ def check_masks(model, masks: dict[str, torch.Tensor], pattern) -> dict:
     if problems:
         raise SparsityVerificationError("Mask check failed: " + "; ".join(problems))
     return {"layers_checked": layers, "pattern": str(pattern), "ok": True}
+
+
+# --------------------------------------------------------------------------------------------- model config, tokenizer
+
+
+def read_model_config(run_dir: str | Path, stages: tuple[str, ...] = ("dense", "qat", "admm")) -> tuple[Path | None, dict]:
+    """``(path, content)`` of the first training stage's ``config.json`` (Hugging Face model config) in ``stages``
+    order, checked against the sha256 its stage manifest records; ``(None, {})`` when no stage has one.
+
+    Raises:
+        RunDirError: the file differs from its recorded sha256, or is not a JSON object.
+    """
+    layout = RunLayout(run_dir)
+    path = next((layout.model_config(s) for s in stages if layout.model_config(s).is_file()), None)
+    if path is None:
+        return None, {}
+    check_recorded_file(path, f"nxm-deploy train {run_dir} --stage {path.parent.name}")
+    return path, _json_object(path, "Model config")
+
+
+def tokenizer_files(run_dir: str | Path, stages: tuple[str, ...] = ("qat", "dense")) -> tuple[Path | None, dict]:
+    """``(tokenizer.json, tokenizer_config.json content)`` of the first training stage in ``stages`` order that
+    saved a fast tokenizer, both checked against their stage manifest; ``(None, {})`` when none did."""
+    layout = RunLayout(run_dir)
+    tokenizer = next((layout.tokenizer_file(s) for s in stages if layout.tokenizer_file(s).is_file()), None)
+    if tokenizer is None:
+        return None, {}
+    config = tokenizer.with_name(TOKENIZER_CONFIG)
+    for path in (tokenizer, config):  # as the training stage wrote them
+        check_recorded_file(path, f"nxm-deploy train {run_dir} --stage {path.parent.name}")
+    return tokenizer, _json_object(config, "Tokenizer config") if config.is_file() else {}
+
+
+def _json_object(path: Path, what: str) -> dict:
+    try:
+        data = read_json(path)
+    except ValueError as exc:
+        raise RunDirError(f"{what} {path} is not valid JSON ({exc}).", hint="Re-run the stage that writes it.") from exc
+    if not isinstance(data, dict):
+        raise RunDirError(f"{what} {path} must hold a JSON object, got {type(data).__name__}.")
+    return data
 
 
 # --------------------------------------------------------------------------------------------- exported models
