@@ -6,6 +6,16 @@ import os
 import platform
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (``taskset``, a container's cpuset, a test worker pinned to
+    one core), else every core. The default thread count of ONNX Runtime sessions; PyTorch's OpenMP pool follows
+    the affinity by itself."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def cpu_model() -> str | None:
     """The CPU's ``model name`` from ``/proc/cpuinfo`` (Linux), else ``platform.processor()``, else None."""
     try:

@@ -3,8 +3,9 @@ client and the benchmarks. Imports neither torch nor transformers."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from nxm_deploy.machine import usable_cores
 
 
 def make_session(model: bytes | str | Path, providers: list[str] | None = None, intra_op_threads: int | None = None,
@@ -14,7 +15,7 @@ def make_session(model: bytes | str | Path, providers: list[str] | None = None, 
     Args:
         model: the ONNX model as bytes (already hash-checked) or a path (needed for external data).
         providers: execution providers in order of preference (default ``["CPUExecutionProvider"]``).
-        intra_op_threads: intra-op threads (default: every core); inter-op parallelism is off (one thread), so a
+        intra_op_threads: intra-op threads (default: every core this process may use, :func:`~nxm_deploy.machine.usable_cores`); inter-op parallelism is off (one thread), so a
             latency measurement sees one model on the cores it was given.
         quiet: ONNX Runtime logs errors only (checks that run graphs ONNX Runtime warns about, e.g. FP16 ones).
         optimize: False runs the graph as written (no fusion: every intermediate tensor keeps its value).
@@ -22,7 +23,7 @@ def make_session(model: bytes | str | Path, providers: list[str] | None = None, 
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads or os.cpu_count() or 1
+    options.intra_op_num_threads = intra_op_threads or usable_cores()
     options.inter_op_num_threads = 1
     if quiet:
         options.log_severity_level = 3

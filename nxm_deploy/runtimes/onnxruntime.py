@@ -13,12 +13,12 @@ module): ``validation_runners``, ``client_artifact``, ``open_client``.
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 from polygraphy.backend.onnxrt import OnnxrtRunner
 
 from nxm_deploy.errors import ConfigError, RunDirError, ValidationError
+from nxm_deploy.machine import usable_cores
 from nxm_deploy.ort import make_session
 from nxm_deploy.runtimes.base import LabelledRunner, RuntimeInputs
 
@@ -80,7 +80,7 @@ class OnnxRuntimeRunner(LabelledRunner, OnnxrtRunner):
             self.providers = list(ORT_BACKENDS[backend])
         else:
             self.providers = [*ORT_BACKENDS[backend], "CPUExecutionProvider"]
-        self.intra_op_threads = intra_op_threads or os.cpu_count() or 1
+        self.intra_op_threads = intra_op_threads or usable_cores()
         OnnxrtRunner.__init__(self, functools.partial(make_session, path, self.providers, self.intra_op_threads),
                               name=name)
         self._set_labels(backend, precision, sparse, source if source is not None else self.path, label)
