@@ -369,6 +369,8 @@ def run_diff(runners: dict, feeds: list[dict[str, np.ndarray]], out_dir: str | P
         tolerance, atol, rtol, gated, why, the stats of :func:`compare`, ``command``), ``files``, ``ok`` (every
         gated comparison passed).
     """
+    from nxm_deploy.runtimes import get_runtime
+
     out_dir, run_dir = Path(out_dir).resolve(), Path(run_dir).resolve()
     results = collect_outputs(runners, feeds)
     n_cal = calibration_batches(len(feeds))
@@ -403,7 +405,7 @@ def run_diff(runners: dict, feeds: list[dict[str, np.ndarray]], out_dir: str | P
             argv = polygraphy_argv(str(model), cand.backend, f"{rel_dir}/{outputs_file(comp.reference)}",
                                    tol["atol"], tol["rtol"], inputs=f"{rel_dir}/{INPUTS_FILE}")
         row["command"] = format_command(argv, run_dir) if argv else None
-        if argv and cand.backend == "onnxruntime-cpu":
+        if argv and get_runtime(cand.backend).device == "cpu":  # re-runnable here by hand
             to_verify.append((row, argv))
         rows.append(row)
     # re-run the printed commands with the polygraphy CLI (INT8 ones first): the hand-run verdict must agree

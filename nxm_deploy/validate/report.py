@@ -300,7 +300,7 @@ def _markdown(report: dict, sparsity: dict | None) -> str:
                              f"{_runtime(runners, name)} | {s['p50_ms']:.2f} | "
                              f"{s['p90_ms']:.2f} | {s['p99_ms']:.2f} | {s['throughput_seq_per_s']:.1f} | {speed} | "
                              f"{peers} |")
-        if any(r.get("backend") == "onnxruntime-cpu" for r in runners.values()):
+        if any(r.get("peer") for r in runners.values()):
             lines += ["", "The two peer rows are what a CPU deployment gets from ONNX Runtime alone: its transformer "
                       "optimizer on the dense FP32 export (fused attention, layer norms and GELU), and "
                       "`quantize_dynamic` on that graph (per-channel INT8 weights, activations quantized at run time). "

@@ -244,7 +244,7 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
         baselines = latency_baselines(active)
         # every CPU runner's speed also against ONNX Runtime's own best (optimized FP32, quantize_dynamic)
         references = {name: [p for p in PEERS if p in active and p != name] for name, r in active.items()
-                      if r.backend == "onnxruntime-cpu"}
+                      if r.device == "cpu"}
         latency = []
         for batch, seq in tqdm(grid, desc="latency A/B", unit="shape"):
             feed = {k: v for k, v in encode_fixed(tokenizer, dev, seq, batch).items() if k in names}
