@@ -11,6 +11,11 @@ and checked by hash), so all methods start from the same dense model:
         --set name=acc2_<task>_s<k>_<method> --set task.name=<task> --set train.seed=<k> \
         --set sparsity.method=<method> --from-run <work>/<task>/seed<k>/dense
 
+A seed-0 magnitude or ADMM cell adopts instead the stages of the pilot cell picked for its method (protocol v2's P2 /
+P3, ``benchmarks/pilots_v2.json``) once it has finished: ``--from-run`` adopts only stages whose keys (every recipe
+value they read, their inputs, the seed) equal the cell's, so the numbers are the ones the cell would train, without
+training them twice.
+
 A method cell gives three numbers: the dense FP32 ONNX model and the deployed 2:4 INT8 ONNX model under ONNX Runtime
 (``validation.json``), and the sparse FP PyTorch model (``sparse/manifest.json``); its manifest also says how far its
 mask is from the magnitude mask. Resumable: a finished cell is up to date and costs seconds; a killed one resumes from
@@ -123,14 +128,42 @@ def cell_command(argv: list[str], glue_dir: str | None, threads: int | None) -> 
     return cmd
 
 
+#: the pilots' report (tools/pilot_v2.py): its picks name the seed-0 pilot cells a table cell may adopt stages from
+PILOTS_JSON = REPO / "benchmarks" / "pilots_v2.json"
+#: method -> the pilot (key of PILOTS_JSON and folder under ``<work>/<task>/seed0/``) whose picked cell ran the
+#: method's seed-0 table cell, and the last stage that cell finished: P2 ran magnitude through validation, P3 ADMM's
+#: sparse stage
+PILOT_CELLS = {"magnitude": ("p2", "validate"), "admm": ("p3", "admm")}
+
+
+def pilot_source(work: Path, task: str, seed: int, method: str, pilots: Path | None = None) -> Path | None:
+    """The finished seed-0 pilot cell that the pilots picked for ``method`` (:data:`PILOT_CELLS`), or None.
+
+    A table cell adopts its training stages from there (``--from-run``) instead of retraining them: ``--from-run``
+    adopts only the stages whose every recipe value, input and seed equal the cell's own (the stage keys), so the
+    numbers are those the cell would compute, and any stage that differs (a pick not yet in the recipe) runs."""
+    pilots = PILOTS_JSON if pilots is None else Path(pilots)
+    if seed != 0 or method not in PILOT_CELLS or task not in TASKS or not pilots.is_file():
+        return None
+    pilot, last_stage = PILOT_CELLS[method]
+    pick = (json.loads(pilots.read_text()).get(pilot) or {}).get("pick")
+    if not pick:
+        return None
+    cell = Path(work) / task / "seed0" / pilot / pick
+    layout = RunLayout(cell)
+    done = layout.validation if last_stage == "validate" else layout.stage_manifest(last_stage)
+    return cell if done.is_file() else None
+
+
 def cell_argv(work: Path, task: str, seed: int, method: str, recipe: str = RECIPE, sets=()) -> list[str]:
     """The ``nxm-deploy`` arguments of one cell (what the table prints as its reproduce command): the dense cell
-    (``method`` ``dense``) trains the dense stage alone; a method cell adopts it."""
+    (``method`` ``dense``) trains the dense stage alone; a method cell adopts it, or a seed-0 cell the stages of the
+    pilot cell picked for its method (:func:`pilot_source`)."""
     head = ["train", recipe, "--stage", "dense"] if method == DENSE else ["run", recipe]
     own = [f"name=acc2_{task}_s{seed}_{method}", f"task.name={glue_task(task)}", f"train.seed={seed}",
            *TASK_SETS.get(task, (task, ()))[1], *([f"sparsity.method={method}"] if method != DENSE else [])]
-    return nxm_argv(head, run_dir(work, task, seed, method), [*own, *sets],
-                    run_dir(work, task, seed, DENSE) if method != DENSE else None)
+    source = None if method == DENSE else pilot_source(work, task, seed, method) or run_dir(work, task, seed, DENSE)
+    return nxm_argv(head, run_dir(work, task, seed, method), [*own, *sets], source)
 
 
 def score(task: str, metrics: dict | None) -> float | None:

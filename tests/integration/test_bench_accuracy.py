@@ -139,3 +139,29 @@ def test_targets_of_protocol_v2_from_a_table():
     assert lines[4] == "- SST-2-8k: ADMM - magnitude deployed >= +0.5: +0.20: not decided until every cell ran"
     result["average"]["best_int8"] = {"method": "admm", "value": 79.0}
     assert bench.target_lines(result)[0] == "- best deployed method (admm) within 0.5 of dense: -1.00: **missed**"
+
+
+def test_seed0_cells_adopt_the_finished_pilot_cell_of_their_method(tmp_path, monkeypatch):
+    """A seed-0 magnitude / ADMM cell names the pilot cell picked for its method as ``--from-run`` once that cell has
+    finished (``nxm-deploy`` then adopts only the stages whose keys equal the cell's); every other cell, and a pilot
+    cell that has not finished or was not picked, keeps the dense cell as its source."""
+    bench = _load()
+    work, pilots = tmp_path / "work", tmp_path / "pilots_v2.json"
+    dense = work / "rte" / "seed0" / "dense"
+    assert bench.pilot_source(work, "rte", 0, "magnitude", pilots) is None  # no pilots report
+    pilots.write_text(json.dumps({"p2": {"pick": "qat1ep_lr1.0e-5"}, "p3": {"pick": None}}))
+    p2 = work / "rte" / "seed0" / "p2" / "qat1ep_lr1.0e-5"
+    assert bench.pilot_source(work, "rte", 0, "magnitude", pilots) is None  # picked, not finished
+    RunLayout(p2).validation.parent.mkdir(parents=True)
+    RunLayout(p2).validation.write_text("{}")
+    assert bench.pilot_source(work, "rte", 0, "magnitude", pilots) == p2
+    assert bench.pilot_source(work, "rte", 1, "magnitude", pilots) is None  # pilots ran seed 0 only
+    assert bench.pilot_source(work, "sst2_8k", 0, "magnitude", pilots) is None  # and the main tasks only
+    assert bench.pilot_source(work, "rte", 0, "wanda", pilots) is None  # no pilot for the data-aware masks
+    assert bench.pilot_source(work, "rte", 0, "admm", pilots) is None  # P3 has not picked
+    monkeypatch.setattr(bench, "PILOTS_JSON", pilots)
+    argv = bench.cell_argv(work, "rte", 0, "magnitude")
+    assert argv[argv.index("--from-run") + 1] == str(p2)
+    argv = bench.cell_argv(work, "rte", 0, "admm")
+    assert argv[argv.index("--from-run") + 1] == str(dense)
+    assert "--from-run" not in bench.cell_argv(work, "rte", 0, "dense")
