@@ -26,16 +26,6 @@ def _pin_xdist_worker() -> None:
 
 
 _pin_xdist_worker()
-
-#: the longest test files (``--durations`` of ``make test``, 2026-12-05), longest first: collected first, so that
-#: pytest-xdist's file-by-file scheduling starts them first and the workers finish together
-LONGEST_FILES = ("test_int8_tolerance_deep.py", "test_architectures.py", "test_ddp_pipeline.py", "test_resume.py",
-                 "test_bench_accuracy.py", "test_run_lock.py", "test_ddp.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO_ROOT / "recipes" / "tiny_smoke.yaml"
 
