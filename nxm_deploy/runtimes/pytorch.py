@@ -55,7 +55,7 @@ class TorchRunner(LabelledRunner, BaseRunner):
                  label: str | None = None):
         BaseRunner.__init__(self, name=name, prefix="pytorch-runner")
         self._model = model
-        self._input_names = list(input_names)
+        self._model_inputs = list(input_names)  # not _input_names: LabelledRunner caches (and drops) that one
         self._device = device
         self._context = context
         self.model = None
@@ -71,7 +71,7 @@ class TorchRunner(LabelledRunner, BaseRunner):
 
     def get_input_metadata_impl(self):
         meta = TensorMetadata()
-        for name in self._input_names:
+        for name in self._model_inputs:
             meta.add(name, dtype=np.int64, shape=(None, None))
         return meta
 

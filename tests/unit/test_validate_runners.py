@@ -135,6 +135,8 @@ def test_torch_runner_and_quantizers_disabled() -> None:
         assert not np.allclose(q[:, 0], f[:, 0]) and np.allclose(q[:, 1], f[:, 1])
         assert model.quant.enabled  # restored
         assert quant.describe()["backend"] == "pytorch-cpu"
+    with quant:  # a runner activates again after deactivation (Polygraphy's Comparator does), with its inputs
+        assert quant.input_names == NAMES and quant.infer(feeds(1)[0])["logits"].shape == (4, 2)
 
 
 # ----------------------------------------------------------------------------------------------- Polygraphy
