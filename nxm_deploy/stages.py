@@ -193,10 +193,9 @@ def stage_key(stage: Stage, ctx: StageContext) -> str:
     for name in stage.inputs:
         path = get_stage(name).manifest(layout)
         inputs[name] = sha256_file(path) if path.is_file() else None
-    extra = {}
-    data = {"recipe": recipe_key(ctx.recipe, stage.name), "inputs": inputs, "extra": extra}
+    data = {"recipe": recipe_key(ctx.recipe, stage.name), "inputs": inputs, "extra": {}}
     if stage.name == "engines":
-        extra.update({str(p): (sha256_file(p) if Path(p).is_file() else None) for p in ctx.engine_specs})
+        data["extra"] = {str(p): (sha256_file(p) if Path(p).is_file() else None) for p in ctx.engine_specs}
         data["environment"] = engine_environment()
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 

@@ -264,8 +264,9 @@ def read_verified(path: str | Path, expected_sha256: str | None) -> bytes:
 
 
 def engine_records(run_dir: str | Path) -> list[dict]:
-    """The ``engines/status.json`` records of the engines built in a run whose plan file exists, each with
-    ``plan_path``; [] when no engine stage ran or the file is unreadable."""
+    """The ``engines/status.json`` records of the engines built in a run, each with ``plan_path`` (the plan may be
+    missing: :func:`engine_for_onnx` skips such records, :func:`built_engines` refuses them); [] when no engine
+    stage ran or the file is unreadable."""
     layout = RunLayout(run_dir)
     if not layout.engine_status.is_file():
         return []

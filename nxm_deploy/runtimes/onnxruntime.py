@@ -18,7 +18,6 @@ from pathlib import Path
 from polygraphy.backend.onnxrt import OnnxrtRunner
 
 from nxm_deploy.errors import ConfigError, RunDirError, ValidationError
-from nxm_deploy.machine import usable_cores
 from nxm_deploy.ort import make_session
 from nxm_deploy.runtimes.base import LabelledRunner, RuntimeInputs
 
@@ -51,7 +50,8 @@ class OnnxRuntimeRunner(LabelledRunner, OnnxrtRunner):
         path: ``.onnx`` file, or the model's bytes (already hash-checked by the caller: the client).
         name: runner name (a key of ``validation.json``).
         backend: a key of :data:`ORT_BACKENDS`.
-        intra_op_threads: ORT intra-op threads (default: all cores).
+        intra_op_threads: ORT intra-op threads (default: :func:`nxm_deploy.ort.make_session`'s, the cores this
+            process may use); the session's count once active.
         precision / sparse / label: labels. source: the file the bytes came from (label only).
         providers: explicit ONNX Runtime execution providers (the client's ``providers=``); the backend label
             follows the first one.
@@ -80,14 +80,14 @@ class OnnxRuntimeRunner(LabelledRunner, OnnxrtRunner):
             self.providers = list(ORT_BACKENDS[backend])
         else:
             self.providers = [*ORT_BACKENDS[backend], "CPUExecutionProvider"]
-        self.intra_op_threads = intra_op_threads or usable_cores()
-        OnnxrtRunner.__init__(self, functools.partial(make_session, path, self.providers, self.intra_op_threads),
-                              name=name)
+        self.intra_op_threads = intra_op_threads  # None: make_session's default; the session's own once active
+        OnnxrtRunner.__init__(self, functools.partial(make_session, path, self.providers, intra_op_threads), name=name)
         self._set_labels(backend, precision, sparse, source if source is not None else self.path, label)
         self.peer = bool(peer)
 
     def activate_impl(self):
         self.sess = self._sess()  # what OnnxrtRunner.activate_impl does, plus the provider check
+        self.intra_op_threads = self.sess.get_session_options().intra_op_num_threads
         wanted = self.providers[0]
         if wanted not in self.sess.get_providers():
             used = self.sess.get_providers()
@@ -193,5 +193,5 @@ def open_client(artifacts, options: dict):
         runner.deactivate()
         raise RunDirError(f"ONNX model {path.name} has inputs {inputs} and outputs {outputs}; expected inputs among "
                           f"{list(MODEL_INPUTS)} and an output 'logits'.", hint="Use a model exported by `nxm-deploy export`.")
-    threads = runner.sess.get_session_options().intra_op_num_threads
-    return runner, f"onnxruntime {ort.__version__} {runner.sess.get_providers()[0]}, {threads} intra-op threads"
+    return runner, (f"onnxruntime {ort.__version__} {runner.sess.get_providers()[0]}, {runner.intra_op_threads} "
+                    "intra-op threads")

@@ -63,6 +63,9 @@ from pathlib import Path
 
 import numpy as np
 
+# the fake-quant twin run in FP64: its difference to ``torch_int8_fakequant`` is the twin's own rounding noise
+from nxm_deploy.runtimes.pytorch import FAKEQUANT_FP64
+
 log = logging.getLogger("nxm_deploy.validate")
 
 FP32_ATOL = 1e-3
@@ -74,8 +77,6 @@ INT8_CAP_FRACTION = 0.5
 INT8_FALSE_ALARM = 1e-3
 #: rms of ``ORT - twin`` over the twin's own rounding-noise rms when their roundings are independent (worst case)
 INT8_DECORRELATION = 2.0 ** 0.5
-#: the fake-quant twin run in FP64: its difference to ``torch_int8_fakequant`` is the twin's own rounding noise
-from nxm_deploy.runtimes.pytorch import FAKEQUANT_FP64  # noqa: E402  the FP64 twin's runner name
 #: INT8 atol when there is no fake-quant reference to derive one from (the export stage's parity bound)
 INT8_FALLBACK_ATOL = 5e-2
 DEFAULT_TOLERANCE_FACTOR = 4.0

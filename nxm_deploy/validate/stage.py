@@ -64,8 +64,7 @@ def settings_of(recipe: Recipe) -> dict:
     return {k: getattr(vcfg, k, default) for k, default in SETTING_DEFAULTS.items()}
 
 
-def make_runners(run_dir: Path, manifest: dict, grid: list[tuple[int, int]], threads: int | None,
-                 pattern: str = "2:4") -> tuple[dict, list[dict]]:
+def make_runners(run_dir: Path, manifest: dict, grid: list[tuple[int, int]], threads: int | None) -> tuple[dict, list[dict]]:
     """Every runtime's runners on the run (inactive), in registration order (:data:`nxm_deploy.runtimes.RUNTIMES`),
     and the ``skipped`` list (name, reason).
 
@@ -77,7 +76,8 @@ def make_runners(run_dir: Path, manifest: dict, grid: list[tuple[int, int]], thr
     from nxm_deploy.runtimes.base import RuntimeInputs
 
     inputs = RuntimeInputs(run_dir=run_dir, export_manifest=manifest, onnx_models=export_models(run_dir, manifest),
-                           grid=grid, intra_op_threads=threads, input_names=list(manifest["inputs"]), pattern=pattern)
+                           grid=grid, intra_op_threads=threads, input_names=list(manifest["inputs"]),
+                           pattern=str(manifest["pattern"]))
     runners, skipped = {}, []
     for runtime in RUNTIMES.values():
         if runtime.validation:
@@ -184,7 +184,7 @@ def validate_stage(recipe: Recipe, run_dir: str | Path, glue_dir: str | None = N
 
     reduce = nll_sums if task.is_causal_lm else None
 
-    runners, skipped = make_runners(run_dir, manifest, grid, vcfg.intra_op_threads, recipe.sparsity.pattern)
+    runners, skipped = make_runners(run_dir, manifest, grid, vcfg.intra_op_threads)
     probe = {k: v for k, v in encode_fixed(tokenizer, dev, max_len, 1).items() if k in names}
     with contextlib.ExitStack() as stack:
         active = {}
