@@ -60,6 +60,12 @@ def reference_variant(recipe: str = RECIPE, sets=()) -> str | None:
                  if load_recipe(recipe, [*sets, *extra]).to_dict()["train"]["qat"] == qat), None)
 
 
+def qat_budget(sets=(), recipe: str = RECIPE) -> str:
+    """The QAT epochs and learning rate every variant trains with (the recipe's, with the table's ``sets``)."""
+    qat = load_recipe(recipe, sets).train.qat
+    return f"{qat.epochs:g} epoch{'s' if qat.epochs != 1 else ''}, lr {qat.learning_rate:g}"
+
+
 def variant_dir(work: Path, table: Path, task: str, seed: int, variant: str, reference: str | None) -> Path:
     if variant == reference:
         return table_run_dir(table, task, seed, "admm")
@@ -122,7 +128,7 @@ def render(result: dict) -> str:
     lines = ["# KD in INT8 QAT: teacher and weights (MiniLM-L6, 2:4 ADMM, GLUE dev)", "",
              f"Command: `{result['command']}`  ", f"Date (UTC): {result['date']}  ", f"Machine: {result['machine']}", "",
              "Every variant starts from the same ADMM 2:4 model (the accuracy table's ADMM cell) and trains QAT for the "
-             "same epochs (`recipes/bench_accuracy.yaml`: 1 epoch, lr 1e-5). Score 0-100 as in "
+             f"same epochs (`recipes/bench_accuracy.yaml`: {result['qat_budget']}). Score 0-100 as in "
              "`benchmarks/accuracy_glue.md`; Δ against plain QAT. The table's configuration today: "
              f"{LABELS[reference] if reference else 'none of these variants'} (its row is the table's ADMM cell).", "",
              "## Average over tasks (deployed INT8)", "", "| variant | " + " | ".join(result["rows"]) + " | average |",
@@ -182,6 +188,7 @@ def main(argv=None) -> int:
         command += ["--set", item]
     result = {"command": shlex.join(command),
               "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine_line(),
+              "qat_budget": qat_budget(args.set),
               **build(work, table, args.tasks, args.seeds, reference, args.set)}
     atomic_write_json(out.with_suffix(".json"), result)
     atomic_write_text(out.with_suffix(".md"), render(result))
