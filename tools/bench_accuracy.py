@@ -32,14 +32,13 @@ of the mean over seeds, only where every cell finished; ``best_int8``: the metho
 Usage:
     .venv/bin/python tools/bench_accuracy.py [--tasks rte mrpc stsb sst2_8k] [--seeds 0 1 2] [--methods ...]
     .venv/bin/python tools/bench_accuracy.py --report-only
-    # two lanes, one per core, sharing the cells (each cell at one thread):
-    .venv/bin/python tools/bench_accuracy.py --lanes --threads 1 & .venv/bin/python tools/bench_accuracy.py --lanes --threads 1
+    # two lanes, one per core, sharing the cells (tools/lanes.py; each cell at one thread):
+    .venv/bin/python tools/bench_accuracy.py --threads 1 & .venv/bin/python tools/bench_accuracy.py --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import itertools
 import json
@@ -446,30 +445,42 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget-min", type=float, default=None, help="start no new cell after this many minutes")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--readme", default="README.md", help="README whose accuracy_glue block is rewritten ('' for none)")
-    p.add_argument("--lanes", action="store_true", help="share the cells with other drivers started the same way "
-                   "(tools/lanes.py: each takes the next cell nobody holds); start one per core with --threads 1")
     p.add_argument("--threads", type=int, default=None, help="torch threads of each cell (train.num_threads)")
     args = p.parse_args(argv)
     work, out, start = Path(args.work_dir), Path(args.out), time.monotonic()
-    failed = []
-    cells = [] if args.report_only else itertools.product(args.seeds, args.tasks, (DENSE, *args.methods))
-    for seed, task, method in cells:
-        if args.time_budget_min is not None and time.monotonic() - start > 60 * args.time_budget_min:
-            print("time budget spent: stopping before the next cell", flush=True)
-            break
+    cells = [] if args.report_only else list(itertools.product(args.seeds, args.tasks, (DENSE, *args.methods)))
+
+    def cell_dir(cell) -> Path:
+        seed, task, method = cell
+        return run_dir(work, task, seed, method)
+
+    # every cell runs once in each driver: a finished cell is up to date in seconds, and one whose recipe keys
+    # changed since it ran trains again (a cell is never read as finished from its files alone)
+    done: set = set()
+
+    def ready(cell) -> bool:  # a method cell adopts its (task, seed)'s dense model, maybe trained by another lane
+        seed, task, method = cell
+        return method == DENSE or RunLayout(run_dir(work, task, seed, DENSE)).stage_manifest("dense").is_file()
+
+    def run(cell) -> int:
+        seed, task, method = cell
         cmd = cell_command(cell_argv(work, task, seed, method, args.recipe, args.set), args.glue_dir, args.threads)
-        cell_dir = run_dir(work, task, seed, method)
-        with lanes.claimed(cell_dir) if args.lanes else contextlib.nullcontext(True) as mine:
-            if not mine:
-                continue  # another lane runs it
-            if method != DENSE and args.lanes:  # the dense cell it adopts, maybe in another lane
-                lanes.wait_for(RunLayout(run_dir(work, task, seed, DENSE)).stage_manifest("dense"))
-            print(f"cell {task} seed {seed} {method}: nxm-deploy {shlex.join(cmd[3:])}", flush=True)
-            rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+        print(f"cell {task} seed {seed} {method}: nxm-deploy {shlex.join(cmd[3:])}", flush=True)
+        rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
         if rc != 0:
-            failed.append((task, seed, method, rc))
             print(f"  exit {rc}", flush=True)
+        else:
+            done.add(cell)
         write_outputs(out, args, work)
+        return rc
+
+    def stop() -> bool:
+        spent = args.time_budget_min is not None and time.monotonic() - start > 60 * args.time_budget_min
+        if spent:
+            print("time budget spent: stopping before the next cell", flush=True)
+        return spent
+
+    failed = lanes.run_lane(lambda: cells, run_dir=cell_dir, finished=done.__contains__, ready=ready, run=run, stop=stop)
     result = write_outputs(out, args, work)
     print(f"average: {result['average']}; wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
     return 1 if failed else 0

@@ -25,7 +25,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -195,27 +194,25 @@ def pick_p3(results: dict) -> dict:
 
 
 # -- lanes --------------------------------------------------------------------------------------------------------
+def _ready(c: dict) -> bool:
+    """The cell's input run has finished the stage the cell starts from (maybe in another lane)."""
+    return c["source"] is None or RunLayout(c["source"]).stage_manifest(
+        "admm" if c["stage"] == "run" else "dense").is_file()
+
+
 def run_lane(args) -> int:
-    while True:
-        todo = [c for c in lane_cells() if not finished(c)]
-        if not todo:
-            print("every pilot cell that can be named now, and every dense cell of the table, has finished", flush=True)
-            return 0
-        taken = next((c for c in todo if lanes.claim(c["run_dir"])), None)
-        if taken is None:
-            time.sleep(60)  # the rest are held by other lanes; P2/P3 appear when P1 picks
-            continue
-        try:
-            if taken["source"] is not None:  # its input cell, maybe in another lane
-                lanes.wait_for(RunLayout(taken["source"]).stage_manifest("admm" if taken["stage"] == "run" else "dense"))
-            print(f"{dt.datetime.now():%H:%M:%S} start {taken['task']} {taken['name']}", flush=True)
-            code = subprocess.call(cell_command(taken["argv"], args.glue_dir, args.threads), cwd=REPO)
-            print(f"{dt.datetime.now():%H:%M:%S} end {taken['task']} {taken['name']}: exit {code}", flush=True)
-            if code != 0:
-                print("command: nxm-deploy " + shlex.join(taken["argv"]), flush=True)
-                return code
-        finally:
-            lanes.release(taken["run_dir"])
+    def run(c: dict) -> int:
+        print(f"{dt.datetime.now():%H:%M:%S} start {c['task']} {c['name']}", flush=True)
+        code = subprocess.call(cell_command(c["argv"], args.glue_dir, args.threads), cwd=REPO)
+        print(f"{dt.datetime.now():%H:%M:%S} end {c['task']} {c['name']}: exit {code}", flush=True)
+        if code != 0:
+            print("command: nxm-deploy " + shlex.join(c["argv"]), flush=True)
+        return code
+
+    failed = lanes.run_lane(lane_cells, run_dir=lambda c: c["run_dir"], finished=finished, ready=_ready, run=run)
+    if not failed:
+        print("every pilot cell that can be named now, and every dense cell of the table, has finished", flush=True)
+    return failed[0][1] if failed else 0
 
 
 # -- report -------------------------------------------------------------------------------------------------------
