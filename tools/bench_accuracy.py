@@ -52,9 +52,11 @@ from pathlib import Path
 
 from nxm_deploy.data.tasks import get_task
 from nxm_deploy.fileio import atomic_write_json, atomic_write_text
+from nxm_deploy.config.recipe import load_recipe
 from nxm_deploy.run.layout import RunLayout
 from nxm_deploy.machine import machine_line
 from nxm_deploy.sparsity.methods import METHODS as MASK_METHODS
+from nxm_deploy.stages import StageContext, get_stage, is_up_to_date
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lanes  # noqa: E402  (tools/lanes.py: cells shared by several drivers)
@@ -159,10 +161,27 @@ def cell_argv(work: Path, task: str, seed: int, method: str, recipe: str = RECIP
     (``method`` ``dense``) trains the dense stage alone; a method cell adopts it, or a seed-0 cell the stages of the
     pilot cell picked for its method (:func:`pilot_source`)."""
     head = ["train", recipe, "--stage", "dense"] if method == DENSE else ["run", recipe]
-    own = [f"name=acc2_{task}_s{seed}_{method}", f"task.name={glue_task(task)}", f"train.seed={seed}",
-           *TASK_SETS.get(task, (task, ()))[1], *([f"sparsity.method={method}"] if method != DENSE else [])]
     source = None if method == DENSE else pilot_source(work, task, seed, method) or run_dir(work, task, seed, DENSE)
-    return nxm_argv(head, run_dir(work, task, seed, method), [*own, *sets], source)
+    return nxm_argv(head, run_dir(work, task, seed, method), cell_sets(task, seed, method, sets), source)
+
+
+def cell_sets(task: str, seed: int, method: str, sets=()) -> list[str]:
+    """The ``--set`` overrides of one cell: its name, GLUE task, seed, the task's subset and the mask method, then
+    ``sets``."""
+    return [f"name=acc2_{task}_s{seed}_{method}", f"task.name={glue_task(task)}", f"train.seed={seed}",
+            *TASK_SETS.get(task, (task, ()))[1], *([f"sparsity.method={method}"] if method != DENSE else []), *sets]
+
+
+def dense_up_to_date(work: Path, task: str, seed: int, recipe: str = RECIPE, sets=(), glue_dir: str | None = None) -> bool:
+    """Whether the dense cell of (task, seed) has its dense stage up to date for the cell's recipe now, by the
+    executor's rule (:func:`nxm_deploy.stages.is_up_to_date`). The cell's command (``train --stage dense``) trains
+    the stage even when it is up to date, as a stage command does, so the table runs it only when this is False:
+    retraining a finished dense model would change the input of every method cell that adopted it."""
+    layout = RunLayout(run_dir(work, task, seed, DENSE))
+    if not layout.ledger.is_file():
+        return False
+    ctx = StageContext(load_recipe(recipe, cell_sets(task, seed, DENSE, sets)), layout.root, glue_dir)
+    return is_up_to_date(get_stage("dense"), ctx)
 
 
 def score(task: str, metrics: dict | None) -> float | None:
@@ -454,9 +473,17 @@ def main(argv=None) -> int:
         seed, task, method = cell
         return run_dir(work, task, seed, method)
 
-    # every cell runs once in each driver: a finished cell is up to date in seconds, and one whose recipe keys
-    # changed since it ran trains again (a cell is never read as finished from its files alone)
+    # a method cell runs once in each driver: a finished one is up to date in seconds (``nxm-deploy run`` skips
+    # up-to-date stages), and one whose recipe keys changed since it ran trains again; a dense cell runs only when
+    # its stage is not up to date (its command trains it in any case)
     done: set = set()
+
+    def finished(cell) -> bool:
+        seed, task, method = cell
+        if cell not in done and method == DENSE and dense_up_to_date(work, task, seed, args.recipe, args.set,
+                                                                      args.glue_dir):
+            done.add(cell)
+        return cell in done
 
     def ready(cell) -> bool:  # a method cell adopts its (task, seed)'s dense model, maybe trained by another lane
         seed, task, method = cell
@@ -480,7 +507,7 @@ def main(argv=None) -> int:
             print("time budget spent: stopping before the next cell", flush=True)
         return spent
 
-    failed = lanes.run_lane(lambda: cells, run_dir=cell_dir, finished=done.__contains__, ready=ready, run=run, stop=stop)
+    failed = lanes.run_lane(lambda: cells, run_dir=cell_dir, finished=finished, ready=ready, run=run, stop=stop)
     result = write_outputs(out, args, work)
     print(f"average: {result['average']}; wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
     return 1 if failed else 0
