@@ -1,6 +1,6 @@
 """tools/bench_accuracy.py drives only the public CLI: a tiny (task, seed) through exactly the cell commands the
 table prints, the ADMM cell adopting the magnitude cell's dense model by hash, then one printed command run again
-by hand is up to date (nothing retrains)."""
+by hand is up to date, and so is the whole table run again (nothing retrains)."""
 
 from __future__ import annotations
 
@@ -75,6 +75,10 @@ def test_tiny_cells_through_the_printed_commands(tmp_path, glue_dir, monkeypatch
     ledger = read_ledger(admm.root)
     assert main(["-q", *shlex.split(command)[1:], "--glue-dir", str(glue_dir)]) == 0
     assert read_ledger(admm.root) == ledger
+    # the table run again: nothing retrains, the finished dense cell (whose command forces its stage) included
+    dense_ledger = read_ledger(dense.root)
+    assert bench.main(argv) == 0
+    assert read_ledger(dense.root) == dense_ledger and read_ledger(admm.root) == ledger
 
     # the KD-in-QAT study on the same ADMM cell: a QAT-only override adopts dense and ADMM (nothing retrains
     # before QAT) and its number is the deployed model's; the reference row is the ADMM cell itself
