@@ -7,8 +7,9 @@
   final residual, share of kept positions that differ from the magnitude mask).
 
 The rules of PROTOCOL.md are :func:`pick_p1`, :func:`pick_p2` and :func:`pick_p3`. P2 and P3 cells exist once P1 has
-picked. Resumable and parallel: ``run --lane`` takes the next cell nobody holds (a claim folder with its pid; a dead
-holder's claim is taken over), waits for the cell's input run to finish, and runs it; a finished cell is skipped.
+picked. Resumable and parallel: each ``run`` is one lane (:func:`lanes.run_lane`) that takes the next cell nobody
+holds (a claim folder with its pid; a dead holder's claim is taken over) whose input run has finished, passing over
+those whose input another lane is still training; a finished cell is skipped.
 
 Usage:
     .venv/bin/python tools/pilot_v2.py run [--glue-dir DIR] [--threads 1]     # one lane; start two for two cores
