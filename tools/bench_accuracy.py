@@ -487,7 +487,7 @@ def main(argv=None) -> int:
 
     def ready(cell) -> bool:  # a method cell adopts its (task, seed)'s dense model, maybe trained by another lane
         seed, task, method = cell
-        return method == DENSE or RunLayout(run_dir(work, task, seed, DENSE)).stage_manifest("dense").is_file()
+        return method == DENSE or finished((seed, task, DENSE))
 
     def run(cell) -> int:
         seed, task, method = cell

@@ -6,7 +6,8 @@ input another lane is still training is passed over, not waited for, so no lane 
 
 A cell is claimed by creating ``<run_dir>.claim/`` holding the claimant's pid (``mkdir`` is atomic); a claim whose
 process is gone is taken over. The run directory's own lock (``nxm_deploy.stages.hold_run_dir``) still guards the
-cell's stages. Start one driver per core, each cell at one torch thread (small models scale poorly over threads, so two lanes finish about twice the cells).
+cell's stages. Start one driver per core, each cell at one torch thread (small models scale poorly over threads, so
+two lanes finish about twice the cells).
 """
 
 from __future__ import annotations
@@ -27,11 +28,8 @@ def claim(run_dir: str | Path) -> bool:
     try:
         path.mkdir()
     except FileExistsError:
-        try:
-            os.kill(int((path / "pid").read_text()), 0)
-            return False  # a live lane holds it
-        except (OSError, ValueError):
-            pass  # its holder ended: take it over
+        if held(run_dir):
+            return False  # a live lane holds it; else its holder ended: take it over
     (path / "pid").write_text(str(os.getpid()))
     return True
 
